@@ -1,0 +1,1 @@
+"""Benchmarks behind `rtpipe bench ...`: each prints a table, and JSON with --json."""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets rtpipe up on a fresh Debian/Ubuntu machine: system audio packages, a virtual environment in .venv
+# with the CPU build of torch first (so nothing pulls a CUDA build), then the project itself.
+#   bash deploy/setup.sh          # to run it
+#   bash deploy/setup.sh --test   # also the test tools and Kyutai's reference `moshi` (tests only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+# PortAudio for sounddevice; PulseAudio gives a virtual speaker/microphone where there is no sound card;
+# espeak-ng and sox make test speech.
+if command -v apt-get >/dev/null 2>&1; then
+  missing=""
+  for pkg in libportaudio2 pulseaudio pulseaudio-utils espeak-ng sox; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q $missing
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+if [ "$with_tests" = 1 ]; then
+  .venv/bin/pip install -q -e ".[test]"
+  # The reference implementation, for comparison tests only: it pins an older torch, so no deps.
+  .venv/bin/pip install -q --no-deps moshi==0.2.13 einops sentencepiece "huggingface_hub<1.0" tqdm
+else
+  .venv/bin/pip install -q -e .
+fi
+echo "rtpipe: set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,1 @@
+"""The supervisor, config, control channel, metrics, reports and the command line."""

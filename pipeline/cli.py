@@ -1,0 +1,54 @@
+"""`rtpipe`: the command line. Each subcommand lives in its own module with its own argparse parser;
+this file only finds it and turns project errors into one line without a traceback.
+
+Every command module exposes `main(argv: list[str]) -> int` (the exit code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from stages.errors import RtpipeError
+
+# subcommand -> (module, one line of help). Imported only when used, so `rtpipe --help` is fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.cmd_run", "run the pipeline (default config: microphone or built-in speech)"),
+    "config": ("pipeline.cmd_config", "print the effective config, or what is wrong with it"),
+    "devices": ("pipeline.cmd_devices", "list audio devices"),
+    "bench": ("bench.cli", "benchmarks: ring, pipeline, mimi, lm"),
+    "mimi": ("pipeline.cmd_mimi", "offline Mimi: encode WAV -> codes, decode codes -> WAV"),
+    "infer": ("pipeline.cmd_infer", "offline replay: encode -> Moshi step -> decode, in one process"),
+    "check-causal": ("pipeline.cmd_check_causal", "does a stage give the same frame by frame as offline?"),
+    "plot": ("pipeline.cmd_plot", "plot a run report's latency"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: rtpipe COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`rtpipe COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rtpipe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except RtpipeError as e:
+        print(f"rtpipe: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

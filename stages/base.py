@@ -1,0 +1,213 @@
+"""The stage interface: what every stage of the pipeline is, whoever wrote it.
+
+A stage is one small class. The supervisor builds it from config (cheap: no model loaded) to learn the
+shape of what flows on each edge; the stage's own process then opens it (loads the model), feeds it one
+frame at a time, resets it on request and closes it. What it carries from one frame to the next lives in
+`self.state`, a plain dataclass that `reset()` replaces.
+
+    source  -> read(timeout_s) -> SourceFrame         (capture: microphone, file, tone)
+    middle  -> process(frame)  -> frame | None         (codec, transformer, echo)
+    sink    -> write(frame)                             (playback: speaker, file)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stages.errors import ConfigError
+
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920  # one frame = 80 ms at 24 kHz
+FRAME_MS = 1000.0 * FRAME_SAMPLES / SAMPLE_RATE
+FRAME_NS = FRAME_SAMPLES * 1_000_000_000 // SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """What one frame on an edge holds: a numpy dtype name and a fixed shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+AUDIO_FRAME = PayloadSpec("float32", (FRAME_SAMPLES,))
+
+
+class Role(enum.Enum):
+    SOURCE = "source"
+    PROCESSOR = "processor"
+    SINK = "sink"
+
+
+@dataclass
+class SourceFrame:
+    """One frame from a source, with the time its first sample was captured (time.monotonic_ns())."""
+
+    payload: np.ndarray
+    capture_ns: int
+
+
+class EndOfStream(Exception):
+    """Raised by a source's read() when it has no more frames (end of a file, --seconds reached)."""
+
+
+@dataclass
+class NoParams:
+    """For stages that take no parameters."""
+
+
+@dataclass
+class NoState:
+    """For stages that carry nothing from one frame to the next."""
+
+
+class Stage:
+    """Base class of every stage. Subclasses set `role`, `Params`, and override what their role needs."""
+
+    role: ClassVar[Role] = Role.PROCESSOR
+    Params: ClassVar[type] = NoParams
+    # A live source (a microphone) never blocks: the supervisor refuses a `block` policy on its edge.
+    live: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+        self.state: Any = NoState()
+
+    @classmethod
+    def from_config(cls, raw: dict, where: str = "params") -> "Stage":
+        """Builds the stage from a config table; raises ConfigError naming `where.<field>` when wrong."""
+        return cls(parse_params(cls.Params, raw, where))
+
+    # --- shape of the edges (called in the supervisor, before open) ---
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec | None:
+        """What this stage emits, given what it receives (None for a source's input / a sink's output).
+
+        Raises ConfigError when `input_spec` is not something this stage can take."""
+        return input_spec
+
+    @property
+    def delay_frames(self) -> int:
+        """Frames of algorithmic delay this stage adds (output frame k answers input frame k - delay)."""
+        return 0
+
+    # --- life in the stage's own process ---
+    def open(self, device: str = "cpu") -> None:
+        """Loads models and allocates buffers. `device` is "cpu" or "cuda:N"."""
+
+    def reset(self) -> None:
+        """Drops everything carried from frame to frame, as after a restart."""
+        self.state = type(self.state)()
+
+    def close(self) -> None:
+        """Releases devices, files and models."""
+
+    def events(self) -> list[dict]:
+        """Side outputs since the last call (e.g. text tokens), msgpack-able dicts for the report."""
+        return []
+
+    # --- one of these three, by role ---
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        """Source: the next frame, None if none came within `timeout_s`; raises EndOfStream when done."""
+        raise NotImplementedError
+
+    def process(self, frame: np.ndarray) -> np.ndarray | None:
+        """Processor: one frame in, at most one frame out (None: nothing to emit for this frame)."""
+        raise NotImplementedError
+
+    def write(self, frame: np.ndarray) -> None:
+        """Sink: hands one frame to the output (device or file)."""
+        raise NotImplementedError
+
+    @property
+    def output_latency_ns(self) -> int:
+        """Sink: how long after write() the frame is heard (the device's reported output latency)."""
+        return 0
+
+
+# --- parameter validation: a dataclass of simple types, one clear error per bad field ---
+
+def parse_params(params_cls: type, raw: dict, where: str) -> Any:
+    """Turns a config table into an instance of the dataclass `params_cls`.
+
+    Unknown fields, missing required fields and wrong types raise ConfigError naming `where.<field>`.
+    A dataclass may define `validate(self, where)` for checks across fields or of ranges."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields)) or 'none'})")
+    hints = typing.get_type_hints(params_cls)
+    values = {}
+    for name, field in fields.items():
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f"{where}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name}: required field is missing")
+    params = params_cls(**values)
+    check = getattr(params, "validate", None)
+    if check is not None:
+        check(where)
+    return params
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

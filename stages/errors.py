@@ -1,0 +1,32 @@
+"""The project's error kinds, one per thing a person can get wrong.
+
+Every error carries the path to what is wrong (a config field, a file, a key) in its message, so the
+command line prints it in one line without a traceback. `pipeline/` re-exports these and adds its own.
+"""
+
+
+class RtpipeError(Exception):
+    """Base of every error rtpipe reports to a person; `kind` prefixes the one-line message."""
+
+    kind = "error"
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {super().__str__()}"
+
+
+class ConfigError(RtpipeError):
+    """A pipeline config or stage parameter is wrong; the message starts with the field's path."""
+
+    kind = "config error"
+
+
+class CheckpointError(RtpipeError):
+    """A weights file cannot be loaded: not safetensors, missing/unexpected keys, wrong shapes or dtype."""
+
+    kind = "checkpoint error"
+
+
+class AudioError(RtpipeError):
+    """An audio file or device cannot be read, written or opened."""
+
+    kind = "audio error"

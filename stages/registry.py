@@ -1,0 +1,66 @@
+"""Finds a stage class from a config's `kind`: a built-in name, an entry point, or `package.module:Class`.
+
+An experiment swaps a stage by naming another kind; the runtime never imports a stage directly.
+Third-party packages register stages under the entry-point group `rtpipe.stages`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from stages.base import Stage
+from stages.errors import ConfigError
+
+ENTRY_POINT_GROUP = "rtpipe.stages"
+
+# Built-in names -> where the class lives. Imported only when named, so a config that uses no model
+# never imports torch.
+BUILTIN_STAGES: dict[str, str] = {
+    "capture.microphone": "stages.audio_io:MicrophoneCapture",
+    "capture.file": "stages.audio_io:FileCapture",
+    "capture.tone": "stages.audio_io:ToneCapture",
+    "playback.speaker": "stages.audio_io:SpeakerPlayback",
+    "playback.file": "stages.audio_io:FilePlayback",
+    "playback.null": "stages.audio_io:NullPlayback",
+    "echo": "stages.standins:Echo",
+    "codec.pcm": "stages.standins:PcmCodec",
+    "mimi.encode": "stages.mimi.stage:MimiEncode",
+    "mimi.decode": "stages.mimi.stage:MimiDecode",
+    "moshi.step": "stages.moshi.stage:MoshiStep",
+}
+
+
+def known_kinds() -> list[str]:
+    """Every name a config can use: built-ins and installed entry points."""
+    return sorted(set(BUILTIN_STAGES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def find_stage(kind: str, where: str = "kind") -> type[Stage]:
+    """The Stage subclass for `kind`; raises ConfigError naming `where` when it cannot be found."""
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{where} = {kind!r}: expected a stage name or package.module:Class")
+    if kind in BUILTIN_STAGES:
+        return _load(BUILTIN_STAGES[kind], kind, where)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == kind:
+            return _load(ep.value, kind, where)
+    if ":" in kind:
+        return _load(kind, kind, where)
+    raise ConfigError(
+        f"{where} = {kind!r}: unknown stage (known: {', '.join(known_kinds())}; "
+        "or give package.module:Class)")
+
+
+def _load(path: str, kind: str, where: str) -> type[Stage]:
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{where} = {kind!r}: cannot import {module_name}: {e}") from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"{where} = {kind!r}: {module_name} has no {class_name}")
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise ConfigError(f"{where} = {kind!r}: {path} is not a stages.base.Stage subclass")
+    return cls
