@@ -29,7 +29,8 @@ fi
 if [ "$with_tests" = 1 ]; then
   .venv/bin/pip install -q -e ".[test]"
   # The reference implementation, for comparison tests only: it pins an older torch, so no deps.
-  .venv/bin/pip install -q --no-deps moshi==0.2.13 einops sentencepiece "huggingface_hub<1.0" tqdm
+  .venv/bin/pip install -q --no-deps moshi==0.2.13 einops sentencepiece "huggingface_hub<1.0" tqdm \
+    requests urllib3 charset-normalizer idna certifi pyyaml
 else
   .venv/bin/pip install -q -e .
 fi
