@@ -1,0 +1,96 @@
+"""Observers of a running pipeline: what `rtpipe run` shows, writes and serves while frames flow.
+
+The supervisor builds them with `make_observers(args, run_info)` and calls, on every one, `on_start(run_info)`,
+`on_frames(records)` (FRAME_RECORD_DTYPE array), `on_tick(snapshot)` (about once a second) and `on_stop(report)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+
+class Observer:
+    """Base of every observer: each hook does nothing unless a subclass cares about it."""
+
+    def on_start(self, run_info: dict) -> None:
+        pass
+
+    def on_frames(self, records: Any) -> None:
+        pass
+
+    def on_tick(self, snapshot: dict) -> None:
+        pass
+
+    def on_stop(self, report: dict) -> None:
+        pass
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--metrics-port {text!r}: not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--metrics-port {port}: a port is 0-65535 (0: any free port)")
+    return port
+
+
+def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --trace FILE, --metrics-port N, --metrics-host HOST and --no-live to `rtpipe run`'s parser."""
+    group = parser.add_argument_group("observing a run")
+    group.add_argument("--trace", metavar="FILE", default=None,
+                       help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)")
+    group.add_argument("--metrics-port", metavar="N", type=_port, default=None,
+                       help="serve Prometheus /metrics on this port (0: any free port, printed)")
+    group.add_argument("--metrics-host", metavar="HOST", default="127.0.0.1",
+                       help="address /metrics listens on (default 127.0.0.1, loopback only)")
+    group.add_argument("--no-live", action="store_true",
+                       help="no live terminal view: print the one-line status instead")
+
+
+def _status_line(run_info: dict) -> list:
+    """The runtime's plain one-line-a-second printer, for pipes and CI; nothing if it is not there."""
+    try:
+        from pipeline.status_line import StatusLine
+    except ImportError:  # the runtime's module not written yet: a run without a status line still runs
+        return []
+    try:
+        return [StatusLine(run_info)]
+    except TypeError:
+        return [StatusLine()]
+
+
+def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None) -> list:
+    """The observers `rtpipe run`'s flags ask for, in the order they should be called.
+
+    The rich live view when stdout is a terminal (and not --no-live), else the plain status line; a trace
+    writer with --trace; a Prometheus exporter with --metrics-port (its server starts in on_start).
+    Raises ConfigError if the trace file cannot be written.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    observers: list = []
+    is_tty = bool(getattr(stdout, "isatty", lambda: False)())
+    if is_tty and not getattr(args, "no_live", False):
+        from pipeline.live_view import LiveView
+
+        observers.append(LiveView(run_info))
+    else:
+        observers += _status_line(run_info)
+    trace_path = getattr(args, "trace", None)
+    if trace_path:
+        from pipeline.trace import TraceWriter
+
+        observers.append(TraceWriter(trace_path, run_info))
+    port = getattr(args, "metrics_port", None)
+    if port is not None:
+        from pipeline.prometheus import PrometheusExporter
+
+        observers.append(PrometheusExporter(run_info, port=port,
+                                            host=getattr(args, "metrics_host", "127.0.0.1")))
+    return observers
+
+
+__all__ = ["Observer", "add_observer_arguments", "make_observers"]
