@@ -1,0 +1,183 @@
+"""`rtpipe run --metrics-port N`: the run's latency and glitch counts as Prometheus metrics on /metrics.
+
+Histograms (seconds, buckets around the 80 ms frame) are fed from per-frame records; counters mirror the
+supervisor's cumulative counts (each tick, then the final report), so they end equal to the report's.
+Everything lives on its own CollectorRegistry; the server listens on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.observe import Observer
+from stages.errors import ConfigError
+
+# fractions of one frame: fine below the 80 ms deadline, coarse above it
+COMPUTE_BUCKETS_FRAMES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0, 1.25,
+                          1.5, 2.0, 3.0, 4.0)
+# end-to-end latency spans several frames (pipeline delay plus the device buffer)
+END_TO_END_BUCKETS_FRAMES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0)
+DROP_POLICIES = (("dropped_oldest", "drop-oldest"), ("dropped_newest", "drop-newest"))
+
+
+def _buckets_s(frame_ms: float, frames: tuple[float, ...]) -> list[float]:
+    return [round(f * frame_ms / 1000.0, 6) for f in frames]
+
+
+class _CountsCollector(Collector):
+    """Serves the latest cumulative counts (a snapshot or the final report) as counters and gauges."""
+
+    def __init__(self, exporter: "PrometheusExporter") -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator:
+        counts = self.exporter.counts
+        run_info = self.exporter.run_info
+        stages = counts.get("stages") or {}
+        edges = counts.get("edges") or {}
+        stage_names = list(run_info.get("stages") or []) + [s for s in stages if s not in (run_info.get("stages") or [])]
+        edge_names = list(run_info.get("edges") or []) + [e for e in edges if e not in (run_info.get("edges") or [])]
+
+        misses = CounterMetricFamily("rtpipe_deadline_misses", "Frames a stage took longer than one frame on.",
+                                     labels=["stage"])
+        restarts = CounterMetricFamily("rtpipe_restarts", "Times the supervisor restarted a stage.",
+                                       labels=["stage"])
+        rtf = GaugeMetricFamily("rtpipe_stage_rtf", "Real-time factor of a stage (compute time / frame time).",
+                                labels=["stage"])
+        for stage in stage_names:
+            row = stages.get(stage) or {}
+            misses.add_metric([stage], int(row.get("deadline_misses") or 0))
+            restarts.add_metric([stage], int(row.get("restarts") or 0))
+            if isinstance(row.get("rtf"), (int, float)):
+                rtf.add_metric([stage], float(row["rtf"]))
+
+        drops = CounterMetricFamily("rtpipe_dropped_frames", "Frames an edge dropped, by its policy.",
+                                    labels=["edge", "policy"])
+        blocked = CounterMetricFamily("rtpipe_blocked", "Times a producer waited on a full ring (block policy).",
+                                      labels=["edge"])
+        fill = GaugeMetricFamily("rtpipe_ring_fill_frames", "Frames written to a ring and not yet read.",
+                                 labels=["edge"])
+        slots = GaugeMetricFamily("rtpipe_ring_slots", "Slots in a ring.", labels=["edge"])
+        slots_by_edge = run_info.get("slots") or {}
+        for edge in edge_names:
+            row = edges.get(edge) or {}
+            for key, policy in DROP_POLICIES:
+                drops.add_metric([edge, policy], int(row.get(key) or 0))
+            blocked.add_metric([edge], int(row.get("blocked") or 0))
+            fill.add_metric([edge], int(row.get("fill") or 0))
+            if edge in slots_by_edge:
+                slots.add_metric([edge], int(slots_by_edge[edge]))
+
+        playback = counts.get("playback") or {}
+        yield misses
+        yield restarts
+        yield rtf
+        yield drops
+        yield blocked
+        yield fill
+        yield slots
+        yield CounterMetricFamily("rtpipe_playback_underruns", "Times the output device ran out of audio.",
+                                  value=int(playback.get("underruns") or 0))
+        yield CounterMetricFamily("rtpipe_playback_overflows", "Times the output buffer was too full for a frame.",
+                                  value=int(playback.get("overflows") or 0))
+        yield CounterMetricFamily("rtpipe_frames_lost", "Frames that never reached the sink.",
+                                  value=int(counts.get("frames_lost") or 0))
+        yield CounterMetricFamily("rtpipe_frames", "Frames that reached the sink.",
+                                  value=int(counts.get("frames") or 0))
+        yield GaugeMetricFamily("rtpipe_running", "1 while the pipeline runs, 0 once it stopped.",
+                                value=0 if self.exporter.stopped else 1)
+        info = GaugeMetricFamily("rtpipe_stage_info", "A stage's kind (registered name or import path).",
+                                 labels=["stage", "kind", "run_id"])
+        for stage in stage_names:
+            info.add_metric([stage, str((run_info.get("kinds") or {}).get(stage, "")),
+                             str(run_info.get("run_id", ""))], 1)
+        yield info
+
+
+class PrometheusExporter(Observer):
+    """Serves /metrics on host:port from construction on; the final values stay served until `close()`
+    or the process exits.
+
+    Raises ConfigError (naming the address) if the port cannot be listened on.
+    """
+
+    def __init__(self, run_info: dict, *, port: int, host: str = "127.0.0.1", serve: bool = True) -> None:
+        self.run_info = dict(run_info)
+        self.counts: dict = {}
+        self.stopped = False
+        frame_ms = float(run_info.get("frame_ms") or 80.0)
+        self.registry = CollectorRegistry()
+        self.end_to_end = Histogram(
+            "rtpipe_end_to_end_latency_seconds", "Capture to hand-off to the output, per frame.",
+            registry=self.registry, buckets=_buckets_s(frame_ms, END_TO_END_BUCKETS_FRAMES))
+        self.compute = Histogram(
+            "rtpipe_stage_compute_seconds", "Time a stage spent on one frame (enter to exit).",
+            ["stage"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
+        self.wait = Histogram(
+            "rtpipe_hop_wait_seconds", "Time a frame waited in a ring between two stages.",
+            ["edge"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
+        self.registry.register(_CountsCollector(self))
+        self.host, self.port = host, port
+        self._server = None
+        if serve:
+            try:
+                self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as e:
+                raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+            self.port = int(self._server.server_address[1])
+            print(f"rtpipe: metrics on http://{host}:{self.port}/metrics", file=sys.stderr, flush=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def on_start(self, run_info: dict) -> None:
+        self.run_info = dict(run_info)
+
+    def on_frames(self, records: np.ndarray) -> None:
+        stages = list(self.run_info.get("stages") or [])
+        edges = list(self.run_info.get("edges") or [])
+        if len(records) == 0:
+            return
+        enter = records["enter_ns"].astype(np.int64)
+        leave = records["exit_ns"].astype(np.int64)
+        for index, stage in enumerate(stages):
+            seen = (enter[:, index] > 0) & (leave[:, index] >= enter[:, index])
+            child = self.compute.labels(stage=stage)
+            for value_ns in (leave[seen, index] - enter[seen, index]):
+                child.observe(value_ns / 1e9)
+        for index, edge in enumerate(edges[: max(len(stages) - 1, 0)]):
+            seen = (leave[:, index] > 0) & (enter[:, index + 1] >= leave[:, index])
+            child = self.wait.labels(edge=edge)
+            for value_ns in (enter[seen, index + 1] - leave[seen, index]):
+                child.observe(value_ns / 1e9)
+        capture = records["capture_ns"].astype(np.int64)
+        handoff = records["handoff_ns"].astype(np.int64)
+        seen = (capture > 0) & (handoff >= capture)
+        for value_ns in (handoff[seen] - capture[seen]):
+            self.end_to_end.observe(value_ns / 1e9)
+
+    def on_tick(self, snapshot: dict) -> None:
+        self.counts = snapshot  # replaced whole, so a scrape never sees half of two ticks
+
+    def on_stop(self, report: dict) -> None:
+        last_edges = (self.counts or {}).get("edges") or {}
+        final = dict(report)
+        # the report has no fill levels: the last tick's stay as the gauge's final value
+        final["edges"] = {edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
+                          for edge, row in (report.get("edges") or {}).items()}
+        self.counts = final
+        self.stopped = True
+
+    def close(self) -> None:
+        """Stop serving (for in-process use; a finished `rtpipe run` just exits)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,172 @@
+"""`rtpipe run --trace run.json`: a Chrome/Perfetto trace of the run (open it in ui.perfetto.dev).
+
+One track per stage process, one slice per frame per stage, flow arrows carrying each frame from one
+process to the next, and counters for ring fill levels. Written as it goes in the JSON array format, which
+trace viewers read even when a crashed run never wrote the closing bracket; `on_stop` closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import IO, Any
+
+import numpy as np
+
+from pipeline.observe import Observer
+from stages.errors import ConfigError
+
+MAX_LANES = 8  # slices of one stage that overlap in time (a source's 80 ms capture windows) go on lanes
+SUPERVISOR_TID = 1
+
+
+class TraceWriter(Observer):
+    """Writes trace events for every frame record and tick to `path`; valid JSON once `on_stop` ran.
+
+    Raises ConfigError (naming the path) at construction if the file cannot be written.
+    """
+
+    def __init__(self, path: str | os.PathLike, run_info: dict) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--trace {self.path}: cannot write the trace file ({e.strerror})") from None
+        self._file.write("[\n")
+        self._events_written = 0
+        self._lane_end_us: list[list[float]] = []
+        self._lanes_named: set[tuple[int, int]] = set()
+        self._setup(run_info)
+
+    # -- tracks -------------------------------------------------------------------------------------------
+
+    def _setup(self, run_info: dict) -> None:
+        self.run_info = dict(run_info)
+        self.stages: list[str] = list(run_info.get("stages") or [])
+        self.t0_ns = int(run_info.get("t0_ns") or 0)
+        self.supervisor_pid = os.getpid()
+        pids = run_info.get("pids") or {}
+        self.stage_pids: list[int] = []
+        for index, name in enumerate(self.stages):
+            pid = int(pids.get(name) or 0)
+            # a stage without a known pid, or sharing one, still gets its own track
+            if pid <= 0 or pid in self.stage_pids or pid == self.supervisor_pid:
+                pid = 1_000_000_000 + index
+            self.stage_pids.append(pid)
+        self._lane_end_us = [[] for _ in self.stages]
+
+    def _metadata(self) -> list[dict]:
+        kinds = self.run_info.get("kinds") or {}
+        events: list[dict] = []
+
+        def name_process(pid: int, name: str, sort_index: int) -> None:
+            events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
+            events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
+                           "args": {"sort_index": sort_index}})
+
+        for index, (name, pid) in enumerate(zip(self.stages, self.stage_pids)):
+            kind = kinds.get(name)
+            name_process(pid, f"{index} {name}" + (f" ({kind})" if kind and kind != name else ""), index)
+        name_process(self.supervisor_pid, "supervisor (rings)", len(self.stages))
+        events.append({"name": "thread_name", "ph": "M", "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
+                       "args": {"name": "counters"}})
+        return events
+
+    def _lane_tid(self, stage: int, start_us: float, end_us: float) -> int:
+        lanes = self._lane_end_us[stage]
+        lane = next((i for i, lane_end in enumerate(lanes) if lane_end <= start_us), None)
+        if lane is None:
+            lane = len(lanes) if len(lanes) < MAX_LANES else len(lanes) - 1
+            if lane == len(lanes):
+                lanes.append(end_us)
+        lanes[lane] = max(lanes[lane], end_us)
+        tid = lane + 1
+        pid = self.stage_pids[stage]
+        if (pid, tid) not in self._lanes_named:
+            self._lanes_named.add((pid, tid))
+            label = "frames" if lane == 0 else f"frames (overlapping, lane {lane + 1})"
+            self._write([{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}}])
+        return tid
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def _us(self, t_ns: int) -> float:
+        return round((int(t_ns) - self.t0_ns) / 1000.0, 3)
+
+    def _write(self, events: list[dict]) -> None:
+        if self._file is None or not events:
+            return
+        parts = [json.dumps(event, separators=(",", ":")) for event in events]
+        prefix = ",\n" if self._events_written else ""
+        self._file.write(prefix + ",\n".join(parts))
+        self._events_written += len(parts)
+
+    # -- observer hooks -----------------------------------------------------------------------------------
+
+    def on_start(self, run_info: dict) -> None:
+        self._setup(run_info)
+        self._write(self._metadata())
+        if self._file is not None:
+            self._file.flush()
+
+    def on_frames(self, records: np.ndarray) -> None:
+        if self._file is None or len(records) == 0:
+            return
+        n_stages = len(self.stages)
+        events: list[dict[str, Any]] = []
+        for record in records:
+            seq = int(record["seq"])
+            flags = int(record["flags"])
+            enter_ns = record["enter_ns"]
+            exit_ns = record["exit_ns"]
+            previous: tuple[int, int, float] | None = None  # (stage, tid, bind ts) of the last slice
+            for stage in range(n_stages):
+                enter, leave = int(enter_ns[stage]), int(exit_ns[stage])
+                if enter <= 0 or leave < enter:  # this stage did not see the frame (lost, or restarted)
+                    previous = None
+                    continue
+                start_us, end_us = self._us(enter), self._us(leave)
+                dur_us = round(end_us - start_us, 3)
+                tid = self._lane_tid(stage, start_us, end_us)
+                pid = self.stage_pids[stage]
+                events.append({"name": self.stages[stage], "cat": "stage", "ph": "X", "ts": start_us,
+                               "dur": dur_us, "pid": pid, "tid": tid, "args": {"seq": seq, "flags": flags}})
+                # flow arrows bind to the enclosing slice ("bp": "e") at the slice's midpoint
+                bind_us = round(start_us + dur_us / 2, 3)
+                if previous is not None and previous[0] == stage - 1:
+                    flow_id = seq * 16 + stage  # one arrow per hop per frame
+                    prev_stage, prev_tid, prev_bind_us = previous
+                    events.append({"name": "frame", "cat": "frame", "ph": "s", "id": flow_id, "bp": "e",
+                                   "ts": prev_bind_us, "pid": self.stage_pids[prev_stage], "tid": prev_tid})
+                    events.append({"name": "frame", "cat": "frame", "ph": "f", "id": flow_id, "bp": "e",
+                                   "ts": bind_us, "pid": pid, "tid": tid})
+                previous = (stage, tid, bind_us)
+            capture_ns, handoff_ns = int(record["capture_ns"]), int(record["handoff_ns"])
+            if capture_ns > 0 and handoff_ns >= capture_ns:
+                events.append({"name": "end-to-end ms", "ph": "C", "ts": self._us(handoff_ns),
+                               "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
+                               "args": {"ms": round((handoff_ns - capture_ns) / 1e6, 3)}})
+        self._write(events)
+        self._file.flush()
+
+    def on_tick(self, snapshot: dict) -> None:
+        if self._file is None:
+            return
+        ts_us = self._us(time.monotonic_ns())
+        events = []
+        for edge, row in (snapshot.get("edges") or {}).items():
+            events.append({"name": f"ring {edge}", "ph": "C", "ts": ts_us, "pid": self.supervisor_pid,
+                           "tid": SUPERVISOR_TID, "args": {"fill": int(row.get("fill") or 0)}})
+            events.append({"name": f"drops {edge}", "ph": "C", "ts": ts_us, "pid": self.supervisor_pid,
+                           "tid": SUPERVISOR_TID, "args": {"oldest": int(row.get("dropped_oldest") or 0),
+                                                           "newest": int(row.get("dropped_newest") or 0)}})
+        self._write(events)
+        self._file.flush()
+
+    def on_stop(self, report: dict) -> None:
+        if self._file is None:
+            return
+        self._file.write("\n]\n")
+        self._file.close()
+        self._file = None
