@@ -1,0 +1,199 @@
+"""The control channel between the supervisor and its stage processes: every message schema, in one place.
+
+Pattern: ROUTER (supervisor) / DEALER (one per stage) over ipc:// in a run directory only the owner can
+open, with heartbeats both ways and liveness counters (the ZeroMQ guide's "Paranoid Pirate").
+Messages are msgpack maps {"type": ..., fields...}, checked against SCHEMAS on receipt; never pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from stages.errors import RtpipeError
+
+MAX_MESSAGE_BYTES = 4 << 20  # a batch of frame records is far smaller; anything bigger is not ours
+
+
+class ProtocolError(RtpipeError):
+    """A control message that is not msgpack, not a map, of an unknown type, or with wrong fields."""
+
+    kind = "protocol error"
+
+
+# Field kinds a schema can ask for. bool is not an int here, and bytes are not str.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+FIELD_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "number": _is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "bytes": lambda v: isinstance(v, bytes),
+    "list": lambda v: isinstance(v, list),
+    "map": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "list[map]": lambda v: isinstance(v, list) and all(
+        isinstance(i, dict) and all(isinstance(k, str) for k in i) for i in v),
+}
+
+# type -> {field: kind}. Stage -> supervisor first, then supervisor -> stage; "error" goes both ways.
+SCHEMAS: dict[str, dict[str, str]] = {
+    # a stage's process started (before open: a model may take a while to load)
+    "hello": {"stage": "str", "pid": "int", "incarnation": "int"},
+    # open() finished: the stage is in its loop and heartbeats from now on
+    "ready": {"stage": "str"},
+    "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
+    # counters since the process started (a reply to "get_stats", and sent about once a second)
+    "stats": {"stage": "str", "frames": "int", "seq_gaps": "int", "duplicates": "int",
+              "underruns": "int", "overflows": "int", "output_latency_ns": "int"},
+    # per-frame records from the sink: raw bytes of a pipeline.metrics.FRAME_RECORD_DTYPE array
+    "frames": {"stage": "str", "records": "bytes"},
+    # side outputs of a stage (e.g. text tokens): msgpack-able maps
+    "events": {"stage": "str", "events": "list[map]"},
+    # the end-of-stream frame went past this stage (for the sink: the run's output is complete)
+    "eos": {"stage": "str"},
+    # the stage is leaving its loop on purpose (stop, end of stream) and will exit
+    "bye": {"stage": "str", "reason": "str"},
+    # the stage could not go on (open failed, process raised); the supervisor decides what next
+    "failed": {"stage": "str", "error": "str"},
+    # supervisor -> stage
+    "ping": {},
+    "stop": {},
+    "reset": {},
+    "get_stats": {},
+    "pause": {},
+    "resume": {},
+    # a reply to a message that could not be used, naming what was wrong
+    "error": {"error": "str"},
+}
+
+STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "frames", "events", "eos",
+                                 "bye", "failed", "error"})
+SUPERVISOR_TO_STAGE = frozenset({"ping", "stop", "reset", "get_stats", "pause", "resume", "error"})
+
+
+def encode(type_: str, **fields: Any) -> bytes:
+    """One message as msgpack bytes; raises ProtocolError if it does not match its own schema (a bug)."""
+    message = {"type": type_, **fields}
+    check(message)
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def check(message: Any) -> dict:
+    """Returns `message` if it is a map matching its type's schema; raises ProtocolError naming what
+    is wrong otherwise."""
+    if not isinstance(message, dict):
+        raise ProtocolError(f"message is a {type(message).__name__}, not a map")
+    type_ = message.get("type")
+    if not isinstance(type_, str):
+        raise ProtocolError(f"message.type = {type_!r}: expected a message type name")
+    schema = SCHEMAS.get(type_)
+    if schema is None:
+        raise ProtocolError(f"message.type = {type_!r}: unknown (known: {', '.join(sorted(SCHEMAS))})")
+    for key in message:
+        if key != "type" and key not in schema:
+            raise ProtocolError(f"{type_}.{key!s:.40}: unknown field")
+    for key, kind in schema.items():
+        if key not in message:
+            raise ProtocolError(f"{type_}.{key}: required field is missing")
+        if not FIELD_CHECKS[kind](message[key]):
+            raise ProtocolError(f"{type_}.{key} = {message[key]!r:.60}: expected {kind}")
+    return message
+
+
+def decode(data: bytes, allowed: frozenset[str] | None = None) -> dict:
+    """Parses and checks one message; raises ProtocolError for anything that is not a valid message of
+    one of the `allowed` types. Never executes or imports anything the bytes name."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes: larger than {MAX_MESSAGE_BYTES}")
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                  max_buffer_size=MAX_MESSAGE_BYTES)
+    except Exception as e:  # msgpack raises several kinds (ExtraData, FormatError, ValueError, ...)
+        raise ProtocolError(f"message is not msgpack: {type(e).__name__}: {e!s:.80}") from None
+    message = check(message)
+    if allowed is not None and message["type"] not in allowed:
+        raise ProtocolError(f"message.type = {message['type']!r}: not accepted in this direction")
+    return message
+
+
+# --- sockets -------------------------------------------------------------------------------------
+
+@dataclass
+class RunDirectory:
+    """A directory only this user can open (0700) holding the run's control socket."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, run_id: str) -> "RunDirectory":
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        path = Path(tempfile.mkdtemp(prefix=f"rtpipe-{run_id}-", dir=base if os.path.isdir(base) else None))
+        os.chmod(path, 0o700)
+        return cls(path)
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.path / 'control.sock'}"
+
+    def remove(self) -> None:
+        for child in self.path.iterdir():
+            try:
+                child.unlink()
+            except OSError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def supervisor_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """The supervisor's ROUTER: each stage's DEALER identity is its stage name."""
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage takes over its name at once
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.bind(endpoint)
+    return socket
+
+
+def stage_socket(context: zmq.Context, endpoint: str, stage: str) -> zmq.Socket:
+    """A stage's DEALER, identified by its stage name."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 500)  # let a final "bye" or records batch leave before exit
+    socket.setsockopt(zmq.IDENTITY, stage.encode())
+    socket.setsockopt(zmq.SNDHWM, 10_000)
+    socket.connect(endpoint)
+    return socket
+
+
+def send(socket: zmq.Socket, type_: str, **fields: Any) -> bool:
+    """Sends without waiting (a stage never stalls its audio on the control channel); False if the
+    channel is full and the message was dropped."""
+    try:
+        socket.send(encode(type_, **fields), zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
+def send_to(socket: zmq.Socket, identity: bytes, type_: str, **fields: Any) -> bool:
+    """ROUTER side: sends to the peer `identity`; False if it could not be queued."""
+    try:
+        socket.send_multipart([identity, encode(type_, **fields)], zmq.NOBLOCK)
+        return True
+    except (zmq.Again, zmq.ZMQError):
+        return False
