@@ -1,0 +1,171 @@
+"""Latency plots from a run report's per-frame samples (no re-run needed): used by `rtpipe plot`.
+
+Three panels: end-to-end latency over time against the 80 ms frame, each stage's compute-time
+distribution, and a stacked bar of the median budget (capture, each stage, each hop, playback buffer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from stages.errors import RtpipeError
+
+SAMPLE_KEYS = ("t_s", "end_to_end_ms", "capture_ms", "stage_ms", "wait_ms", "playback_ms")
+TITLE_END_TO_END = "End-to-end latency per frame"
+TITLE_COMPUTE = "Per-stage compute time"
+TITLE_BUDGET = "Median latency budget"
+
+
+class ReportError(RtpipeError):
+    """A run report cannot be read or lacks what is asked of it; the message names the file and key."""
+
+    kind = "report error"
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read a `rtpipe run --report` JSON file and check it has per-frame samples.
+
+    Raises ReportError naming the file (and the missing key) when it is absent, not JSON or incomplete.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ReportError(f"{path}: is a directory, not a report file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a JSON report ({e})") from None
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(report, dict):
+        raise ReportError(f"{path}: not a run report (a JSON object with \"samples\" is expected)")
+    samples = report.get("samples")
+    if not isinstance(samples, dict):
+        raise ReportError(f"{path}: no \"samples\" (per-frame latencies); write it with `rtpipe run --report`")
+    for key in SAMPLE_KEYS:
+        if key not in samples:
+            raise ReportError(f"{path}: samples.{key} is missing")
+    n = len(samples["end_to_end_ms"])
+    if n == 0:
+        raise ReportError(f"{path}: the run recorded no frames, nothing to plot")
+    for key in ("t_s", "capture_ms", "playback_ms"):
+        if not isinstance(samples[key], list) or len(samples[key]) != n:
+            raise ReportError(f"{path}: samples.{key} has {len(samples[key]) if isinstance(samples[key], list) else 'no'}"
+                              f" values, samples.end_to_end_ms has {n}")
+    for group in ("stage_ms", "wait_ms"):
+        if not isinstance(samples[group], dict):
+            raise ReportError(f"{path}: samples.{group} is not an object of per-frame lists")
+        for name, values in samples[group].items():
+            if not isinstance(values, list) or len(values) != n:
+                raise ReportError(f"{path}: samples.{group}.{name} does not have {n} values")
+    frame_ms = report.get("frame_ms", 80.0)
+    if not isinstance(frame_ms, (int, float)) or frame_ms <= 0:
+        raise ReportError(f"{path}: frame_ms = {frame_ms!r}: not a positive number")
+    return report
+
+
+def _values(values: Any) -> np.ndarray:
+    # a stage that never saw a frame leaves a negative or missing value: not a latency
+    array = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    return np.where(array >= 0, array, np.nan)
+
+
+def budget_segments_ms(report: dict) -> list[tuple[str, float]]:
+    """The median of each part of the end-to-end latency, in chain order: capture, then each hop's wait
+    and each following stage's compute, then the playback buffer (hand-off minus the sink's exit).
+    Per frame these parts add up to the end-to-end latency."""
+    samples = report["samples"]
+    stage_ms = {name: _values(v) for name, v in samples["stage_ms"].items()}
+    wait_ms = {name: _values(v) for name, v in samples["wait_ms"].items()}
+    stages = list(report.get("stages") or stage_ms) or list(stage_ms)
+    stages = [s for s in stages if s in stage_ms]
+    segments = [("capture", _values(samples["capture_ms"]))]
+    for upstream, downstream in zip(stages, stages[1:]):
+        edge = f"{upstream}->{downstream}"
+        if edge in wait_ms:
+            segments.append((f"wait {edge}", wait_ms[edge]))
+        segments.append((downstream, stage_ms[downstream]))
+    playback = _values(samples["playback_ms"])
+    if stages:
+        playback = playback - stage_ms[stages[-1]]  # playback_ms runs from the sink's enter
+    segments.append(("playback buffer", playback))
+    out = []
+    for name, values in segments:
+        finite = values[np.isfinite(values)]
+        out.append((name, float(np.median(finite)) if finite.size else 0.0))
+    return out
+
+
+def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, title: str | None = None):
+    """Draw the three panels for `report` (as load_report returns it); save a PNG if `output_path` is
+    given. Returns the matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report["samples"]
+    frame_ms = float(report.get("frame_ms", 80.0))
+    t_s = _values(samples["t_s"])
+    e2e_ms = _values(samples["end_to_end_ms"])
+
+    fig, (ax_time, ax_compute, ax_budget) = plt.subplots(
+        3, 1, figsize=(11, 12), gridspec_kw={"height_ratios": [3, 3, 1.6]})
+    fig.suptitle(title or f"rtpipe run: {len(e2e_ms)} frames, {report.get('seconds', 0):.1f} s")
+
+    ax_time.plot(t_s, e2e_ms, ".", markersize=3, color="tab:blue", label="frame")
+    finite = e2e_ms[np.isfinite(e2e_ms)]
+    if finite.size:
+        p50, p99 = np.percentile(finite, [50, 99])
+        ax_time.axhline(p50, color="tab:green", linestyle="--", linewidth=1, label=f"P50 {p50:.1f} ms")
+        ax_time.axhline(p99, color="tab:orange", linestyle="--", linewidth=1, label=f"P99 {p99:.1f} ms")
+    ax_time.axhline(frame_ms, color="tab:red", linewidth=1.5, label=f"{frame_ms:g} ms frame (budget)")
+    ax_time.set_title(TITLE_END_TO_END)
+    ax_time.set_xlabel("time since start (s)")
+    ax_time.set_ylabel("capture to output (ms)")
+    ax_time.set_ylim(bottom=0)
+    ax_time.legend(loc="upper right", fontsize="small")
+    ax_time.grid(alpha=0.3)
+
+    names = list(samples["stage_ms"])
+    data = []
+    for name in names:
+        values = _values(samples["stage_ms"][name])
+        values = values[np.isfinite(values)]
+        data.append(np.maximum(values, 1e-3) if values.size else np.array([1e-3]))
+    ax_compute.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
+    ax_compute.set_xticks(range(1, len(names) + 1), names)
+    ax_compute.set_yscale("log")
+    ax_compute.axhline(frame_ms, color="tab:red", linewidth=1.5, label=f"deadline ({frame_ms:g} ms frame)")
+    ax_compute.set_title(TITLE_COMPUTE + " (box: quartiles, whiskers: P1-P99)")
+    ax_compute.set_xlabel("stage")
+    ax_compute.set_ylabel("enter to exit (ms, log)")
+    ax_compute.legend(loc="upper right", fontsize="small")
+    ax_compute.grid(alpha=0.3, axis="y")
+
+    segments = budget_segments_ms(report)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(segments), 2)))
+    left = 0.0
+    for (name, width_ms), color in zip(segments, colors):
+        ax_budget.barh(0, width_ms, left=left, color=color, edgecolor="white", label=f"{name} {width_ms:.1f} ms")
+        if width_ms > 0.04 * max(sum(w for _, w in segments), 1e-9):
+            ax_budget.text(left + width_ms / 2, 0, f"{width_ms:.0f}", ha="center", va="center", fontsize=8)
+        left += width_ms
+    if finite.size:
+        ax_budget.axvline(float(np.median(finite)), color="black", linestyle="--", linewidth=1,
+                          label=f"median end-to-end {np.median(finite):.1f} ms")
+    ax_budget.set_title(TITLE_BUDGET)
+    ax_budget.set_xlabel("milliseconds (median of each part)")
+    ax_budget.set_yticks([])
+    ax_budget.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize="small", frameon=False)
+
+    fig.tight_layout()
+    if output_path is not None:
+        fig.savefig(os.fspath(output_path), dpi=100)
+    return fig
