@@ -1,0 +1,277 @@
+"""One Moshi step per 80 ms frame: the temporal transformer over a ring KV cache, then the depformer's
+dep_q codebook steps, with the reference's per-stream delays. Used by the `moshi.step` stage.
+
+Speed on a CPU comes from what is not done: attention reads only the slots filled so far (at most the
+context), caches are allocated once per stream, tokens stay Python ints between steps, and weights are
+read straight from the LmModel's parameters (no copies). All streaming state is LmStreamState.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from stages.moshi.lm import LmModel
+from stages.moshi.sampling import SamplingParams, sample_token
+from stages.moshi.transformer import (ACTIVATION_FNS, LayerNormF32, RmsNorm, rope_frequencies,
+                                      sin_embedding)
+
+UNGENERATED = -2  # a delay-buffer slot no token has been written to yet
+
+
+@dataclass
+class LmStreamState:
+    """Everything one conversation carries from frame to frame; a new one starts the conversation over."""
+
+    step: int                      # frames consumed so far (the temporal position of the next step)
+    delay_buffer: list[list[int]]  # [text + n_q][max_delay + 2] tokens, indexed by position % size
+    kv_cache: torch.Tensor         # [layers, 2 (keys, values), heads, context, head_dim], ring by step
+    depformer_kv: torch.Tensor     # [depformer layers, 2, heads, dep_q, head_dim], refilled each frame
+    generator: torch.Generator | None = None
+    seed: int | None = None
+
+    def describe(self) -> dict:
+        return {"step": self.step, "cached_steps": min(self.step, self.kv_cache.shape[3]),
+                "context": self.kv_cache.shape[3], "seed": self.seed}
+
+
+@dataclass
+class _Layer:
+    norm1: object
+    in_proj: torch.Tensor | list[torch.Tensor]
+    out_proj: torch.Tensor | list[torch.Tensor]
+    norm2: object
+    ff_in: torch.Tensor | list[torch.Tensor]
+    ff_out: torch.Tensor | list[torch.Tensor]
+    gated: bool
+    activation: object
+    scale1: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: the model's tokens (text first), and logits when asked for."""
+
+    tokens: list[int]
+    text_logits: torch.Tensor | None = None
+    audio_logits: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LmStreamer:
+    """Runs an LmModel one frame at a time. Not thread-safe; one LmStreamState per conversation."""
+
+    def __init__(self, model: LmModel, sampling: SamplingParams | None = None,
+                 context: int | None = None):
+        c = model.config
+        self.model = model
+        self.config = c
+        self.sampling = sampling or SamplingParams()
+        self.context = context or c.context
+        if self.context is None:
+            raise ValueError("streaming needs a context (the KV cache's size)")
+        self.dtype = model.dtype
+        self.device = model.device
+        self.head_dim = c.dim // c.num_heads
+        self.dep_head_dim = c.depformer_dim // c.depformer_num_heads
+        self.rope_freqs = (rope_frequencies(self.head_dim, c.max_period, self.device)
+                           if c.positional_embedding == "rope" else None)
+        self.layers = [_unpack_layer(layer, c.gating) for layer in model.transformer.layers]
+        self.dep_layers = [_unpack_layer(layer, c.depformer_gating) for layer in model.depformer.layers]
+        self.out_norm = _norm_fn(model.out_norm)
+        self.emb = [e.weight for e in model.emb]
+        self.text_emb = model.text_emb.weight
+        self.text_linear = model.text_linear.weight
+        self.dep_in = [m.weight for m in model.depformer_in]
+        self.dep_emb = [model.depformer_text_emb.weight] + [e.weight for e in model.depformer_emb]
+        self.heads = [m.weight for m in model.linears]
+        self.dep_pos = None
+        if c.depformer_pos_emb == "sin":
+            positions = torch.arange(c.dep_q, device=self.device)
+            self.dep_pos = sin_embedding(positions, c.depformer_dim,
+                                         c.depformer_max_period).to(self.dtype)
+        self.initial = [c.text_card] + [c.card] * c.n_q
+        self._position = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    # --- state ---
+    def new_state(self, seed: int | None = None) -> LmStreamState:
+        c = self.config
+        size = c.max_delay + 2
+        kv = torch.zeros(c.num_layers, 2, c.num_heads, self.context, self.head_dim,
+                         dtype=self.dtype, device=self.device)
+        dep_kv = torch.zeros(c.depformer_num_layers, 2, c.depformer_num_heads, c.dep_q,
+                             self.dep_head_dim, dtype=self.dtype, device=self.device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return LmStreamState(0, [[UNGENERATED] * size for _ in range(c.num_codebooks)], kv, dep_kv,
+                             generator, seed)
+
+    # --- one frame ---
+    @torch.inference_mode()
+    def step(self, state: LmStreamState, user_codes) -> list[int] | None:
+        """Feeds the user's codes for one frame ([user_q] ints); returns the model's tokens for the
+        frame that is now complete, [text, dep_q audio codes], or None while the delays fill (the
+        first max(delays) steps)."""
+        out = self.step_full(state, user_codes)
+        return out.tokens or None
+
+    @torch.inference_mode()
+    def step_full(self, state: LmStreamState, user_codes, keep_logits: bool = False,
+                  forced: list[int] | None = None) -> StepOutput:
+        """step(), also giving this step's logits and the raw tokens sampled (before the delays are
+        undone): out.extra = {"inputs": what the transformer read, "sampled": what it chose}.
+        `forced` replaces the sampled tokens (teacher forcing, for checks)."""
+        c = self.config
+        delays = c.delays
+        buffer = state.delay_buffer
+        size = len(buffer[0])
+        t = state.step
+        first_user = 1 + c.dep_q
+        for j in range(c.user_q):
+            k = first_user + j
+            buffer[k][(t + delays[k]) % size] = int(user_codes[j])
+        inputs = [self.initial[k] if t <= delays[k] else buffer[k][t % size]
+                  for k in range(c.num_codebooks)]
+        sampled, text_logits, audio_logits = self._generate(state, inputs, keep_logits, forced)
+        state.step = t + 1
+        for k in range(first_user):
+            buffer[k][(t + 1) % size] = sampled[k]
+        out = StepOutput([], text_logits, audio_logits, {"inputs": inputs, "sampled": sampled})
+        if t + 1 > c.max_delay:
+            base = t + 1 - c.max_delay
+            out.tokens = [buffer[k][(base + delays[k]) % size] for k in range(first_user)]
+        return out
+
+    def _generate(self, state: LmStreamState, inputs: list[int], keep_logits: bool,
+                  forced: list[int] | None):
+        c = self.config
+        s = self.sampling
+        hidden = self._temporal(state, inputs)
+        text_logits = F.linear(hidden, self.text_linear)
+        if forced is not None:
+            token = torch.tensor(forced[0], device=self.device)
+        else:
+            token = sample_token(text_logits, s.text_temperature, s.text_top_k, state.generator)
+        tokens = [token]
+        audio_logits = [] if keep_logits else None
+        dep_kv = state.depformer_kv
+        for k in range(c.dep_q):
+            x = F.linear(hidden, self.dep_in[k if len(self.dep_in) > 1 else 0])
+            x = x + self.dep_emb[k][token]
+            if self.dep_pos is not None:
+                x = x + self.dep_pos[k]
+            for i, layer in enumerate(self.dep_layers):
+                x = _layer_step(layer, x, k, dep_kv[i], k, k + 1, None, c.depformer_num_heads,
+                                self.dep_head_dim)
+            logits = F.linear(x, self.heads[k])
+            if keep_logits:
+                audio_logits.append(logits.float())
+            if forced is not None:
+                token = torch.tensor(forced[k + 1], device=self.device)
+            else:
+                token = sample_token(logits, s.temperature, s.top_k, state.generator)
+            tokens.append(token)
+        sampled = torch.stack(tokens).tolist()
+        if keep_logits:
+            return sampled, text_logits.float(), torch.stack(audio_logits)
+        return sampled, None, None
+
+    def _temporal(self, state: LmStreamState, inputs: list[int]) -> torch.Tensor:
+        """The temporal transformer at position state.step -> out_norm(hidden) [dim]."""
+        c = self.config
+        x = None
+        for k in range(c.n_q):
+            if inputs[k + 1] >= 0:
+                row = self.emb[k][inputs[k + 1]]
+                x = row if x is None else x + row
+        if inputs[0] >= 0:
+            x = self.text_emb[inputs[0]] if x is None else x + self.text_emb[inputs[0]]
+        if x is None:
+            x = torch.zeros(c.dim, dtype=self.dtype, device=self.device)
+        t = state.step
+        rotor = None
+        if self.rope_freqs is not None:
+            self._position.fill_(t)
+            angles = self.rope_freqs * self._position
+            rotor = torch.polar(torch.ones_like(angles), angles)
+        slot = t % self.context
+        filled = min(t + 1, self.context)
+        for i, layer in enumerate(self.layers):
+            x = _layer_step(layer, x, 0, state.kv_cache[i], slot, filled, rotor, c.num_heads,
+                            self.head_dim)
+        return self.out_norm(x)
+
+
+def _layer_step(layer: _Layer, x: torch.Tensor, weights: int, kv: torch.Tensor, slot: int,
+                filled: int, rotor: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor:
+    """One layer on one position x [dim]: writes its key/value at `slot` of kv [2, H, slots, D] and
+    attends over the first `filled` slots (all in the window, so no mask is needed)."""
+    in_proj = layer.in_proj[weights] if isinstance(layer.in_proj, list) else layer.in_proj
+    out_proj = layer.out_proj[weights] if isinstance(layer.out_proj, list) else layer.out_proj
+    qkv = F.linear(layer.norm1(x), in_proj).view(3, heads, head_dim)
+    if rotor is not None:
+        qk = qkv[:2]
+        pairs = torch.view_as_complex(qk.float().view(2, heads, head_dim // 2, 2))
+        qk = torch.view_as_real(pairs * rotor).view(2, heads, head_dim).to(x.dtype)
+        q, k = qk[0], qk[1]
+    else:
+        q, k = qkv[0], qkv[1]
+    kv[0, :, slot] = k
+    kv[1, :, slot] = qkv[2]
+    attended = F.scaled_dot_product_attention(
+        q.view(1, heads, 1, head_dim), kv[0, :, :filled].unsqueeze(0), kv[1, :, :filled].unsqueeze(0))
+    update = F.linear(attended.view(-1), out_proj)
+    x = x + (update if layer.scale1 is None else layer.scale1 * update)
+    ff_in = layer.ff_in[weights] if isinstance(layer.ff_in, list) else layer.ff_in
+    ff_out = layer.ff_out[weights] if isinstance(layer.ff_out, list) else layer.ff_out
+    h = F.linear(layer.norm2(x), ff_in)
+    if layer.gated:
+        half = h.shape[-1] // 2
+        h = layer.activation(h[:half]) * h[half:]
+    else:
+        h = layer.activation(h)
+    update = F.linear(h, ff_out)
+    return x + (update if layer.scale2 is None else layer.scale2 * update)
+
+
+def _unpack_layer(layer, gating: str) -> _Layer:
+    attn = layer.self_attn
+    in_proj = [m.weight for m in attn.in_projs]
+    out_proj = [m.weight for m in attn.out_projs]
+    if gating == "none":
+        ff_in, ff_out, gated, act = layer.linear1.weight, layer.linear2.weight, False, F.gelu
+    elif isinstance(layer.gating, torch.nn.ModuleList):
+        ff_in = [g.linear_in.weight for g in layer.gating]
+        ff_out = [g.linear_out.weight for g in layer.gating]
+        gated, act = True, ACTIVATION_FNS[gating]
+    else:
+        ff_in, ff_out = layer.gating.linear_in.weight, layer.gating.linear_out.weight
+        gated, act = True, ACTIVATION_FNS[gating]
+    return _Layer(
+        _norm_fn(layer.norm1), in_proj if len(in_proj) > 1 else in_proj[0],
+        out_proj if len(out_proj) > 1 else out_proj[0], _norm_fn(layer.norm2), ff_in, ff_out, gated,
+        act, layer.layer_scale_1.scale if layer.layer_scale_1 is not None else None,
+        layer.layer_scale_2.scale if layer.layer_scale_2 is not None else None)
+
+
+def _norm_fn(norm):
+    """A closure applying `norm` to one vector [dim] with the fewest ops."""
+    if isinstance(norm, RmsNorm):
+        eps = norm.eps
+        if norm.float32:
+            gain = norm.alpha.detach().view(-1).float()
+
+            def rms_f32(x: torch.Tensor) -> torch.Tensor:
+                if x.dtype == torch.float32:
+                    return F.rms_norm(x, gain.shape, gain, eps)
+                return F.rms_norm(x.float(), gain.shape, gain, eps).to(x.dtype)
+            return rms_f32
+        gain = norm.alpha.detach().view(-1)
+        return lambda x: F.rms_norm(x, gain.shape, gain, eps)
+    if isinstance(norm, LayerNormF32):
+        return norm
+    return norm
