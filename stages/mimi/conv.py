@@ -1,0 +1,158 @@
+"""Causal 1-D convolution and transposed convolution that run frame by frame, for Mimi's SEANet.
+
+Weights keep Kyutai's key nesting (`conv.conv.weight`, `convtr.convtr.weight`) so checkpoints load
+as they are. Activations are time-major [T, C]: each convolution is one matrix product over a
+strided view of a window buffer (no im2col copy), and what it carries to the next frame is a dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class _Inner(nn.Module):
+    """One more level of nesting, so state-dict keys read `conv.conv.weight` as in Kyutai's files."""
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__()
+        setattr(self, name, module)
+
+
+@dataclass
+class ConvWindow:
+    """What a causal convolution carries: its input window, the last `context_rows` rows of the previous
+    frames followed by the current frame's rows. `primed` is for replicate padding (first frame seen)."""
+
+    window: torch.Tensor  # [context_rows + frame_rows, in_channels]
+    context_rows: int
+    primed: bool = False
+
+
+@dataclass
+class ConvTrOverlap:
+    """What a causal transposed convolution carries: the output rows the last frame started but its next
+    input still adds to (kernel - stride rows, bias not yet added)."""
+
+    tail: torch.Tensor  # [kernel - stride, out_channels]
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only (zeros, or the first sample repeated with pad_mode="replicate")."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, bias: bool = True, pad_mode: str = "constant"):
+        super().__init__()
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"pad_mode {pad_mode!r}: expected 'constant' or 'replicate'")
+        self.conv = _Inner("conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride,
+                                             dilation=dilation, bias=bias))
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.pad_mode = pad_mode
+        self.context_rows = (kernel_size - 1) * dilation + 1 - stride
+        self._cols_weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Lays the weight out for the matrix product (rows: kernel tap, then input channel); after loading."""
+        w = self.conv.conv.weight.detach()  # [out, in, kernel]
+        self._cols_weight = w.permute(2, 1, 0).reshape(-1, self.out_channels).to(dtype).contiguous()
+        b = self.conv.conv.bias
+        self._bias = None if b is None else b.detach().to(dtype).contiguous()
+
+    def new_state(self, frame_rows: int, dtype: torch.dtype) -> ConvWindow:
+        window = torch.zeros(self.context_rows + frame_rows, self.in_channels, dtype=dtype)
+        return ConvWindow(window, self.context_rows)
+
+    def step(self, x: torch.Tensor, state: ConvWindow, activate: bool = False) -> torch.Tensor:
+        """x: [T, in_channels] (T a multiple of stride) -> [T / stride, out_channels].
+
+        `activate` applies ELU to x first (SEANet puts an ELU before most convolutions)."""
+        rows = x.shape[0]
+        ctx = state.context_rows
+        window = state.window
+        if window.shape[0] != ctx + rows:  # another chunk length (a whole signal): a window of that size
+            grown = window.new_zeros(ctx + rows, self.in_channels)
+            grown[:ctx] = window[:ctx]
+            state.window = window = grown
+        current = window[ctx:]
+        current.copy_(x)
+        if activate:
+            F.elu_(current)
+        if self.pad_mode == "replicate" and not state.primed:
+            window[:ctx] = current[:1]
+            state.primed = True
+        out_rows = rows // self.stride
+        if self.dilation == 1:
+            cols = window.as_strided((out_rows, self.kernel_size * self.in_channels),
+                                     (self.stride * self.in_channels, 1))
+        else:  # not used by Mimi; correct but copies
+            cols = window.as_strided(
+                (out_rows, self.kernel_size, self.in_channels),
+                (self.stride * self.in_channels, self.dilation * self.in_channels, 1)).reshape(out_rows, -1)
+        if self._bias is not None:
+            y = torch.addmm(self._bias, cols, self._cols_weight)
+        else:
+            y = cols @ self._cols_weight
+        if ctx:
+            if ctx <= rows:
+                window[:ctx] = window[rows:]
+            else:  # overlapping rows: copy through a temporary
+                window[:ctx] = window[rows:].clone()
+        return y
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d whose output is trimmed on the right only, so frame k's output is final once
+    frame k is in. The kernel must be twice the stride, as everywhere in Mimi."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        if kernel_size != 2 * stride:
+            raise ValueError(f"kernel_size {kernel_size}: only kernel = 2 x stride ({2 * stride}) is supported")
+        if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
+            raise ValueError("only groups=1 or channel-wise (groups = in = out channels) are supported")
+        self.convtr = _Inner("convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride,
+                                                          groups=groups, bias=bias))
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Lays the weight out for the matrix product; after loading."""
+        w = self.convtr.convtr.weight.detach()  # [in, out / groups, kernel]
+        if self.groups == 1:  # x [T, in] @ [in, kernel * out] -> one [kernel, out] block per input row
+            self._weight = w.permute(0, 2, 1).reshape(self.in_channels, -1).to(dtype).contiguous()
+        else:  # channel-wise: each channel is scaled by its own kernel
+            self._weight = w[:, 0, :].t().to(dtype).contiguous()  # [kernel, channels]
+        b = self.convtr.convtr.bias
+        self._bias = None if b is None else b.detach().to(dtype).contiguous()
+
+    def new_state(self, dtype: torch.dtype) -> ConvTrOverlap:
+        return ConvTrOverlap(torch.zeros(self.kernel_size - self.stride, self.out_channels, dtype=dtype))
+
+    def step(self, x: torch.Tensor, state: ConvTrOverlap, activate: bool = False) -> torch.Tensor:
+        """x: [T, in_channels] -> [T * stride, out_channels]. `activate` applies ELU to x first."""
+        if activate:
+            x = F.elu(x)
+        rows, stride, channels = x.shape[0], self.stride, self.out_channels
+        if self.groups == 1:
+            parts = (x @ self._weight).view(rows, 2, stride, channels)
+        else:
+            parts = (x[:, None, :] * self._weight[None]).view(rows, 2, stride, channels)
+        # input row t writes its first half to output block t and its second half to block t + 1
+        out = parts[:, 0].clone().view(rows * stride, channels)
+        out_blocks = out.view(rows, stride, channels)
+        if rows > 1:
+            out_blocks[1:] += parts[:-1, 1]
+        out_blocks[0] += state.tail
+        state.tail.copy_(parts[-1, 1])
+        if self._bias is not None:
+            out += self._bias
+        return out

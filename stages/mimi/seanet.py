@@ -1,0 +1,152 @@
+"""SEANet encoder and decoder of Mimi: causal convolutions with ELU, one residual unit per level.
+
+Module order (and so the state-dict indices `model.N`) follows Kyutai's layout. `step` runs one chunk
+of time-major [T, C] activations through every layer, carrying each layer's state in a list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvTrOverlap, ConvWindow
+
+
+@dataclass
+class SEANetConfig:
+    channels: int = 1
+    dimension: int = 512
+    n_filters: int = 64
+    ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder uses them reversed
+    kernel_size: int = 7
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    dilation_base: int = 2
+    compress: int = 2
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for r in self.ratios:
+            hop *= r
+        return hop
+
+
+@dataclass
+class SEANetState:
+    """Per layer, in module order: a ConvWindow, a ConvTrOverlap, or a list for a residual unit."""
+
+    layers: list = field(default_factory=list)
+
+
+class ResidualUnit(nn.Module):
+    """x + conv1x1(ELU(conv_k(ELU(x)))), as `block.1` and `block.3` (the ELUs are block.0 and block.2)."""
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int):
+        super().__init__()
+        hidden = dim // compress
+        self.block = nn.Sequential(
+            nn.ELU(), CausalConv1d(dim, hidden, kernel_size, dilation=dilation),
+            nn.ELU(), CausalConv1d(hidden, dim, 1))
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        self.block[1].prepare(dtype)
+        self.block[3].prepare(dtype)
+
+    def new_state(self, frame_rows: int, dtype: torch.dtype) -> list[ConvWindow]:
+        return [self.block[1].new_state(frame_rows, dtype), self.block[3].new_state(frame_rows, dtype)]
+
+    def step(self, x: torch.Tensor, state: list[ConvWindow]) -> torch.Tensor:
+        h = self.block[1].step(x, state[0], activate=True)
+        y = self.block[3].step(h, state[1], activate=True)
+        y += x
+        return y
+
+
+def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
+    activate = False
+    i = 0
+    for layer in model:
+        if isinstance(layer, nn.ELU):
+            activate = True  # folded into the next convolution's input copy
+            continue
+        if isinstance(layer, ResidualUnit):
+            x = layer.step(x, state.layers[i])
+        else:
+            x = layer.step(x, state.layers[i], activate=activate)
+        activate = False
+        i += 1
+    return x
+
+
+def _new_layer_states(model: nn.Sequential, rows: int, dtype: torch.dtype) -> SEANetState:
+    """Window buffers sized for `rows` input rows (one frame), following each layer's stride."""
+    layers = []
+    for layer in model:
+        if isinstance(layer, CausalConv1d):
+            layers.append(layer.new_state(rows, dtype))
+            rows //= layer.stride
+        elif isinstance(layer, CausalConvTranspose1d):
+            layers.append(layer.new_state(dtype))
+            rows *= layer.stride
+        elif isinstance(layer, ResidualUnit):
+            layers.append(layer.new_state(rows, dtype))
+    return SEANetState(layers)
+
+
+class SEANetEncoder(nn.Module):
+    """Audio [T, 1] at 24 kHz -> latent [T / hop, dimension] (hop 960: 25 Hz)."""
+
+    def __init__(self, cfg: SEANetConfig = SEANetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        mult = 1
+        layers: list[nn.Module] = [CausalConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size)]
+        for ratio in reversed(cfg.ratios):
+            dim = mult * cfg.n_filters
+            layers += [ResidualUnit(dim, cfg.residual_kernel_size, 1, cfg.compress),
+                       nn.ELU(), CausalConv1d(dim, dim * 2, ratio * 2, stride=ratio)]
+            mult *= 2
+        layers += [nn.ELU(), CausalConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        for layer in self.model:
+            if not isinstance(layer, nn.ELU):
+                layer.prepare(dtype)
+
+    def new_state(self, frame_samples: int, dtype: torch.dtype) -> SEANetState:
+        return _new_layer_states(self.model, frame_samples, dtype)
+
+    def step(self, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
+        return _step_layers(self.model, x, state)
+
+
+class SEANetDecoder(nn.Module):
+    """Latent [T, dimension] at 25 Hz -> audio [T * hop, 1]."""
+
+    def __init__(self, cfg: SEANetConfig = SEANetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        mult = 2 ** len(cfg.ratios)
+        layers: list[nn.Module] = [CausalConv1d(cfg.dimension, mult * cfg.n_filters, cfg.kernel_size)]
+        for ratio in cfg.ratios:
+            dim = mult * cfg.n_filters
+            layers += [nn.ELU(), CausalConvTranspose1d(dim, dim // 2, ratio * 2, stride=ratio),
+                       ResidualUnit(dim // 2, cfg.residual_kernel_size, 1, cfg.compress)]
+            mult //= 2
+        layers += [nn.ELU(), CausalConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        for layer in self.model:
+            if not isinstance(layer, nn.ELU):
+                layer.prepare(dtype)
+
+    def new_state(self, frame_rows: int, dtype: torch.dtype) -> SEANetState:
+        return _new_layer_states(self.model, frame_rows, dtype)
+
+    def step(self, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
+        return _step_layers(self.model, x, state)

@@ -1,0 +1,177 @@
+"""Mimi's causal transformer (8 layers, RoPE, LayerNorm, layer scale, 250-step window), run step by step.
+
+Key names follow Kyutai's (`transformer.layers.N.self_attn.in_projs.0.weight`, ...). Streaming keeps
+a ring of the last `context` keys and values per layer, written before attending, exactly as Kyutai's
+streaming does: past 250 steps the first step of a two-step chunk sees 249 past keys, not 250.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 8
+    dim_feedforward: int = 2048
+    context: int = 250
+    max_period: float = 10_000.0
+    layer_scale: float = 0.01
+
+
+@dataclass
+class KVWindow:
+    """The last `context` keys and values of every layer, in ring slots (slot = position % context)."""
+
+    keys: torch.Tensor  # [layers, heads, context, head_dim]
+    values: torch.Tensor  # [layers, heads, context, head_dim]
+    slot_positions: torch.Tensor  # [context] int64, the position held by each slot, -1 if empty
+    steps: int = 0  # positions consumed so far
+
+
+class LayerScale(nn.Module):
+    def __init__(self, channels: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels,), init))
+
+
+class MultiheadAttention(nn.Module):
+    """Only the weights (`in_projs.0`, `out_projs.0`): the computation lives in TransformerLayer."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_projs = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False)])
+        self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.self_attn = MultiheadAttention(d)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        self.layer_scale_1 = LayerScale(d, cfg.layer_scale)
+        self.layer_scale_2 = LayerScale(d, cfg.layer_scale)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Transposes the projections for x @ W and folds the layer scales into the output projections."""
+        def t(w: torch.Tensor) -> torch.Tensor:
+            return w.detach().t().to(dtype).contiguous()
+        self._in = t(self.self_attn.in_projs[0].weight)
+        self._out = t(self.self_attn.out_projs[0].weight * self.layer_scale_1.scale.detach()[:, None])
+        self._ff1 = t(self.linear1.weight)
+        self._ff2 = t(self.linear2.weight * self.layer_scale_2.scale.detach()[:, None])
+        self._n1 = (self.norm1.weight.detach().to(dtype), self.norm1.bias.detach().to(dtype))
+        self._n2 = (self.norm2.weight.detach().to(dtype), self.norm2.bias.detach().to(dtype))
+
+    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attend) -> torch.Tensor:
+        """x: [T, d_model]. `attend(q, k, v) -> [heads, T, head_dim]` stores k, v as it needs."""
+        cfg = self.cfg
+        rows, heads = x.shape[0], cfg.num_heads
+        head_dim = cfg.d_model // heads
+        h = F.layer_norm(x, (cfg.d_model,), *self._n1, eps=1e-5)
+        qkv = (h @ self._in).view(rows, 3, heads, head_dim)
+        q = _rotate(qkv[:, 0], cos, sin)
+        k = _rotate(qkv[:, 1], cos, sin)
+        v = qkv[:, 2].transpose(0, 1)
+        attn = attend(q, k, v)  # [heads, T, head_dim]
+        x = torch.addmm(x, attn.transpose(0, 1).reshape(rows, cfg.d_model), self._out)
+        h = F.layer_norm(x, (cfg.d_model,), *self._n2, eps=1e-5)
+        return torch.addmm(x, F.gelu(h @ self._ff1), self._ff2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved (real, imaginary) pairs, in float32. x: [T, heads, head_dim] -> [heads, T, head_dim]."""
+    rows, heads, head_dim = x.shape
+    pairs = x.view(rows, heads, head_dim // 2, 2).float()
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.to(x.dtype).view(rows, heads, head_dim).transpose(0, 1)
+
+
+class StreamingTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
+
+
+class ProjectedTransformer(nn.Module):
+    """Kyutai's wrapper (`<name>.transformer.layers...`); input and output dimensions equal d_model here,
+    so it has no projections of its own."""
+
+    def __init__(self, cfg: TransformerConfig = TransformerConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = StreamingTransformer(cfg)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        cfg = self.cfg
+        head_dim = cfg.d_model // cfg.num_heads
+        # computed as Kyutai does, so positions rotate by the same float32 angles
+        self._freqs = torch.exp(torch.arange(head_dim // 2, dtype=torch.float32)
+                                * (-math.log(cfg.max_period) * 2 / head_dim))
+        for layer in self.transformer.layers:
+            layer.prepare(dtype)
+
+    def _angles(self, first_position: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(rows, dtype=torch.float32) + float(first_position)
+        angles = self._freqs * positions.view(rows, 1, 1)  # [T, 1 (heads), head_dim / 2]
+        return torch.cos(angles), torch.sin(angles)
+
+    def new_state(self, dtype: torch.dtype) -> KVWindow:
+        cfg = self.cfg
+        shape = (cfg.num_layers, cfg.num_heads, cfg.context, cfg.d_model // cfg.num_heads)
+        return KVWindow(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
+                        torch.full((cfg.context,), -1, dtype=torch.long))
+
+    def step(self, x: torch.Tensor, state: KVWindow) -> torch.Tensor:
+        """Streaming: x [T, d_model] (T <= context) continues the sequence held in `state`."""
+        cfg = self.cfg
+        rows = x.shape[0]
+        if rows > cfg.context:
+            raise ValueError(f"a streaming step of {rows} rows exceeds the context of {cfg.context}")
+        first = state.steps
+        positions = torch.arange(first, first + rows)
+        slots = positions % cfg.context
+        state.slot_positions.index_copy_(0, slots, positions)
+        delta = positions.view(rows, 1) - state.slot_positions.view(1, -1)
+        mask = (state.slot_positions >= 0) & (delta >= 0) & (delta < cfg.context)  # [T, context]
+        cos, sin = self._angles(first, rows)
+        for i, layer in enumerate(self.transformer.layers):
+            keys, values = state.keys[i], state.values[i]
+
+            def attend(q, k, v, keys=keys, values=values):
+                keys.index_copy_(1, slots, k)
+                values.index_copy_(1, slots, v)
+                return F.scaled_dot_product_attention(q, keys, values, mask)
+
+            x = layer.forward_step(x, cos, sin, attend)
+        state.steps += rows
+        return x
+
+    def forward_offline(self, x: torch.Tensor) -> torch.Tensor:
+        """A whole sequence at once, each position seeing the `context` positions up to itself."""
+        rows = x.shape[0]
+        positions = torch.arange(rows)
+        delta = positions.view(-1, 1) - positions.view(1, -1)
+        mask = (delta >= 0) & (delta < self.cfg.context)
+        cos, sin = self._angles(0, rows)
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, mask)
+
+        for layer in self.transformer.layers:
+            x = layer.forward_step(x, cos, sin, attend)
+        return x
