@@ -1,0 +1,695 @@
+"""Audio in and out of the pipeline: the sources (microphone, WAV file, tone) and sinks (speaker, WAV
+file, null) that sit at the two ends of the chain, all speaking 80 ms frames of 24 kHz mono float32.
+
+Device streams use small blocks (240 samples by default) because the device path costs two blocks
+(../shared/AUDIO.md); the stages assemble them into 1920-sample frames. sounddevice is imported only
+when a device is used, so a machine without PortAudio can still run file-to-file pipelines.
+
+Sinks expose `counters() -> {"underruns": int, "overflows": int}` for the report's "playback" section;
+SpeakerPlayback also exposes `device_latency_ns` (PortAudio's output latency) and `pop_handoffs()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from stages.base import (AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec, Role,
+                         SourceFrame, Stage)
+from stages.errors import AudioError, ConfigError
+from stages.jitter_buffer import JitterBuffer
+
+# The built-in speech sample: a few sentences from espeak-ng, 24 kHz mono (stages/data/make_speech.sh).
+SPEECH_SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "speech.wav"
+
+NS_PER_S = 1_000_000_000
+# A fresh PulseAudio stream can stall for a second or two before its callbacks flow (measured 1.2-1.7 s).
+DEVICE_START_ALLOWANCE_S = 10.0
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+def _sounddevice():
+    """The sounddevice module; AudioError when the PortAudio library is missing."""
+    try:
+        import sounddevice
+    except OSError as e:  # sounddevice raises OSError when libportaudio cannot be loaded
+        raise AudioError(f"PortAudio library not found (install libportaudio2): {e}") from e
+    return sounddevice
+
+
+def list_audio_devices() -> list[dict]:
+    """Every PortAudio device: {"index", "name", "hostapi", "inputs", "outputs", "default_samplerate",
+    "default_input", "default_output"}. Raises AudioError when PortAudio is missing."""
+    sd = _sounddevice()
+    try:
+        devices = sd.query_devices()
+        hostapis = sd.query_hostapis()
+        default_in, default_out = sd.default.device
+    except Exception as e:  # PortAudio errors come as sd.PortAudioError or ValueError
+        raise AudioError(f"cannot list audio devices: {e}") from e
+    rows = []
+    for index, dev in enumerate(devices):
+        rows.append({
+            "index": index,
+            "name": dev["name"],
+            "hostapi": hostapis[dev["hostapi"]]["name"],
+            "inputs": int(dev["max_input_channels"]),
+            "outputs": int(dev["max_output_channels"]),
+            "default_samplerate": float(dev["default_samplerate"]),
+            "default_input": index == default_in,
+            "default_output": index == default_out,
+        })
+    return rows
+
+
+def audio_devices_available() -> bool:
+    """True when PortAudio sees at least one input and one output device. Never raises."""
+    try:
+        rows = list_audio_devices()
+    except Exception:
+        return False
+    return any(r["inputs"] > 0 for r in rows) and any(r["outputs"] > 0 for r in rows)
+
+
+def _device_arg(device: str):
+    """sounddevice's device argument: None for the default, an index for digits, else a name substring."""
+    if device == "":
+        return None
+    return int(device) if device.isdigit() else device
+
+
+def _check_block(where: str, block_samples: int) -> None:
+    if not 16 <= block_samples <= FRAME_SAMPLES:
+        raise ConfigError(f"{where}.block_samples = {block_samples}: expected 16..{FRAME_SAMPLES} samples")
+
+
+def _check_watchdog(where: str, watchdog_s: float) -> None:
+    if not watchdog_s > 0:
+        raise ConfigError(f"{where}.watchdog_s = {watchdog_s}: expected a positive number of seconds")
+
+
+def _check_seconds(where: str, seconds: float | None) -> None:
+    if seconds is not None and not seconds > 0:
+        raise ConfigError(f"{where}.seconds = {seconds}: expected a positive number of seconds (or leave it out)")
+
+
+def _total_samples(seconds: float | None) -> int | None:
+    return None if seconds is None else max(1, round(seconds * SAMPLE_RATE))
+
+
+def _require_audio_input(kind: str, input_spec: PayloadSpec | None) -> None:
+    if input_spec != AUDIO_FRAME:
+        raise ConfigError(f"{kind}: takes {AUDIO_FRAME} audio frames, but its input is {input_spec}")
+
+
+# --- microphone ----------------------------------------------------------------------------------
+
+@dataclass
+class MicrophoneParams:
+    device: str = ""               # PortAudio device name (or part of it, or its index); "" = default input
+    block_samples: int = 240       # device block; the device path costs about two of these
+    queue_frames: int = 8          # frames waiting for read(); when full the oldest is dropped and counted
+    watchdog_s: float = 3.0        # read() raises AudioError when no callback came for this long
+    seconds: float | None = None   # EndOfStream after this much audio; None: until stopped
+
+    def validate(self, where: str) -> None:
+        _check_block(where, self.block_samples)
+        _check_watchdog(where, self.watchdog_s)
+        _check_seconds(where, self.seconds)
+        if self.queue_frames < 1:
+            raise ConfigError(f"{where}.queue_frames = {self.queue_frames}: expected at least 1")
+
+
+@dataclass
+class MicrophoneState:
+    frames_emitted: int = 0
+
+
+class MicrophoneCapture(Stage):
+    """`capture.microphone`: a sounddevice InputStream whose callback assembles 1920-sample frames.
+
+    The callback never blocks: finished frames go on a queue of `queue_frames`; if read() falls behind,
+    the oldest frame is dropped and counted (`counters()["frames_dropped"]`). Each frame's capture_ns is
+    the time.monotonic_ns() at which its first sample was captured, from a sample clock anchored on the
+    least-delayed callbacks of the last second, minus the input latency PortAudio reports. (PortAudio's
+    inputBufferAdcTime is not used: on ALSA's pulse device it drifted by ~100 ms in a second.)"""
+
+    role = Role.SOURCE
+    Params = MicrophoneParams
+    live = True
+
+    def __init__(self, params: MicrophoneParams | None = None):
+        super().__init__(params)
+        self.state = MicrophoneState()
+        self._stream = None
+        self._frames: queue.SimpleQueue[SourceFrame] = queue.SimpleQueue()
+        self._first_callback = threading.Event()
+        self._reset_capture_buffers()
+
+    def _reset_capture_buffers(self) -> None:
+        self._frame_buf: np.ndarray | None = None
+        self._frame_fill = 0
+        self._frame_first_index = 0
+        self._samples_seen = 0
+        self._anchor_estimates: collections.deque[int] = collections.deque(maxlen=128)
+        self._last_callback_ns = 0
+        self._frames_dropped = 0
+        self._input_overflows = 0
+        self._input_latency_ns = 0
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    @property
+    def device_latency_ns(self) -> int:
+        """The input latency PortAudio reports for the open stream (0 before open)."""
+        return self._input_latency_ns
+
+    def counters(self) -> dict:
+        """{"frames_dropped": frames lost because read() fell behind, "input_overflows": device overflows}."""
+        return {"frames_dropped": self._frames_dropped, "input_overflows": self._input_overflows}
+
+    def open(self, device: str = "cpu") -> None:
+        sd = _sounddevice()
+        p = self.params
+        blocks_per_second = SAMPLE_RATE / p.block_samples
+        self._anchor_estimates = collections.deque(maxlen=max(8, int(blocks_per_second)))
+        try:
+            self._stream = sd.InputStream(
+                device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1, dtype="float32",
+                blocksize=p.block_samples, latency="low", callback=self._on_block)
+            self._input_latency_ns = int(self._stream.latency * NS_PER_S)
+            self._stream.start()
+        except Exception as e:
+            self._close_stream()
+            raise AudioError(f"capture.microphone: cannot open input device {p.device or 'default'!r}: {e}") from e
+        if not self._first_callback.wait(DEVICE_START_ALLOWANCE_S + p.watchdog_s):
+            self._close_stream()
+            raise AudioError(f"capture.microphone: input device {p.device or 'default'!r} delivered no audio "
+                             f"within {DEVICE_START_ALLOWANCE_S + p.watchdog_s:.0f} s of starting")
+
+    def _on_block(self, indata, n_samples, time_info, status) -> None:
+        # PortAudio's thread: no waiting, no allocation beyond one frame buffer per 80 ms.
+        now_ns = time.monotonic_ns()
+        self._last_callback_ns = now_ns
+        if status.input_overflow:
+            # samples were lost: the sample clock no longer lines up with the old anchor
+            self._input_overflows += 1
+            self._anchor_estimates.clear()
+        block_end = self._samples_seen + n_samples
+        self._anchor_estimates.append(
+            now_ns - self._input_latency_ns - block_end * NS_PER_S // SAMPLE_RATE)
+        anchor_ns = min(self._anchor_estimates)
+        samples = indata[:, 0]
+        pos = 0
+        while pos < n_samples:
+            if self._frame_buf is None:
+                self._frame_buf = np.empty(FRAME_SAMPLES, dtype=np.float32)
+                self._frame_fill = 0
+                self._frame_first_index = self._samples_seen + pos
+            take = min(n_samples - pos, FRAME_SAMPLES - self._frame_fill)
+            self._frame_buf[self._frame_fill:self._frame_fill + take] = samples[pos:pos + take]
+            self._frame_fill += take
+            pos += take
+            if self._frame_fill == FRAME_SAMPLES:
+                capture_ns = anchor_ns + self._frame_first_index * NS_PER_S // SAMPLE_RATE
+                # drop-oldest: a live microphone never waits on a slow reader
+                while self._frames.qsize() >= self.params.queue_frames:
+                    try:
+                        self._frames.get_nowait()
+                        self._frames_dropped += 1
+                    except queue.Empty:
+                        break
+                self._frames.put(SourceFrame(self._frame_buf, int(capture_ns)))
+                self._frame_buf = None
+        self._samples_seen = block_end
+        self._first_callback.set()
+
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        """The next 80 ms frame, None when none came within `timeout_s`.
+
+        Raises AudioError when the device stopped delivering (watchdog), EndOfStream after `seconds`."""
+        p = self.params
+        total = _total_samples(p.seconds)
+        if total is not None and self.state.frames_emitted * FRAME_SAMPLES >= total:
+            raise EndOfStream()
+        if self._stream is None:
+            raise AudioError("capture.microphone: read() before open()")
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            try:
+                frame = self._frames.get(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                silent_s = (time.monotonic_ns() - self._last_callback_ns) / NS_PER_S
+                if silent_s > p.watchdog_s:
+                    raise AudioError(f"capture.microphone: no audio from input device "
+                                     f"{p.device or 'default'!r} for {silent_s:.1f} s") from None
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            self.state.frames_emitted += 1
+            return frame
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except Exception:
+                pass  # closing a broken device must not hide why we are closing
+            self._stream = None
+
+    def close(self) -> None:
+        self._close_stream()
+
+
+# --- sources that compute their frames: a WAV file, a tone ---------------------------------------
+
+@dataclass
+class PacedState:
+    next_frame: int = 0
+    t0_ns: int | None = None    # when frame 0's first sample was "captured" (set by the first read)
+
+
+class _ComputedSource(Stage):
+    """A source whose frame k is known in advance. Paced, it behaves like a microphone opened at the
+    first read(): frame k is handed out when its last sample would have been captured, at
+    t0 + (k+1) * 80 ms, with capture_ns = t0 + k * 80 ms. Unpaced, frames come as fast as read() is
+    called and capture_ns is the time of the read."""
+
+    role = Role.SOURCE
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.state = PacedState()
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    def _frame(self, k: int) -> np.ndarray | None:
+        """Frame k (float32 [1920]), or None past the end."""
+        raise NotImplementedError
+
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        k = self.state.next_frame
+        frame = self._frame(k)
+        if frame is None:
+            raise EndOfStream()
+        if not self.params.pace:
+            self.state.next_frame += 1
+            return SourceFrame(frame, time.monotonic_ns())
+        now_ns = time.monotonic_ns()
+        if self.state.t0_ns is None:
+            self.state.t0_ns = now_ns
+        capture_ns = self.state.t0_ns + k * FRAME_NS
+        wait_ns = capture_ns + FRAME_NS - now_ns
+        if wait_ns > timeout_s * NS_PER_S:
+            time.sleep(max(0.0, timeout_s))
+            return None
+        if wait_ns > 0:
+            time.sleep(wait_ns / NS_PER_S)
+        self.state.next_frame += 1
+        return SourceFrame(frame, capture_ns)
+
+
+@dataclass
+class FileParams:
+    path: str = ""                 # WAV (or anything libsndfile reads); "" = the built-in speech sample
+    pace: bool = True              # real time, like a microphone; false: as fast as the pipeline takes it
+    loop: bool = False             # start over at the end (with `seconds`, to make a long run from a sample)
+    seconds: float | None = None   # stop after this much audio (the last frame is zero-padded)
+
+    def validate(self, where: str) -> None:
+        _check_seconds(where, self.seconds)
+        _check_readable_audio(f"{where}.path", self.resolved_path())
+
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else SPEECH_SAMPLE_PATH
+
+
+def _check_readable_audio(where: str, path: Path):
+    """soundfile's info for `path`; AudioError naming the path when missing, unreadable or empty."""
+    import soundfile
+    if not path.exists():
+        raise AudioError(f"{where} = '{path}': no such file")
+    if path.is_dir():
+        raise AudioError(f"{where} = '{path}': is a directory, not an audio file")
+    try:
+        info = soundfile.info(str(path))
+    except Exception as e:
+        raise AudioError(f"{where} = '{path}': not a readable audio file ({_one_line(e)})") from e
+    if info.frames <= 0:
+        raise AudioError(f"{where} = '{path}': holds no audio samples")
+    return info
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class FileCapture(_ComputedSource):
+    """`capture.file`: a WAV file as 80 ms frames, mixed to mono and resampled to 24 kHz (soxr) when it
+    is not already. The last frame is zero-padded. Errors name the file: AudioError."""
+
+    Params = FileParams
+
+    def __init__(self, params: FileParams | None = None):
+        super().__init__(params)
+        self._samples: np.ndarray | None = None
+        self.source_samplerate: int | None = None
+        self.source_channels: int | None = None
+
+    def open(self, device: str = "cpu") -> None:
+        self._samples = load_audio_24k_mono(self.params.resolved_path())
+
+    def _frame(self, k: int) -> np.ndarray | None:
+        if self._samples is None:
+            raise AudioError("capture.file: read() before open()")
+        n = len(self._samples)
+        total = _total_samples(self.params.seconds)
+        if not self.params.loop:
+            total = n if total is None else min(total, n)
+        start = k * FRAME_SAMPLES
+        if total is not None and start >= total:
+            return None
+        stop = start + FRAME_SAMPLES if total is None else min(start + FRAME_SAMPLES, total)
+        frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        if self.params.loop:
+            frame[:stop - start] = np.take(self._samples, np.arange(start, stop), mode="wrap")
+        else:
+            frame[:stop - start] = self._samples[start:stop]
+        return frame
+
+    def close(self) -> None:
+        self._samples = None
+
+
+def load_audio_24k_mono(path: Path | str) -> np.ndarray:
+    """The whole file as float32 mono at 24 kHz (channels averaged, soxr HQ resampling).
+
+    Raises AudioError naming the file when it is missing, unreadable or holds no samples."""
+    import soundfile
+    import soxr
+    path = Path(path)
+    _check_readable_audio("capture.file.path", path)
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(f"{path}: cannot read audio ({_one_line(e)})") from e
+    if data.size == 0:
+        raise AudioError(f"{path}: holds no audio samples")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@dataclass
+class ToneParams:
+    signal: Literal["sine", "noise", "silence"] = "sine"
+    frequency_hz: float = 440.0
+    amplitude: float = 0.5         # peak, of full scale 1.0
+    seed: int = 0                  # noise: the same seed gives the same frames
+    pace: bool = True
+    seconds: float | None = None   # None: until stopped
+
+    def validate(self, where: str) -> None:
+        _check_seconds(where, self.seconds)
+        if not 0.0 <= self.amplitude <= 1.0:
+            raise ConfigError(f"{where}.amplitude = {self.amplitude}: expected 0.0..1.0 of full scale")
+        if not 0.0 < self.frequency_hz < SAMPLE_RATE / 2:
+            raise ConfigError(f"{where}.frequency_hz = {self.frequency_hz}: expected 0 < f < {SAMPLE_RATE // 2} Hz")
+
+
+class ToneCapture(_ComputedSource):
+    """`capture.tone`: a sine, white noise or silence, for tests and benchmarks. Frame k depends only on
+    the params and k, so a run (or a restart) is reproducible."""
+
+    Params = ToneParams
+
+    def _frame(self, k: int) -> np.ndarray | None:
+        p = self.params
+        total = _total_samples(p.seconds)
+        start = k * FRAME_SAMPLES
+        if total is not None and start >= total:
+            return None
+        if p.signal == "sine":
+            n = np.arange(start, start + FRAME_SAMPLES, dtype=np.float64)
+            # phase in cycles, reduced before scaling so long runs keep full precision
+            cycles = np.mod(p.frequency_hz * n, SAMPLE_RATE) / SAMPLE_RATE
+            frame = (p.amplitude * np.sin(2.0 * math.pi * cycles)).astype(np.float32)
+        elif p.signal == "noise":
+            rng = np.random.default_rng([p.seed, k])
+            frame = rng.uniform(-p.amplitude, p.amplitude, FRAME_SAMPLES).astype(np.float32)
+        else:
+            frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        if total is not None and start + FRAME_SAMPLES > total:
+            frame[total - start:] = 0.0
+        return frame
+
+
+# --- sinks ---------------------------------------------------------------------------------------
+
+NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0}
+
+
+@dataclass
+class SpeakerParams:
+    device: str = ""                 # PortAudio device name (or part of it, or its index); "" = default output
+    block_samples: int = 240         # device block; the device path costs about two of these
+    target_latency_ms: float = 120.0  # queued audio at which playback (re)starts: one frame plus jitter room
+    max_latency_ms: float = 320.0    # more than this queued: trim the oldest back to the target
+    watchdog_s: float = 3.0          # write() raises AudioError when no callback came for this long
+
+    def validate(self, where: str) -> None:
+        _check_block(where, self.block_samples)
+        _check_watchdog(where, self.watchdog_s)
+        if not self.target_latency_ms > 0:
+            raise ConfigError(f"{where}.target_latency_ms = {self.target_latency_ms}: expected a positive number")
+        if self.max_latency_ms < self.target_latency_ms + 1000.0 * FRAME_SAMPLES / SAMPLE_RATE:
+            raise ConfigError(f"{where}.max_latency_ms = {self.max_latency_ms}: expected at least "
+                              f"target_latency_ms + one frame (80 ms)")
+
+
+@dataclass
+class SpeakerState:
+    frames_written: int = 0
+
+
+class SpeakerPlayback(Stage):
+    """`playback.speaker`: a sounddevice OutputStream fed through a JitterBuffer.
+
+    write() never waits on the device: it queues the frame and returns. Interface for the host:
+      counters() -> {"underruns": int, "overflows": int}   cumulative, from the jitter buffer
+      output_latency_ns  -> for the frame just written: audio queued ahead of it plus device_latency_ns
+      device_latency_ns  -> the output latency PortAudio reports for the open stream
+      pop_handoffs() -> [(frame_index, handoff_ns)]  when each frame's first sample went to the device
+    Raises AudioError when the device cannot be opened or stops asking for audio (watchdog)."""
+
+    role = Role.SINK
+    Params = SpeakerParams
+
+    def __init__(self, params: SpeakerParams | None = None):
+        super().__init__(params)
+        self.state = SpeakerState()
+        self._stream = None
+        self._buffer: JitterBuffer | None = None
+        self._output_latency_ns = 0
+        self._device_latency_ns = 0
+        self._callbacks = 0
+        self._last_callback_ns = 0
+        self._device_underflows = 0
+        self._running = threading.Event()
+        self._pending_starts: collections.deque[tuple[int, int]] = collections.deque()
+        self._handoffs: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> None:
+        _require_audio_input("playback.speaker", input_spec)
+        return None
+
+    @property
+    def device_latency_ns(self) -> int:
+        return self._device_latency_ns
+
+    @property
+    def output_latency_ns(self) -> int:
+        return self._output_latency_ns
+
+    def counters(self) -> dict:
+        if self._buffer is None:
+            return dict(NO_PLAYBACK_COUNTERS)
+        c = self._buffer.counters
+        return {"underruns": c.underruns, "overflows": c.overflows}
+
+    def device_underflows(self) -> int:
+        """Times PortAudio itself reported an output underflow (the device ran ahead of the callback)."""
+        return self._device_underflows
+
+    def pop_handoffs(self) -> list[tuple[int, int]]:
+        """(frame_index, handoff_ns) for frames whose first sample reached the device since the last call:
+        handoff_ns is the callback's time.monotonic_ns() plus the sample's offset in the block."""
+        out = []
+        while self._handoffs:
+            out.append(self._handoffs.popleft())
+        return out
+
+    def open(self, device: str = "cpu") -> None:
+        sd = _sounddevice()
+        p = self.params
+        self._buffer = JitterBuffer(
+            target_samples=round(p.target_latency_ms * SAMPLE_RATE / 1000.0),
+            max_samples=round(p.max_latency_ms * SAMPLE_RATE / 1000.0))
+        try:
+            self._stream = sd.OutputStream(
+                device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1, dtype="float32",
+                blocksize=p.block_samples, latency="low", callback=self._on_block)
+            self._device_latency_ns = int(self._stream.latency * NS_PER_S)
+            self._stream.start()
+        except Exception as e:
+            self._close_stream()
+            raise AudioError(f"playback.speaker: cannot open output device {p.device or 'default'!r}: {e}") from e
+        # A new PulseAudio stream takes its first blocks at once, then may stall for a second or two;
+        # wait until callbacks flow so the first frames are not queued behind the stall.
+        if not self._running.wait(DEVICE_START_ALLOWANCE_S + p.watchdog_s):
+            self._close_stream()
+            raise AudioError(f"playback.speaker: output device {p.device or 'default'!r} did not start "
+                             f"within {DEVICE_START_ALLOWANCE_S + p.watchdog_s:.0f} s")
+
+    def _on_block(self, outdata, n_samples, time_info, status) -> None:
+        now_ns = time.monotonic_ns()
+        self._last_callback_ns = now_ns
+        self._callbacks += 1
+        if status.output_underflow:
+            self._device_underflows += 1
+        buffer = self._buffer
+        before = buffer.samples_consumed
+        buffer.pull(outdata[:, 0])
+        # frames whose first sample left in this block (or was trimmed away by an overflow)
+        end = before + n_samples
+        while self._pending_starts and self._pending_starts[0][1] < end:
+            index, start = self._pending_starts.popleft()
+            if start >= before:
+                self._handoffs.append((index, now_ns + (start - before) * NS_PER_S // SAMPLE_RATE))
+        if self._callbacks == 16:
+            self._running.set()
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._buffer is None or self._stream is None:
+            raise AudioError("playback.speaker: write() before open()")
+        silent_s = (time.monotonic_ns() - self._last_callback_ns) / NS_PER_S
+        if silent_s > self.params.watchdog_s:
+            raise AudioError(f"playback.speaker: output device {self.params.device or 'default'!r} "
+                             f"asked for no audio for {silent_s:.1f} s")
+        start = self._buffer.samples_pushed
+        self._pending_starts.append((self.state.frames_written, start))
+        ahead = self._buffer.push(frame)
+        self.state.frames_written += 1
+        self._output_latency_ns = ahead * NS_PER_S // SAMPLE_RATE + self._device_latency_ns
+
+    def close(self) -> None:
+        if self._buffer is not None and self._stream is not None:
+            # play out what is queued, then the device's own buffer, before stopping
+            self._buffer.drain()
+            deadline = time.monotonic() + self._buffer.fill_samples / SAMPLE_RATE + self.params.watchdog_s
+            while self._buffer.fill_samples > 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(self._device_latency_ns / NS_PER_S + 2 * self.params.block_samples / SAMPLE_RATE)
+        self._close_stream()
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except Exception:
+                pass  # closing a broken device must not hide why we are closing
+            self._stream = None
+
+
+@dataclass
+class FilePlaybackParams:
+    path: str = "rtpipe-out.wav"
+    subtype: Literal["FLOAT", "PCM_16", "PCM_24"] = "FLOAT"   # FLOAT keeps the samples bit-exact
+
+    def validate(self, where: str) -> None:
+        parent = Path(self.path).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"{where}.path = '{self.path}': directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"{where}.path = '{self.path}': directory {parent} is not writable")
+
+
+@dataclass
+class CountingState:
+    frames_written: int = 0
+
+
+class FilePlayback(Stage):
+    """`playback.file`: writes what the speaker would have played, one whole frame per write(), so the
+    output holds exactly frames x 1920 samples at 24 kHz mono."""
+
+    role = Role.SINK
+    Params = FilePlaybackParams
+
+    def __init__(self, params: FilePlaybackParams | None = None):
+        super().__init__(params)
+        self.state = CountingState()
+        self._file = None
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> None:
+        _require_audio_input("playback.file", input_spec)
+        return None
+
+    def counters(self) -> dict:
+        return dict(NO_PLAYBACK_COUNTERS)
+
+    def open(self, device: str = "cpu") -> None:
+        import soundfile
+        try:
+            self._file = soundfile.SoundFile(str(Path(self.params.path).expanduser()), "w",
+                                             samplerate=SAMPLE_RATE, channels=1, subtype=self.params.subtype,
+                                             format="WAV")
+        except Exception as e:
+            raise AudioError(f"playback.file: cannot write {self.params.path}: {_one_line(e)}") from e
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._file is None:
+            raise AudioError("playback.file: write() before open()")
+        self._file.write(np.asarray(frame, dtype=np.float32).reshape(FRAME_SAMPLES))
+        self.state.frames_written += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class NullPlayback(Stage):
+    """`playback.null`: takes any frame and discards it (benchmarks of the pipeline itself)."""
+
+    role = Role.SINK
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.state = CountingState()
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> None:
+        if input_spec is None:
+            raise ConfigError("playback.null: needs an input edge")
+        return None
+
+    def counters(self) -> dict:
+        return dict(NO_PLAYBACK_COUNTERS)
+
+    def write(self, frame: np.ndarray) -> None:
+        self.state.frames_written += 1

@@ -1,0 +1,114 @@
+"""A sample FIFO between frames that arrive in 80 ms bursts and an audio device that pulls small blocks.
+
+Used by `playback.speaker` (stages/audio_io.py): write() pushes whole frames, the PortAudio callback
+pulls device blocks. It starts playing once `target_samples` are queued; an empty buffer plays silence
+and counts an underrun (then waits for the target again); more than `max_samples` queued trims the
+oldest audio back to the target and counts an overflow.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class JitterCounters:
+    """Cumulative counts since the buffer was made: what the report's "playback" section shows."""
+
+    underruns: int = 0          # times playback ran dry and played silence
+    overflows: int = 0          # times too much was queued and the oldest audio was dropped
+    samples_dropped: int = 0    # samples trimmed by overflows
+    samples_silence: int = 0    # silent samples played while running dry after playback had started
+
+
+class JitterBuffer:
+    """Single producer (push), single consumer (pull); safe across the two threads.
+
+    The lock is held only for a copy of at most one frame: the audio callback never waits on I/O."""
+
+    def __init__(self, target_samples: int, max_samples: int, dtype: str = "float32"):
+        if target_samples < 1 or max_samples < target_samples:
+            raise ValueError(
+                f"jitter buffer: need 1 <= target_samples ({target_samples}) <= max_samples ({max_samples})")
+        self.target_samples = target_samples
+        self.max_samples = max_samples
+        # Room for the largest allowed fill plus one incoming burst, before a trim brings it back.
+        self._capacity = 2 * max_samples + 1
+        self._data = np.zeros(self._capacity, dtype=dtype)
+        self._start = 0           # index of the oldest queued sample in _data
+        self._fill = 0            # samples queued now
+        self._playing = False     # False while priming (at start, after an underrun)
+        self._draining = False    # end of stream: play out what is left, below the target too
+        self.samples_pushed = 0   # stream positions: every sample ever pushed / pulled or trimmed
+        self.samples_consumed = 0
+        self.counters = JitterCounters()
+        self._lock = threading.Lock()
+
+    @property
+    def fill_samples(self) -> int:
+        """Samples queued now (not yet handed to the device)."""
+        return self._fill
+
+    @property
+    def playing(self) -> bool:
+        return self._playing
+
+    def push(self, samples: np.ndarray) -> int:
+        """Queues `samples` (1-D); returns how many samples are queued ahead of them after any trim."""
+        samples = np.asarray(samples).reshape(-1)
+        n = len(samples)
+        if n > self._capacity:
+            raise ValueError(f"jitter buffer: a push of {n} samples exceeds capacity {self._capacity}")
+        with self._lock:
+            self._draining = False
+            end = (self._start + self._fill) % self._capacity
+            first = min(n, self._capacity - end)
+            self._data[end:end + first] = samples[:first]
+            self._data[:n - first] = samples[first:]
+            self._fill += n
+            self.samples_pushed += n
+            if self._fill > self.max_samples:
+                # overflow: keep the newest `target` samples, so latency goes back to what was asked
+                drop = self._fill - self.target_samples
+                self._start = (self._start + drop) % self._capacity
+                self._fill -= drop
+                self.samples_consumed += drop
+                self.counters.overflows += 1
+                self.counters.samples_dropped += drop
+            return max(0, self._fill - n)
+
+    def pull(self, out: np.ndarray) -> int:
+        """Fills `out` (1-D, a device block) with queued audio or silence; returns samples of real audio.
+
+        Called from the audio callback: it never waits for data."""
+        n = len(out)
+        with self._lock:
+            if not self._playing:
+                if self._fill >= self.target_samples or (self._draining and self._fill > 0):
+                    self._playing = True
+                else:
+                    out[:] = 0
+                    return 0
+            take = min(n, self._fill)
+            first = min(take, self._capacity - self._start)
+            out[:first] = self._data[self._start:self._start + first]
+            out[first:take] = self._data[:take - first]
+            out[take:] = 0
+            self._start = (self._start + take) % self._capacity
+            self._fill -= take
+            self.samples_consumed += take
+            if take < n:
+                self._playing = False
+                if not self._draining:
+                    # ran dry mid-stream: the gap is heard as silence; wait for the target again
+                    self.counters.underruns += 1
+                    self.counters.samples_silence += n - take
+            return take
+
+    def drain(self) -> None:
+        """End of stream: play out what is queued even if it is below the target; no underrun counted."""
+        with self._lock:
+            self._draining = True
