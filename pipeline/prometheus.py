@@ -2,16 +2,22 @@
 
 Histograms (seconds, buckets around the 80 ms frame) are fed from per-frame records; counters mirror the
 supervisor's cumulative counts (each tick, then the final report), so they end equal to the report's.
-Everything lives on its own CollectorRegistry; the server listens on loopback unless told otherwise.
+Everything lives on its own CollectorRegistry; the server listens on loopback unless told otherwise, and
+also answers /healthz (200 while the supervisor's ticks keep coming) for a container's liveness probe.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
+import time
+from socketserver import ThreadingMixIn
 from typing import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,6 +30,8 @@ COMPUTE_BUCKETS_FRAMES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 
 # end-to-end latency spans several frames (pipeline delay plus the device buffer)
 END_TO_END_BUCKETS_FRAMES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0)
 DROP_POLICIES = (("dropped_oldest", "drop-oldest"), ("dropped_newest", "drop-newest"))
+# the supervisor ticks about once a second; this many seconds without one means it is stuck
+HEALTH_STALE_AFTER_S = 10.0
 
 
 def _buckets_s(frame_ms: float, frames: tuple[float, ...]) -> list[float]:
@@ -100,9 +108,26 @@ class _CountsCollector(Collector):
         yield info
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds the run's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # scrapes would drown the status line
+        pass
+
+
+def _serve(app, host: str, port: int) -> WSGIServer:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="rtpipe-metrics", daemon=True).start()
+    return server
+
+
 class PrometheusExporter(Observer):
-    """Serves /metrics on host:port from construction on; the final values stay served until `close()`
-    or the process exits.
+    """Serves /metrics and /healthz on host:port from construction on; the final values stay served
+    until `close()` or the process exits. Port 0 picks a free port (see `.port`, printed on stderr).
 
     Raises ConfigError (naming the address) if the port cannot be listened on.
     """
@@ -111,24 +136,26 @@ class PrometheusExporter(Observer):
         self.run_info = dict(run_info)
         self.counts: dict = {}
         self.stopped = False
+        self.last_tick_monotonic: float | None = None
         frame_ms = float(run_info.get("frame_ms") or 80.0)
         self.registry = CollectorRegistry()
         self.end_to_end = Histogram(
             "rtpipe_end_to_end_latency_seconds", "Capture to hand-off to the output, per frame.",
             registry=self.registry, buckets=_buckets_s(frame_ms, END_TO_END_BUCKETS_FRAMES))
         self.compute = Histogram(
-            "rtpipe_stage_compute_seconds", "Time a stage spent on one frame (enter to exit).",
+            "rtpipe_stage_compute_seconds", "Time a stage spent on one frame, enter to exit (the source: first sample's capture to publish).",
             ["stage"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
         self.wait = Histogram(
             "rtpipe_hop_wait_seconds", "Time a frame waited in a ring between two stages.",
             ["edge"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
         self.registry.register(_CountsCollector(self))
+        self._metrics_app = make_wsgi_app(self.registry)
         self.host, self.port = host, port
         self._server = None
         if serve:
             try:
-                self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-            except OSError as e:
+                self._server = _serve(self._app, host, port)
+            except (OSError, socket.gaierror) as e:
                 raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
             self.port = int(self._server.server_address[1])
             print(f"rtpipe: metrics on http://{host}:{self.port}/metrics", file=sys.stderr, flush=True)
@@ -136,6 +163,25 @@ class PrometheusExporter(Observer):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/metrics"
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): healthy while the supervisor ticked within HEALTH_STALE_AFTER_S seconds."""
+        if self.stopped:
+            return False, "stopped"
+        if self.last_tick_monotonic is None:
+            return False, "starting: no tick from the supervisor yet"
+        age_s = time.monotonic() - self.last_tick_monotonic
+        if age_s > HEALTH_STALE_AFTER_S:
+            return False, f"no tick from the supervisor for {age_s:.1f} s"
+        return True, f"ok: last tick {age_s:.1f} s ago"
+
+    def _app(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            healthy, why = self.health()
+            start_response("200 OK" if healthy else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [(why + "\n").encode()]
+        return self._metrics_app(environ, start_response)
 
     def on_start(self, run_info: dict) -> None:
         self.run_info = dict(run_info)
@@ -165,6 +211,7 @@ class PrometheusExporter(Observer):
 
     def on_tick(self, snapshot: dict) -> None:
         self.counts = snapshot  # replaced whole, so a scrape never sees half of two ticks
+        self.last_tick_monotonic = time.monotonic()
 
     def on_stop(self, report: dict) -> None:
         last_edges = (self.counts or {}).get("edges") or {}

@@ -1,0 +1,85 @@
+"""The live view draws a snapshot on a recorded rich Console; make_observers picks it only for a terminal."""
+
+import argparse
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import observe_support as support  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+
+from pipeline.live_view import LiveView, render_snapshot  # noqa: E402
+from pipeline.observe import add_observer_arguments, make_observers  # noqa: E402
+
+
+def _console() -> Console:
+    return Console(record=True, width=140, force_terminal=True, color_system="truecolor", file=io.StringIO())
+
+
+def test_snapshot_shows_every_stage_edge_latency_and_text():
+    info = support.run_info()
+    snapshot = support.report(support.records(50), info, step=2, fill=True, text=["Hello", " there"])
+    console = _console()
+    console.print(render_snapshot(snapshot, info))
+    text = console.export_text()
+    for stage in support.STAGES:
+        assert stage in text
+    for edge in support.EDGES:
+        assert edge in text
+    lm = snapshot["stages"]["lm"]
+    assert f"{lm['compute_ms']['p50']:.1f}" in text and f"{lm['compute_ms']['p99']:.1f}" in text
+    assert f"{snapshot['end_to_end_ms']['p99']:.1f}" in text
+    assert f"{snapshot['edges']['encode->lm']['fill']}/8" in text
+    assert "underruns 2" in text and "Hello there" in text
+
+
+def test_live_view_runs_start_ticks_stop_on_a_recorded_console():
+    info = support.run_info()
+    recs = support.records(30)
+    console = _console()
+    view = LiveView(info, console=console)
+    view.on_start(info)
+    view.on_tick(support.report(recs, info, step=1, fill=True, text=["bonjour"]))
+    final = support.report(recs, info, step=4)
+    view.on_stop(final)
+    text = console.export_text()
+    assert "bonjour" in text  # the last tick's text survives into the final drawing
+    assert f"{final['end_to_end_ms']['p50']:.1f}" in text
+    assert "fill" not in final["edges"]["mic->encode"]  # the report itself is left as it was
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_observer_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_make_observers_uses_the_live_view_only_on_a_terminal(tmp_path):
+    info = support.run_info()
+    assert any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=_Tty()))
+    assert not any(isinstance(o, LiveView) for o in make_observers(_args("--no-live"), info, stdout=_Tty()))
+    assert not any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=io.StringIO()))
+    observers = make_observers(_args("--trace", str(tmp_path / "t.json"), "--metrics-port", "0"), info,
+                               stdout=io.StringIO())
+    kinds = {type(o).__name__ for o in observers}
+    assert {"TraceWriter", "PrometheusExporter"} <= kinds
+    for observer in observers:
+        if hasattr(observer, "close"):
+            observer.close()
+
+
+def test_metrics_flags_parse_and_reject_a_bad_port(capsys):
+    args = _args("--metrics-port", "9108")
+    assert args.metrics_port == 9108 and args.metrics_host == "127.0.0.1" and args.trace is None
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _args("--metrics-port", "70000")
+    assert "--metrics-port 70000" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""`rtpipe plot`: a PNG with the three expected panels from a report's samples, and one-line errors."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import observe_support as support  # noqa: E402
+
+from pipeline import cmd_plot  # noqa: E402
+from pipeline.cli import main as rtpipe  # noqa: E402
+from pipeline.plot import (TITLE_BUDGET, TITLE_COMPUTE, TITLE_END_TO_END, ReportError,  # noqa: E402
+                           budget_segments_ms, load_report, plot_report)
+
+
+def _report_file(tmp_path, n=80):
+    info = support.run_info()
+    report = support.report(support.records(n), info)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    return path, report
+
+
+def check_latency_png(png_path, report):
+    """The PNG opens; the figure drawn from `report` has the three panels and the 80 ms line."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(png_path))
+    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
+    fig = plot_report(report)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == TITLE_END_TO_END and titles[1].startswith(TITLE_COMPUTE) and titles[2] == TITLE_BUDGET
+    assert fig.axes[0].get_xlabel() == "time since start (s)"
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(report["samples"]["stage_ms"])
+    frame_lines = [line for line in fig.axes[0].get_lines() if list(line.get_ydata()) == [80.0, 80.0]]
+    assert frame_lines, "no 80 ms frame line on the end-to-end panel"
+    return fig
+
+
+def test_rtpipe_plot_writes_a_png_with_the_expected_axes(tmp_path, capsys):
+    path, report = _report_file(tmp_path)
+    out = tmp_path / "latency.png"
+    assert rtpipe(["plot", str(path), "-o", str(out)]) == 0
+    check_latency_png(out, report)
+
+
+def test_budget_parts_follow_the_chain_and_add_up_per_frame(tmp_path):
+    _, report = _report_file(tmp_path, n=1)
+    names = [name for name, _ in budget_segments_ms(report)]
+    assert names == ["capture", "wait mic->encode", "encode", "wait encode->lm", "lm", "wait lm->decode",
+                     "decode", "wait decode->speaker", "speaker", "playback buffer"]
+    # one frame: its medians are its own parts, which add up to its end-to-end latency
+    total = sum(ms for _, ms in budget_segments_ms(report))
+    assert total == pytest.approx(report["samples"]["end_to_end_ms"][0], abs=0.02)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("not json", "not a JSON report"),
+    ("[1, 2]", "not a run report"),
+    ('{"frames": 3}', 'no "samples"'),
+])
+def test_bad_report_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    assert rtpipe(["plot", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtpipe: report error: ") and str(path) in err and message in err
+    assert "\n" not in err
+
+
+def test_report_with_a_short_sample_list_names_the_key(tmp_path):
+    path, report = _report_file(tmp_path, n=5)
+    report["samples"]["stage_ms"]["lm"] = report["samples"]["stage_ms"]["lm"][:3]
+    path.write_text(json.dumps(report))
+    with pytest.raises(ReportError, match="samples.stage_ms.lm"):
+        load_report(path)
+
+
+def test_default_output_is_the_reports_name_with_png(tmp_path):
+    path, _ = _report_file(tmp_path, n=5)
+    assert cmd_plot.main([str(path)]) == 0
+    assert (tmp_path / "report.png").stat().st_size > 0

@@ -1,0 +1,96 @@
+"""The --metrics-port exporter: histograms from frame records, counters that end equal to the report's,
+labels by stage/edge, loopback by default, /healthz following the supervisor's ticks."""
+
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import observe_support as support  # noqa: E402
+
+from pipeline.prometheus import PrometheusExporter  # noqa: E402
+from stages.errors import ConfigError  # noqa: E402
+
+
+def _scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return support.parse_metrics(response.read().decode())
+
+
+@pytest.fixture
+def exporter():
+    info = support.run_info()
+    exporter = PrometheusExporter(info, port=0)
+    yield exporter
+    exporter.close()
+
+
+def test_counters_end_equal_to_the_final_report(exporter):
+    info = support.run_info()
+    recs = support.records(60)
+    exporter.on_start(info)
+    for step in (1, 2):
+        exporter.on_frames(recs[(step - 1) * 30: step * 30])
+        exporter.on_tick(support.report(recs[: step * 30], info, step=step, fill=True))
+        during = _scrape(exporter.url)
+        for key, value in support.counters_from_report(support.report(recs[: step * 30], info, step=step)).items():
+            if key[0] != "rtpipe_frames_total":
+                assert during[key] == value, key
+    final = support.report(recs, info, step=5)
+    exporter.on_stop(final)
+    metrics = _scrape(exporter.url)
+    for key, value in support.counters_from_report(final).items():
+        assert metrics[key] == value, key
+    assert metrics[("rtpipe_running", frozenset())] == 0
+
+
+def test_histograms_count_every_frame_by_stage_and_edge(exporter):
+    info = support.run_info()
+    recs = support.records(25)
+    exporter.on_start(info)
+    exporter.on_frames(recs)
+    metrics = _scrape(exporter.url)
+    assert metrics[("rtpipe_end_to_end_latency_seconds_count", frozenset())] == 25
+    for stage in support.STAGES:
+        assert metrics[("rtpipe_stage_compute_seconds_count", frozenset({"stage": stage}.items()))] == 25
+    for edge in support.EDGES:
+        assert metrics[("rtpipe_hop_wait_seconds_count", frozenset({"edge": edge}.items()))] == 25
+    # the sum is the records' own arithmetic, in seconds
+    e2e_s = ((recs["handoff_ns"] - recs["capture_ns"]) / 1e9).sum()
+    assert metrics[("rtpipe_end_to_end_latency_seconds_sum", frozenset())] == pytest.approx(e2e_s)
+    # buckets sit around the 80 ms frame: one bound is exactly the frame
+    assert ("rtpipe_stage_compute_seconds_bucket", frozenset({"stage": "lm", "le": "0.08"}.items())) in metrics
+
+
+def test_healthz_follows_the_supervisors_ticks(exporter):
+    info = support.run_info()
+    url = exporter.url.replace("/metrics", "/healthz")
+    with pytest.raises(urllib.error.HTTPError) as starting:
+        urllib.request.urlopen(url, timeout=10)
+    assert starting.value.code == 503
+    exporter.on_start(info)
+    exporter.on_tick(support.report(support.records(3), info, step=1, fill=True))
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200 and response.read().startswith(b"ok")
+    exporter.last_tick_monotonic -= 3600  # an hour without a tick: the supervisor is stuck
+    with pytest.raises(urllib.error.HTTPError) as stuck:
+        urllib.request.urlopen(url, timeout=10)
+    assert stuck.value.code == 503
+
+
+def test_listens_on_loopback_by_default(exporter):
+    assert exporter.host == "127.0.0.1"
+    assert exporter._server.server_address[0] == "127.0.0.1"
+
+
+def test_port_in_use_is_a_config_error_naming_the_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--metrics-port {port}"):
+            PrometheusExporter(support.run_info(), port=port)
