@@ -2,3 +2,24 @@
 
 Knows nothing of audio, stages or the supervisor: numpy and the standard library only.
 """
+
+from shm.cleanup import new_run_id, remove_orphaned_segments, remove_run_segments, segment_name
+from shm.frame import (
+    FLAG_DISCONTINUITY,
+    FLAG_END_OF_STREAM,
+    HEADER_DTYPE,
+    MAX_STAGES,
+    new_header,
+    payload_checksum,
+)
+from shm.ring import (
+    Consumer,
+    EdgePolicy,
+    Producer,
+    ReadSlot,
+    Ring,
+    RingError,
+    RingSpec,
+    RingStats,
+    WriteSlot,
+)

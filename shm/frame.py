@@ -1,0 +1,43 @@
+"""The frame header every ring slot carries: one fixed layout, defined here and nowhere else.
+
+Stages fill it (sequence number, capture time, their enter/exit times); the ring only copies it.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+MAX_STAGES = 8  # enter_ns/exit_ns have one entry per stage, indexed by position in the chain
+
+FLAG_DISCONTINUITY = 1  # a frame was lost or a stage restarted before this one
+FLAG_END_OF_STREAM = 2
+
+# All times are time.monotonic_ns(); 0 means "not set". The layout is packed little-endian, 152 bytes,
+# so every field sits at a fixed offset whatever process or numpy version reads it.
+HEADER_DTYPE = np.dtype(
+    [
+        ("seq", "<u8"),  # frame number at the source, counting from 0
+        ("capture_ns", "<i8"),  # when the frame's first sample was captured
+        ("enter_ns", "<i8", (MAX_STAGES,)),  # when stage k started on this frame
+        ("exit_ns", "<i8", (MAX_STAGES,)),  # when stage k handed it on
+        ("flags", "<u4"),  # FLAG_* bits
+        ("checksum", "<u4"),  # payload_checksum(payload) when the writer sets it (put() does), else 0
+    ]
+)
+HEADER_BYTES = HEADER_DTYPE.itemsize
+
+
+def payload_checksum(payload: np.ndarray) -> int:
+    """CRC-32 of the payload's bytes (C order): what put() stores in header["checksum"]."""
+    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8)) & 0xFFFFFFFF
+
+
+def new_header(seq: int = 0, capture_ns: int = 0, flags: int = 0) -> np.ndarray:
+    """A zeroed, writable 0-d header (outside any ring), e.g. to build a frame before put()."""
+    header = np.zeros((), dtype=HEADER_DTYPE)
+    header["seq"] = seq
+    header["capture_ns"] = capture_ns
+    header["flags"] = flags
+    return header

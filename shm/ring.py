@@ -1,0 +1,701 @@
+"""A single-producer / single-consumer ring of fixed frame slots in one shared-memory segment.
+
+The supervisor creates and unlinks a ring; stage processes attach by name and take its Producer or
+Consumer end. Writing is claim -> fill the numpy view -> publish; reading is acquire -> use -> release.
+
+Why a consumer never sees a half-written slot
+---------------------------------------------
+Python has no atomics, so the protocol relies only on single aligned 8-byte loads and stores (memoryview
+'Q' items, which CPython performs as one machine load or store) and on explicit fences (shm/wakeup.Fence).
+Each slot starts with a stamp: 2k+1 while frame k is being written into it, 2k+2 once it is complete.
+- Producer: stamp <- 2k+1, fence, write header and payload, stamp <- 2k+2, fence, W <- k+1.
+- Consumer: read W, fence, then read the slot. Frame k is visible only once W > k, and the fence orders
+  the payload stores before the W store (producer) and the W load before the payload loads (consumer).
+  On x86-64 the hardware already keeps stores in order and loads in order (TSO), so the fences only cost
+  time; on aarch64, which reorders freely, they are what makes this correct.
+- block / drop-newest: the producer writes slot k % N only when k - R < N, R being the count of frames the
+  consumer has released, so it never touches a slot the consumer holds. Reads are zero-copy.
+- drop-oldest: the producer never waits, so it may overwrite any unread slot, even while the consumer
+  reads it. The consumer therefore copies the frame out (seqlock): it reads the stamp, copies header and
+  payload, fences, and re-reads the stamp; a changed stamp means the copy may be torn, so that frame
+  counts as dropped and the consumer moves on. A frame is delivered only if its stamp was 2k+2 before
+  and after the copy, so never torn, and the consumer's own cursor means never twice. The view it hands
+  out is of its private copy, which no producer can touch.
+The torn-frame tests (tests/test_shm_torn.py) check a CRC of every payload against the header.
+
+Wake-up: the consumer sleeps on the low 32 bits of W with a futex (shm/wakeup.py), the producer on R.
+A side raises its "waiting" flag, fences, re-checks, then sleeps; the other side stores its counter,
+fences, and calls FUTEX_WAKE only if the flag is up, so a publish costs no syscall when nobody sleeps.
+The kernel re-checks the word before sleeping, so a wake is never lost. Every wait has a timeout.
+
+Paced frames: the producer keeps an EWMA of its publish interval and jitter in the segment. A consumer
+with spin_us > 0 that sees a steady beat sleeps in the kernel until shortly before the next frame is
+due, then spins at most spin_us (an idle core wakes slowly, spinning on a due frame does not), and
+falls back to the futex if the frame is late.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shm import ring_layout as L
+from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, payload_checksum
+from shm.owner import process_alive, process_start_ticks
+from shm.segment import Segment, SegmentError
+from shm.wakeup import Fence, FutexWord
+
+_monotonic_ns = time.monotonic_ns
+_FOREVER_NS = 1 << 62
+_ZERO_HEADER = np.zeros((), dtype=HEADER_DTYPE)
+
+
+class RingError(Exception):
+    """A ring cannot be made, found or used as asked; the message names the ring."""
+
+
+class EdgePolicy(enum.Enum):
+    """What a producer does when the ring is full."""
+
+    BLOCK = "block"  # wait (with a timeout) for the consumer to free a slot
+    DROP_OLDEST = "drop-oldest"  # never wait: the newest frame goes in, the oldest unread is discarded
+    DROP_NEWEST = "drop-newest"  # never wait: the new frame is discarded
+
+
+_POLICY_CODES = {EdgePolicy.BLOCK: 0, EdgePolicy.DROP_OLDEST: 1, EdgePolicy.DROP_NEWEST: 2}
+_POLICY_BY_CODE = {code: policy for policy, code in _POLICY_CODES.items()}
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """A ring's shape: slot count, payload dtype (numpy name) and shape, full-ring policy, and how long
+    (microseconds) a consumer may spin around a frame's due time before sleeping in the kernel."""
+
+    slots: int
+    dtype: str
+    shape: tuple[int, ...]
+    policy: EdgePolicy = EdgePolicy.BLOCK
+    spin_us: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.policy, str):
+            try:
+                object.__setattr__(self, "policy", EdgePolicy(self.policy))
+            except ValueError:
+                choices = ", ".join(p.value for p in EdgePolicy)
+                raise RingError(f"ring spec: policy {self.policy!r}: use one of {choices}") from None
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    def validate(self, name: str) -> np.dtype:
+        """Checks every field; returns the numpy dtype. RingError naming the ring and field otherwise."""
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= 1 << 20:
+            raise RingError(f"ring {name}: slots = {self.slots!r}: need an integer from 1 to {1 << 20}")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            raise RingError(f"ring {name}: dtype = {self.dtype!r}: not a numpy dtype") from None
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
+            raise RingError(f"ring {name}: dtype = {self.dtype!r}: need a plain numeric dtype (float32, int32, ...)")
+        if len(self.shape) > L.MAX_NDIM or not all(isinstance(d, int) and d > 0 for d in self.shape):
+            raise RingError(f"ring {name}: shape = {self.shape!r}: need up to {L.MAX_NDIM} positive integers")
+        if not isinstance(self.policy, EdgePolicy):
+            raise RingError(f"ring {name}: policy = {self.policy!r}: need an EdgePolicy")
+        if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= 1_000_000:
+            raise RingError(f"ring {name}: spin_us = {self.spin_us!r}: need an integer from 0 to 1000000")
+        return dtype
+
+    def payload_bytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * np.prod(self.shape, dtype=np.int64))
+
+    def same_layout(self, other: "RingSpec") -> bool:
+        return (
+            self.slots == other.slots
+            and np.dtype(self.dtype) == np.dtype(other.dtype)
+            and tuple(self.shape) == tuple(other.shape)
+            and self.policy == other.policy
+        )
+
+
+@dataclass(frozen=True)
+class RingStats:
+    """Counters read from the segment (anyone attached sees the same). Times in ns."""
+
+    published: int
+    consumed: int
+    dropped_oldest: int
+    dropped_newest: int
+    blocked_count: int  # claims that found the ring full and had to wait (block policy)
+    blocked_ns: int  # total time those claims waited
+    high_water: int  # most frames ever unread at once
+    fill: int  # frames unread now
+    slots: int
+    producer_pid: int = 0  # 0 when no producer has attached (or it closed)
+    consumer_pid: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Ring:
+    """One ring, mapped in this process. The owner `create`s and finally `unlink`s; others `attach`."""
+
+    def __init__(self, name: str, spec: RingSpec, segment: Segment, owner: bool):
+        self.name = name
+        self.spec = spec
+        self.owner = owner
+        self._segment = segment
+        self._dtype = np.dtype(spec.dtype)
+        self._slot_bytes = L.slot_bytes(spec.payload_bytes())
+        self._words = memoryview(segment.mmap).cast("Q")
+        self._producer: Producer | None = None
+        self._consumer: Consumer | None = None
+
+    # -- making and finding -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, spec: RingSpec) -> "Ring":
+        """Creates the segment /dev/shm/NAME (mode 0600) and its description. RingError if the spec is
+        bad, the name is taken or not a plain file name."""
+        dtype = spec.validate(name)
+        size = L.segment_bytes(spec.slots, spec.payload_bytes())
+        try:
+            segment = Segment.create(name, size)
+        except SegmentError as e:
+            raise RingError(f"ring {e}") from None
+        pid = os.getpid()
+        shape = tuple(spec.shape) + (0,) * (L.MAX_NDIM - len(spec.shape))
+        description = L.DESCRIPTION.pack(
+            b"\0" * 8,
+            L.LAYOUT_VERSION,
+            _POLICY_CODES[spec.policy],
+            spec.slots,
+            len(spec.shape),
+            *shape,
+            dtype.str.encode(),
+            spec.spin_us,
+            pid,
+            process_start_ticks(pid),
+            time.monotonic_ns(),
+            L.slot_bytes(spec.payload_bytes()),
+            size,
+        )
+        segment.mmap[: L.DESCRIPTION.size] = description
+        Fence()()  # the description is complete before the magic says so
+        segment.mmap[:8] = L.MAGIC
+        return cls(name, spec, segment, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, spec: RingSpec | None = None) -> "Ring":
+        """Maps an existing ring. With `spec`, checks slots, dtype, shape and policy match (spin_us may
+        differ: it is the caller's own setting). RingError if there is no such ring or it differs."""
+        try:
+            segment = Segment.attach(name)
+        except SegmentError as e:
+            raise RingError(f"ring {e}") from None
+        try:
+            found = read_description(name, segment.mmap)
+            if spec is not None:
+                spec.validate(name)
+                if not spec.same_layout(found):
+                    raise RingError(f"ring {name}: expected {describe(spec)}, found {describe(found)}")
+                found = RingSpec(found.slots, spec.dtype, found.shape, found.policy, spec.spin_us)
+        except BaseException:
+            segment.close()
+            raise
+        return cls(name, found, segment, owner=False)
+
+    # -- ends ---------------------------------------------------------------------------------------
+
+    def producer(self) -> "Producer":
+        """This process's producer end (the same object if asked twice). RingError if another live
+        process is the producer: single producer is enforced, not assumed."""
+        if self._producer is None or self._producer._closed:
+            self._check_single(L.PRODUCER_PID, L.PRODUCER_START_TICKS, "producer")
+            self._producer = Producer(self)
+        return self._producer
+
+    def consumer(self) -> "Consumer":
+        """This process's consumer end; RingError if another live process is the consumer."""
+        if self._consumer is None or self._consumer._closed:
+            self._check_single(L.CONSUMER_PID, L.CONSUMER_START_TICKS, "consumer")
+            self._consumer = Consumer(self)
+        return self._consumer
+
+    def _check_single(self, pid_word: int, ticks_word: int, role: str) -> None:
+        self._check_open()
+        pid = os.getpid()
+        other = self._words[pid_word]
+        if other and other != pid and process_alive(other, self._words[ticks_word]):
+            raise RingError(f"ring {self.name}: already has a live {role} (pid {other})")
+        self._words[ticks_word] = process_start_ticks(pid)
+        self._words[pid_word] = pid
+
+    # -- counters -----------------------------------------------------------------------------------
+
+    def stats(self) -> RingStats:
+        self._check_open()
+        w = self._words
+        published, taken, n = w[L.W], w[L.R], self.spec.slots
+        dropped_oldest = w[L.DROPPED_OLDEST]
+        unread = published - taken
+        if self.spec.policy is EdgePolicy.DROP_OLDEST and unread > n:
+            # overwritten but not yet noticed by the consumer: already lost, so count them now
+            dropped_oldest += unread - n
+            unread = n
+        return RingStats(
+            published=published,
+            consumed=w[L.CONSUMED],
+            dropped_oldest=dropped_oldest,
+            dropped_newest=w[L.DROPPED_NEWEST],
+            blocked_count=w[L.BLOCKED_COUNT],
+            blocked_ns=w[L.BLOCKED_NS],
+            high_water=w[L.HIGH_WATER],
+            fill=max(0, min(unread, n)),
+            slots=n,
+            producer_pid=w[L.PRODUCER_PID],
+            consumer_pid=w[L.CONSUMER_PID],
+        )
+
+    def owner_pid(self) -> int:
+        return L.DESCRIPTION.unpack_from(self._segment.mmap)[-5]
+
+    # -- teardown -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detaches this process (anyone may). Views handed out before become invalid if the mapping
+        can be released; if they are still referenced the mapping lives until they are gone."""
+        if self._words is None:
+            return
+        for end in (self._producer, self._consumer):
+            if end is not None:
+                end.close()
+        self._producer = self._consumer = None
+        self._words.release()
+        self._words = None
+        self._segment.close()
+
+    def unlink(self) -> None:
+        """Removes the segment's name (owner only); processes still attached keep their mapping."""
+        if not self.owner:
+            raise RingError(f"ring {self.name}: only the process that created it may unlink it")
+        self._segment.unlink()
+
+    def _check_open(self) -> None:
+        if self._words is None:
+            raise RingError(f"ring {self.name}: closed in this process")
+
+    def _slot_offset(self, index: int) -> int:
+        return L.SLOTS_OFFSET + index * self._slot_bytes
+
+    def _header_view(self, index: int) -> np.ndarray:
+        return np.ndarray((), HEADER_DTYPE, self._segment.mmap, self._slot_offset(index) + L.HEADER_OFFSET)
+
+    def _payload_view(self, index: int) -> np.ndarray:
+        return np.ndarray(self.spec.shape, self._dtype, self._segment.mmap, self._slot_offset(index) + L.PAYLOAD_OFFSET)
+
+    def _futex(self, word: int) -> FutexWord:
+        return FutexWord(self._segment.address + 8 * word)
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ring({self.name!r}, {describe(self.spec)})"
+
+
+def describe(spec: RingSpec) -> str:
+    return f"{spec.slots} slots of {np.dtype(spec.dtype).name}{list(spec.shape)} ({spec.policy.value})"
+
+
+def read_description(name: str, buf) -> RingSpec:
+    """The RingSpec stored in a segment; RingError if it is not a finished rtpipe ring of this layout."""
+    if len(buf) < L.SLOTS_OFFSET:
+        raise RingError(f"ring {name}: segment too small ({len(buf)} bytes) to be a ring")
+    fields = L.DESCRIPTION.unpack_from(buf)
+    magic, version, policy_code, slots, ndim = fields[:5]
+    if magic != L.MAGIC:
+        raise RingError(f"ring {name}: not an rtpipe ring (or its creator has not finished making it)")
+    if version != L.LAYOUT_VERSION:
+        raise RingError(f"ring {name}: layout version {version}, this code reads {L.LAYOUT_VERSION}")
+    shape = tuple(int(d) for d in fields[5 : 5 + ndim])
+    dtype_str = fields[13].rstrip(b"\0").decode()
+    spin_us, size = fields[14], fields[-1]
+    spec = RingSpec(slots, np.dtype(dtype_str).name, shape, _POLICY_BY_CODE[policy_code], spin_us)
+    if size != len(buf) or size != L.segment_bytes(slots, spec.payload_bytes()):
+        raise RingError(f"ring {name}: segment is {len(buf)} bytes, its description says {size}")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class WriteSlot:
+    """A claimed slot: fill `header` (0-d structured view) and `payload`, then `publish()`."""
+
+    __slots__ = ("header", "payload", "index", "_producer")
+
+    def __init__(self, producer: "Producer", index: int, header: np.ndarray, payload: np.ndarray):
+        self._producer = producer
+        self.index = index
+        self.header = header
+        self.payload = payload
+
+    def publish(self) -> None:
+        """Makes the frame visible to the consumer (and wakes it if it sleeps)."""
+        self._producer._publish(self)
+
+
+class ReadSlot:
+    """An acquired frame: read-only `header` and `payload` views, valid until `release()`."""
+
+    __slots__ = ("header", "payload", "index", "_consumer")
+
+    def __init__(self, consumer: "Consumer", index: int, header: np.ndarray, payload: np.ndarray):
+        self._consumer = consumer
+        self.index = index
+        self.header = header
+        self.payload = payload
+
+    def release(self) -> None:
+        """Gives the slot back to the producer; the views must not be used after this."""
+        self._consumer._release(self)
+
+
+def _readonly(view: np.ndarray) -> np.ndarray:
+    view = view.view()
+    view.flags.writeable = False
+    return view
+
+
+class Producer:
+    """The writing end. One per ring at a time, in one thread."""
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self._name = ring.name
+        self._words = ring._words
+        self._slots = ring.spec.slots
+        self._policy = ring.spec.policy
+        self._fence = Fence()
+        self._closed = False
+        self._claimed: WriteSlot | None = None
+        self._w = self._words[L.W]
+        self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
+        self._write_slots = [WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)]
+        self._space_word = ring._futex(L.R)
+        self._data_word = ring._futex(L.W)
+        self._last_publish_ns = 0
+        self._interval_ns = self._words[L.INTERVAL_NS]
+        self._jitter_ns = self._words[L.JITTER_NS]
+        self._high_water = self._words[L.HIGH_WATER]
+        # A producer that takes over a ring with history restarted: say so on its first frame.
+        self._pending_flags = FLAG_DISCONTINUITY if self._w else 0
+
+    def claim(self, timeout_s: float | None = None) -> WriteSlot | None:
+        """The next free slot, header zeroed. Full ring: block waits up to timeout_s (None: no limit)
+        and returns None on timeout; drop-oldest never waits; drop-newest returns None at once. Each
+        None is counted (blocked_count / dropped_newest)."""
+        if self._claimed is not None:
+            raise RingError(f"ring {self._name}: claim() while a slot is claimed; publish() it first")
+        if self._closed:
+            raise RingError(f"ring {self._name}: producer closed")
+        words = self._words
+        w = self._w
+        if w - words[L.R] >= self._slots:
+            if self._policy is EdgePolicy.DROP_NEWEST:
+                words[L.DROPPED_NEWEST] += 1
+                self._pending_flags |= FLAG_DISCONTINUITY
+                return None
+            if self._policy is EdgePolicy.BLOCK and not self._wait_for_space(w, timeout_s):
+                return None
+            # drop-oldest: overwrite frame w - N; the consumer notices by its stamp and counts it
+        slot = self._write_slots[w % self._slots]
+        words[self._stamp_words[slot.index]] = 2 * w + 1
+        self._fence()  # the odd stamp is visible before any payload byte changes (drop-oldest readers)
+        np.copyto(slot.header, _ZERO_HEADER)
+        self._claimed = slot
+        return slot
+
+    def _wait_for_space(self, w: int, timeout_s: float | None) -> bool:
+        words = self._words
+        start_ns = _monotonic_ns()
+        deadline_ns = start_ns + (_FOREVER_NS if timeout_s is None else int(timeout_s * 1e9))
+        words[L.BLOCKED_COUNT] += 1
+        free = False
+        try:
+            while True:
+                words[L.PRODUCER_WAITING] = 1
+                self._fence()  # flag up before re-reading R (the consumer fences the other way)
+                r = words[L.R]
+                if w - r < self._slots:
+                    free = True
+                    break
+                remaining_ns = deadline_ns - _monotonic_ns()
+                if remaining_ns <= 0:
+                    break
+                self._space_word.wait(r, remaining_ns)
+        finally:
+            words[L.PRODUCER_WAITING] = 0
+            words[L.BLOCKED_NS] += _monotonic_ns() - start_ns
+        return free
+
+    def _publish(self, slot: WriteSlot) -> None:
+        if slot is not self._claimed:
+            raise RingError(f"ring {self._name}: publish() of a slot that is not the claimed one")
+        self._claimed = None
+        words = self._words
+        w = self._w
+        if self._pending_flags:
+            slot.header["flags"] |= self._pending_flags
+            self._pending_flags = 0
+        words[self._stamp_words[slot.index]] = 2 * w + 2
+        self._fence()  # header and payload are visible before W says frame w exists
+        words[L.W] = w + 1
+        self._w = w + 1
+        self._fence()  # W is visible before we look at the consumer's waiting flag
+        if words[L.CONSUMER_WAITING]:
+            self._data_word.wake()
+        self._learn_beat(w + 1)
+
+    def _learn_beat(self, published: int) -> None:
+        # The pacing the consumer plans its sleeps by: EWMA (1/8) of the interval and its jitter.
+        words = self._words
+        now_ns = _monotonic_ns()
+        if self._last_publish_ns:
+            interval_ns = now_ns - self._last_publish_ns
+            if self._interval_ns == 0:
+                self._interval_ns = interval_ns
+            else:
+                self._jitter_ns += (abs(interval_ns - self._interval_ns) - self._jitter_ns) >> 3
+                self._interval_ns += (interval_ns - self._interval_ns) >> 3
+            words[L.JITTER_NS] = max(self._jitter_ns, 0)
+            words[L.INTERVAL_NS] = max(self._interval_ns, 0)
+        self._last_publish_ns = now_ns
+        words[L.LAST_PUBLISH_NS] = now_ns
+        fill = min(published - words[L.R], self._slots)
+        if fill > self._high_water:
+            self._high_water = fill
+            words[L.HIGH_WATER] = fill
+
+    def put(self, payload, *, seq: int, capture_ns: int, flags: int = 0, timeout_s: float | None = None) -> bool:
+        """Copies one frame in (header checksum = payload_checksum). False if the claim gave no slot."""
+        payload = np.asarray(payload)
+        if payload.shape != self.ring.spec.shape:
+            raise RingError(f"ring {self._name}: payload shape {payload.shape}, ring carries {self.ring.spec.shape}")
+        slot = self.claim(timeout_s)
+        if slot is None:
+            return False
+        try:
+            np.copyto(slot.payload, payload, casting="same_kind")
+        except TypeError:
+            self._abandon(slot)
+            raise RingError(f"ring {self._name}: payload dtype {payload.dtype}, ring carries {self.ring.spec.dtype}") from None
+        header = slot.header
+        header["seq"] = seq
+        header["capture_ns"] = capture_ns
+        header["flags"] = flags
+        header["checksum"] = payload_checksum(slot.payload)
+        slot.publish()
+        return True
+
+    def _abandon(self, slot: WriteSlot) -> None:
+        # The slot was claimed but will not be published: its frame is gone, so leave the stamp odd.
+        self._claimed = None
+
+    def close(self) -> None:
+        """Stops being the producer (a restarted process may then take over)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.ring._words is not None and self._words[L.PRODUCER_PID] == os.getpid():
+            self._words[L.PRODUCER_PID] = 0
+        self._write_slots = []
+        self._claimed = None
+
+
+class Consumer:
+    """The reading end. One per ring at a time, in one thread."""
+
+    _GUARD_NS = 30_000  # wake this much earlier than strictly predicted
+    _MIN_PLANNED_SLEEP_NS = 200_000  # below this, sleeping then spinning is not worth a syscall
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        self._name = ring.name
+        self._words = ring._words
+        self._slots = ring.spec.slots
+        self._copying = ring.spec.policy is EdgePolicy.DROP_OLDEST
+        self._spin_ns = ring.spec.spin_us * 1000
+        self._fence = Fence()
+        self._closed = False
+        self._held: ReadSlot | None = None
+        self._r = self._words[L.R]
+        self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
+        self._headers = [ring._header_view(i) for i in range(self._slots)]
+        self._payloads = [ring._payload_view(i) for i in range(self._slots)]
+        self._read_slots = [
+            ReadSlot(self, i, _readonly(self._headers[i]), _readonly(self._payloads[i])) for i in range(self._slots)
+        ]
+        if self._copying:
+            self._copy_header = np.zeros((), HEADER_DTYPE)
+            self._copy_payload = np.zeros(ring.spec.shape, ring._dtype)
+            self._copy_slot = ReadSlot(self, -1, _readonly(self._copy_header), _readonly(self._copy_payload))
+        self._data_word = ring._futex(L.W)
+        self._space_word = ring._futex(L.R)
+        self._oversleep_ns = 100_000  # learned: how late a timed kernel sleep returns on this machine
+
+    def acquire(self, timeout_s: float | None = None) -> ReadSlot | None:
+        """The oldest unread frame, or None if none arrives within timeout_s (None: no limit, 0: poll).
+        Zero-copy views into the slot, except under drop-oldest (a validated private copy)."""
+        if self._held is not None:
+            raise RingError(f"ring {self._name}: acquire() while holding a frame; release() it first")
+        if self._closed:
+            raise RingError(f"ring {self._name}: consumer closed")
+        words = self._words
+        deadline_ns = 0
+        while True:
+            r = self._r
+            w = words[L.W]
+            if w == r:
+                if timeout_s is not None and timeout_s <= 0:
+                    return None
+                if not deadline_ns:
+                    deadline_ns = _monotonic_ns() + (_FOREVER_NS if timeout_s is None else int(timeout_s * 1e9))
+                w = self._wait_for_data(r, deadline_ns)
+                if w == r:
+                    return None
+            self._fence()  # slot loads happen after the W load
+            if not self._copying:
+                slot = self._read_slots[r % self._slots]
+                self._held = slot
+                return slot
+            slot = self._copy_out(r, w)
+            if slot is not None:
+                self._held = slot
+                return slot
+            # everything unread was overwritten while we copied: wait for the next frame
+
+    def _copy_out(self, r: int, w: int) -> ReadSlot | None:
+        # drop-oldest: seqlock read, see the module docstring.
+        words = self._words
+        n = self._slots
+        skipped = 0
+        delivered = False
+        while r < w:
+            if w - r > n:
+                skipped += w - n - r
+                r = w - n
+            index = r % n
+            stamp_word = self._stamp_words[index]
+            stamp = words[stamp_word]
+            if stamp == 2 * r + 2:
+                np.copyto(self._copy_header, self._headers[index])
+                np.copyto(self._copy_payload, self._payloads[index])
+                self._fence()  # the copy's loads happen before the stamp is re-read
+                if words[stamp_word] == stamp:
+                    delivered = True
+                    break
+            skipped += 1  # overwritten before or while we read it
+            r += 1
+            w = words[L.W]
+            self._fence()
+        if skipped:
+            words[L.DROPPED_OLDEST] += skipped
+        if not delivered:
+            self._r = r
+            words[L.R] = r
+            return None
+        if skipped:
+            self._copy_header["flags"] |= FLAG_DISCONTINUITY
+        self._r = r + 1
+        words[L.R] = r + 1  # drop-oldest producers never wait on R, so no wake is needed
+        words[L.CONSUMED] += 1
+        return self._copy_slot
+
+    def _wait_for_data(self, r: int, deadline_ns: int) -> int:
+        """Waits until W moves past r or the deadline; returns W."""
+        words = self._words
+        now_ns = _monotonic_ns()
+        if self._spin_ns:
+            interval_ns = words[L.INTERVAL_NS]
+            jitter_ns = words[L.JITTER_NS]
+            if interval_ns and jitter_ns * 4 < interval_ns:
+                # Steady beat: sleep until just before the next frame is due, then spin for it.
+                lead_ns = self._oversleep_ns + 2 * jitter_ns + self._GUARD_NS
+                wake_ns = min(words[L.LAST_PUBLISH_NS] + interval_ns - lead_ns, deadline_ns)
+                if wake_ns - now_ns > self._MIN_PLANNED_SLEEP_NS:
+                    w = self._sleep(r, wake_ns - now_ns)
+                    now_ns = _monotonic_ns()
+                    if w != r:
+                        return w
+                    if now_ns >= wake_ns:  # timed out: learn how late the kernel woke us
+                        self._oversleep_ns += (now_ns - wake_ns - self._oversleep_ns) >> 3
+            spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
+            while True:
+                w = words[L.W]
+                if w != r:
+                    return w
+                now_ns = _monotonic_ns()
+                if now_ns >= spin_end_ns:
+                    break
+        while True:
+            remaining_ns = deadline_ns - now_ns
+            if remaining_ns <= 0:
+                return words[L.W]
+            w = self._sleep(r, remaining_ns)
+            if w != r:
+                return w
+            now_ns = _monotonic_ns()
+
+    def _sleep(self, r: int, timeout_ns: int) -> int:
+        words = self._words
+        words[L.CONSUMER_WAITING] = 1
+        self._fence()  # flag up before re-reading W (the producer fences the other way)
+        w = words[L.W]
+        if w == r:
+            self._data_word.wait(r, timeout_ns)
+            w = words[L.W]
+        words[L.CONSUMER_WAITING] = 0
+        return w
+
+    def _release(self, slot: ReadSlot) -> None:
+        if slot is not self._held:
+            raise RingError(f"ring {self._name}: release() of a frame that is not the one held")
+        self._held = None
+        if self._copying:
+            return
+        words = self._words
+        self._fence()  # our reads of the slot are done before R lets the producer reuse it
+        words[L.CONSUMED] += 1
+        self._r += 1
+        words[L.R] = self._r
+        self._fence()  # R is visible before we look at the producer's waiting flag
+        if words[L.PRODUCER_WAITING]:
+            self._space_word.wake()
+
+    def get(self, timeout_s: float | None = None) -> tuple[np.void, np.ndarray] | None:
+        """Copies out the next frame: (header as np.void, payload array), or None on timeout."""
+        slot = self.acquire(timeout_s)
+        if slot is None:
+            return None
+        header = slot.header.copy()[()]
+        payload = slot.payload.copy()
+        slot.release()
+        return header, payload
+
+    def close(self) -> None:
+        """Stops being the consumer (a restarted process may then take over)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.ring._words is not None and self._words[L.CONSUMER_PID] == os.getpid():
+            self._words[L.CONSUMER_PID] = 0
+        self._read_slots = []
+        self._headers = []
+        self._payloads = []
+        self._held = None

@@ -1,0 +1,59 @@
+"""Where everything lives inside a ring's segment: the description block, the counters, the slots.
+
+Only shm/ring.py and shm/cleanup.py read this; change the layout here and bump LAYOUT_VERSION.
+
+    0    description (written once by the owner; MAGIC written last, so a half-made ring is never used)
+    256  producer's cache line: write count W and the producer's counters (only the producer writes)
+    320  producer's identity and its "I am asleep" flag
+    384  consumer's cache line: read count R and the consumer's counters (only the consumer writes)
+    448  consumer's identity and its "I am asleep" flag
+    512  slots, each 64-byte aligned: [stamp u64][header HEADER_DTYPE][pad][payload]
+"""
+
+from __future__ import annotations
+
+import struct
+
+from shm.frame import HEADER_BYTES
+
+MAGIC = b"RTPRING1"
+LAYOUT_VERSION = 1
+MAX_NDIM = 8
+CACHE_LINE = 64
+
+# magic, version, policy code, slots, ndim, shape[8], dtype str, spin_us, owner pid, owner start ticks,
+# created_ns, slot_bytes, total bytes
+DESCRIPTION = struct.Struct("<8sIIII8Q32sIQQQQQ")
+assert DESCRIPTION.size <= 256
+
+# Word indices (u64, little-endian) into the whole segment viewed as an array of u64.
+W = 32  # frames published (the futex word a sleeping consumer waits on)
+DROPPED_NEWEST = 33
+BLOCKED_COUNT = 34
+BLOCKED_NS = 35
+HIGH_WATER = 36
+LAST_PUBLISH_NS = 37  # monotonic_ns of the latest publish: the consumer predicts the next from it
+INTERVAL_NS = 38  # EWMA of the time between publishes
+JITTER_NS = 39  # EWMA of |interval - INTERVAL_NS|
+PRODUCER_PID = 40
+PRODUCER_START_TICKS = 41
+PRODUCER_WAITING = 42  # 1 while the producer sleeps on a full ring (block policy)
+
+R = 48  # frames taken by the consumer (the futex word a blocked producer waits on)
+CONSUMED = 49
+DROPPED_OLDEST = 50  # frames the consumer found overwritten and skipped (drop-oldest)
+CONSUMER_WAITING = 51  # 1 while the consumer sleeps on an empty ring
+CONSUMER_PID = 56
+CONSUMER_START_TICKS = 57
+
+SLOTS_OFFSET = 512
+HEADER_OFFSET = 8  # within a slot, after the stamp
+PAYLOAD_OFFSET = -(-(HEADER_OFFSET + HEADER_BYTES) // CACHE_LINE) * CACHE_LINE
+
+
+def slot_bytes(payload_bytes: int) -> int:
+    return -(-(PAYLOAD_OFFSET + payload_bytes) // CACHE_LINE) * CACHE_LINE
+
+
+def segment_bytes(slots: int, payload_bytes: int) -> int:
+    return SLOTS_OFFSET + slots * slot_bytes(payload_bytes)
