@@ -148,7 +148,11 @@ class Ring:
         self._segment = segment
         self._dtype = np.dtype(spec.dtype)
         self._slot_bytes = L.slot_bytes(spec.payload_bytes())
-        self._words = memoryview(segment.mmap).cast("Q")
+        # Views come from np.frombuffer on this memoryview, whose base stays the memoryview: while any
+        # view lives, mmap.close() refuses (BufferError) instead of unmapping memory it points at.
+        # (np.ndarray(buffer=mmap) would keep only the mmap and let close() pull the memory away.)
+        self._memory = memoryview(segment.mmap)
+        self._words = self._memory.cast("Q")
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
 
@@ -272,9 +276,8 @@ class Ring:
             if end is not None:
                 end.close()
         self._producer = self._consumer = None
-        self._words.release()
-        self._words = None
-        self._segment.close()
+        self._words = self._memory = None
+        self._segment.close()  # unmaps now, or when the last view handed out is garbage
 
     def unlink(self) -> None:
         """Removes the segment's name (owner only); processes still attached keep their mapping."""
@@ -290,10 +293,13 @@ class Ring:
         return L.SLOTS_OFFSET + index * self._slot_bytes
 
     def _header_view(self, index: int) -> np.ndarray:
-        return np.ndarray((), HEADER_DTYPE, self._segment.mmap, self._slot_offset(index) + L.HEADER_OFFSET)
+        offset = self._slot_offset(index) + L.HEADER_OFFSET
+        return np.frombuffer(self._memory, HEADER_DTYPE, 1, offset).reshape(())
 
     def _payload_view(self, index: int) -> np.ndarray:
-        return np.ndarray(self.spec.shape, self._dtype, self._segment.mmap, self._slot_offset(index) + L.PAYLOAD_OFFSET)
+        count = int(np.prod(self.spec.shape, dtype=np.int64))
+        offset = self._slot_offset(index) + L.PAYLOAD_OFFSET
+        return np.frombuffer(self._memory, self._dtype, count, offset).reshape(self.spec.shape)
 
     def _futex(self, word: int) -> FutexWord:
         return FutexWord(self._segment.address + 8 * word)
@@ -516,6 +522,7 @@ class Producer:
             self._words[L.PRODUCER_PID] = 0
         self._write_slots = []
         self._claimed = None
+        self._words = None
 
 
 class Consumer:
@@ -699,3 +706,4 @@ class Consumer:
         self._headers = []
         self._payloads = []
         self._held = None
+        self._words = None
