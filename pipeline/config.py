@@ -248,6 +248,11 @@ def _chain_order(names: list[str], edge_pairs: dict[str, tuple[str, str]]) -> li
             raise ConfigError(f'edges."{label}": stages.{b} is already fed by {incoming[b]}; '
                               "the pipeline is one chain")
         outgoing[a], incoming[b] = b, a
+    connected = set(incoming) | set(outgoing)
+    for name in names:
+        if name not in connected and len(names) > 1:
+            raise ConfigError(f"stages.{name}: on no edge; the pipeline is one chain from a source to a "
+                              f'sink (add e.g. edges."{name}->..." or remove the stage)')
     heads = [n for n in names if n not in incoming]
     if len(heads) != 1:
         if not heads:
@@ -295,12 +300,13 @@ def validate(raw: dict) -> PipelineConfig:
                 raise ConfigError(f'edges."{label}": unknown stage {end!r} '
                                   f"(stages: {', '.join(stages_raw)})")
         edge_pairs[label] = (a, b)
+    fields = {name: _stage_fields(name, table) for name, table in stages_raw.items()}
     order = _chain_order(list(stages_raw), edge_pairs)
 
     stages: list[StageSpec] = []
     spec: PayloadSpec | None = None
     for index, name in enumerate(order):
-        kind, params, cores, threads, device = _stage_fields(name, stages_raw[name])
+        kind, params, cores, threads, device = fields[name]
         where = f"stages.{name}"
         stage_class = find_stage(kind, f"{where}.kind")
         stage = stage_class.from_config(params, f"{where}.params")

@@ -119,8 +119,7 @@ def decode(data: bytes, allowed: frozenset[str] | None = None) -> dict:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes: larger than {MAX_MESSAGE_BYTES}")
     try:
-        message = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                                  max_buffer_size=MAX_MESSAGE_BYTES)
+        message = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
     except Exception as e:  # msgpack raises several kinds (ExtraData, FormatError, ValueError, ...)
         raise ProtocolError(f"message is not msgpack: {type(e).__name__}: {e!s:.80}") from None
     message = check(message)

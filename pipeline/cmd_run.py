@@ -1,0 +1,134 @@
+"""`rtpipe run`: validates a config, runs it under the supervisor, prints a table and writes the report.
+
+With no arguments it runs the built-in config microphone -> speaker when audio devices exist, else the
+built-in speech sample to rtpipe-out.wav, and says which it chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import config as pipeline_config
+from pipeline.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
+
+DEFAULT_OUTPUT = "rtpipe-out.wav"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtpipe run", description="run the pipeline: one process per stage, shared-memory rings")
+    parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE",
+                        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)")
+    parser.add_argument("--input", metavar="FILE.wav", help="capture from this file instead of the source")
+    parser.add_argument("--output", metavar="FILE.wav", help="play into this file instead of the sink")
+    parser.add_argument("--no-pace", action="store_true",
+                        help="read --input as fast as the pipeline takes it, not at real time")
+    parser.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds")
+    parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
+    try:
+        from pipeline.observe import add_observer_arguments
+    except ImportError:  # observers not there yet: run without them
+        pass
+    else:
+        add_observer_arguments(parser)
+    return parser
+
+
+def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -> dict:
+    """The config a run uses: file or default, then --input/--output/--no-pace, then --set.
+
+    With the built-in config, a microphone or speaker on a machine without audio devices becomes the
+    built-in speech sample / rtpipe-out.wav; `say` is told which was chosen."""
+    raw = pipeline_config.load_raw(args.config)
+    stages = raw.get("stages", {})
+    names = list(stages)
+    source, sink = (names[0], names[-1]) if names else (None, None)
+    edges = raw.get("edges", {})
+
+    def first_edge() -> dict | None:
+        for label, table in edges.items():
+            if label.partition("->")[0].strip() == source and isinstance(table, dict):
+                return table
+        return None
+
+    input_path, output_path = args.input, args.output
+    if args.config is None and input_path is None and output_path is None:
+        if devices_available is None:
+            from stages.audio_io import audio_devices_available as devices_available
+        if devices_available():
+            say("rtpipe: audio devices found: microphone -> pipeline -> speaker (Ctrl-C to stop)")
+        else:
+            input_path, output_path = "", DEFAULT_OUTPUT
+            say(f"rtpipe: no audio devices: the built-in speech sample -> pipeline -> {DEFAULT_OUTPUT}")
+    if input_path is not None and source is not None:
+        stages[source] = {**stages[source], "kind": "capture.file",
+                          "params": {"path": str(input_path), "pace": not args.no_pace}}
+        edge = first_edge()
+        if edge is not None:
+            edge["policy"] = "block"  # a file can wait; nothing of it is lost
+    elif args.no_pace and source is not None:
+        stages[source].setdefault("params", {})["pace"] = False
+    if output_path is not None and sink is not None:
+        stages[sink] = {**stages[sink], "kind": "playback.file", "params": {"path": str(output_path)}}
+    return pipeline_config.apply_overrides(raw, args.overrides)
+
+
+def format_table(report: dict) -> str:
+    """The end-of-run table: per stage, per edge, end to end."""
+    def p(d: dict) -> str:
+        return f"{d['p50']:8.3f} {d['p95']:8.3f} {d['p99']:8.3f} {d['max']:8.3f}"
+
+    lines = [f"{'stage':<12} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rtf':>7} "
+             f"{'misses':>6} {'restarts':>8}"]
+    for name, s in report["stages"].items():
+        lines.append(f"{name:<12} {p(s['compute_ms'])} {s['rtf']:7.4f} {s['deadline_misses']:6d} "
+                     f"{s['restarts']:8d}")
+    lines.append(f"{'edge (wait)':<20} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+                 f"{'drop-old':>8} {'drop-new':>8} {'blocked':>7}")
+    for name, e in report["edges"].items():
+        lines.append(f"{name:<20} {p(e['wait_ms'])} {e['dropped_oldest']:8d} {e['dropped_newest']:8d} "
+                     f"{e['blocked']:7d}")
+    lines.append(f"{'end to end':<20} {p(report['end_to_end_ms'])}   ({report['frames']} frames, "
+                 f"{report['seconds']:.1f} s, declared delay {report['delay_frames']} frames)")
+    pb = report["playback"]
+    latency = report.get("device_latency_ms")
+    lines.append(f"frames lost {report['frames_lost']}; playback underruns {pb['underruns']}, overflows "
+                 f"{pb['overflows']}" + (f"; device output latency {latency:.1f} ms" if latency else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    raw = effective_raw(args)
+    cfg = pipeline_config.validate(raw)  # ConfigError -> one line, before anything starts
+    sink = cfg.stages[-1]
+    if sink.kind == "playback.file":
+        print(f"rtpipe: writing {sink.params_raw.get('path') or DEFAULT_OUTPUT}")
+
+    def observers(run_info: dict) -> list:
+        try:
+            from pipeline.observe import make_observers
+        except ImportError:
+            from pipeline.status_line import StatusLine
+
+            return [StatusLine(run_info)]
+        return make_observers(args, run_info)
+
+    result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
+    print(format_table(result.report))
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n", encoding="utf-8")
+        print(f"rtpipe: report written to {args.report}")
+    if result.error:
+        print(f"rtpipe: run failed: {result.error}", file=sys.stderr)
+    elif result.exit_code == EXIT_DEGRADED:
+        print("rtpipe: run finished degraded (a stage restarted or frames were lost)", file=sys.stderr)
+    elif result.exit_code != EXIT_HEALTHY:
+        print("rtpipe: run did not finish", file=sys.stderr)
+    return result.exit_code

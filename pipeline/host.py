@@ -1,0 +1,420 @@
+"""The stage process: one per stage, started by the supervisor as `python -m pipeline.host`.
+
+It attaches the rings on either side, builds and opens its stage, then moves frames: take one from the
+input ring, stamp enter/exit times at its chain index, publish to the output ring. It heartbeats, reports
+stats, events and (the sink) per-frame records on the control channel, obeys stop/reset/stats/pause/
+resume, and exits when the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from pipeline import control
+from pipeline.metrics import FRAME_RECORD_DTYPE
+from stages.base import EndOfStream, Role, Stage
+
+STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)
+WAIT_S = 0.05                    # longest wait on a ring before looking at the control channel again
+RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
+RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
+STATS_EVERY_NS = 1_000_000_000
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("rtpipe.host")
+
+
+class SupervisorGone(Exception):
+    """The supervisor died or stopped answering: a stage never outlives it."""
+
+
+def die_with_parent(supervisor_pid: int) -> None:
+    """Asks the kernel for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), then checks that the
+    parent did not die before the request was made."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid watch in the loop still catches it
+    if os.getppid() != supervisor_pid:
+        raise SupervisorGone(f"supervisor {supervisor_pid} is gone")
+
+
+def _exit_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
+def pin(cores: list[int] | None, threads: int | None) -> None:
+    """Keeps this process on `cores` (psutil) and torch, if loaded, to `threads` threads."""
+    if cores:
+        import psutil
+
+        psutil.Process().cpu_affinity(list(cores))
+    if threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+def device_context(device: str):
+    """For "cuda:N": makes N current and runs the stage on a CUDA stream of its own."""
+    if not device.startswith("cuda:"):
+        return contextlib.nullcontext()
+    import torch
+
+    torch.cuda.set_device(int(device.split(":")[1]))
+    return torch.cuda.stream(torch.cuda.Stream())
+
+
+def ring_spec(edge: dict):
+    from shm.ring import EdgePolicy, RingSpec
+
+    return RingSpec(slots=int(edge["slots"]), dtype=edge["dtype"], shape=tuple(edge["shape"]),
+                    policy=EdgePolicy(edge["policy"]), spin_us=int(edge.get("spin_us", 0)))
+
+
+class StageHost:
+    """Runs one stage in this process: the loop between the rings and the control channel."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.name: str = spec["stage"]
+        self.index: int = int(spec["index"])
+        self.supervisor_pid: int = int(spec["supervisor_pid"])
+        self.heartbeat_ns = int(spec["heartbeat_ms"]) * 1_000_000
+        # liveness counter for the supervisor: it pings every heartbeat; this many missed and it is gone
+        self.supervisor_timeout_ns = self.heartbeat_ns * int(spec["liveness"]) * 2
+        self.context = zmq.Context()
+        self.socket = control.stage_socket(self.context, spec["control"], self.name)
+        self.stage: Stage | None = None
+        self.role: Role | None = None
+        self.in_ring = self.out_ring = None
+        self.consumer = self.producer = None
+        self.device_ctx = contextlib.nullcontext()
+        self.paused = bool(spec.get("start_paused", False))
+        self.stop_requested = False
+        self.frames = 0
+        self.seq_gaps = 0
+        self.duplicates = 0
+        self.last_seq: int | None = None
+        self.next_seq = 0
+        # the first frame out of a restarted stage says that something was lost or reset before it
+        self.pending_flags = 0
+        self.records = bytearray()
+        self.records_since_ns = time.monotonic_ns()
+        self.last_heard_ns = time.monotonic_ns()
+        self.next_heartbeat_ns = 0
+        self.next_stats_ns = 0
+        from shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM
+
+        self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
+        self.FLAG_END_OF_STREAM = FLAG_END_OF_STREAM
+        if int(spec.get("incarnation", 0)) > 0:
+            self.pending_flags = FLAG_DISCONTINUITY
+
+    # --- control channel --------------------------------------------------------------------------
+    def send(self, type_: str, **fields: Any) -> None:
+        if "stage" in control.SCHEMAS[type_]:
+            fields["stage"] = self.name
+        control.send(self.socket, type_, **fields)
+
+    def poll_control(self) -> None:
+        """Handles every control message waiting now; a bad one gets an error reply, never a crash."""
+        while self.socket.poll(0):
+            data = self.socket.recv()
+            self.last_heard_ns = time.monotonic_ns()
+            try:
+                message = control.decode(data, control.SUPERVISOR_TO_STAGE)
+            except control.ProtocolError as e:
+                log.warning("rtpipe: stage %s: %s", self.name, e)
+                self.send("error", error=str(e))
+                continue
+            self.obey(message)
+        if time.monotonic_ns() - self.last_heard_ns > self.supervisor_timeout_ns:
+            raise SupervisorGone("no ping from the supervisor")
+        if os.getppid() != self.supervisor_pid:
+            raise SupervisorGone(f"supervisor {self.supervisor_pid} is gone")
+
+    def obey(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "stop":
+            self.stop_requested = True
+        elif kind == "pause":
+            self.paused = True
+        elif kind == "resume":
+            self.paused = False
+        elif kind == "reset" and self.stage is not None:
+            self.stage.reset()
+            self.pending_flags |= self.FLAG_DISCONTINUITY
+        elif kind == "get_stats":
+            self.send_stats()
+        elif kind == "error":
+            log.warning("rtpipe: stage %s: supervisor says: %s", self.name, message["error"])
+
+    def send_stats(self) -> None:
+        stage = self.stage
+        counters = getattr(stage, "counters", None)
+        counts = counters() if callable(counters) else {}
+        self.send("stats", frames=self.frames, seq_gaps=self.seq_gaps, duplicates=self.duplicates,
+                  underruns=int(counts.get("underruns", 0) or 0),
+                  overflows=int(counts.get("overflows", 0) or 0),
+                  output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0)
+
+    def housekeeping(self) -> None:
+        now = time.monotonic_ns()
+        if now >= self.next_heartbeat_ns:
+            self.send("heartbeat", frames=self.frames, paused=self.paused)
+            self.next_heartbeat_ns = now + self.heartbeat_ns
+        if now >= self.next_stats_ns:
+            self.send_stats()
+            self.next_stats_ns = now + STATS_EVERY_NS
+        if self.records and (len(self.records) >= RECORD_BATCH * FRAME_RECORD_DTYPE.itemsize
+                             or now - self.records_since_ns >= RECORD_FLUSH_NS):
+            self.flush_records()
+        events = self.stage.events() if self.stage is not None else []
+        if events:
+            self.send("events", events=[dict(e) for e in events])
+
+    def flush_records(self) -> None:
+        if self.records:
+            self.send("frames", records=bytes(self.records))
+            self.records.clear()
+        self.records_since_ns = time.monotonic_ns()
+
+    # --- setup ------------------------------------------------------------------------------------
+    def open(self) -> None:
+        from shm.ring import Ring
+        from stages.registry import find_stage
+
+        spec = self.spec
+        stage_class = find_stage(spec["kind"], f"stages.{self.name}.kind")
+        self.stage = stage_class.from_config(spec["params"], f"stages.{self.name}.params")
+        self.role = stage_class.role
+        pin(spec.get("cores"), spec.get("threads"))
+        self.device_ctx = device_context(spec.get("device", "cpu"))
+        with self.device_ctx:
+            self.stage.open(spec.get("device", "cpu"))
+        pin(None, spec.get("threads"))  # open() may have imported torch
+        if spec.get("input"):
+            self.in_ring = Ring.attach(spec["input"]["name"], ring_spec(spec["input"]))
+            self.consumer = self.in_ring.consumer()
+        if spec.get("output"):
+            self.out_ring = Ring.attach(spec["output"]["name"], ring_spec(spec["output"]))
+            self.producer = self.out_ring.producer()
+            # a restarted source goes on numbering where the ring's count says it stopped
+            self.next_seq = int(self.out_ring.stats().published)
+
+    def close(self) -> None:
+        for closer in (getattr(self.stage, "close", None),
+                       getattr(self.in_ring, "close", None), getattr(self.out_ring, "close", None)):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as e:  # closing must not hide why the loop ended
+                    log.warning("rtpipe: stage %s: close: %s", self.name, e)
+
+    # --- moving frames ----------------------------------------------------------------------------
+    def claim(self, must: bool = False):
+        """A slot in the output ring, with the edge's policy: block waits (while obeying control),
+        drop-newest gives None when full, drop-oldest never waits. `must` (the end-of-stream frame)
+        retries whatever the policy."""
+        policy = self.producer and self.out_ring.spec.policy.value
+        while True:
+            slot = self.producer.claim(timeout_s=WAIT_S)
+            if slot is not None:
+                return slot
+            if policy != "block" and not must:
+                return None
+            self.poll_control()
+            self.housekeeping()
+            if self.stop_requested and not must:
+                return None
+
+    def publish(self, slot, seq: int, capture_ns: int, enter_ns, exit_ns, flags: int, payload) -> None:
+        header = slot.header
+        header["seq"] = seq
+        header["capture_ns"] = capture_ns
+        header["enter_ns"] = enter_ns
+        header["flags"] = flags
+        header["checksum"] = 0  # not computed on this path: the slot may hold an older frame's
+        if payload is not None:
+            slot.payload[...] = payload
+        exit_ns[self.index] = time.monotonic_ns()
+        header["exit_ns"] = exit_ns
+        slot.publish()
+
+    def end_of_stream_out(self, seq: int, capture_ns: int, enter_ns, exit_ns, flags: int) -> None:
+        if self.producer is not None:
+            slot = self.claim(must=True)
+            slot.payload[...] = 0
+            self.publish(slot, seq, capture_ns, enter_ns, exit_ns, flags | self.FLAG_END_OF_STREAM, None)
+        self.flush_records()
+        self.send("eos")
+
+    def step_source(self) -> bool:
+        try:
+            frame = self.stage.read(WAIT_S)
+        except EndOfStream:
+            self.source_end()
+            return True
+        if frame is None or self.paused:
+            return False
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        slot = self.claim()
+        if slot is None:  # drop-newest on a full ring: counted by the ring, seen downstream as a gap
+            return False
+        enter_ns = np.zeros(8, np.int64)
+        exit_ns = np.zeros(8, np.int64)
+        enter_ns[0] = frame.capture_ns
+        flags, self.pending_flags = self.pending_flags, 0
+        self.publish(slot, seq, frame.capture_ns, enter_ns, exit_ns, flags, frame.payload)
+        self.frames += 1
+        return False
+
+    def source_end(self) -> None:
+        now = time.monotonic_ns()
+        enter_ns = np.zeros(8, np.int64)
+        enter_ns[0] = now
+        self.end_of_stream_out(self.next_seq, now, enter_ns, np.zeros(8, np.int64), 0)
+
+    def step_through(self) -> bool:
+        """A processor or the sink: one frame from the input ring, if one comes within WAIT_S."""
+        slot = self.consumer.acquire(timeout_s=WAIT_S)
+        if slot is None:
+            return False
+        enter = time.monotonic_ns()
+        header = slot.header
+        seq = int(header["seq"])
+        flags = int(header["flags"]) | self.pending_flags
+        capture_ns = int(header["capture_ns"])
+        enter_ns = np.array(header["enter_ns"], dtype=np.int64)
+        exit_ns = np.array(header["exit_ns"], dtype=np.int64)
+        enter_ns[self.index] = enter
+        try:
+            if flags & self.FLAG_END_OF_STREAM:
+                self.end_of_stream_out(seq, capture_ns, enter_ns, exit_ns, flags)
+                return True
+            if self.last_seq is not None and seq <= self.last_seq:
+                # a frame seen before: re-read after an upstream restart; it already went on
+                self.duplicates += 1
+                return False
+            if self.last_seq is not None and seq > self.last_seq + 1:
+                self.seq_gaps += seq - self.last_seq - 1
+                flags |= self.FLAG_DISCONTINUITY
+            self.last_seq = seq
+            self.pending_flags = 0
+            if self.role is Role.SINK:
+                self.sink_frame(slot.payload, seq, capture_ns, enter_ns, exit_ns, flags)
+            else:
+                with self.device_ctx:
+                    out = self.stage.process(slot.payload)
+                if out is not None:
+                    out_slot = self.claim()
+                    if out_slot is not None:
+                        self.publish(out_slot, seq, capture_ns, enter_ns, exit_ns, flags, out)
+            self.frames += 1
+            return False
+        finally:
+            slot.release()
+
+    def sink_frame(self, payload, seq, capture_ns, enter_ns, exit_ns, flags) -> None:
+        self.stage.write(payload)
+        now = time.monotonic_ns()
+        exit_ns[self.index] = now
+        record = np.zeros((), FRAME_RECORD_DTYPE)
+        record["seq"] = seq
+        record["capture_ns"] = capture_ns
+        record["enter_ns"] = enter_ns
+        record["exit_ns"] = exit_ns
+        record["flags"] = flags
+        record["handoff_ns"] = now + int(self.stage.output_latency_ns)
+        if not self.records:
+            self.records_since_ns = now
+        self.records += record.tobytes()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Opens the stage and moves frames until end of stream or stop; the process exit code."""
+        self.send("hello", pid=os.getpid(), incarnation=int(self.spec.get("incarnation", 0)))
+        try:
+            self.open()
+        except Exception as e:
+            self.send("failed", error=_one_line(e))
+            self.close()
+            return 1
+        self.send("ready")
+        reason = "stopped"
+        try:
+            while True:
+                self.poll_control()
+                if self.stop_requested:
+                    if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
+                        self.source_end()
+                        reason = "end of stream"
+                    break
+                # paused: a live source still reads (and drops) so its device buffer never overflows
+                if self.paused and not (self.role is Role.SOURCE and self.stage.live):
+                    self.socket.poll(int(WAIT_S * 1000))
+                    self.housekeeping()
+                    continue
+                done = self.step_source() if self.role is Role.SOURCE else self.step_through()
+                self.housekeeping()
+                if done:
+                    reason = "end of stream"
+                    break
+        except SupervisorGone as e:
+            log.warning("rtpipe: stage %s: %s; exiting", self.name, e)
+            self.close()
+            return 1
+        except Exception as e:
+            self.send("failed", error=_one_line(e))
+            log.error("rtpipe: stage %s failed: %s", self.name, _one_line(e))
+            self.close()
+            return 1
+        self.flush_records()
+        self.send_stats()
+        self.close()
+        self.send("bye", reason=reason)
+        return 0
+
+    def shutdown(self) -> None:
+        self.socket.close(linger=500)
+        self.context.term()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def main() -> int:
+    spec = json.loads(os.environ[STAGE_SPEC_ENV])
+    # same import path as the supervisor (like multiprocessing's spawn): stages named by import path
+    for entry in reversed(spec.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        die_with_parent(int(spec["supervisor_pid"]))
+    except SupervisorGone:
+        return 1
+    host = StageHost(spec)
+    try:
+        return host.run()
+    finally:
+        host.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""The supervisor: owns a run's rings and stage processes from start to the last unlinked segment.
+
+It creates one ring per edge, starts one `pipeline.host` process per stage, watches them over the control
+channel (heartbeats, liveness counters), restarts what dies or hangs (with backoff, up to a limit),
+gathers frame records for the observers and the report, and on SIGINT/SIGTERM, --seconds or the end of
+the input stops everything and unlinks every segment. `rtpipe run` and the tests use `Supervisor.run()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from pipeline import control
+from pipeline.config import PipelineConfig, StageSpec
+from pipeline.host import STAGE_SPEC_ENV
+from pipeline.metrics import (FRAME_RECORD_DTYPE, FRAME_MS, EdgeCounters, RunCounters, build_report,
+                              build_snapshot, count_lost)
+
+log = logging.getLogger("rtpipe.supervisor")
+
+TICK_NS = 1_000_000_000          # observers' on_tick period
+SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
+EXIT_GRACE_S = 2.0               # after "stop", how long a stage may take to exit before SIGKILL
+
+EXIT_HEALTHY = 0     # ran to the end, nothing restarted, nothing lost
+EXIT_FAILED = 1      # could not run to the end (a stage failed to start, the restart limit was hit)
+EXIT_DEGRADED = 3    # ran to the end, but a stage was restarted or frames were lost
+
+
+class StageState(enum.Enum):
+    STARTING = "starting"      # process started, open() not finished
+    RUNNING = "running"
+    WAITING = "waiting"        # dead; restart due at restart_at_ns
+    DONE = "done"              # left on purpose (end of stream, stop) or given up
+
+
+@dataclass
+class StageProcess:
+    """The supervisor's view of one stage's process."""
+
+    spec: StageSpec
+    process: subprocess.Popen | None = None
+    incarnation: int = 0
+    state: StageState = StageState.STARTING
+    started_ns: int = 0
+    liveness: int = 0
+    heard_this_interval: bool = False
+    restarts: int = 0
+    restart_at_ns: int = 0
+    leaving: bool = False      # said "bye" or passed end of stream: an exit now is not a crash
+    ever_ready: bool = False
+    last_error: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+
+@dataclass
+class RunResult:
+    """What a run ended with: the report (contracts.md shape), its exit code and why, if it failed."""
+
+    report: dict
+    exit_code: int
+    error: str | None = None
+
+
+def _call_observers(observers: list, hook: str, *args: Any) -> None:
+    for observer in list(observers):
+        try:
+            getattr(observer, hook)(*args)
+        except Exception as e:  # an observer's bug must not stop the audio
+            log.warning("rtpipe: observer %s.%s failed: %s; dropping it", type(observer).__name__, hook, e)
+            observers.remove(observer)
+
+
+class Supervisor:
+    """Runs one pipeline from a validated config.
+
+    `observer_factory(run_info)` returns the observers once the stages are up (see pipeline/observe.py);
+    `seconds` ends the input after that long (None: until the source ends or a signal)."""
+
+    def __init__(self, config: PipelineConfig, *, observer_factory: Callable[[dict], list] | None = None,
+                 seconds: float | None = None, handle_signals: bool = True,
+                 extra_env: dict[str, str] | None = None):
+        self.config = config
+        self.settings = config.supervisor
+        self.observer_factory = observer_factory
+        self.seconds = seconds
+        self.handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
+        self.extra_env = dict(extra_env or {})
+        self.stage_names = [s.name for s in config.stages]
+        self.edge_names = [e.name for e in config.edges]
+        self.stages = {s.name: StageProcess(spec=s) for s in config.stages}
+        self.rings: dict[str, Any] = {}
+        self.ring_names: dict[str, str] = {}
+        self.observers: list = []
+        self.records: list[np.ndarray] = []
+        self.recent: deque[np.ndarray] = deque()
+        self.text: list[str] = []
+        self.stop_reason: str | None = None
+        self.stop_requested_ns: int | None = None
+        self.stop_all_sent_ns: int | None = None
+        self.stop_sent_to_source = False
+        self.sink_done = False
+        self.error: str | None = None
+        self.signals_seen = 0
+        self.run_id = ""
+        self.run_dir: control.RunDirectory | None = None
+        self.t0_ns = 0
+        self.bad_messages = 0
+        self.ready_event = threading.Event()  # set once every stage is running (tests wait on it)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Runs the pipeline to its end; always stops every process and unlinks every segment."""
+        from shm.cleanup import new_run_id, remove_orphaned_segments
+
+        for name in remove_orphaned_segments():
+            log.info("rtpipe: removed %s, left by a run whose supervisor died", name)
+        self.run_id = new_run_id()
+        old_handlers = self._install_signal_handlers()
+        self.context = zmq.Context()
+        try:
+            self.run_dir = control.RunDirectory.create(self.run_id)
+            self.socket = control.supervisor_socket(self.context, self.run_dir.control_endpoint)
+            self._create_rings()
+            self._loop()
+        finally:
+            self._stop_everything()
+            report = self._report()
+            _call_observers(self.observers, "on_stop", report)
+            self._release()
+            self._restore_signal_handlers(old_handlers)
+        return RunResult(report=report, exit_code=self._exit_code(report), error=self.error)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ends the input: the source publishes end of stream, which each stage passes on and exits."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_requested_ns = time.monotonic_ns()
+
+    def _install_signal_handlers(self):
+        if not self.handle_signals:
+            return None
+
+        def on_signal(signum, frame):  # noqa: ARG001
+            self.signals_seen += 1
+            self.request_stop(signal.Signals(signum).name)
+            if self.signals_seen > 1 and self.stop_all_sent_ns is None:
+                self.stop_all_sent_ns = 0  # a second Ctrl-C: stop everything now, do not drain
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signal_handlers(self, old) -> None:
+        for sig, handler in (old or {}).items():
+            signal.signal(sig, handler)
+
+    def _create_rings(self) -> None:
+        from shm.cleanup import segment_name
+        from shm.ring import EdgePolicy, Ring, RingSpec
+
+        for edge in self.config.edges:
+            name = segment_name(self.run_id, edge.name)
+            spec = RingSpec(slots=edge.slots, dtype=edge.payload.dtype, shape=tuple(edge.payload.shape),
+                            policy=EdgePolicy(edge.policy), spin_us=edge.spin_us)
+            self.rings[edge.name] = Ring.create(name, spec)
+            self.ring_names[edge.name] = name
+
+    def _edge_for_host(self, edge_name: str | None) -> dict | None:
+        if edge_name is None:
+            return None
+        edge = next(e for e in self.config.edges if e.name == edge_name)
+        return {"name": self.ring_names[edge_name], "slots": edge.slots, "dtype": edge.payload.dtype,
+                "shape": list(edge.payload.shape), "policy": edge.policy, "spin_us": edge.spin_us}
+
+    def _start(self, sp: StageProcess) -> None:
+        spec = sp.spec
+        index = spec.index
+        n = len(self.config.stages)
+        host_spec = {
+            "stage": spec.name, "kind": spec.kind, "index": index, "params": spec.params_raw,
+            "cores": spec.cores, "threads": spec.threads, "device": spec.device,
+            "input": self._edge_for_host(self.edge_names[index - 1] if index > 0 else None),
+            "output": self._edge_for_host(self.edge_names[index] if index < n - 1 else None),
+            "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),
+            "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
+            "liveness": self.settings.liveness, "sys_path": [p for p in sys.path if p],
+            # the source waits until every stage is up, so the first frames do not queue behind loading
+            "start_paused": index == 0 and sp.incarnation == 0,
+        }
+        env = dict(os.environ, **self.extra_env)
+        env[STAGE_SPEC_ENV] = json.dumps(host_spec)
+        if spec.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
+        sp.process = subprocess.Popen([sys.executable, "-m", "pipeline.host", spec.name], env=env,
+                                      stdin=subprocess.DEVNULL)
+        sp.state = StageState.STARTING
+        sp.started_ns = time.monotonic_ns()
+        sp.liveness = self.settings.liveness
+        sp.leaving = False
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        for sp in reversed(self.stages.values()):  # consumers first
+            self._start(sp)
+        heartbeat_ns = self.settings.heartbeat_ms * 1_000_000
+        next_heartbeat = time.monotonic_ns() + heartbeat_ns
+        next_tick = 0
+        started = False
+        deadline_ns = None
+        while True:
+            now = time.monotonic_ns()
+            wait_ms = max(0, min(next_heartbeat, next_tick if started else next_heartbeat) - now) // 1_000_000
+            if self.socket.poll(min(int(wait_ms) + 1, self.settings.heartbeat_ms)):
+                self._drain_messages()
+            now = time.monotonic_ns()
+            if now >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = now + heartbeat_ns
+            self._watch_processes(now)
+            if self.error:
+                return
+            if not started and all(sp.state is StageState.RUNNING for sp in self.stages.values()):
+                started = True
+                self._on_all_ready()
+                next_tick = now + TICK_NS
+                if self.seconds is not None:
+                    deadline_ns = now + int(self.seconds * 1e9)
+            if not started and self.stop_reason is not None:
+                return  # stopped before the pipeline was even up
+            if started and now >= next_tick:
+                self._tick(now)
+                next_tick = now + TICK_NS
+            if deadline_ns is not None and now >= deadline_ns:
+                self.request_stop(f"{self.seconds:g} s elapsed")
+                deadline_ns = None
+            if self.sink_done:
+                return
+            if self.stop_reason is not None:
+                if not self.stop_sent_to_source:
+                    self._send(self.stage_names[0], "stop")
+                    self.stop_sent_to_source = True
+                if self.stop_all_sent_ns is not None or \
+                        now - self.stop_requested_ns > self.settings.stop_timeout_s * 1e9:
+                    log.warning("rtpipe: end of stream did not reach the sink in time; stopping all")
+                    return
+
+    def _on_all_ready(self) -> None:
+        self.t0_ns = time.monotonic_ns()
+        run_info = self.run_info()
+        if self.observer_factory is not None:
+            self.observers = list(self.observer_factory(run_info))
+        _call_observers(self.observers, "on_start", run_info)
+        self._send(self.stage_names[0], "resume")
+        self.ready_event.set()
+
+    def run_info(self) -> dict:
+        """What observers get at the start (see contracts.md)."""
+        return {
+            "run_id": self.run_id, "stages": list(self.stage_names),
+            "kinds": {s.name: s.kind for s in self.config.stages}, "edges": list(self.edge_names),
+            "pids": {name: sp.pid for name, sp in self.stages.items()}, "frame_ms": FRAME_MS,
+            "t0_ns": self.t0_ns, "slots": {e.name: e.slots for e in self.config.edges},
+        }
+
+    def _send(self, stage: str, type_: str, **fields: Any) -> None:
+        control.send_to(self.socket, stage.encode(), type_, **fields)
+
+    def _drain_messages(self) -> None:
+        while self.socket.poll(0):
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, payload = parts[0], parts[1:]
+            try:
+                if len(payload) != 1:
+                    raise control.ProtocolError(f"expected one message part, got {len(payload)}")
+                message = control.decode(payload[0], control.STAGE_TO_SUPERVISOR)
+                self._handle(identity, message)
+            except control.ProtocolError as e:
+                self.bad_messages += 1
+                log.warning("rtpipe: control message from %r rejected: %s", identity[:40], e)
+                control.send_to(self.socket, identity, "error", error=str(e))
+
+    def _handle(self, identity: bytes, message: dict) -> None:
+        kind = message["type"]
+        if kind == "error":
+            log.warning("rtpipe: %r reports: %s", identity[:40], message["error"])
+            return
+        name = message["stage"]
+        sp = self.stages.get(name)
+        if sp is None or identity != name.encode():
+            raise control.ProtocolError(f"{kind}.stage = {name!r:.40}: not a stage of this run "
+                                        "(or not the sender's own name)")
+        sp.heard_this_interval = True
+        sp.liveness = self.settings.liveness
+        if kind == "hello":
+            if message["pid"] != sp.pid:
+                raise control.ProtocolError(f"hello.pid = {message['pid']}: stage {name} runs as {sp.pid}")
+        elif kind == "ready":
+            sp.state = StageState.RUNNING
+            sp.ever_ready = True
+            if sp.incarnation > 0:
+                log.warning("rtpipe: stage %s restarted (restart %d)", name, sp.restarts)
+        elif kind == "frames":
+            self._on_records(message["records"])
+        elif kind == "events":
+            for event in message["events"]:
+                if isinstance(event.get("text"), str):
+                    self.text.append(event["text"])
+        elif kind == "stats":
+            sp.stats = dict(message)
+        elif kind == "eos":
+            sp.leaving = True
+            if sp.spec.index == len(self.stage_names) - 1:
+                self.sink_done = True
+        elif kind == "bye":
+            sp.leaving = True
+        elif kind == "failed":
+            sp.last_error = message["error"]
+            log.error("rtpipe: stage %s failed: %s", name, message["error"])
+
+    def _on_records(self, data: bytes) -> None:
+        if len(data) % FRAME_RECORD_DTYPE.itemsize:
+            raise control.ProtocolError(f"frames.records: {len(data)} bytes is not a whole number of "
+                                        f"{FRAME_RECORD_DTYPE.itemsize}-byte records")
+        records = np.frombuffer(data, dtype=FRAME_RECORD_DTYPE).copy()
+        self.records.append(records)
+        self.recent.append(records)
+        _call_observers(self.observers, "on_frames", records)
+
+    def _heartbeat(self) -> None:
+        """Pings every live stage and counts down the liveness of those not heard from (Paranoid
+        Pirate); a running stage at zero is hung and gets killed, then restarted like a crash."""
+        for name, sp in self.stages.items():
+            if sp.state in (StageState.STARTING, StageState.RUNNING) and sp.process is not None:
+                self._send(name, "ping")
+                if sp.state is StageState.RUNNING and not sp.heard_this_interval:
+                    sp.liveness -= 1
+                    if sp.liveness <= 0 and sp.process.poll() is None:
+                        log.warning("rtpipe: stage %s sent no heartbeat for %d ms: hung; killing it",
+                                    name, self.settings.liveness * self.settings.heartbeat_ms)
+                        sp.process.kill()
+                sp.heard_this_interval = False
+
+    def _watch_processes(self, now: int) -> None:
+        for name, sp in self.stages.items():
+            if sp.state is StageState.WAITING:
+                if now >= sp.restart_at_ns and self.stop_all_sent_ns is None:
+                    sp.incarnation += 1
+                    self._start(sp)
+                continue
+            if sp.state is StageState.DONE or sp.process is None:
+                continue
+            if sp.state is StageState.STARTING and now - sp.started_ns > self.settings.start_timeout_s * 1e9:
+                log.warning("rtpipe: stage %s did not open within %g s; killing it", name,
+                            self.settings.start_timeout_s)
+                sp.process.kill()
+                sp.process.wait()
+            code = sp.process.poll()
+            if code is None:
+                continue
+            if sp.leaving:
+                sp.state = StageState.DONE
+                continue
+            if not sp.ever_ready:
+                # it never opened: a bad model path or device, not something a restart fixes
+                self.error = f"stages.{name}: could not start: {sp.last_error or f'exit code {code}'}"
+                sp.state = StageState.DONE
+                return
+            self._restart_later(sp, code, now)
+
+    def _restart_later(self, sp: StageProcess, code: int, now: int) -> None:
+        name = sp.spec.name
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if sp.restarts >= self.settings.restart_limit:
+            self.error = f"stages.{name}: died ({how}) after {sp.restarts} restarts (restart_limit)"
+            sp.state = StageState.DONE
+            return
+        sp.restarts += 1
+        delay_ms = self.settings.restart_backoff_ms * 2 ** (sp.restarts - 1)
+        log.warning("rtpipe: stage %s died (%s); restarting in %d ms", name, how, delay_ms)
+        sp.state = StageState.WAITING
+        sp.restart_at_ns = now + delay_ms * 1_000_000
+
+    def _tick(self, now: int) -> None:
+        while self.recent and self.recent[0].size and \
+                now - int(self.recent[0]["capture_ns"][-1]) > SNAPSHOT_WINDOW_NS:
+            self.recent.popleft()
+        recent = np.concatenate(list(self.recent)) if self.recent else np.zeros(0, FRAME_RECORD_DTYPE)
+        counters = self._counters()
+        snapshot = build_snapshot(recent, counters, frames_total=sum(r.size for r in self.records),
+                                  seconds=(now - self.t0_ns) / 1e9, t0_ns=self.t0_ns)
+        _call_observers(self.observers, "on_tick", snapshot)
+
+    # --- the end ----------------------------------------------------------------------------------
+    def _stop_everything(self) -> None:
+        """Asks every stage still there to stop, waits a little, then kills what is left."""
+        if not hasattr(self, "socket"):
+            return
+        for name, sp in self.stages.items():
+            if sp.process is not None and sp.process.poll() is None:
+                self._send(name, "stop")
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while time.monotonic() < deadline and any(
+                sp.process is not None and sp.process.poll() is None for sp in self.stages.values()):
+            if self.socket.poll(20):
+                self._drain_messages()  # the sink's last records and stats
+        for sp in self.stages.values():
+            if sp.process is not None and sp.process.poll() is None:
+                log.warning("rtpipe: stage %s did not exit; killing it", sp.spec.name)
+                sp.process.kill()
+                sp.process.wait()
+        while self.socket.poll(0):
+            self._drain_messages()
+
+    def _counters(self) -> RunCounters:
+        counters = RunCounters(stage_names=list(self.stage_names), edge_names=list(self.edge_names),
+                               live_source=self.config.stages[0].live)
+        counters.restarts = {name: sp.restarts for name, sp in self.stages.items()}
+        dropped = 0
+        for name, ring in self.rings.items():
+            try:
+                stats = ring.stats()
+            except Exception:  # ring already closed
+                continue
+            counters.edges[name] = EdgeCounters(
+                dropped_oldest=int(stats.dropped_oldest), dropped_newest=int(stats.dropped_newest),
+                blocked=int(stats.blocked_count), fill=int(stats.fill))
+            dropped += int(stats.dropped_oldest) + int(stats.dropped_newest)
+        sink_stats = self.stages[self.stage_names[-1]].stats
+        counters.underruns = int(sink_stats.get("underruns", 0))
+        counters.overflows = int(sink_stats.get("overflows", 0))
+        seqs = np.concatenate([r["seq"] for r in self.records]) if self.records else np.zeros(0)
+        # every sequence gap at the sink is a frame some ring dropped by policy or one a crash lost
+        counters.frames_lost = max(0, count_lost(np.sort(seqs)) - dropped)
+        counters.text = list(self.text)
+        return counters
+
+    def _report(self) -> dict:
+        records = np.concatenate(self.records) if self.records else np.zeros(0, FRAME_RECORD_DTYPE)
+        records = records[np.argsort(records["seq"], kind="stable")]
+        counters = self._counters()
+        seconds = (time.monotonic_ns() - self.t0_ns) / 1e9 if self.t0_ns else 0.0
+        latency_ns = int(self.stages[self.stage_names[-1]].stats.get("output_latency_ns", 0))
+        return build_report(records, counters, seconds=seconds, t0_ns=self.t0_ns, delay_frames=
+                            self.config.delay_frames, config=self.config.raw,
+                            device_latency_ms=round(latency_ns / 1e6, 3) if latency_ns else None)
+
+    def _release(self) -> None:
+        for ring in self.rings.values():
+            for action in (ring.close, ring.unlink):
+                try:
+                    action()
+                except Exception as e:
+                    log.warning("rtpipe: ring %s: %s", ring.name, e)
+        if self.run_id:
+            from shm.cleanup import remove_run_segments
+
+            remove_run_segments(self.run_id)
+        if hasattr(self, "socket"):
+            self.socket.close(linger=0)
+        self.context.term()
+        if self.run_dir is not None:
+            self.run_dir.remove()
+
+    def _exit_code(self, report: dict) -> int:
+        if self.error:
+            return EXIT_FAILED
+        if not self.sink_done and self.stop_reason is None:
+            return EXIT_FAILED
+        if report["frames_lost"] or any(s["restarts"] for s in report["stages"].values()):
+            return EXIT_DEGRADED
+        return EXIT_HEALTHY

@@ -1,0 +1,72 @@
+"""Stages and helpers for the runtime tests: tiny stages named by import path (`runtime_support:Negate`),
+configs for real multi-process runs, and waiting on processes without sleeping blind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
+from stages.errors import ConfigError
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+class Negate(Stage):
+    """A processor found by import path or entry point: every sample's sign flipped."""
+
+    role = Role.PROCESSOR
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        if input_spec != AUDIO_FRAME:
+            raise ConfigError(f"negate: takes {AUDIO_FRAME}, got {input_spec}")
+        return AUDIO_FRAME
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        return -frame
+
+
+class CodesOut(Stage):
+    """A processor that emits int32[8] codes: the next stage must accept codes, not audio."""
+
+    role = Role.PROCESSOR
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return PayloadSpec("int32", (8,))
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        return np.zeros(8, np.int32)
+
+
+def chain_config(source: dict, middle: list[dict], sink: dict, *, policy: str = "block", slots: int = 8,
+                 supervisor: dict | None = None) -> dict:
+    """A raw config: capture -> encode -> lm -> decode -> playback (names fixed, kinds given)."""
+    names = [names[0], *["encode", "lm", "decode"][: len(middle)], "playback"]
+    tables = [source, *middle, sink]
+    raw = {"stages": {n: t for n, t in zip(names, tables)},
+           "edges": {f"{a}->{b}": {"slots": slots, "policy": policy} for a, b in zip(names, names[1:])}}
+    if supervisor:
+        raw["supervisor"] = supervisor
+    return raw
+
+
+def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.05):
+    """Polls `predicate` until it is truthy (returns its value) or fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(every_s)
+
+
+def run_segments(run_id: str) -> list[str]:
+    """Names in /dev/shm that belong to a run."""
+    return sorted(n for n in os.listdir("/dev/shm") if run_id and run_id in n)
