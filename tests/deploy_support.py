@@ -1,0 +1,68 @@
+"""Shared by the deploy tests: README's quick-start commands, pipeline configs checked the way `rtpipe run`
+checks them, and the shared memory their rings take."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def readme_quick_start() -> list[list[str]]:
+    """README's quick-start command lines, each split at `&&` into commands (comments dropped)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^#+\s*Quick start\s*$(.*?)(?=^#+\s|\Z)", text, re.M | re.S | re.I)
+    assert section, "README.md has no Quick start section"
+    lines = []
+    for line in section.group(1).splitlines():
+        if "deploy/setup.sh" not in line:
+            continue
+        command = line.strip().strip("`").split("  #")[0].split(" # ")[0].strip().strip("`")
+        lines.append([part.strip() for part in command.split("&&")])
+    assert lines, "README's Quick start names no `bash deploy/setup.sh` command"
+    return lines
+
+
+def validated_config(toml_text: str, tmp_path: Path):
+    """pipeline.config.validate on a deploy config; files the host would provide (a tokenizer) are
+    stand-ins under tmp_path and a GPU becomes the CPU (this machine has none) after being recorded."""
+    from pipeline import config as pipeline_config
+
+    raw = tomllib.loads(toml_text)
+    devices = {}
+    for name, stage in raw["stages"].items():
+        devices[name] = stage.pop("device", "cpu")
+        params = stage.get("params", {})
+        if "tokenizer" in params:
+            stand_in = tmp_path / Path(params["tokenizer"]).name
+            stand_in.write_bytes(b"")
+            params["tokenizer"] = str(stand_in)
+    return pipeline_config.validate(raw), devices
+
+
+def ring_bytes(config) -> int:
+    """Bytes of /dev/shm the config's rings take (shm's own layout arithmetic)."""
+    from shm.ring_layout import segment_bytes
+
+    total = 0
+    for edge in config.edges:
+        payload_bytes = int(np.dtype(edge.payload.dtype).itemsize * np.prod(edge.payload.shape))
+        total += segment_bytes(edge.slots, payload_bytes)
+    return total
+
+
+def run_arguments(argv: list[str]):
+    """Parse `rtpipe run` arguments with its own parser (SystemExit if a flag does not exist)."""
+    from pipeline.cmd_run import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def split_command(command: str) -> list[str]:
+    return shlex.split(command)
