@@ -46,7 +46,7 @@ class CodesOut(Stage):
 def chain_config(source: dict, middle: list[dict], sink: dict, *, policy: str = "block", slots: int = 8,
                  supervisor: dict | None = None) -> dict:
     """A raw config: capture -> encode -> lm -> decode -> playback (names fixed, kinds given)."""
-    names = [names[0], *["encode", "lm", "decode"][: len(middle)], "playback"]
+    names = ["capture", *["encode", "lm", "decode"][: len(middle)], "playback"]
     tables = [source, *middle, sink]
     raw = {"stages": {n: t for n, t in zip(names, tables)},
            "edges": {f"{a}->{b}": {"slots": slots, "policy": policy} for a, b in zip(names, names[1:])}}
