@@ -79,6 +79,12 @@ class LmStreamer:
         self.dep_head_dim = c.depformer_dim // c.depformer_num_heads
         self.rope_freqs = (rope_frequencies(self.head_dim, c.max_period, self.device)
                            if c.positional_embedding == "rope" else None)
+        if self.dtype == torch.float32:
+            # float32 matrix-vector products run 1-4x faster over an input-major ([in, out])
+            # layout on CPU; the parameters are re-laid in place (same values, same state_dict).
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.data = module.weight.data.t().contiguous().t()
         self.layers = [_unpack_layer(layer, c.gating) for layer in model.transformer.layers]
         self.dep_layers = [_unpack_layer(layer, c.depformer_gating) for layer in model.depformer.layers]
         self.out_norm = _norm_fn(model.out_norm)
@@ -259,19 +265,18 @@ def _unpack_layer(layer, gating: str) -> _Layer:
 
 
 def _norm_fn(norm):
-    """A closure applying `norm` to one vector [dim] with the fewest ops."""
+    """A closure applying `norm` to one vector [dim] with few small ops (a dot product, not mean(x**2))."""
     if isinstance(norm, RmsNorm):
         eps = norm.eps
+        size = float(norm.alpha.shape[-1])
         if norm.float32:
             gain = norm.alpha.detach().view(-1).float()
 
             def rms_f32(x: torch.Tensor) -> torch.Tensor:
-                if x.dtype == torch.float32:
-                    return F.rms_norm(x, gain.shape, gain, eps)
-                return F.rms_norm(x.float(), gain.shape, gain, eps).to(x.dtype)
+                xf = x.float()
+                y = xf * (torch.rsqrt(torch.dot(xf, xf).div_(size).add_(eps)) * gain)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
             return rms_f32
         gain = norm.alpha.detach().view(-1)
-        return lambda x: F.rms_norm(x, gain.shape, gain, eps)
-    if isinstance(norm, LayerNormF32):
-        return norm
+        return lambda x: x * (torch.rsqrt(torch.dot(x, x).div_(size).add_(eps)) * gain)
     return norm

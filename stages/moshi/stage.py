@@ -1,0 +1,160 @@
+"""`moshi.step`: each frame, the user's Mimi codes in, the model's Mimi codes out (one LM step).
+
+Text tokens go out through events(). The model, its weights and the KV caches are built in open(), in
+the stage's own process; the supervisor only reads the (cheap) architecture to size the edges.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from stages.base import PayloadSpec, Role, Stage
+from stages.errors import ConfigError
+from stages.moshi.config import LmConfig, config_for_size, load_config_file
+
+
+@dataclass
+class MoshiStepParams:
+    """`size` picks a built-in architecture unless `config` (a Kyutai config.json) is given.
+    No `weights` means seeded random weights (and a warning). Temperatures of 0 (or greedy) pick the
+    most likely token; `seed` makes sampling repeatable; `context` overrides the KV window (steps)."""
+
+    size: str = "tiny"
+    config: str | None = None
+    weights: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    temperature: float = 0.8
+    top_k: int = 250
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    greedy: bool = False
+    seed: int | None = None
+    tokenizer: str | None = None
+    context: int | None = None
+
+    def validate(self, where: str) -> None:
+        for name in ("temperature", "text_temperature", "top_k", "text_top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name} = {getattr(self, name)}: expected >= 0")
+        if self.context is not None and self.context <= 0:
+            raise ConfigError(f"{where}.context = {self.context}: expected a positive number of steps")
+        if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
+            raise ConfigError(f"{where}.tokenizer = {self.tokenizer!r}: no such file")
+        lm_config(self, where)  # a bad size or config.json is a config error now, not at open()
+
+
+def lm_config(params: MoshiStepParams, where: str = "params") -> LmConfig:
+    """The architecture `params` names: its config.json if given, else the built-in `size`."""
+    if params.config is not None:
+        return load_config_file(params.config)
+    return config_for_size(params.size, f"{where}.size")
+
+
+@dataclass
+class MoshiStepState:
+    """The conversation so far: the LM's stream state (KV caches, delay buffer, step, RNG)."""
+
+    lm: object | None = None  # stages.moshi.streaming.LmStreamState once opened
+    frames: int = 0
+
+
+class MoshiStep(Stage):
+    """Moshi's temporal + depth transformer, one step per 80 ms frame.
+
+    Input int32 [user_q] (the user's codes), output int32 [dep_q] (the model's codes).
+    delay_frames = max(delays) = 1 for Kyutai's models: like Kyutai's LMGen, the first step has no
+    model frame yet (the audio streams are one step behind the text), so the stage emits a frame of
+    zero codes for it; from then on output k is the model frame the reference returns at step k,
+    which has read every code of user frame k - 1 (and the semantic code of frame k)."""
+
+    role = Role.PROCESSOR
+    Params = MoshiStepParams
+
+    def __init__(self, params: MoshiStepParams | None = None):
+        super().__init__(params)
+        self.config: LmConfig = lm_config(self.params)
+        self.state = MoshiStepState()
+        self._streamer = None
+        self._tokenizer = None
+        self._events: list[dict] = []
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        want = PayloadSpec("int32", (self.config.user_q,))
+        if input_spec != want:
+            raise ConfigError(f"moshi.step input = {input_spec}: expected {want} (the user's Mimi codes)")
+        return PayloadSpec("int32", (self.config.dep_q,))
+
+    @property
+    def delay_frames(self) -> int:
+        return self.config.max_delay
+
+    def open(self, device: str = "cpu") -> None:
+        import torch
+
+        from stages.moshi.lm import LmModel
+        from stages.moshi.sampling import SamplingParams
+        from stages.moshi.streaming import LmStreamer
+
+        p = self.params
+        dtype = torch.bfloat16 if p.dtype == "bfloat16" else torch.float32
+        model = LmModel(self.config, dtype=dtype, device=device)
+        if p.weights is None:
+            print(f"rtpipe: WARNING: moshi.step has no weights: running a RANDOM {p.size if p.config is None else p.config} "
+                  "model (its speech is noise); set params.weights to a Kyutai model.safetensors",
+                  file=sys.stderr, flush=True)
+            model.init_random(p.seed or 0)
+        else:
+            from stages.moshi.checkpoint import load_lm_weights
+            load_lm_weights(model, p.weights)
+        model.eval()
+        if p.greedy:
+            sampling = SamplingParams.greedy()
+        else:
+            sampling = SamplingParams(p.temperature, p.top_k, p.text_temperature, p.text_top_k)
+        self._streamer = LmStreamer(model, sampling, context=p.context)
+        if p.tokenizer is not None:
+            from stages.moshi.tokenizer import TextTokenizer
+            self._tokenizer = TextTokenizer(p.tokenizer, (self.config.existing_text_padding_id,
+                                                          self.config.existing_text_end_padding_id))
+        self.reset()
+
+    def reset(self) -> None:
+        seed = self.params.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        lm = self._streamer.new_state(seed) if self._streamer is not None else None
+        self.state = MoshiStepState(lm=lm)
+        self._events = []
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        if self._streamer is None:
+            raise RuntimeError("moshi.step: process() before open()")
+        c = self.config
+        codes = np.asarray(frame)
+        if codes.shape != (c.user_q,):
+            raise ValueError(f"moshi.step: input frame has shape {codes.shape}, expected ({c.user_q},)")
+        if codes.min() < 0 or codes.max() >= c.card:
+            raise ValueError(f"moshi.step: input codes must be in 0..{c.card - 1}, "
+                             f"got {int(codes.min())}..{int(codes.max())}")
+        tokens = self._streamer.step(self.state.lm, codes.tolist())
+        self.state.frames += 1
+        if tokens is None:
+            return np.zeros(c.dep_q, dtype=np.int32)  # warm-up: see delay_frames
+        text = tokens[0]
+        piece = self._tokenizer.piece(text) if self._tokenizer is not None else None
+        self._events.append({"text_token": int(text), "text": piece})
+        return np.asarray(tokens[1:], dtype=np.int32)
+
+    def events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        self._streamer = None
+        self._tokenizer = None
+        self.state = MoshiStepState()
