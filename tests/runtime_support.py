@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,29 @@ def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.05):
 def run_segments(run_id: str) -> list[str]:
     """Names in /dev/shm that belong to a run."""
     return sorted(n for n in os.listdir("/dev/shm") if run_id and run_id in n)
+
+
+@dataclass
+class HangOnceParams:
+    marker: str                 # a file: absent -> this is the first run, which hangs
+    after_frames: int = 5
+
+
+class HangOnce(Stage):
+    """A processor whose first process hangs (never returns) after `after_frames` frames; once the
+    marker file exists it passes frames through. For the supervisor's hung-stage detection."""
+
+    role = Role.PROCESSOR
+    Params = HangOnceParams
+
+    def open(self, device: str = "cpu") -> None:
+        self.first_run = not os.path.exists(self.params.marker)
+        self.seen = 0
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        self.seen += 1
+        if self.first_run and self.seen > self.params.after_frames:
+            Path(self.params.marker).write_text(str(os.getpid()))
+            while True:  # hung: no heartbeat from here on
+                time.sleep(3600)
+        return frame

@@ -1,0 +1,132 @@
+"""What the supervisor does when things die: a SIGKILLed middle stage is restarted and the run completes
+(counted in the report, nothing left in /dev/shm); a hung stage is killed and restarted; when the
+supervisor itself is SIGKILLed, every stage exits."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import soundfile as sf
+
+from pipeline import config as pipeline_config
+from pipeline.supervisor import EXIT_DEGRADED, Supervisor
+from runtime_support import TESTS_DIR, chain_config, run_segments, wait_until
+
+PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
+
+
+def start_in_thread(supervisor: Supervisor) -> tuple[threading.Thread, list]:
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
+    thread.start()
+    return thread, results
+
+
+def frames_at_sink(supervisor: Supervisor) -> int:
+    return sum(r.size for r in list(supervisor.records))
+
+
+def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
+    out = tmp_path / "out.wav"
+    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}, PASS_THROUGH,
+                       {"kind": "playback.file", "params": {"path": str(out)}},
+                       supervisor={"restart_backoff_ms": 50})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    assert supervisor.ready_event.wait(60), "pipeline did not start"
+    wait_until(lambda: frames_at_sink(supervisor) >= 3, 30, "frames at the sink")
+    victim = supervisor.stages["lm"].pid
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    result = results[0]
+    report = result.report
+    assert result.exit_code == EXIT_DEGRADED, result.error
+    assert report["stages"]["lm"]["restarts"] == 1
+    assert sum(s["restarts"] for s in report["stages"].values()) == 1
+    assert supervisor.stages["lm"].pid != victim
+    # 4 s of tone is 50 frames: each reached the sink or is counted lost (no ring dropped any)
+    assert report["frames"] + report["frames_lost"] == 50
+    assert len(sf.read(str(out), dtype="float32")[0]) == report["frames"] * 1920
+    seqs = report["samples"]["seq"]
+    assert seqs == sorted(set(seqs))  # no frame delivered twice
+    assert run_segments(supervisor.run_id) == []
+    assert not supervisor.run_dir.path.exists()
+
+
+def test_hung_stage_is_killed_and_restarted(tmp_path):
+    marker = tmp_path / "hung-once"
+    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 3.0, "pace": False}},
+                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:HangOnce",
+                                                "params": {"marker": str(marker), "after_frames": 3}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"},
+                       supervisor={"heartbeat_ms": 50, "liveness": 10, "restart_backoff_ms": 50})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    thread.join(120)
+    assert not thread.is_alive()
+    report = results[0].report
+    assert marker.exists()
+    assert report["stages"]["lm"]["restarts"] == 1
+    assert report["frames"] + report["frames_lost"] == 38  # ceil(3 s / 80 ms)
+    assert run_segments(supervisor.run_id) == []
+
+
+def read_line_with(proc: subprocess.Popen, text: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if text in line:
+                return line
+    raise AssertionError(f"no line with {text!r} in {timeout_s} s; got {seen}")
+
+
+def gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH,
+                       {"kind": "playback.null"})
+    config = tmp_path / "long.toml"
+    config.write_text(pipeline_config.to_toml(raw))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    try:
+        read_line_with(proc, "rtpipe: running", 60)
+        stages = psutil.Process(proc.pid).children()
+        assert len(stages) == 5
+        from shm.cleanup import remove_orphaned_segments, segment_owner
+
+        segments = [n for n in os.listdir("/dev/shm") if (segment_owner(n) or (0,))[0] == proc.pid]
+        assert len(segments) == 4
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: all(gone(p) for p in stages), 10, "every stage to exit after the supervisor died")
+        # what the dead supervisor could not unlink, the next run's cleanup removes
+        removed = remove_orphaned_segments()
+        assert set(segments) <= set(removed) | set()
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in segments)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
