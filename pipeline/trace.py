@@ -106,7 +106,10 @@ class TraceWriter(Observer):
 
     def on_start(self, run_info: dict) -> None:
         self._setup(run_info)
-        self._write(self._metadata())
+        # every ring starts empty: the fill counters begin at zero even if the run ends before a tick
+        self._write(self._metadata() + [
+            {"name": f"ring {edge}", "ph": "C", "ts": 0, "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
+             "args": {"fill": 0}} for edge in self.run_info.get("edges") or []])
         if self._file is not None:
             self._file.flush()
 

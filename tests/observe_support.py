@@ -190,3 +190,21 @@ def counters_from_report(report: dict) -> dict:
     expected[("rtpipe_frames_lost_total", frozenset())] = report["frames_lost"]
     expected[("rtpipe_frames_total", frozenset())] = report["frames"]
     return expected
+
+
+def check_latency_png(png_path, report):
+    """The PNG opens; the figure drawn from `report` has the three panels and the 80 ms line."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(png_path))
+    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
+    from pipeline.plot import TITLE_BUDGET, TITLE_COMPUTE, TITLE_END_TO_END, plot_report
+
+    fig = plot_report(report)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == TITLE_END_TO_END and titles[1].startswith(TITLE_COMPUTE) and titles[2] == TITLE_BUDGET
+    assert fig.axes[0].get_xlabel() == "time since start (s)"
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(report["samples"]["stage_ms"])
+    frame_lines = [line for line in fig.axes[0].get_lines() if list(line.get_ydata()) == [80.0, 80.0]]
+    assert frame_lines, "no 80 ms frame line on the end-to-end panel"
+    return fig

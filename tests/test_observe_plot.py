@@ -11,8 +11,7 @@ import observe_support as support  # noqa: E402
 
 from pipeline import cmd_plot  # noqa: E402
 from pipeline.cli import main as rtpipe  # noqa: E402
-from pipeline.plot import (TITLE_BUDGET, TITLE_COMPUTE, TITLE_END_TO_END, ReportError,  # noqa: E402
-                           budget_segments_ms, load_report, plot_report)
+from pipeline.plot import ReportError, budget_segments_ms, load_report  # noqa: E402
 
 
 def _report_file(tmp_path, n=80):
@@ -23,27 +22,11 @@ def _report_file(tmp_path, n=80):
     return path, report
 
 
-def check_latency_png(png_path, report):
-    """The PNG opens; the figure drawn from `report` has the three panels and the 80 ms line."""
-    import matplotlib.image
-
-    image = matplotlib.image.imread(str(png_path))
-    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
-    fig = plot_report(report)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == TITLE_END_TO_END and titles[1].startswith(TITLE_COMPUTE) and titles[2] == TITLE_BUDGET
-    assert fig.axes[0].get_xlabel() == "time since start (s)"
-    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(report["samples"]["stage_ms"])
-    frame_lines = [line for line in fig.axes[0].get_lines() if list(line.get_ydata()) == [80.0, 80.0]]
-    assert frame_lines, "no 80 ms frame line on the end-to-end panel"
-    return fig
-
-
 def test_rtpipe_plot_writes_a_png_with_the_expected_axes(tmp_path, capsys):
     path, report = _report_file(tmp_path)
     out = tmp_path / "latency.png"
     assert rtpipe(["plot", str(path), "-o", str(out)]) == 0
-    check_latency_png(out, report)
+    support.check_latency_png(out, report)
 
 
 def test_budget_parts_follow_the_chain_and_add_up_per_frame(tmp_path):

@@ -1,0 +1,144 @@
+"""A short real `rtpipe run` observed every way at once: the report plots, the trace is valid and complete,
+/metrics scraped during the run serves counters that end equal to the report's, and the live view draws
+on a recorded console. The run reads the built-in speech sample in a loop as fast as the pcm/echo stages
+take it, through a 2-slot drop-newest first ring, so drop and block counters are far from zero."""
+
+import io
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from rich.console import Console
+
+sys.path.insert(0, os.path.dirname(__file__))
+import observe_support as support  # noqa: E402
+
+import pipeline.observe as observe  # noqa: E402
+from pipeline import cmd_plot, cmd_run  # noqa: E402
+from pipeline.live_view import LiveView  # noqa: E402
+from pipeline.prometheus import PrometheusExporter  # noqa: E402
+
+RUN_SECONDS = 2.0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _scrape(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return support.parse_metrics(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def observed_run(tmp_path_factory):
+    """Runs `rtpipe run` in this process, catching the observers it builds, scraping /metrics meanwhile."""
+    tmp = tmp_path_factory.mktemp("run")
+    built: dict = {}
+    exporter_ready = threading.Event()
+    stop_scraping = threading.Event()
+    scrapes: list[dict] = []
+    real_make_observers = observe.make_observers
+
+    def make_observers(args, run_info, stdout=None):
+        # as on a terminal, so the live view is chosen; it draws on a recorded console
+        observers = real_make_observers(args, run_info, stdout=_Terminal())
+        for observer in observers:
+            if isinstance(observer, LiveView):
+                observer.console = Console(record=True, file=io.StringIO(), force_terminal=True, width=150)
+            if isinstance(observer, PrometheusExporter):
+                built["exporter"] = observer
+                exporter_ready.set()
+        built["observers"], built["run_info"] = observers, run_info
+        return observers
+
+    def scrape_while_running():
+        if not exporter_ready.wait(timeout=300):
+            return
+        url = built["exporter"].url
+        while not stop_scraping.is_set():
+            try:
+                scrapes.append(_scrape(url))
+            except OSError:
+                pass
+            stop_scraping.wait(0.3)
+
+    scraper = threading.Thread(target=scrape_while_running, daemon=True)
+    scraper.start()
+    observe.make_observers, saved = make_observers, observe.make_observers
+    try:
+        code = cmd_run.main(["--input", "", "--no-pace", "--set", "stages.capture.params.loop=true",
+                             "--set", "edges.capture->encode.policy=drop-newest",
+                             "--set", "edges.capture->encode.slots=2",
+                             "--output", str(tmp / "out.wav"), "--seconds", str(RUN_SECONDS),
+                             "--report", str(tmp / "report.json"), "--trace", str(tmp / "trace.json"),
+                             "--metrics-port", "0"])
+    finally:
+        observe.make_observers = saved
+        stop_scraping.set()
+        scraper.join(timeout=30)
+    exporter = built.get("exporter")
+    final_scrape = _scrape(exporter.url) if exporter else None  # served until the process would exit
+    if exporter:
+        exporter.close()
+    yield {"code": code, "tmp": tmp, "built": built, "scrapes": scrapes, "final_scrape": final_scrape,
+           "report": json.loads((tmp / "report.json").read_text())}
+
+
+def test_run_writes_a_report_with_samples(observed_run):
+    report = observed_run["report"]
+    assert observed_run["code"] in (0, 1), "the run failed"  # 1: degraded (e.g. a restart) still reports
+    assert report["frames"] > 10
+    assert len(report["samples"]["end_to_end_ms"]) == report["frames"]
+
+
+def test_report_plots_with_the_expected_axes(observed_run):
+    tmp = observed_run["tmp"]
+    assert cmd_plot.main([str(tmp / "report.json"), "-o", str(tmp / "latency.png")]) == 0
+    support.check_latency_png(tmp / "latency.png", observed_run["report"])
+
+
+def test_trace_is_valid_and_follows_every_frame(observed_run):
+    report, run_info = observed_run["report"], observed_run["built"]["run_info"]
+    events = json.loads((observed_run["tmp"] / "trace.json").read_text())
+    summary = support.check_trace(events)
+    n_stages, n_edges = len(run_info["stages"]), len(run_info["edges"])
+    assert summary["slices"] == report["frames"] * n_stages
+    assert summary["flows"] == report["frames"] * n_edges
+    slice_pids = {e["pid"] for e in events if e["ph"] == "X"}
+    assert slice_pids == set(run_info["pids"].values())  # a track per stage process, by its real pid
+    fill_counters = {e["name"] for e in events if e["ph"] == "C" and "fill" in e["args"]}
+    assert fill_counters == {f"ring {edge}" for edge in run_info["edges"]}
+
+
+def test_metrics_scraped_during_the_run_end_equal_to_the_report(observed_run):
+    report, scrapes, final = observed_run["report"], observed_run["scrapes"], observed_run["final_scrape"]
+    running = [s for s in scrapes if s.get(("rtpipe_running", frozenset())) == 1]
+    assert running, "/metrics never answered during the run"
+    expected = support.counters_from_report(report)
+    first_edge = next(iter(report["edges"]))
+    assert report["edges"][first_edge]["dropped_newest"] > 0  # the counters compared below are not all 0
+    for scrape in scrapes:  # counters only grow toward the report's
+        for key, value in expected.items():
+            assert scrape.get(key, 0) <= value, key
+    for key, value in expected.items():
+        assert final[key] == value, key
+    assert final[("rtpipe_end_to_end_latency_seconds_count", frozenset())] == report["frames"]
+    for stage in report["stages"]:
+        assert final[("rtpipe_stage_compute_seconds_count", frozenset({"stage": stage}.items()))] == report["frames"]
+
+
+def test_live_view_drew_the_run_on_a_recorded_console(observed_run):
+    views = [o for o in observed_run["built"]["observers"] if isinstance(o, LiveView)]
+    assert len(views) == 1
+    text = views[0].console.export_text()
+    for stage in observed_run["report"]["stages"]:
+        assert stage in text
+    for edge in observed_run["report"]["edges"]:
+        assert edge in text
+    assert "end-to-end" in text and f"{observed_run['report']['frames']} frames" in text
