@@ -282,10 +282,10 @@ class PacedState:
 
 
 class _ComputedSource(Stage):
-    """A source whose frame k is known in advance. Paced, it behaves like a microphone opened at the
-    first read(): frame k is handed out when its last sample would have been captured, at
-    t0 + (k+1) * 80 ms, with capture_ns = t0 + k * 80 ms. Unpaced, frames come as fast as read() is
-    called and capture_ns is the time of the read."""
+    """A source whose frame k is known in advance. Paced, frame k is handed out at t0 + k * 80 ms (t0:
+    the first read) and that is its capture_ns: a file has no moment of capture before it is read, so
+    unlike a microphone's frames these carry no 80 ms of framing (the report counts that only for a
+    live source). Unpaced, frames come as fast as read() is called; capture_ns is the time of the read."""
 
     role = Role.SOURCE
 
@@ -312,7 +312,7 @@ class _ComputedSource(Stage):
         if self.state.t0_ns is None:
             self.state.t0_ns = now_ns
         capture_ns = self.state.t0_ns + k * FRAME_NS
-        wait_ns = capture_ns + FRAME_NS - now_ns
+        wait_ns = capture_ns - now_ns
         if wait_ns > timeout_s * NS_PER_S:
             time.sleep(max(0.0, timeout_s))
             return None
@@ -602,6 +602,8 @@ class SpeakerPlayback(Stage):
             self._buffer.drain()
             deadline = time.monotonic() + self._buffer.fill_samples / SAMPLE_RATE + self.params.watchdog_s
             while self._buffer.fill_samples > 0 and time.monotonic() < deadline:
+                if time.monotonic_ns() - self._last_callback_ns > NS_PER_S // 2:
+                    break  # the device stopped asking: what is left will never play
                 time.sleep(0.01)
             time.sleep(self._device_latency_ns / NS_PER_S + 2 * self.params.block_samples / SAMPLE_RATE)
         self._close_stream()
