@@ -51,6 +51,39 @@ def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no live terminal view: print the one-line status instead")
 
 
+def check_observer_arguments(args: argparse.Namespace) -> None:
+    """Fail before any stage starts if --trace cannot be written or --metrics-port is taken.
+
+    Raises ConfigError naming the flag and what is wrong. (The observers themselves start later, once every
+    stage is up; this only saves a model's loading time when a flag is wrong.)
+    """
+    import os
+    import socket
+
+    from stages.errors import ConfigError
+
+    trace_path = getattr(args, "trace", None)
+    if trace_path:
+        directory = os.path.dirname(os.path.abspath(trace_path))
+        if os.path.isdir(trace_path):
+            raise ConfigError(f"--trace {trace_path}: is a directory")
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--trace {trace_path}: no such directory {directory}")
+        if not os.access(directory, os.W_OK):
+            raise ConfigError(f"--trace {trace_path}: cannot write in {directory}")
+    port = getattr(args, "metrics_port", None)
+    if port:
+        host = getattr(args, "metrics_host", "127.0.0.1")
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+
+
 def _status_line(run_info: dict) -> list:
     """The runtime's plain one-line-a-second printer, for pipes and CI; nothing if it is not there."""
     try:
@@ -93,4 +126,4 @@ def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None) -> 
     return observers
 
 
-__all__ = ["Observer", "add_observer_arguments", "make_observers"]
+__all__ = ["Observer", "add_observer_arguments", "check_observer_arguments", "make_observers"]

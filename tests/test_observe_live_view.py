@@ -83,3 +83,22 @@ def test_metrics_flags_parse_and_reject_a_bad_port(capsys):
     with pytest.raises(SystemExit):
         _args("--metrics-port", "70000")
     assert "--metrics-port 70000" in capsys.readouterr().err
+
+
+def test_wrong_trace_path_or_taken_port_fails_before_the_run(tmp_path):
+    import socket
+
+    import pytest
+
+    from pipeline.observe import check_observer_arguments
+    from stages.errors import ConfigError
+
+    check_observer_arguments(_args("--trace", str(tmp_path / "run.json"), "--metrics-port", "0"))
+    with pytest.raises(ConfigError, match="--trace .*no such directory"):
+        check_observer_arguments(_args("--trace", str(tmp_path / "missing" / "run.json")))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--metrics-port {port}: cannot listen"):
+            check_observer_arguments(_args("--metrics-port", str(port)))

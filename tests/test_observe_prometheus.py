@@ -94,3 +94,15 @@ def test_port_in_use_is_a_config_error_naming_the_port():
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"--metrics-port {port}"):
             PrometheusExporter(support.run_info(), port=port)
+
+
+def test_live_source_histogram_leaves_out_the_frames_own_80_ms():
+    info = {**support.run_info(), "live_source": True}
+    exporter = PrometheusExporter(info, port=0, serve=False)
+    exporter.on_start(info)
+    recs = support.records(10)
+    exporter.on_frames(recs)
+    metrics = support.parse_metrics(__import__("prometheus_client").generate_latest(exporter.registry).decode())
+    raw_s = ((recs["exit_ns"][:, 0] - recs["enter_ns"][:, 0]) / 1e9).sum()
+    adjusted = metrics[("rtpipe_stage_compute_seconds_sum", frozenset({"stage": "mic"}.items()))]
+    assert adjusted == pytest.approx(raw_s - 10 * 0.080)
