@@ -467,7 +467,7 @@ NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0}
 class SpeakerParams:
     device: str = ""                 # PortAudio device name (or part of it, or its index); "" = default output
     block_samples: int = 240         # device block; the device path costs about two of these
-    target_latency_ms: float = 120.0  # queued audio at which playback (re)starts: one frame plus jitter room
+    target_latency_ms: float = 120.0  # queue length when a frame lands: one frame plus room for late ones
     max_latency_ms: float = 320.0    # more than this queued: trim the oldest back to the target
     watchdog_s: float = 3.0          # write() raises AudioError when no callback came for this long
 
@@ -572,14 +572,14 @@ class SpeakerPlayback(Stage):
         if status.output_underflow:
             self._device_underflows += 1
         buffer = self._buffer
-        before = buffer.samples_consumed
-        buffer.pull(outdata[:, 0])
+        took = buffer.pull(outdata[:, 0])
+        position, offset = buffer.last_pull_position, buffer.last_pull_offset
         # frames whose first sample left in this block (or was trimmed away by an overflow)
-        end = before + n_samples
-        while self._pending_starts and self._pending_starts[0][1] < end:
+        while self._pending_starts and self._pending_starts[0][1] < position + took:
             index, start = self._pending_starts.popleft()
-            if start >= before:
-                self._handoffs.append((index, now_ns + (start - before) * NS_PER_S // SAMPLE_RATE))
+            if start >= position:
+                self._handoffs.append(
+                    (index, now_ns + (offset + start - position) * NS_PER_S // SAMPLE_RATE))
         if self._callbacks == 16:
             self._running.set()
 

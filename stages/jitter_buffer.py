@@ -1,9 +1,10 @@
 """A sample FIFO between frames that arrive in 80 ms bursts and an audio device that pulls small blocks.
 
 Used by `playback.speaker` (stages/audio_io.py): write() pushes whole frames, the PortAudio callback
-pulls device blocks. It starts playing once `target_samples` are queued; an empty buffer plays silence
-and counts an underrun (then waits for the target again); more than `max_samples` queued trims the
-oldest audio back to the target and counts an overflow.
+pulls device blocks. When audio arrives after silence it is played behind a pre-roll of silence that
+makes the queue `target_samples` long (so the room for late frames is target minus one frame, without
+waiting for a second frame); running dry plays silence and counts an underrun; more than `max_samples`
+queued trims the oldest audio back to the target and counts an overflow.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class JitterBuffer:
         self._data = np.zeros(self._capacity, dtype=dtype)
         self._start = 0           # index of the oldest queued sample in _data
         self._fill = 0            # samples queued now
-        self._playing = False     # False while priming (at start, after an underrun)
+        self._playing = False     # False while silent (at start, after an underrun)
+        self._preroll = 0         # silent samples still to play before the queued audio
         self._draining = False    # end of stream: play out what is left, below the target too
         self.samples_pushed = 0   # stream positions: every sample ever pushed / pulled or trimmed
         self.samples_consumed = 0
+        self.last_pull_position = 0
+        self.last_pull_offset = 0
         self.counters = JitterCounters()
         self._lock = threading.Lock()
 
@@ -57,7 +61,8 @@ class JitterBuffer:
         return self._playing
 
     def push(self, samples: np.ndarray) -> int:
-        """Queues `samples` (1-D); returns how many samples are queued ahead of them after any trim."""
+        """Queues `samples` (1-D); returns how many samples will play before them (queued audio and
+        pre-roll silence), after any trim."""
         samples = np.asarray(samples).reshape(-1)
         n = len(samples)
         if n > self._capacity:
@@ -68,8 +73,11 @@ class JitterBuffer:
             first = min(n, self._capacity - end)
             self._data[end:end + first] = samples[:first]
             self._data[:n - first] = samples[first:]
+            fill_before = self._fill
             self._fill += n
             self.samples_pushed += n
+            # where this audio will start: behind what is queued, and behind the pre-roll still to come
+            ahead = fill_before + (self._preroll if self._playing else max(0, self.target_samples - self._fill))
             if self._fill > self.max_samples:
                 # overflow: keep the newest `target` samples, so latency goes back to what was asked
                 drop = self._fill - self.target_samples
@@ -78,7 +86,9 @@ class JitterBuffer:
                 self.samples_consumed += drop
                 self.counters.overflows += 1
                 self.counters.samples_dropped += drop
-            return max(0, self._fill - n)
+                self._preroll = 0
+                ahead = max(0, self._fill - n)
+            return ahead
 
     def pull(self, out: np.ndarray) -> int:
         """Fills `out` (1-D, a device block) with queued audio or silence; returns samples of real audio.
@@ -86,26 +96,34 @@ class JitterBuffer:
         Called from the audio callback: it never waits for data."""
         n = len(out)
         with self._lock:
+            # for the speaker's hand-off times: stream position of the first real sample, where it lands
+            self.last_pull_position = self.samples_consumed
+            self.last_pull_offset = 0
             if not self._playing:
-                if self._fill >= self.target_samples or (self._draining and self._fill > 0):
-                    self._playing = True
-                else:
+                if self._fill == 0:
                     out[:] = 0
                     return 0
-            take = min(n, self._fill)
+                self._playing = True
+                self._preroll = 0 if self._draining else max(0, self.target_samples - self._fill)
+            silent = min(n, self._preroll)
+            self._preroll -= silent
+            out[:silent] = 0
+            want = n - silent
+            take = min(want, self._fill)
             first = min(take, self._capacity - self._start)
-            out[:first] = self._data[self._start:self._start + first]
-            out[first:take] = self._data[:take - first]
-            out[take:] = 0
+            out[silent:silent + first] = self._data[self._start:self._start + first]
+            out[silent + first:silent + take] = self._data[:take - first]
+            out[silent + take:] = 0
             self._start = (self._start + take) % self._capacity
             self._fill -= take
             self.samples_consumed += take
-            if take < n:
+            if take < want:
                 self._playing = False
                 if not self._draining:
-                    # ran dry mid-stream: the gap is heard as silence; wait for the target again
+                    # ran dry mid-stream: the gap is heard as silence; the next audio gets a pre-roll
                     self.counters.underruns += 1
-                    self.counters.samples_silence += n - take
+                    self.counters.samples_silence += want - take
+            self.last_pull_offset = silent
             return take
 
     def drain(self) -> None:

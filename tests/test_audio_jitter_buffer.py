@@ -25,12 +25,13 @@ def pull_blocks(buffer: JitterBuffer, n_blocks: int) -> np.ndarray:
     return out
 
 
-def test_plays_silence_until_the_target_is_queued_and_counts_no_underrun():
+def test_audio_after_silence_plays_behind_a_preroll_that_makes_the_queue_the_target():
     buffer = JitterBuffer(target_samples=2 * FRAME, max_samples=4 * FRAME)
-    buffer.push(frames(1)[0])
-    assert not np.any(pull_blocks(buffer, 8))
-    assert buffer.fill_samples == FRAME and not buffer.playing
-    buffer.push(frames(1, start=1)[0])
+    assert not np.any(pull_blocks(buffer, 3))   # nothing yet: silence, and not an underrun
+    assert buffer.push(frames(1)[0]) == FRAME   # one frame queued, one frame of pre-roll ahead of it
+    assert not np.any(pull_blocks(buffer, 8))   # the pre-roll
+    assert buffer.playing and buffer.fill_samples == FRAME
+    assert buffer.push(frames(1, start=1)[0]) == FRAME
     np.testing.assert_array_equal(pull_blocks(buffer, 16), np.concatenate(frames(2)))
     assert buffer.counters.underruns == 0 and buffer.counters.overflows == 0
 

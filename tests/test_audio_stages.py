@@ -373,13 +373,15 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
     assert speaker.device_latency_ns == 20_000_000
     written = [np.full(FRAME_SAMPLES, k + 1, dtype=np.float32) for k in range(3)]
     speaker.write(written[0])
-    assert speaker.output_latency_ns == 20_000_000
-    assert not np.any(stream.pull())  # priming: below the 160 ms target
+    # 160 ms target: one frame of pre-roll silence will play ahead of it, then the device's 20 ms
+    assert speaker.output_latency_ns == 80_000_000 + 20_000_000
+    assert not np.any(stream.pull())
     speaker.write(written[1])
-    assert speaker.output_latency_ns == 80_000_000 + 20_000_000  # one frame queued ahead of it
-    played = np.concatenate([stream.pull() for _ in range(16)])
-    np.testing.assert_array_equal(played, np.concatenate(written[:2]))
-    assert [index for index, _ in speaker.pop_handoffs()] == [0, 1]
+    assert speaker.output_latency_ns == 150_000_000 + 20_000_000  # 70 ms pre-roll left, one frame
+    played = np.concatenate([stream.pull() for _ in range(23)])
+    np.testing.assert_array_equal(played, np.concatenate([np.zeros(1680, np.float32), *written[:2]]))
+    handoffs = speaker.pop_handoffs()
+    assert [index for index, _ in handoffs] == [0, 1]
     assert speaker.counters() == {"underruns": 0, "overflows": 0}
     stream.pull()                      # nothing left: one underrun
     assert speaker.counters() == {"underruns": 1, "overflows": 0}
