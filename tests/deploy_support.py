@@ -29,6 +29,16 @@ def readme_quick_start() -> list[list[str]]:
     return lines
 
 
+def readme_commands() -> tuple[list[str], list[str]]:
+    """([setup, run], [setup for tests, test]): README's quick-start line that runs rtpipe and the one that
+    runs the tests, each split at `&&`."""
+    lines = readme_quick_start()
+    run = [line for line in lines if any("rtpipe run" in command for command in line)]
+    test = [line for line in lines if any("pytest" in command for command in line)]
+    assert run and test, f"README's Quick start lacks a run line or a test line: {lines}"
+    return run[0], test[0]
+
+
 def validated_config(toml_text: str, tmp_path: Path):
     """pipeline.config.validate on a deploy config; files the host would provide (a tokenizer) are
     stand-ins under tmp_path and a GPU becomes the CPU (this machine has none) after being recorded."""

@@ -42,7 +42,7 @@ def _exec_form(text: str) -> str:
 
 
 def test_image_installs_and_runs_with_readmes_commands():
-    (setup, run), (setup_test, test) = support.readme_quick_start()
+    (setup, run), (setup_test, test) = support.readme_commands()
     assert (setup, run) == ("bash deploy/setup.sh", ".venv/bin/rtpipe run")
     instructions = _instructions()
     last_stage = instructions[-1][0]

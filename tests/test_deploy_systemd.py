@@ -34,7 +34,7 @@ def test_unit_pins_cores_caps_memory_and_shm():
 
 
 def test_exec_start_is_readmes_run_command_with_real_flags(tmp_path):
-    (_, run), _ = support.readme_quick_start()
+    (_, run), _ = support.readme_commands()
     service = _service()
     argv = shlex.split(service["ExecStart"])
     working_dir = "/opt/rtpipe/"
