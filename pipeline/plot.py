@@ -51,19 +51,30 @@ def load_report(path: str | os.PathLike) -> dict:
     for key in SAMPLE_KEYS:
         if key not in samples:
             raise ReportError(f"{path}: samples.{key} is missing")
+    if not isinstance(samples["end_to_end_ms"], list):
+        raise ReportError(f"{path}: samples.end_to_end_ms is not a list of per-frame values")
     n = len(samples["end_to_end_ms"])
     if n == 0:
         raise ReportError(f"{path}: the run recorded no frames, nothing to plot")
     for key in ("t_s", "capture_ms", "playback_ms"):
-        if not isinstance(samples[key], list) or len(samples[key]) != n:
-            raise ReportError(f"{path}: samples.{key} has {len(samples[key]) if isinstance(samples[key], list) else 'no'}"
-                              f" values, samples.end_to_end_ms has {n}")
+        values = samples[key]
+        if not isinstance(values, list) or len(values) != n:
+            count = len(values) if isinstance(values, list) else "no"
+            raise ReportError(f"{path}: samples.{key} has {count} values, samples.end_to_end_ms has {n}")
     for group in ("stage_ms", "wait_ms"):
         if not isinstance(samples[group], dict):
             raise ReportError(f"{path}: samples.{group} is not an object of per-frame lists")
         for name, values in samples[group].items():
             if not isinstance(values, list) or len(values) != n:
                 raise ReportError(f"{path}: samples.{group}.{name} does not have {n} values")
+    lists = {key: samples[key] for key in ("t_s", "end_to_end_ms", "capture_ms", "playback_ms")}
+    for group in ("stage_ms", "wait_ms"):
+        lists.update({f"{group}.{name}": values for name, values in samples[group].items()})
+    for key, values in lists.items():
+        bad = next((i for i, v in enumerate(values)
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+        if bad is not None:
+            raise ReportError(f"{path}: samples.{key}[{bad}] = {values[bad]!r}: not a number")
     frame_ms = report.get("frame_ms", 80.0)
     if not isinstance(frame_ms, (int, float)) or frame_ms <= 0:
         raise ReportError(f"{path}: frame_ms = {frame_ms!r}: not a positive number")

@@ -49,8 +49,10 @@ class _CountsCollector(Collector):
         run_info = self.exporter.run_info
         stages = counts.get("stages") or {}
         edges = counts.get("edges") or {}
-        stage_names = list(run_info.get("stages") or []) + [s for s in stages if s not in (run_info.get("stages") or [])]
-        edge_names = list(run_info.get("edges") or []) + [e for e in edges if e not in (run_info.get("edges") or [])]
+        stage_names = list(run_info.get("stages") or [])
+        stage_names += [s for s in stages if s not in stage_names]
+        edge_names = list(run_info.get("edges") or [])
+        edge_names += [e for e in edges if e not in edge_names]
 
         misses = CounterMetricFamily("rtpipe_deadline_misses", "Frames a stage took longer than one frame on.",
                                      labels=["stage"])
@@ -159,7 +161,8 @@ class PrometheusExporter(Observer):
             "rtpipe_end_to_end_latency_seconds", "Capture to hand-off to the output, per frame.",
             registry=self.registry, buckets=_buckets_s(frame_ms, END_TO_END_BUCKETS_FRAMES))
         self.compute = Histogram(
-            "rtpipe_stage_compute_seconds", "Time a stage spent on one frame, enter to exit (a live source: less the frame's own 80 ms).",
+            "rtpipe_stage_compute_seconds",
+            "Time a stage spent on one frame, enter to exit (a live source: less the frame's own 80 ms).",
             ["stage"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
         self.wait = Histogram(
             "rtpipe_hop_wait_seconds", "Time a frame waited in a ring between two stages.",
@@ -172,7 +175,8 @@ class PrometheusExporter(Observer):
             try:
                 self._server = _serve(self._app, host, port)
             except (OSError, socket.gaierror) as e:
-                raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+                raise ConfigError(
+                    f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
             self.port = int(self._server.server_address[1])
             print(f"rtpipe: metrics on http://{host}:{self.port}/metrics", file=sys.stderr, flush=True)
 

@@ -67,3 +67,11 @@ def test_default_output_is_the_reports_name_with_png(tmp_path):
     path, _ = _report_file(tmp_path, n=5)
     assert cmd_plot.main([str(path)]) == 0
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_report_with_a_non_number_sample_names_it(tmp_path):
+    path, report = _report_file(tmp_path, n=5)
+    report["samples"]["wait_ms"]["encode->lm"][3] = "slow"
+    path.write_text(json.dumps(report))
+    with pytest.raises(ReportError, match=r"samples.wait_ms.encode->lm\[3\] = 'slow': not a number"):
+        load_report(path)
