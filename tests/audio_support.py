@@ -1,10 +1,17 @@
 """Helpers for the audio tests (not a test module): find played audio inside a recording by
-cross-correlation, never assuming a lag, and the PulseAudio null-sink session the live tests use.
+cross-correlation, never assuming a lag, and the child processes that play and record live audio.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
+
+from stages.audio_io import (FileCapture, FileParams, MicrophoneCapture, MicrophoneParams, SpeakerParams,
+                             SpeakerPlayback)
+from stages.base import EndOfStream
 
 
 def find_lag(recording: np.ndarray, played: np.ndarray) -> tuple[int, float]:
@@ -37,3 +44,66 @@ def chunk_lags(recording: np.ndarray, played: np.ndarray, chunk_samples: int,
         lag, score = find_lag(recording, chunk)
         out.append((start, lag, score))
     return out
+
+
+def record_microphone(path: str, ready, stop, max_seconds: float, env: dict | None = None) -> None:
+    """Child process: records MicrophoneCapture frames until `stop`; saves samples and capture times.
+    `env` (e.g. PULSE_SOURCE) is applied before the device is opened."""
+    os.environ.update(env or {})
+    mic = MicrophoneCapture(MicrophoneParams(block_samples=240))
+    mic.open()
+    frames, capture_ns = [], []
+    deadline = time.monotonic() + max_seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        frame = mic.read(0.2)
+        if frame is None:
+            continue
+        frames.append(np.array(frame.payload))
+        capture_ns.append(frame.capture_ns)
+        ready.set()
+    counters = mic.counters()
+    np.savez(path, samples=np.concatenate(frames), capture_ns=np.array(capture_ns, dtype=np.int64),
+             input_latency_ns=mic.device_latency_ns, frames_dropped=counters["frames_dropped"],
+             input_overflows=counters["input_overflows"])
+    mic.close()
+
+
+def play_speech(path: str, seconds: float, env: dict | None = None) -> None:
+    """Child process: plays the built-in speech through SpeakerPlayback at real time; saves write and
+    hand-off times. `env` (e.g. PULSE_SINK) is applied before the device is opened."""
+    os.environ.update(env or {})
+    source = FileCapture(FileParams(seconds=seconds, pace=True))
+    speaker = SpeakerPlayback(SpeakerParams(block_samples=240))
+    speaker.open()
+    source.open()
+    write_ns, latency_ns = [], []
+    while True:
+        try:
+            frame = source.read(1.0)
+        except EndOfStream:
+            break
+        if frame is None:
+            continue
+        speaker.write(frame.payload)
+        write_ns.append(time.monotonic_ns())
+        latency_ns.append(speaker.output_latency_ns)
+    speaker.close()
+    handoffs = np.array(speaker.pop_handoffs(), dtype=np.int64).reshape(-1, 2)
+    counters = speaker.counters()
+    np.savez(path, write_ns=np.array(write_ns), output_latency_ns=np.array(latency_ns),
+             handoff_frame=handoffs[:, 0], handoff_ns=handoffs[:, 1],
+             device_latency_ns=speaker.device_latency_ns, underruns=counters["underruns"],
+             overflows=counters["overflows"])
+
+
+def speech(seconds: float) -> np.ndarray:
+    """The first `seconds` of the built-in speech sample, as the file source frames it."""
+    source = FileCapture(FileParams(seconds=seconds, pace=False))
+    source.open()
+    frames = []
+    try:
+        while True:
+            frames.append(source.read(0.0).payload)
+    except EndOfStream:
+        pass
+    return np.concatenate(frames)

@@ -6,78 +6,18 @@ device path's latency is measured (printed, never asserted against a threshold).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 
 import numpy as np
 import pytest
 
-from audio_support import chunk_lags
-from stages.audio_io import (FileCapture, FileParams, MicrophoneCapture, MicrophoneParams, SpeakerPlayback,
-                             SpeakerParams, audio_devices_available)
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE, EndOfStream
+from audio_support import chunk_lags, play_speech, record_microphone, speech
+from stages.audio_io import audio_devices_available
+from stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
 SPEECH_SECONDS = 6.0
 CHUNK_SAMPLES = SAMPLE_RATE // 2
 PROCESS_TIMEOUT_S = 60.0
-
-
-def _record(path: str, ready, stop, max_seconds: float) -> None:
-    """Child process: records from the default source until `stop`, saves samples and capture times."""
-    mic = MicrophoneCapture(MicrophoneParams(block_samples=240))
-    mic.open()
-    frames, capture_ns = [], []
-    deadline = time.monotonic() + max_seconds
-    while not stop.is_set() and time.monotonic() < deadline:
-        frame = mic.read(0.2)
-        if frame is None:
-            continue
-        frames.append(np.array(frame.payload))
-        capture_ns.append(frame.capture_ns)
-        ready.set()
-    counters = mic.counters()
-    np.savez(path, samples=np.concatenate(frames), capture_ns=np.array(capture_ns, dtype=np.int64),
-             input_latency_ns=mic.device_latency_ns, frames_dropped=counters["frames_dropped"],
-             input_overflows=counters["input_overflows"])
-    mic.close()
-
-
-def _play(path: str, seconds: float) -> None:
-    """Child process: plays the built-in speech through the speaker at real time, saves hand-off times."""
-    source = FileCapture(FileParams(seconds=seconds, pace=True))
-    speaker = SpeakerPlayback(SpeakerParams(block_samples=240))
-    speaker.open()
-    source.open()
-    write_ns, latency_ns = [], []
-    while True:
-        try:
-            frame = source.read(1.0)
-        except EndOfStream:
-            break
-        if frame is None:
-            continue
-        speaker.write(frame.payload)
-        write_ns.append(time.monotonic_ns())
-        latency_ns.append(speaker.output_latency_ns)
-    speaker.close()
-    handoffs = np.array(speaker.pop_handoffs(), dtype=np.int64).reshape(-1, 2)
-    counters = speaker.counters()
-    np.savez(path, write_ns=np.array(write_ns), output_latency_ns=np.array(latency_ns),
-             handoff_frame=handoffs[:, 0], handoff_ns=handoffs[:, 1],
-             device_latency_ns=speaker.device_latency_ns, underruns=counters["underruns"],
-             overflows=counters["overflows"])
-
-
-def _speech(seconds: float) -> np.ndarray:
-    source = FileCapture(FileParams(seconds=seconds, pace=False))
-    source.open()
-    frames = []
-    try:
-        while True:
-            frames.append(source.read(0.0).payload)
-    except EndOfStream:
-        pass
-    return np.concatenate(frames)
 
 
 def _join(process, what: str) -> None:
@@ -96,11 +36,11 @@ def _play_and_record(tmp_path, attempt: int) -> tuple[dict, dict]:
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     rec_path, play_path = str(tmp_path / f"rec{attempt}.npz"), str(tmp_path / f"play{attempt}.npz")
-    recorder = ctx.Process(target=_record, args=(rec_path, ready, stop, PROCESS_TIMEOUT_S))
+    recorder = ctx.Process(target=record_microphone, args=(rec_path, ready, stop, PROCESS_TIMEOUT_S))
     recorder.start()
     try:
         assert ready.wait(PROCESS_TIMEOUT_S), "the microphone process delivered no frame"
-        player = ctx.Process(target=_play, args=(play_path, SPEECH_SECONDS))
+        player = ctx.Process(target=play_speech, args=(play_path, SPEECH_SECONDS))
         player.start()
         _join(player, "speaker")
         # the speaker drained its buffers before exiting; keep recording a little for the tail
@@ -112,17 +52,17 @@ def _play_and_record(tmp_path, attempt: int) -> tuple[dict, dict]:
 
 
 def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_null_sink, tmp_path):
-    speech = _speech(SPEECH_SECONDS)
+    speech_samples = speech(SPEECH_SECONDS)
     attempts = []
     # A loaded machine starves PulseAudio itself (ALSA xruns shift or drop audio for good): one clean
     # take out of three shows the path works; three bad ones show it does not.
     for attempt in range(3):
         rec, play = _play_and_record(tmp_path, attempt)
         recording = rec["samples"]
-        chunks = chunk_lags(recording, speech, CHUNK_SAMPLES)
+        chunks = chunk_lags(recording, speech_samples, CHUNK_SAMPLES)
         assert len(chunks) >= 6, "the speech sample should have several loud half-second chunks"
         found = [(start, lag) for start, lag, score in chunks if score > 0.999
-                 and np.array_equal(recording[lag:lag + CHUNK_SAMPLES], speech[start:start + CHUNK_SAMPLES])]
+                 and np.array_equal(recording[lag:lag + CHUNK_SAMPLES], speech_samples[start:start + CHUNK_SAMPLES])]
         attempts.append(f"take {attempt}: {len(found)}/{len(chunks)} half-second chunks bit-exact, "
                         f"speaker underruns {int(play['underruns'])} overflows {int(play['overflows'])}, "
                         f"microphone frames dropped {int(rec['frames_dropped'])}")
