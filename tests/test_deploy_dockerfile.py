@@ -85,3 +85,15 @@ def test_build_context_leaves_a_hosts_venv_out():
                if line.strip() and not line.startswith("#")]
     assert ".venv" in ignored and ".git" in ignored
     assert "!stages/data/*.wav" in ignored  # the built-in speech sample stays in
+
+
+def test_image_user_is_the_one_the_pods_run_as():
+    import yaml
+
+    instructions = _instructions()
+    user = [text for s, w, text in instructions if s == "runtime" and w == "USER"][-1]
+    for path in sorted((support.DEPLOY / "k8s").glob("pipeline-*.yaml")):
+        deployment = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "Deployment")
+        pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert user == f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"
+        assert pod_security["runAsNonRoot"] is True
