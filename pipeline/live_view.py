@@ -169,7 +169,13 @@ class LiveView(Observer):
     def on_tick(self, snapshot: dict) -> None:
         self.last_snapshot = snapshot
         if self._live is not None:
-            self._live.update(render_snapshot(snapshot, self.run_info), refresh=True)
+            try:
+                self._live.update(render_snapshot(snapshot, self.run_info), refresh=True)
+            except Exception:
+                # the supervisor drops an observer that raises: give the terminal back first
+                self._live.stop()
+                self._live = None
+                raise
 
     def on_stop(self, report: dict) -> None:
         # the report has no fill levels of its own: show the last tick's (copies: the report is shared)

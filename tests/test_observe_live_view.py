@@ -102,3 +102,15 @@ def test_wrong_trace_path_or_taken_port_fails_before_the_run(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"--metrics-port {port}: cannot listen"):
             check_observer_arguments(_args("--metrics-port", str(port)))
+
+
+def test_a_snapshot_it_cannot_draw_gives_the_terminal_back():
+    import pytest
+
+    info = support.run_info()
+    view = LiveView(info, console=_console())
+    view.on_start(info)
+    with pytest.raises(Exception):
+        view.on_tick({"stages": {"lm": {"compute_ms": {"p50": 1.0}, "rtf": 0.1, "deadline_misses": "many"}}})
+    assert view._live is None
+    view.on_stop(support.report(support.records(5), info))  # still safe to call
