@@ -1,7 +1,7 @@
 """Observers of a running pipeline: what `rtpipe run` shows, writes and serves while frames flow.
 
 The supervisor builds them with `make_observers(args, run_info)` and calls, on every one, `on_start(run_info)`,
-`on_frames(records)` (FRAME_RECORD_DTYPE array), `on_tick(snapshot)` (about once a second) and `on_stop(report)`.
+`on_frames(records)` (FRAME_RECORD_DTYPE array), `on_tick(snapshot)` (about once a second), `on_stop(report)`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
-
 
 
 class Observer:
@@ -85,15 +84,10 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
 
 
 def _status_line(run_info: dict) -> list:
-    """The runtime's plain one-line-a-second printer, for pipes and CI; nothing if it is not there."""
-    try:
-        from pipeline.status_line import StatusLine
-    except ImportError:  # the runtime's module not written yet: a run without a status line still runs
-        return []
-    try:
-        return [StatusLine(run_info)]
-    except TypeError:
-        return [StatusLine()]
+    """The runtime's plain one-line-a-second printer, for pipes, CI and --no-live."""
+    from pipeline.status_line import StatusLine
+
+    return [StatusLine(run_info)]
 
 
 def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None) -> list:
