@@ -4,12 +4,14 @@ Kyutai's reference LM built from the same file, and both driven greedily on the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -81,8 +83,25 @@ def reference_greedy(path: Path, codes: np.ndarray, config: LmConfig = REDUCED) 
 
     gen = LMGen(reference_lm(path, config), use_sampling=False)
     outs = []
-    with torch.no_grad(), gen.streaming(1):
+    with one_thread(), torch.no_grad(), gen.streaming(1):
         for frame in codes:
             r = gen.step(torch.as_tensor(frame, dtype=torch.long).view(1, -1, 1))
             outs.append(None if r is None else r.view(-1).tolist())
     return outs
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Small models on a shared 2-core machine: extra OpenMP threads only spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    with one_thread():
+        yield

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("moshi.models.lm")
 
-from moshi_support import (REDUCED, reference_greedy, user_codes,  # noqa: E402
+from moshi_support import (REDUCED, one_torch_thread, reference_greedy, user_codes,  # noqa: E402,F401
                            write_checkpoint)
 
 from stages.moshi.checkpoint import load_lm_weights  # noqa: E402

@@ -86,7 +86,7 @@ class LmConfig:
     def validate(self, where: str) -> None:
         """Raises ConfigError naming `where.<key>` for values this implementation does not support."""
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{where}.{key} = {getattr(self, key)!r}: {why}")
+            return ConfigError(f"{where}: {key} = {getattr(self, key)!r}: {why}")
 
         for key in ("dim", "n_q", "card", "text_card", "num_heads", "num_layers", "depformer_dim",
                     "depformer_num_heads", "depformer_num_layers"):
@@ -151,16 +151,16 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
     for key, value in raw.items():
         if key in _METADATA_KEYS:
             if key == "model_type" and value not in ("moshi", None):
-                raise ConfigError(f"{where}.model_type = {value!r}: only moshi models are supported")
+                raise ConfigError(f"{where}: model_type = {value!r}: only moshi models are supported")
             continue
         if key in _OFF_VALUES:
             allowed = _OFF_VALUES[key]
             if allowed is not None and value not in allowed:
-                raise ConfigError(f"{where}.{key} = {_short(value)}: not supported by rtpipe's Moshi "
+                raise ConfigError(f"{where}: {key} = {_short(value)}: not supported by rtpipe's Moshi "
                                   f"(supported: {', '.join(map(repr, allowed))})")
             continue
         if key not in fields:
-            raise ConfigError(f"{where}.{key}: unknown key for a Moshi LM config")
+            raise ConfigError(f"{where}: {key}: unknown key for a Moshi LM config")
         values[key] = _check_type(key, value, fields[key].type, where)
     config = LmConfig(**values)
     config.validate(where)
@@ -185,27 +185,27 @@ def _check_type(key: str, value: Any, hint: str, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}.{key} = null: a value is required")
+        raise ConfigError(f"{where}: {key} = null: a value is required")
     if hint.startswith("list"):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                   for v in value):
-            raise ConfigError(f"{where}.{key} = {_short(value)}: expected a list of integers")
+            raise ConfigError(f"{where}: {key} = {_short(value)}: expected a list of integers")
         return list(value)
     if hint.startswith("bool"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}.{key} = {_short(value)}: expected true or false")
+            raise ConfigError(f"{where}: {key} = {_short(value)}: expected true or false")
         return value
     if hint.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}.{key} = {_short(value)}: expected an integer")
+            raise ConfigError(f"{where}: {key} = {_short(value)}: expected an integer")
         return value
     if hint.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}.{key} = {_short(value)}: expected a number")
+            raise ConfigError(f"{where}: {key} = {_short(value)}: expected a number")
         return float(value)
     if hint.startswith("str"):
         if not isinstance(value, str):
-            raise ConfigError(f"{where}.{key} = {_short(value)}: expected a string")
+            raise ConfigError(f"{where}: {key} = {_short(value)}: expected a string")
         return value
     return value
 
