@@ -33,8 +33,8 @@ TOP_LEVEL = ("supervisor", "stages", "edges")
 class SupervisorSettings:
     """How the supervisor watches its stages (the `[supervisor]` table)."""
 
-    heartbeat_ms: int = 100
-    liveness: int = 30            # heartbeats missed before a running stage counts as hung
+    heartbeat_ms: int = 250
+    liveness: int = 12            # heartbeats missed before a running stage counts as hung
     start_timeout_s: float = 120.0  # time a stage may take to open (a model loads here)
     restart_limit: int = 3        # restarts per stage before the run fails
     restart_backoff_ms: int = 200  # doubled at each restart of the same stage

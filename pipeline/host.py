@@ -26,7 +26,7 @@ from pipeline.metrics import FRAME_RECORD_DTYPE
 from stages.base import EndOfStream, Role, Stage
 
 STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)
-WAIT_S = 0.05                    # longest wait on a ring before looking at the control channel again
+WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (each wake costs CPU)
 RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
 RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000

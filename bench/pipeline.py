@@ -1,0 +1,245 @@
+"""`rtpipe bench pipeline`: five no-op stage processes (source, three middle, sink: four hops) at the
+80 ms pace, through rtpipe's supervisor and shared-memory rings, against the same chain built on
+multiprocessing.Queue, measured in the same run. Added latency = sink receipt - source capture stamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import threading
+import time
+
+import numpy as np
+import psutil
+
+from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
+from stages.base import EndOfStream
+
+WARMUP_FRAMES = 10  # first frames pay for page faults and imports; both chains skip the same number
+
+
+class PacedNoopSource(Stage):
+    """A source that hands out the same silent frame every 80 ms, stamped when it is handed out, so
+    the added latency measured downstream is the transport's alone. `frames` frames, then the end."""
+
+    role = Role.SOURCE
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.frames = int(os.environ.get("RTPIPE_BENCH_FRAMES", "900"))
+        self.payload = np.zeros(FRAME_SAMPLES, np.float32)
+        self.next_ns = 0
+        self.count = 0
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        if self.count >= self.frames:
+            raise EndOfStream()
+        now = time.monotonic_ns()
+        if not self.next_ns:
+            self.next_ns = now
+        wait_ns = self.next_ns - now
+        if wait_ns > timeout_s * 1e9:
+            time.sleep(timeout_s)
+            return None
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
+        self.next_ns += FRAME_NS
+        self.count += 1
+        return SourceFrame(self.payload, time.monotonic_ns())
+
+
+def summary_us(values_ns: np.ndarray) -> dict:
+    values = np.asarray(values_ns, dtype=np.float64) / 1000.0
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50_us": round(float(p50), 1), "p95_us": round(float(p95), 1), "p99_us": round(float(p99), 1),
+            "max_us": round(float(values.max()), 1)}
+
+
+class CpuSampler:
+    """CPU seconds used by a set of processes between two moments (psutil), as % of one core."""
+
+    def __init__(self, pids: list[int]):
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.start = self._cpu()
+        self.start_wall = time.monotonic()
+        self.last = self.start
+        self.last_wall = self.start_wall
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def sample(self) -> None:
+        self.last, self.last_wall = self._cpu(), time.monotonic()
+
+    def percent(self) -> float:
+        wall = self.last_wall - self.start_wall
+        return round(100.0 * (self.last - self.start) / wall, 2) if wall > 0 else 0.0
+
+
+# --- rtpipe: the real supervisor and stage hosts ---------------------------------------------------
+
+class _CpuObserver:
+    def __init__(self):
+        self.sampler: CpuSampler | None = None
+        self.supervisor_sampler: CpuSampler | None = None
+
+    def on_start(self, run_info):
+        self.sampler = CpuSampler(list(run_info["pids"].values()))
+        self.supervisor_sampler = CpuSampler([os.getpid()])
+
+    def on_frames(self, records):
+        pass
+
+    def on_tick(self, snapshot):
+        self.sampler.sample()
+        self.supervisor_sampler.sample()
+
+    def on_stop(self, report):
+        pass
+
+
+def run_rtpipe(frames: int, spin_us: int) -> dict:
+    from pipeline import config as pipeline_config
+    from pipeline.supervisor import Supervisor
+
+    names = ["source", "a", "b", "c", "sink"]
+    kinds = ["bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
+    raw = {"stages": {n: {"kind": k} for n, k in zip(names, kinds)},
+           "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spin_us} for x, y in zip(names, names[1:])}}
+    os.environ["RTPIPE_BENCH_FRAMES"] = str(frames)
+    observer = _CpuObserver()
+    supervisor = Supervisor(pipeline_config.validate(raw), observer_factory=lambda info: [observer],
+                            handle_signals=False)
+    result = supervisor.run()
+    if result.error:
+        raise SystemExit(f"rtpipe bench pipeline: the rtpipe run failed: {result.error}")
+    records = np.concatenate(supervisor.records)[WARMUP_FRAMES:]
+    added = records["enter_ns"][:, 4] - records["capture_ns"]
+    hops = {f"{x}->{y}": summary_us(records["enter_ns"][:, i + 1] - records["exit_ns"][:, i])
+            for i, (x, y) in enumerate(zip(names, names[1:]))}
+    return {**summary_us(added), "cpu_pct": observer.sampler.percent(),
+            "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "hops": hops, "frames": len(records)}
+
+
+# --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
+
+def _mp_source(out_q, frames: int, ready, go):
+    payload = np.zeros(FRAME_SAMPLES, np.float32)
+    ready.wait()
+    go.wait()
+    next_ns = time.monotonic_ns()
+    for seq in range(frames):
+        wait_ns = next_ns - time.monotonic_ns()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
+        next_ns += FRAME_NS
+        out_q.put((seq, time.monotonic_ns(), payload))
+    out_q.put(None)
+
+
+def _mp_middle(in_q, out_q):
+    while True:
+        item = in_q.get()
+        out_q.put(item)
+        if item is None:
+            return
+
+
+def _mp_sink(in_q, result_q):
+    latencies = []
+    while True:
+        item = in_q.get()
+        now = time.monotonic_ns()
+        if item is None:
+            break
+        latencies.append(now - item[1])
+    result_q.put(latencies)
+
+
+def run_mp_queue(frames: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queues = [ctx.Queue() for _ in range(4)]
+    result_q = ctx.Queue()
+    ready, go = ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_mp_source, args=(queues[0], frames, ready, go)),
+             *[ctx.Process(target=_mp_middle, args=(queues[i], queues[i + 1])) for i in range(3)],
+             ctx.Process(target=_mp_sink, args=(queues[3], result_q))]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
+    ready.set()
+    sampler = CpuSampler([p.pid for p in procs])
+    go.set()
+    stop = threading.Event()
+
+    def sample_every_second():
+        while not stop.wait(1.0):
+            sampler.sample()
+
+    thread = threading.Thread(target=sample_every_second, daemon=True)
+    thread.start()
+    latencies = result_q.get()
+    stop.set()
+    thread.join()
+    for p in procs:
+        p.join(10)
+    added = np.asarray(latencies[WARMUP_FRAMES:], dtype=np.int64)
+    return {**summary_us(added), "cpu_pct": sampler.percent(), "frames": len(added)}
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0]
+    return f"{psutil.cpu_count()} cores ({cpu}), load average {load:.2f}, Python {platform.python_version()}"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rtpipe bench pipeline", description=__doc__)
+    parser.add_argument("--frames", type=int, default=900, help="frames per chain (80 ms each; default 900)")
+    parser.add_argument("--spin-us", type=int, default=0,
+                        help="rtpipe edges' spin_us: spin this long around a paced frame's due time")
+    parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
+    args = parser.parse_args(argv)
+    if args.frames <= WARMUP_FRAMES + 10:
+        parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
+    rtpipe = run_rtpipe(args.frames, args.spin_us)
+    baseline = run_mp_queue(args.frames)
+    keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
+    if args.json:
+        print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys}}))
+        return 0
+    print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
+          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges spin_us={args.spin_us}")
+    print(f"machine: {machine_line()}")
+    print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
+          "% of one core")
+    print(f"{'chain':<22} {'p50 us':>8} {'p95 us':>8} {'p99 us':>8} {'max us':>9} {'cpu %':>7}")
+    for name, r in (("rtpipe (shm rings)", rtpipe), ("multiprocessing.Queue", baseline)):
+        print(f"{name:<22} {r['p50_us']:8.1f} {r['p95_us']:8.1f} {r['p99_us']:8.1f} {r['max_us']:9.1f} "
+              f"{r['cpu_pct']:7.2f}")
+    ratio = {k: baseline[k] / rtpipe[k] if rtpipe[k] else float("inf") for k in ("p50_us", "p99_us", "max_us")}
+    print(f"{'Queue / rtpipe':<22} {ratio['p50_us']:7.2f}x {'':>8} {ratio['p99_us']:7.2f}x "
+          f"{ratio['max_us']:8.2f}x")
+    print(f"rtpipe supervisor process: {rtpipe['supervisor_cpu_pct']:.2f} % of a core")
+    print("rtpipe per-hop wait (us):  " + "  ".join(
+        f"{hop} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for hop, h in rtpipe["hops"].items()))
+    return 0
