@@ -1,0 +1,158 @@
+"""The moshi.step stage through the stage interface: config errors, edge shapes, the warm-up frame
+it declares, greedy outputs equal to Kyutai's LMGen, text events (words with a sentencepiece model
+trained here), reset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moshi_support import (REDUCED, one_torch_thread, user_codes, write_checkpoint,  # noqa: F401
+                           write_config)
+
+from stages.base import PayloadSpec
+from stages.errors import ConfigError
+from stages.registry import find_stage
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a real time speech model answers while you speak",
+    "every frame is eighty milliseconds of audio",
+    "the depth transformer samples eight codes one after another",
+    "hello there how are you doing today",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("moshi_stage")
+    write_checkpoint(tmp / "lm.safetensors")
+    write_config(tmp / "config.json")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    import sentencepiece
+
+    tmp = tmp_path_factory.mktemp("spm")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES))
+    sentencepiece.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(tmp / "spm"), vocab_size=60, model_type="unigram",
+        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=1, pad_id=-1,
+        user_defined_symbols=["<pad0>", "<pad3a>", "<pad3b>"])
+    return tmp / "spm.model"
+
+
+def make_stage(model_files, **params):
+    cls = find_stage("moshi.step")
+    raw = {"config": str(model_files / "config.json"), "weights": str(model_files / "lm.safetensors"),
+           "greedy": True}
+    raw.update(params)
+    return cls.from_config(raw, "stages.lm.params")
+
+
+def test_bad_params_are_config_errors_naming_the_field(model_files, tmp_path):
+    cls = find_stage("moshi.step")
+    with pytest.raises(ConfigError, match=r"stages\.lm\.params\.size = 'huge': unknown size"):
+        cls.from_config({"size": "huge"}, "stages.lm.params")
+    with pytest.raises(ConfigError, match=r"params\.temperature = -1\.0"):
+        cls.from_config({"temperature": -1})
+    with pytest.raises(ConfigError, match=r"params\.dtype"):
+        cls.from_config({"dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"params\.tokenizer = .*no such file"):
+        cls.from_config({"tokenizer": str(tmp_path / "absent.model")})
+    bad = write_config(tmp_path / "cond.json", conditioners={"x": 1})
+    with pytest.raises(ConfigError, match="conditioners"):
+        cls.from_config({"config": str(bad)})
+
+
+def test_edges_are_user_codes_in_model_codes_out_with_one_frame_of_delay(model_files):
+    stage = make_stage(model_files)
+    assert stage.output_spec(PayloadSpec("int32", (8,))) == PayloadSpec("int32", (8,))
+    assert stage.delay_frames == 1
+    with pytest.raises(ConfigError, match=r"float32\[1920\]"):
+        stage.output_spec(PayloadSpec("float32", (1920,)))
+
+
+def test_tiny_default_builds_without_loading_anything():
+    stage = find_stage("moshi.step").from_config({})
+    assert stage.config.dim == 256 and stage.config.text_card == 32000
+    assert stage.output_spec(PayloadSpec("int32", (8,))) == PayloadSpec("int32", (8,))
+
+
+def test_stage_outputs_equal_the_reference_after_a_zero_warm_up_frame(model_files):
+    pytest.importorskip("moshi.models.lm")
+    from moshi_support import reference_greedy
+
+    codes = user_codes(60, REDUCED.card).astype(np.int32)
+    stage = make_stage(model_files)
+    stage.open("cpu")
+    outs = [stage.process(frame) for frame in codes]
+    events = stage.events()
+    reference = reference_greedy(model_files / "lm.safetensors", codes)
+    assert outs[0].dtype == np.int32 and outs[0].shape == (8,) and not outs[0].any()
+    assert reference[0] is None
+    for k in range(1, len(codes)):
+        assert outs[k].tolist() == reference[k][1:], f"frame {k}"
+    assert [e["text_token"] for e in events] == [r[0] for r in reference[1:]]
+    assert all(e["text"] is None for e in events)  # no tokenizer given
+    assert stage.events() == []
+
+    stage.reset()
+    again = [stage.process(frame) for frame in codes]
+    assert all((a == b).all() for a, b in zip(again, outs))
+    stage.close()
+
+
+def test_bad_frames_are_refused_with_the_reason(model_files):
+    stage = make_stage(model_files)
+    stage.open("cpu")
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        stage.process(np.zeros(7, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"0\.\.63"):
+        stage.process(np.full(8, 64, dtype=np.int32))
+    assert stage.process(np.zeros(8, dtype=np.int32)).shape == (8,)  # still usable
+
+
+def test_text_tokens_come_out_as_words_with_a_sentencepiece_model(model_files, tokenizer_path,
+                                                                   tmp_path):
+    from stages.moshi.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(tokenizer_path)
+    ids = tokenizer.encode("the quick brown fox")
+    assert tokenizer.decode(ids) == "the quick brown fox"
+    assert tokenizer.piece(ids[0]).startswith(" ")  # a word start shows as a space
+    assert tokenizer.piece(3) is None and tokenizer.piece(0) is None  # padding
+    assert tokenizer.piece(10_000) is None  # beyond this vocabulary
+
+    # a model whose text vocabulary is this tokenizer's
+    config = REDUCED.replace(text_card=tokenizer.vocab_size)
+    write_checkpoint(tmp_path / "lm.safetensors", config, seed=4)
+    write_config(tmp_path / "config.json", config)
+    stage = find_stage("moshi.step").from_config({
+        "config": str(tmp_path / "config.json"), "weights": str(tmp_path / "lm.safetensors"),
+        "tokenizer": str(tokenizer_path), "seed": 3, "temperature": 1.0, "text_temperature": 1.0})
+    stage.open("cpu")
+    for frame in user_codes(40, config.card).astype(np.int32):
+        stage.process(frame)
+    events = stage.events()
+    assert len(events) == 39
+    words = [e for e in events if e["text"] is not None]
+    assert words, "sampling at temperature 1 over 60 pieces should say something"
+    for e in words:
+        assert e["text"] == tokenizer.piece(e["text_token"])
+
+
+def test_no_weights_runs_random_weights_and_says_so(capfd):
+    stage = find_stage("moshi.step").from_config({"seed": 0, "greedy": True})
+    stage.open("cpu")
+    out = stage.process(np.zeros(8, dtype=np.int32))
+    assert out.shape == (8,) and not out.any()
+    out = stage.process(np.arange(8, dtype=np.int32))
+    assert out.shape == (8,) and ((0 <= out) & (out < 2048)).all()
+    assert "WARNING" in capfd.readouterr().err
+    assert stage.state.lm.step == 2
+    stage.reset()
+    assert stage.state.lm.step == 0
