@@ -142,3 +142,20 @@ def test_live_view_drew_the_run_on_a_recorded_console(observed_run):
     for edge in observed_run["report"]["edges"]:
         assert edge in text
     assert "end-to-end" in text and f"{observed_run['report']['frames']} frames" in text
+
+
+def test_rtpipe_run_in_a_pipe_prints_status_lines_serves_metrics_and_exits(tmp_path):
+    # stdout is a pipe here: the plain status line stands in for the live view, and the metrics server's
+    # threads must not keep the finished process alive
+    import subprocess
+
+    rtpipe = [sys.executable, "-m", "pipeline.cli"]
+    result = subprocess.run(
+        rtpipe + ["run", "--input", "", "--output", str(tmp_path / "out.wav"), "--seconds", "1.5",
+                  "--trace", str(tmp_path / "trace.json"), "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    assert "rtpipe: metrics on http://127.0.0.1:" in result.stderr
+    assert "rtpipe: running " in result.stdout and " frames " in result.stdout  # the status line
+    assert "\x1b[" not in result.stdout  # no terminal drawing into a pipe
+    support.check_trace(json.loads((tmp_path / "trace.json").read_text()))
