@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import queue
 import logging
 import os
 import signal
@@ -61,6 +62,8 @@ class StageProcess:
     heard_this_interval: bool = False
     restarts: int = 0
     restart_at_ns: int = 0
+    paused: bool = False       # as its last heartbeat said
+    stats_received: int = 0
     leaving: bool = False      # said "bye" or passed end of stream: an exit now is not a crash
     ever_ready: bool = False
     last_error: str = ""
@@ -125,6 +128,7 @@ class Supervisor:
         self.t0_ns = 0
         self.bad_messages = 0
         self.ready_event = threading.Event()  # set once every stage is running (tests wait on it)
+        self.commands: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
     # --- lifecycle --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -154,6 +158,15 @@ class Supervisor:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.stop_requested_ns = time.monotonic_ns()
+
+    def command(self, stage: str, type_: str) -> None:
+        """Sends "pause", "resume", "reset" or "get_stats" to a stage from any thread (the loop sends
+        it: a ZeroMQ socket belongs to one thread). ValueError for an unknown stage or command."""
+        if stage not in self.stages:
+            raise ValueError(f"no stage {stage!r} (stages: {', '.join(self.stage_names)})")
+        if type_ not in ("pause", "resume", "reset", "get_stats", "stop"):
+            raise ValueError(f"{type_!r}: not a command for a stage")
+        self.commands.put((stage, type_))
 
     def _install_signal_handlers(self):
         if not self.handle_signals:
@@ -229,6 +242,8 @@ class Supervisor:
             wait_ms = max(0, min(next_heartbeat, next_tick if started else next_heartbeat) - now) // 1_000_000
             if self.socket.poll(min(int(wait_ms) + 1, self.settings.heartbeat_ms)):
                 self._drain_messages()
+            while not self.commands.empty():
+                self._send(*self.commands.get())
             now = time.monotonic_ns()
             if now >= next_heartbeat:
                 self._heartbeat()
@@ -325,8 +340,11 @@ class Supervisor:
             for event in message["events"]:
                 if isinstance(event.get("text"), str):
                     self.text.append(event["text"])
+        elif kind == "heartbeat":
+            sp.paused = message["paused"]
         elif kind == "stats":
             sp.stats = dict(message)
+            sp.stats_received += 1
         elif kind == "eos":
             sp.leaving = True
             if sp.spec.index == len(self.stage_names) - 1:

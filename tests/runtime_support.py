@@ -97,3 +97,22 @@ class HangOnce(Stage):
             while True:  # hung: no heartbeat from here on
                 time.sleep(3600)
         return frame
+
+
+class Talker(Stage):
+    """A processor that passes frames through and says one word per frame as a text event."""
+
+    role = Role.PROCESSOR
+
+    def open(self, device: str = "cpu") -> None:
+        self.count = 0
+        self.pending: list[dict] = []
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        self.pending.append({"text_token": self.count, "text": f"w{self.count}"})
+        self.count += 1
+        return frame
+
+    def events(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out

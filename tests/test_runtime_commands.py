@@ -1,0 +1,99 @@
+"""Commands to a running stage (pause, resume, reset, stats), text events reaching the report, and
+Ctrl-C stopping `rtpipe run` cleanly with its table and nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from pipeline import config as pipeline_config
+from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+from runtime_support import TESTS_DIR, chain_config, run_segments, wait_until
+from shm.frame import FLAG_DISCONTINUITY
+from test_runtime_failures import read_line_with
+
+
+def frames_at_sink(supervisor: Supervisor) -> int:
+    return sum(r.size for r in list(supervisor.records))
+
+
+def fill(supervisor: Supervisor, edge: str) -> int:
+    return supervisor.rings[edge].stats().fill
+
+
+def test_pause_resume_reset_and_stats_reach_a_running_stage():
+    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise"}},
+                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:Talker"}, {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"}, slots=64)
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
+    thread.start()
+    try:
+        assert supervisor.ready_event.wait(60)
+        lm = supervisor.stages["lm"]
+        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
+
+        supervisor.command("lm", "pause")
+        wait_until(lambda: lm.paused, 30, "lm to say it is paused")
+        wait_until(lambda: fill(supervisor, "encode->lm") >= 3, 30, "frames to queue before the paused lm")
+        supervisor.command("lm", "resume")
+        wait_until(lambda: not lm.paused, 30, "lm to say it resumed")
+        wait_until(lambda: fill(supervisor, "encode->lm") == 0, 30, "lm to catch up")
+
+        def discontinuities() -> int:
+            records = list(supervisor.records)
+            return int(sum(np.count_nonzero(r["flags"] & FLAG_DISCONTINUITY) for r in records))
+
+        assert discontinuities() == 0
+        supervisor.command("lm", "reset")
+        wait_until(discontinuities, 30, "a frame flagged discontinuous after the reset")
+
+        before = lm.stats_received
+        supervisor.command("lm", "get_stats")
+        wait_until(lambda: lm.stats_received > before, 30, "a stats reply")
+        assert lm.stats["frames"] > 0 and lm.stats["stage"] == "lm"
+    finally:
+        supervisor.request_stop("test done")
+        thread.join(60)
+    result = results[0]
+    assert result.exit_code == EXIT_HEALTHY, result.error
+    report = result.report
+    assert report["text"][:3] == ["w0", "w1", "w2"]
+    assert len(report["text"]) >= report["frames"]
+    assert report["edges"]["capture->encode"]["dropped_oldest"] == 0
+    assert run_segments(supervisor.run_id) == []
+
+
+def test_ctrl_c_stops_rtpipe_run_cleanly_with_its_table(tmp_path):
+    raw = chain_config({"kind": "capture.tone", "params": {}},
+                       [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}], {"kind": "playback.null"})
+    config = tmp_path / "forever.toml"
+    config.write_text(pipeline_config.to_toml(raw))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live",
+                             "--report", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        read_line_with(proc, "frames", 60)  # the first status line: frames are flowing
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_HEALTHY, err
+    assert "end to end" in out and (tmp_path / "r.json").exists()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("rtpipe-")
+                and _owned_by(n, proc.pid)]
+
+
+def _owned_by(name: str, pid: int) -> bool:
+    from shm.cleanup import segment_owner
+
+    owner = segment_owner(name)
+    return bool(owner) and owner[0] == pid
