@@ -86,11 +86,14 @@ class Mimi(nn.Module):
 
     def encode_step(self, samples: torch.Tensor, state: EncodeState, n_q: int) -> torch.Tensor:
         """samples: [k * 1920] float -> codes [k, n_q] int64. Call under torch.inference_mode()."""
+        return self.quantizer.encode(self.latent_step(samples, state), n_q)
+
+    def latent_step(self, samples: torch.Tensor, state: EncodeState) -> torch.Tensor:
+        """samples: [k * 1920] -> the unquantized latent [k, 512] float32 the codes are chosen from."""
         x = samples.view(-1, 1).to(self.dtype)
         latent = self.encoder.step(x, state.seanet)
         latent = self.encoder_transformer.step(latent, state.transformer)
-        latent = self.downsample.conv.step(latent, state.downsample)
-        return self.quantizer.encode(latent.float(), n_q)
+        return self.downsample.conv.step(latent, state.downsample).float()
 
     def decode_step(self, codes: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """codes: [k, n] int64 -> samples [k * 1920] float32. Call under torch.inference_mode()."""

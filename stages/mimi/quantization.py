@@ -44,9 +44,9 @@ class ResidualVectorQuantizer(nn.Module):
 
     def prepare(self) -> None:
         """Centroids and the search matrix, float32 whatever the model's dtype (codes need the precision)."""
-        self._in = self.input_proj.weight.detach()[:, :, 0].t().float().contiguous()  # [512, 256]
+        self.input_matrix = self.input_proj.weight.detach()[:, :, 0].t().float().contiguous()  # [512, 256]
         self._out = self.output_proj.weight.detach()[:, :, 0].t().float().contiguous()  # [256, 512]
-        self._centroids = []
+        self.centroids = []
         self._search = []
         for layer in self.vq.layers:
             cb = layer._codebook
@@ -54,13 +54,13 @@ class ResidualVectorQuantizer(nn.Module):
                          / cb.cluster_usage.float().clamp(min=CLUSTER_USAGE_EPSILON)[:, None])
             ones = torch.ones(centroids.shape[0], 1)
             norms = centroids.pow(2).sum(-1, keepdim=True)
-            self._centroids.append(centroids.contiguous())
+            self.centroids.append(centroids.contiguous())
             # |x - c|^2 = [-2x, |x|^2, 1] . [c, 1, |c|^2]
             self._search.append(torch.cat([centroids, ones, norms], dim=-1).t().contiguous())
 
     def encode(self, latent: torch.Tensor, n_q: int) -> torch.Tensor:
         """latent [T, 512] float32 -> codes [T, n_q] int64."""
-        residual = latent @ self._in
+        residual = latent @ self.input_matrix
         codes = torch.empty(latent.shape[0], n_q, dtype=torch.long)
         for i in range(n_q):
             norms = residual.pow(2).sum(-1, keepdim=True)
@@ -69,14 +69,14 @@ class ResidualVectorQuantizer(nn.Module):
             index = dist.argmin(dim=-1)
             codes[:, i] = index
             if i + 1 < n_q:
-                residual = residual - self._centroids[i][index]
+                residual = residual - self.centroids[i][index]
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [T, n] -> [T, 512] float32."""
-        quantized = self._centroids[0][codes[:, 0]]
+        quantized = self.centroids[0][codes[:, 0]]
         for i in range(1, codes.shape[1]):
-            quantized = quantized + self._centroids[i][codes[:, i]]
+            quantized = quantized + self.centroids[i][codes[:, i]]
         return quantized @ self._out
 
 
