@@ -50,8 +50,10 @@ from shm.segment import Segment, SegmentError
 from shm.wakeup import Fence, FutexWord
 
 _monotonic_ns = time.monotonic_ns
+_sched_yield = os.sched_yield
 _FOREVER_NS = 1 << 62
-_ZERO_HEADER = np.zeros((), dtype=HEADER_DTYPE)
+_ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
+_BEAT_MIN_INTERVAL_NS = 1_000_000  # publishes closer than this are a burst, not a beat worth learning
 
 
 class RingError(Exception):
@@ -301,6 +303,10 @@ class Ring:
         offset = self._slot_offset(index) + L.PAYLOAD_OFFSET
         return np.frombuffer(self._memory, self._dtype, count, offset).reshape(self.spec.shape)
 
+    def _header_bytes(self, index: int) -> slice:
+        start = self._slot_offset(index) + L.HEADER_OFFSET
+        return slice(start, start + HEADER_DTYPE.itemsize)
+
     def _futex(self, word: int) -> FutexWord:
         return FutexWord(self._segment.address + 8 * word)
 
@@ -393,9 +399,13 @@ class Producer:
         self._w = self._words[L.W]
         self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
         self._write_slots = [WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)]
+        self._memory = ring._memory
+        self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
         self._space_word = ring._futex(L.R)
         self._data_word = ring._futex(L.W)
         self._last_publish_ns = 0
+        self._next_due_ns = 0
+        self._beats = 0
         self._interval_ns = self._words[L.INTERVAL_NS]
         self._jitter_ns = self._words[L.JITTER_NS]
         self._high_water = self._words[L.HIGH_WATER]
@@ -420,11 +430,12 @@ class Producer:
             if self._policy is EdgePolicy.BLOCK and not self._wait_for_space(w, timeout_s):
                 return None
             # drop-oldest: overwrite frame w - N; the consumer notices by its stamp and counts it
-        slot = self._write_slots[w % self._slots]
-        words[self._stamp_words[slot.index]] = 2 * w + 1
-        self._fence()  # the odd stamp is visible before any payload byte changes (drop-oldest readers)
-        np.copyto(slot.header, _ZERO_HEADER)
-        self._claimed = slot
+        index = w % self._slots
+        words[self._stamp_words[index]] = 2 * w + 1
+        if self._policy is EdgePolicy.DROP_OLDEST:
+            self._fence()  # the odd stamp is visible before any byte of the slot changes
+        self._memory[self._header_bytes[index]] = _ZERO_HEADER_BYTES  # no stale stage times
+        slot = self._claimed = self._write_slots[index]
         return slot
 
     def _wait_for_space(self, w: int, timeout_s: float | None) -> bool:
@@ -469,24 +480,43 @@ class Producer:
         self._learn_beat(w + 1)
 
     def _learn_beat(self, published: int) -> None:
-        # The pacing the consumer plans its sleeps by: EWMA (1/8) of the interval and its jitter.
+        # The beat a paced consumer plans its sleeps by (see Consumer._wait_for_data). Lateness is one-
+        # sided (a preempted producer publishes late, never early), so an early publish is trusted at
+        # once (anchor and interval move to it) and a late one only a little (a clipped 1/8, 1/32).
         words = self._words
         now_ns = _monotonic_ns()
-        if self._last_publish_ns:
-            interval_ns = now_ns - self._last_publish_ns
-            if self._interval_ns == 0:
-                self._interval_ns = interval_ns
-            else:
-                self._jitter_ns += (abs(interval_ns - self._interval_ns) - self._jitter_ns) >> 3
-                self._interval_ns += (interval_ns - self._interval_ns) >> 3
-            words[L.JITTER_NS] = max(self._jitter_ns, 0)
-            words[L.INTERVAL_NS] = max(self._interval_ns, 0)
+        interval_ns = now_ns - self._last_publish_ns
         self._last_publish_ns = now_ns
         words[L.LAST_PUBLISH_NS] = now_ns
-        fill = min(published - words[L.R], self._slots)
+        if interval_ns < _BEAT_MIN_INTERVAL_NS:
+            if self._beats:  # a burst, or the first publish: no beat to predict until it steadies
+                self._beats = 0
+                words[L.NEXT_DUE_NS] = 0
+        else:
+            self._beats += 1
+            if self._beats <= 3:  # the first intervals after a (re)start are often odd: start on the third
+                self._interval_ns = interval_ns
+                self._jitter_ns = 0
+                anchor_ns = now_ns
+            else:
+                error_ns = now_ns - self._next_due_ns
+                limit_ns = 4 * self._jitter_ns + 100_000
+                if error_ns < 0:
+                    anchor_ns = now_ns
+                    self._interval_ns += error_ns >> 1
+                else:
+                    error_ns = min(error_ns, limit_ns)
+                    anchor_ns = self._next_due_ns + (error_ns >> 3)
+                    self._interval_ns += error_ns >> 5
+                self._jitter_ns += (min(abs(error_ns), limit_ns) - self._jitter_ns) >> 3
+            self._next_due_ns = anchor_ns + self._interval_ns
+            words[L.INTERVAL_NS] = self._interval_ns
+            words[L.JITTER_NS] = self._jitter_ns
+            words[L.NEXT_DUE_NS] = self._next_due_ns if self._beats >= 3 else 0
+        fill = published - words[L.R]
         if fill > self._high_water:
-            self._high_water = fill
-            words[L.HIGH_WATER] = fill
+            self._high_water = min(fill, self._slots)
+            words[L.HIGH_WATER] = self._high_water
 
     def put(self, payload, *, seq: int, capture_ns: int, flags: int = 0, timeout_s: float | None = None) -> bool:
         """Copies one frame in (header checksum = payload_checksum). False if the claim gave no slot."""
@@ -550,11 +580,20 @@ class Consumer:
         ]
         if self._copying:
             self._copy_header = np.zeros((), HEADER_DTYPE)
+            self._copy_header_bytes = memoryview(self._copy_header.reshape(1).view(np.uint8))
+            self._memory = ring._memory
+            self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
             self._copy_payload = np.zeros(ring.spec.shape, ring._dtype)
             self._copy_slot = ReadSlot(self, -1, _readonly(self._copy_header), _readonly(self._copy_payload))
         self._data_word = ring._futex(L.W)
         self._space_word = ring._futex(L.R)
         self._oversleep_ns = 100_000  # learned: how late a timed kernel sleep returns on this machine
+        # How each acquire found its frame: already there, caught spinning, or woken by the kernel
+        # (during the sleep before a planned spin, after a spin that missed it, or with no spin at all).
+        self.wake_counts = {"ready": 0, "spin": 0, "woken_before_spin": 0, "woken_after_spin": 0, "woken": 0}
+        self._affinity_pid = -1
+        self._affinity_checks = 0
+        self._yield_core = False
 
     def acquire(self, timeout_s: float | None = None) -> ReadSlot | None:
         """The oldest unread frame, or None if none arrives within timeout_s (None: no limit, 0: poll).
@@ -568,7 +607,9 @@ class Consumer:
         while True:
             r = self._r
             w = words[L.W]
-            if w == r:
+            if w != r:
+                self.wake_counts["ready"] += 1
+            else:
                 if timeout_s is not None and timeout_s <= 0:
                     return None
                 if not deadline_ns:
@@ -601,7 +642,7 @@ class Consumer:
             stamp_word = self._stamp_words[index]
             stamp = words[stamp_word]
             if stamp == 2 * r + 2:
-                np.copyto(self._copy_header, self._headers[index])
+                self._copy_header_bytes[:] = self._memory[self._header_bytes[index]]
                 np.copyto(self._copy_payload, self._payloads[index])
                 self._fence()  # the copy's loads happen before the stamp is re-read
                 if words[stamp_word] == stamp:
@@ -629,24 +670,35 @@ class Consumer:
         words = self._words
         now_ns = _monotonic_ns()
         if self._spin_ns:
-            interval_ns = words[L.INTERVAL_NS]
+            due_ns = words[L.NEXT_DUE_NS]
             jitter_ns = words[L.JITTER_NS]
-            if interval_ns and jitter_ns * 4 < interval_ns:
-                # Steady beat: sleep until just before the next frame is due, then spin for it.
-                lead_ns = self._oversleep_ns + 2 * jitter_ns + self._GUARD_NS
-                wake_ns = min(words[L.LAST_PUBLISH_NS] + interval_ns - lead_ns, deadline_ns)
+            if due_ns and jitter_ns * 4 < words[L.INTERVAL_NS]:
+                # Steady beat: sleep in the kernel until just before the next frame is due, then spin on
+                # a window [due - lead, due - lead + spin] that brackets where it will land.
+                lead_ns = min(2 * jitter_ns + self._GUARD_NS, self._spin_ns // 2)
+                spin_start_ns = due_ns - lead_ns
+                wake_ns = min(spin_start_ns - self._oversleep_ns, deadline_ns)
                 if wake_ns - now_ns > self._MIN_PLANNED_SLEEP_NS:
                     w = self._sleep(r, wake_ns - now_ns)
                     now_ns = _monotonic_ns()
                     if w != r:
+                        # The frame beat our wake-up: wake earlier next time.
+                        self._oversleep_ns = min(self._oversleep_ns + 20_000, self._spin_ns // 2)
+                        self.wake_counts["woken_before_spin"] += 1
                         return w
-                    if now_ns >= wake_ns:  # timed out: learn how late the kernel woke us
-                        self._oversleep_ns += (now_ns - wake_ns - self._oversleep_ns) >> 3
+                    if now_ns >= wake_ns:  # timed out: learn how late the kernel wakes us
+                        self._oversleep_ns += (now_ns - wake_ns - self._oversleep_ns) >> 2
             spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
+            # Sharing one core with the producer, a plain spin would only delay it: yield instead, so
+            # it runs the moment it wakes and we see its frame right after.
+            yield_core = self._shares_core_with_producer()
             while True:
                 w = words[L.W]
                 if w != r:
+                    self.wake_counts["spin"] += 1
                     return w
+                if yield_core:
+                    _sched_yield()
                 now_ns = _monotonic_ns()
                 if now_ns >= spin_end_ns:
                     break
@@ -656,8 +708,22 @@ class Consumer:
                 return words[L.W]
             w = self._sleep(r, remaining_ns)
             if w != r:
+                self.wake_counts["woken_after_spin" if self._spin_ns else "woken"] += 1
                 return w
             now_ns = _monotonic_ns()
+
+    def _shares_core_with_producer(self) -> bool:
+        # Re-checked when the producer changes and every 64 waits (a stage may be re-pinned).
+        pid = self._words[L.PRODUCER_PID]
+        self._affinity_checks += 1
+        if pid != self._affinity_pid or not self._affinity_checks & 63:
+            self._affinity_pid = pid
+            try:
+                mine = os.sched_getaffinity(0)
+                self._yield_core = len(mine) == 1 and pid != 0 and os.sched_getaffinity(pid) == mine
+            except OSError:
+                self._yield_core = False
+        return self._yield_core
 
     def _sleep(self, r: int, timeout_ns: int) -> int:
         words = self._words

@@ -32,12 +32,13 @@ DROPPED_NEWEST = 33
 BLOCKED_COUNT = 34
 BLOCKED_NS = 35
 HIGH_WATER = 36
-LAST_PUBLISH_NS = 37  # monotonic_ns of the latest publish: the consumer predicts the next from it
+LAST_PUBLISH_NS = 37  # monotonic_ns of the latest publish
 INTERVAL_NS = 38  # EWMA of the time between publishes
-JITTER_NS = 39  # EWMA of |interval - INTERVAL_NS|
+JITTER_NS = 39  # EWMA of |publish time - NEXT_DUE_NS as predicted|: how far to trust the prediction
 PRODUCER_PID = 40
 PRODUCER_START_TICKS = 41
 PRODUCER_WAITING = 42  # 1 while the producer sleeps on a full ring (block policy)
+NEXT_DUE_NS = 43  # when the producer's beat says the next frame will be published (0: no beat yet)
 
 R = 48  # frames taken by the consumer (the futex word a blocked producer waits on)
 CONSUMED = 49
