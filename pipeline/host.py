@@ -30,6 +30,7 @@ WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (ea
 RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
 RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000
+MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger("rtpipe.host")
@@ -40,19 +41,19 @@ class SupervisorGone(Exception):
 
 
 def die_with_parent(supervisor_pid: int) -> None:
-    """Asks the kernel for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), then checks that the
+    """Asks the kernel for SIGHUP when the parent dies (prctl PR_SET_PDEATHSIG), then checks that the
     parent did not die before the request was made."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGHUP), 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the parent-pid watch in the loop still catches it
     if os.getppid() != supervisor_pid:
         raise SupervisorGone(f"supervisor {supervisor_pid} is gone")
 
 
-def _exit_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise SystemExit(128 + signum)
+def _supervisor_died(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SupervisorGone("supervisor died (parent-death signal)")
 
 
 def pin(cores: list[int] | None, threads: int | None) -> None:
@@ -228,12 +229,15 @@ class StageHost:
         drop-newest gives None when full, drop-oldest never waits. `must` (the end-of-stream frame)
         retries whatever the policy."""
         policy = self.producer and self.out_ring.spec.policy.value
+        give_up_ns = time.monotonic_ns() + MUST_CLAIM_NS
         while True:
             slot = self.producer.claim(timeout_s=WAIT_S)
             if slot is not None:
                 return slot
             if policy != "block" and not must:
                 return None
+            if must and time.monotonic_ns() > give_up_ns:
+                return None  # the next stage is gone or stuck: the supervisor will stop it
             self.poll_control()
             self.housekeeping()
             if self.stop_requested and not must:
@@ -253,8 +257,8 @@ class StageHost:
         slot.publish()
 
     def end_of_stream_out(self, seq: int, capture_ns: int, enter_ns, exit_ns, flags: int) -> None:
-        if self.producer is not None:
-            slot = self.claim(must=True)
+        slot = self.claim(must=True) if self.producer is not None else None
+        if slot is not None:
             slot.payload[...] = 0
             self.publish(slot, seq, capture_ns, enter_ns, exit_ns, flags | self.FLAG_END_OF_STREAM, None)
         self.flush_records()
@@ -403,8 +407,11 @@ def main() -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Ctrl-C, `kill -- -PGID`, `timeout` and service managers signal the whole process group: the
+    # supervisor handles those and stops the stages in order, so a stage ignores them itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, _supervisor_died)
     try:
         die_with_parent(int(spec["supervisor_pid"]))
     except SupervisorGone:

@@ -178,7 +178,7 @@ class Supervisor:
             if self.signals_seen > 1 and self.stop_all_sent_ns is None:
                 self.stop_all_sent_ns = 0  # a second Ctrl-C: stop everything now, do not drain
 
-        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def _restore_signal_handlers(self, old) -> None:
         for sig, handler in (old or {}).items():
@@ -265,7 +265,7 @@ class Supervisor:
             if deadline_ns is not None and now >= deadline_ns:
                 self.request_stop(f"{self.seconds:g} s elapsed")
                 deadline_ns = None
-            if self.sink_done:
+            if self.sink_done or all(sp.state is StageState.DONE for sp in self.stages.values()):
                 return
             if self.stop_reason is not None:
                 if not self.stop_sent_to_source:
@@ -403,6 +403,9 @@ class Supervisor:
                 self.error = f"stages.{name}: could not start: {sp.last_error or f'exit code {code}'}"
                 sp.state = StageState.DONE
                 return
+            if self.stop_reason is not None:
+                sp.state = StageState.DONE  # stopping anyway: a restart would only delay the end
+                continue
             self._restart_later(sp, code, now)
 
     def _restart_later(self, sp: StageProcess, code: int, now: int) -> None:
