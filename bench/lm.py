@@ -1,0 +1,210 @@
+"""`rtpipe bench lm`: Moshi LM step time per 80 ms frame, rtpipe's streaming engine against Kyutai's
+reference LMGen (moshi 0.2.13) on the same random weights, in the same run, per size, torch thread
+count and dtype. Prints P50/P95/P99/max (ms) and the ratio ours/reference; `--json` prints JSON.
+
+The machine is usually shared: read the ratios, which come from one run, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+# Kyutai's RMSNorm is wrapped in torch.compile; without this its first step takes seconds.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+# frames timed / warm-up frames per size: the big ones take up to a second per step on 2 cores
+DEFAULT_FRAMES = {"tiny": (200, 20), "small": (100, 10), "medium": (30, 5), "large": (12, 3),
+                  "7b": (50, 5)}
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+SHARE_LIMIT_BYTES = 4 << 30  # above this, the reference runs alone and is freed before ours
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtpipe bench lm", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,small,medium,large",
+                   help="comma-separated built-in sizes (tiny, small, medium, large, 7b)")
+    p.add_argument("--threads", default="1,2", help="torch thread counts to time, e.g. 1,2")
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
+    p.add_argument("--frames", type=int, default=None, help="timed frames per case (default: by size)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: by size)")
+    p.add_argument("--context", type=int, default=None, help="KV window in steps (default: the size's)")
+    p.add_argument("--no-reference", action="store_true", help="time rtpipe's engine only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def percentiles(samples_ms: list[float]) -> dict:
+    a = np.asarray(samples_ms)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()), "mean": float(a.mean())}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_ours(model, frames: int, warmup: int, context, device: str, codes: np.ndarray) -> list[float]:
+    from stages.moshi.streaming import LmStreamer
+
+    streamer = LmStreamer(model, context=context)
+    state = streamer.new_state(seed=0)
+    out = []
+    for k in range(warmup + frames):
+        start = time.perf_counter_ns()
+        streamer.step(state, codes[k].tolist())
+        _sync(device)
+        if k >= warmup:
+            out.append((time.perf_counter_ns() - start) / 1e6)
+    return out
+
+
+def time_reference(ref_model, frames: int, warmup: int, device: str, codes: np.ndarray) -> list[float]:
+    import torch
+    from moshi.models.lm import LMGen
+
+    gen = LMGen(ref_model)  # its defaults: temperature 0.8 / 0.7, top-k 250 / 25, like ours
+    out = []
+    with torch.inference_mode(), gen.streaming(1):
+        for k in range(warmup + frames):
+            user = torch.as_tensor(codes[k], dtype=torch.long, device=device).view(1, -1, 1)
+            start = time.perf_counter_ns()
+            gen.step(user)
+            _sync(device)
+            if k >= warmup:
+                out.append((time.perf_counter_ns() - start) / 1e6)
+    return out
+
+
+def build_reference(model, device: str):
+    """Kyutai's LMModel holding the very tensors of `model` (no copy: built on meta, then assigned)."""
+    import torch
+    from moshi.models.lm import LMModel
+
+    ref = LMModel(**model.config.to_dict(), device="meta", dtype=model.dtype)
+    ref.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, assign=True)
+    return ref.to(device).eval()
+
+
+def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup: int,
+             context, device: str, with_reference: bool) -> list[dict]:
+    import torch
+
+    from stages.moshi.config import config_for_size
+    from stages.moshi.lm import LmModel
+
+    config = config_for_size(size)
+    if context is not None:
+        config = config.replace(context=context)
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    model = LmModel(config, dtype=dtype, device=device)
+    model.init_random(0)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    codes = np.random.default_rng(0).integers(0, config.card, size=(warmup + frames, config.user_q))
+    results = {n: {"size": size, "params": params, "dtype": dtype_name, "threads": n,
+                   "frames": frames, "context": config.context, "device": device} for n in threads}
+    ref = None
+    if with_reference:
+        ref = build_reference(model, device)
+        shared = params * model.dtype.itemsize * 2 < SHARE_LIMIT_BYTES
+        if not shared:  # too big to hold twice: the reference alone first, then freed
+            for n in threads:
+                torch.set_num_threads(n)
+                results[n]["reference"] = percentiles(time_reference(ref, frames, warmup, device, codes))
+            del ref
+            ref = None
+            gc.collect()
+    for n in threads:
+        torch.set_num_threads(n)
+        if ref is not None:
+            results[n]["reference"] = percentiles(time_reference(ref, frames, warmup, device, codes))
+        results[n]["ours"] = percentiles(time_ours(model, frames, warmup, context, device, codes))
+        if "reference" in results[n]:
+            r, o = results[n]["reference"], results[n]["ours"]
+            results[n]["ratio_p50"] = o["p50"] / r["p50"]
+            results[n]["ratio_p99"] = o["p99"] / r["p99"]
+    del ref, model
+    gc.collect()
+    return list(results.values())
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "load_average": list(os.getloadavg())}
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"Moshi LM step, ms per 80 ms frame: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+          f"load average {m['load_average'][0]:.1f} at start")
+    head = (f"{'size':<7}{'params':>8} {'dtype':<5}{'thr':>4} {'frames':>6}  "
+            f"{'ours P50/P95/P99/max':<26}{'reference P50/P95/P99/max':<28}{'P50 x':>7}{'P99 x':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in report["results"]:
+        def fmt(s):
+            return "/".join(f"{s[k]:.1f}" for k in ("p50", "p95", "p99", "max")) if s else "-"
+        ratio50 = f"{r['ratio_p50']:.2f}" if "ratio_p50" in r else "-"
+        ratio99 = f"{r['ratio_p99']:.2f}" if "ratio_p99" in r else "-"
+        print(f"{r['size']:<7}{r['params'] / 1e6:>7.0f}M {"fp32" if r["dtype"] == "float32" else "bf16":<5}{r['threads']:>4} "
+              f"{r['frames']:>6}  {fmt(r.get('ours')):<26}{fmt(r.get('reference')):<28}"
+              f"{ratio50:>7}{ratio99:>7}")
+    print("x = ours / reference in this run (below 1: ours is faster)")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    threads = [int(n) for n in args.threads.split(",") if n]
+    try:
+        dtypes = [DTYPES[d] for d in args.dtypes.split(",") if d]
+    except KeyError as e:
+        print(f"rtpipe bench lm: --dtypes: unknown dtype {e.args[0]!r} (fp32, bf16)", file=sys.stderr)
+        return 2
+    with_reference = not args.no_reference
+    if with_reference:
+        try:
+            import moshi.models.lm  # noqa: F401
+        except ImportError:
+            print("rtpipe bench lm: the reference (pip install --no-deps moshi==0.2.13) is not "
+                  "installed; timing ours only", file=sys.stderr)
+            with_reference = False
+    report = {"benchmark": "lm", "machine": machine(), "results": []}
+    for size in sizes:
+        frames, warmup = DEFAULT_FRAMES.get(size, (50, 5))
+        frames = args.frames or frames
+        warmup = args.warmup if args.warmup is not None else warmup
+        for dtype in dtypes:
+            if not args.json:
+                print(f"... {size} {dtype}", file=sys.stderr, flush=True)
+            report["results"] += run_case(size, dtype, threads, frames, warmup, args.context,
+                                          args.device, with_reference)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
