@@ -3,6 +3,7 @@ Ctrl-C stopping `rtpipe run` cleanly with its table and nothing left in /dev/shm
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
@@ -70,7 +72,10 @@ def test_pause_resume_reset_and_stats_reach_a_running_stage():
     assert run_segments(supervisor.run_id) == []
 
 
-def test_ctrl_c_stops_rtpipe_run_cleanly_with_its_table(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_stops_rtpipe_run_cleanly_with_its_table(tmp_path, signum):
+    # a terminal's Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal every process in
+    # the group: the stages must leave the stopping to the supervisor, not die and be restarted
     raw = chain_config({"kind": "capture.tone", "params": {}},
                        [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}], {"kind": "playback.null"})
     config = tmp_path / "forever.toml"
@@ -78,16 +83,19 @@ def test_ctrl_c_stops_rtpipe_run_cleanly_with_its_table(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live",
                              "--report", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
     try:
         read_line_with(proc, "frames", 60)  # the first status line: frames are flowing
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == EXIT_HEALTHY, err
-    assert "end to end" in out and (tmp_path / "r.json").exists()
+    assert "end to end" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["frames"] > 0
+    assert all(s["restarts"] == 0 for s in report["stages"].values()), err
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("rtpipe-")
                 and _owned_by(n, proc.pid)]
 
