@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from audio_support import chunk_lags, play_speech, record_microphone, speech
-from stages.audio_io import audio_devices_available
+from stages.audio_io import SpeakerParams, SpeakerPlayback, audio_devices_available
 from stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
 SPEECH_SECONDS = 6.0
@@ -75,6 +75,7 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
 
     # Device path: capture time of a frame's first sample minus when it was handed to the device.
     capture_ns = rec["capture_ns"]
+    assert np.all(np.diff(capture_ns) > 0), "capture times must increase frame by frame"
 
     def captured_ns(sample: int) -> int | None:
         shift = [lag - start for start, lag in found if start <= sample < start + CHUNK_SAMPLES]
@@ -102,3 +103,24 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
           f"P50 {np.median(write_ms):.1f} ms; speaker output_latency_ns P50 "
           f"{np.median(play['output_latency_ns']) / 1e6:.1f} ms; PortAudio latency out "
           f"{int(play['device_latency_ns']) / 1e6:.1f} ms, in {int(rec['input_latency_ns']) / 1e6:.1f} ms")
+
+
+def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_when_they_pile_up(
+        pulse_null_sink):
+    speaker = SpeakerPlayback(SpeakerParams(target_latency_ms=120.0, max_latency_ms=400.0))
+    speaker.open()
+    try:
+        for _ in range(3):
+            speaker.write(np.full(FRAME_SAMPLES, 0.1, dtype=np.float32))
+        # no more frames: once the queue runs dry the device plays silence and it is counted
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while speaker.counters()["underruns"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert speaker.counters() == {"underruns": 1, "overflows": 0}
+        # a burst far beyond max_latency_ms is trimmed back to the target (at least once)
+        for _ in range(12):
+            speaker.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))
+        assert speaker.counters()["overflows"] >= 1
+        assert speaker.output_latency_ns >= speaker.device_latency_ns > 0
+    finally:
+        speaker.close()
