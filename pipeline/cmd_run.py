@@ -57,14 +57,22 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         return None
 
     input_path, output_path = args.input, args.output
-    if args.config is None and input_path is None and output_path is None:
+    if args.config is None:
+        # the built-in config wants a microphone and a speaker: without devices, use the built-in
+        # speech sample and rtpipe-out.wav for whichever end was not given
+        needs_devices = input_path is None or output_path is None
         if devices_available is None:
             from stages.audio_io import audio_devices_available as devices_available
-        if devices_available():
-            say("rtpipe: audio devices found: microphone -> pipeline -> speaker (Ctrl-C to stop)")
-        else:
-            input_path, output_path = "", DEFAULT_OUTPUT
-            say(f"rtpipe: no audio devices: the built-in speech sample -> pipeline -> {DEFAULT_OUTPUT}")
+        if needs_devices and devices_available():
+            say("rtpipe: audio devices found: "
+                + ("microphone" if input_path is None else str(input_path)) + " -> pipeline -> "
+                + ("speaker" if output_path is None else str(output_path))
+                + (" (Ctrl-C to stop)" if input_path is None else ""))
+        elif needs_devices:
+            input_path = "" if input_path is None else input_path
+            output_path = DEFAULT_OUTPUT if output_path is None else output_path
+            say("rtpipe: no audio devices: "
+                + (str(input_path) or "the built-in speech sample") + f" -> pipeline -> {output_path}")
     if input_path is not None and source is not None:
         stages[source] = {**stages[source], "kind": "capture.file",
                           "params": {"path": str(input_path), "pace": not args.no_pace}}

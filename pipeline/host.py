@@ -251,6 +251,10 @@ class StageHost:
         header["flags"] = flags
         header["checksum"] = 0  # not computed on this path: the slot may hold an older frame's
         if payload is not None:
+            if getattr(payload, "shape", None) != slot.payload.shape:
+                raise ValueError(f"stages.{self.name}: produced a frame of shape "
+                                 f"{getattr(payload, 'shape', type(payload).__name__)}; its edge carries "
+                                 f"{self.out_ring.spec.dtype}{list(slot.payload.shape)}")
             slot.payload[...] = payload
         exit_ns[self.index] = time.monotonic_ns()
         header["exit_ns"] = exit_ns

@@ -136,3 +136,18 @@ def test_run_with_no_arguments_and_no_devices_plays_the_speech_sample_to_rtpipe_
     assert raw["stages"]["capture"]["kind"] == "capture.microphone"
     assert raw["stages"]["playback"]["kind"] == "playback.speaker"
     assert "microphone" in said[0]
+
+
+def test_built_in_config_without_devices_fills_in_only_the_end_not_given(tmp_path):
+    from pipeline.cmd_run import build_parser, effective_raw
+
+    said = []
+    args = build_parser().parse_args(["--input", "x.wav"])
+    raw = effective_raw(args, devices_available=lambda: False, say=said.append)
+    assert raw["stages"]["capture"]["params"]["path"] == "x.wav"
+    assert raw["stages"]["playback"] == {"kind": "playback.file", "params": {"path": "rtpipe-out.wav"}}
+    assert said == ["rtpipe: no audio devices: x.wav -> pipeline -> rtpipe-out.wav"]
+    args = build_parser().parse_args(["--input", "x.wav", "--output", "y.wav"])
+    said.clear()
+    effective_raw(args, devices_available=lambda: pytest.fail("no device needed"), say=said.append)
+    assert said == []
