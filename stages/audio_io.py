@@ -154,9 +154,7 @@ class MicrophoneCapture(Stage):
         self._stream = None
         self._frames: queue.SimpleQueue[SourceFrame] = queue.SimpleQueue()
         self._first_callback = threading.Event()
-        self._reset_capture_buffers()
-
-    def _reset_capture_buffers(self) -> None:
+        # written only by the PortAudio callback thread once the stream runs
         self._frame_buf: np.ndarray | None = None
         self._frame_fill = 0
         self._frame_first_index = 0
@@ -169,6 +167,15 @@ class MicrophoneCapture(Stage):
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         return AUDIO_FRAME
+
+    def reset(self) -> None:
+        """Starts afresh from what the device captures next: frames queued before the reset are dropped."""
+        super().reset()
+        while True:
+            try:
+                self._frames.get_nowait()
+            except queue.Empty:
+                break
 
     @property
     def device_latency_ns(self) -> int:

@@ -321,6 +321,17 @@ def test_the_microphone_assembles_frames_from_small_blocks_and_drops_the_oldest_
     mic.close()
 
 
+def test_a_reset_microphone_drops_frames_captured_before_it(monkeypatch):
+    streams = []
+    monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(
+        InputStream=lambda **kw: streams.append(FakeInputStream(8 * 3, **kw)) or streams[-1]))
+    mic = opened(MicrophoneCapture, {"watchdog_s": 30.0})
+    assert streams[0].done.wait(10)
+    assert mic.read(1.0) is not None
+    mic.reset()
+    assert mic.read(0.05) is None and mic.state.frames_emitted == 0
+
+
 def test_the_microphone_watchdog_raises_when_callbacks_stop(monkeypatch):
     monkeypatch.setattr(audio_io, "_sounddevice",
                         fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8, **kw)))
