@@ -229,8 +229,8 @@ def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
     if policy not in EDGE_POLICIES:
         raise ConfigError(f"{where}.policy = {policy!r}: expected one of {', '.join(EDGE_POLICIES)}")
     spin_us = table.get("spin_us", 0)
-    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or spin_us < 0:
-        raise ConfigError(f"{where}.spin_us = {spin_us!r}: expected an integer of 0 or more")
+    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
+        raise ConfigError(f"{where}.spin_us = {spin_us!r}: expected an integer from 0 to 1000000")
     return slots, policy, spin_us
 
 
@@ -339,9 +339,21 @@ def validate(raw: dict) -> PipelineConfig:
         if a.live and policy == "block":
             raise ConfigError(f'edges."{label}".policy = "block": stages.{a.name} ({a.kind}) is a live '
                               "source and never waits; use drop-oldest or drop-newest")
+        _check_ring_layout(label, slots, policy, spin_us, a.output_spec)
         edges.append(EdgeSpec(name=f"{a.name}->{b.name}", source=a.name, target=b.name, slots=slots,
                               policy=policy, spin_us=spin_us, payload=a.output_spec))
     return PipelineConfig(stages=stages, edges=edges, supervisor=supervisor, raw=copy.deepcopy(raw))
+
+
+def _check_ring_layout(label: str, slots: int, policy: str, spin_us: int, payload: PayloadSpec) -> None:
+    """What the ring itself will refuse (a payload dtype or shape it cannot carry), said now."""
+    from shm.ring import RingError, RingSpec
+
+    try:
+        RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy,
+                 spin_us=spin_us).validate(f'edges."{label}"')
+    except RingError as e:
+        raise ConfigError(str(e).removeprefix("ring ")) from None
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:

@@ -32,6 +32,7 @@ from pipeline.metrics import (FRAME_RECORD_DTYPE, FRAME_MS, EdgeCounters, RunCou
                               build_snapshot, count_lost)
 
 log = logging.getLogger("rtpipe.supervisor")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TICK_NS = 1_000_000_000          # observers' on_tick period
 SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
@@ -143,8 +144,8 @@ class Supervisor:
         try:
             self.run_dir = control.RunDirectory.create(self.run_id)
             self.socket = control.supervisor_socket(self.context, self.run_dir.control_endpoint)
-            self._create_rings()
-            self._loop()
+            if self._create_rings():
+                self._loop()
         finally:
             self._stop_everything()
             report = self._report()
@@ -184,16 +185,22 @@ class Supervisor:
         for sig, handler in (old or {}).items():
             signal.signal(sig, handler)
 
-    def _create_rings(self) -> None:
+    def _create_rings(self) -> bool:
+        """One ring per edge; False (and self.error) when one cannot be made, e.g. /dev/shm is full."""
         from shm.cleanup import segment_name
-        from shm.ring import EdgePolicy, Ring, RingSpec
+        from shm.ring import EdgePolicy, Ring, RingError, RingSpec
 
         for edge in self.config.edges:
-            name = segment_name(self.run_id, edge.name)
-            spec = RingSpec(slots=edge.slots, dtype=edge.payload.dtype, shape=tuple(edge.payload.shape),
-                            policy=EdgePolicy(edge.policy), spin_us=edge.spin_us)
-            self.rings[edge.name] = Ring.create(name, spec)
+            try:
+                name = segment_name(self.run_id, edge.name)
+                spec = RingSpec(slots=edge.slots, dtype=edge.payload.dtype, shape=tuple(edge.payload.shape),
+                                policy=EdgePolicy(edge.policy), spin_us=edge.spin_us)
+                self.rings[edge.name] = Ring.create(name, spec)
+            except (RingError, ValueError, OSError) as e:
+                self.error = f'edges."{edge.name}": cannot create its ring: {e}'
+                return False
             self.ring_names[edge.name] = name
+        return True
 
     def _edge_for_host(self, edge_name: str | None) -> dict | None:
         if edge_name is None:
@@ -219,6 +226,8 @@ class Supervisor:
         }
         env = dict(os.environ, **self.extra_env)
         env[STAGE_SPEC_ENV] = json.dumps(host_spec)
+        # `python -m pipeline.host` must find this package even when it is not installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         if spec.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
         sp.process = subprocess.Popen([sys.executable, "-m", "pipeline.host", spec.name], env=env,
