@@ -44,6 +44,8 @@ def _sounddevice():
         import sounddevice
     except OSError as e:  # sounddevice raises OSError when libportaudio cannot be loaded
         raise AudioError(f"PortAudio library not found (install libportaudio2): {e}") from e
+    except ImportError as e:
+        raise AudioError(f"the sounddevice package is not installed: {e}") from e
     return sounddevice
 
 
