@@ -44,7 +44,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int,
     logits = logits.float()
     indices = None
     if 0 < top_k < logits.shape[-1]:
-        logits, indices = torch.topk(logits, top_k)
+        logits, indices = torch.topk(logits, top_k, sorted=False)  # order is irrelevant to the draw
     probs = torch.softmax(logits / temperature, dim=-1)
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     choice = (probs / race).argmax()
