@@ -110,3 +110,26 @@ def test_both_spellings_at_once_is_an_error(tmp_path, tensors):
     both = {**tensors, key.replace("in_projs.0.weight", "in_proj_weight"): tensors[key].clone()}
     with pytest.raises(CheckpointError, match="duplicates"):
         load_mimi(_write(tmp_path, both))
+
+
+def test_hf_paths_go_through_huggingface_hub(tmp_path, tensors, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    local = _write(tmp_path, tensors)
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return local
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    load_mimi("hf://kyutai/moshiko-pytorch-bf16/tokenizer-e351c8d8-checkpoint125.safetensors")
+    assert asked == [("kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors")]
+    with pytest.raises(CheckpointError, match="expected hf://owner/repo/file"):
+        load_mimi("hf://kyutai/only-repo")
+
+    def failing_download(repo_id, filename, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub, "hf_hub_download", failing_download)
+    with pytest.raises(CheckpointError, match="download failed: OSError: network is unreachable"):
+        load_mimi("hf://kyutai/moshiko-pytorch-bf16/x.safetensors")

@@ -116,6 +116,7 @@ def test_streaming_encode_gives_reference_codes_over_42s_of_speech_and_noise(set
     # random weights still spread codes over the codebook: the comparison is not vacuous
     assert len(torch.unique(ref_codes[:, 0])) > 50 and len(torch.unique(ref_codes[:, 7])) > 50
     differing = codes != ref_codes
+    print(f"\n{int(differing.sum())} of {differing.numel()} codes differ from the reference")
     assert differing.float().mean().item() <= MAX_DIFFERING_FRACTION, (
         f"{int(differing.sum())} of {differing.numel()} codes differ")
     for k in torch.nonzero(differing.any(dim=1)).flatten().tolist():
