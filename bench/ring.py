@@ -3,6 +3,10 @@
 Compares the shm ring as the pipeline uses it with multiprocessing.Queue, multiprocessing.Pipe, pyzmq
 PUSH/PULL over ipc:// (copy=False) and two floors (a busy-polled shared counter, a bare eventfd wake-up),
 paced at one frame per 80 ms and at full speed, on separate cores and on one core.
+
+One-way latency runs from the sender's timestamp to the receiver holding the frame. The ring and the
+floors are written in place, so, as a stage stamps exit_ns just before publish(), they stamp after
+filling the slot; the copying transports stamp just before the send call that serialises and copies.
 """
 
 from __future__ import annotations
@@ -49,9 +53,10 @@ class RingTransport:
         producer = Ring.attach(self.name, self.spec).producer()
 
         def send(payload: np.ndarray) -> None:
+            # As a stage does: write the frame in place, stamp its exit time, publish.
             slot = producer.claim(timeout_s=TIMEOUT_S)
-            slot.header["capture_ns"] = _now_ns()
             slot.payload[:] = payload
+            slot.header["capture_ns"] = _now_ns()
             slot.publish()
 
         return send
@@ -172,9 +177,8 @@ class BusyPollTransport:
         def send(payload: np.ndarray) -> None:
             while words[2] != words[0]:
                 os.sched_yield()  # on a shared core the receiver must run to ack
-            sent_ns = _now_ns()
             slot[:] = payload
-            words[1] = sent_ns
+            words[1] = _now_ns()
             words[0] += 1  # publish (x86-64 keeps these stores in order)
 
         return send
@@ -216,9 +220,8 @@ class EventfdTransport(BusyPollTransport):
         def send(payload: np.ndarray) -> None:
             while words[2] != words[0]:
                 os.sched_yield()  # on a shared core the receiver must run to ack
-            sent_ns = _now_ns()
             slot[:] = payload
-            words[1] = sent_ns
+            words[1] = _now_ns()
             words[0] += 1
             os.eventfd_write(self.fd, 1)
 

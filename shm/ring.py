@@ -11,8 +11,10 @@ Each slot starts with a stamp: 2k+1 while frame k is being written into it, 2k+2
 - Producer: stamp <- 2k+1, fence, write header and payload, stamp <- 2k+2, fence, W <- k+1.
 - Consumer: read W, fence, then read the slot. Frame k is visible only once W > k, and the fence orders
   the payload stores before the W store (producer) and the W load before the payload loads (consumer).
-  On x86-64 the hardware already keeps stores in order and loads in order (TSO), so the fences only cost
-  time; on aarch64, which reorders freely, they are what makes this correct.
+  On x86-64 the hardware already keeps stores in order, loads in order and loads before later stores
+  (TSO), so these ordering fences are skipped there; on aarch64, which reorders freely, they run and are
+  what makes this correct. (A store followed by a load of another word, as in the wake-up handshake
+  below, is reordered even on x86-64: that fence always runs.)
 - block / drop-newest: the producer writes slot k % N only when k - R < N, R being the count of frames the
   consumer has released, so it never touches a slot the consumer holds. Reads are zero-copy.
 - drop-oldest: the producer never waits, so it may overwrite any unread slot, even while the consumer
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +54,9 @@ from shm.wakeup import Fence, FutexWord
 
 _monotonic_ns = time.monotonic_ns
 _sched_yield = os.sched_yield
+# x86-64 keeps stores in order, loads in order, and loads before later stores (TSO): only a store
+# followed by a load of another word needs a fence there. Elsewhere (aarch64) every ordering fence runs.
+_WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64")
 _FOREVER_NS = 1 << 62
 _ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
 _BEAT_MIN_INTERVAL_NS = 1_000_000  # publishes closer than this are a burst, not a beat worth learning
@@ -433,7 +439,8 @@ class Producer:
         index = w % self._slots
         words[self._stamp_words[index]] = 2 * w + 1
         if self._policy is EdgePolicy.DROP_OLDEST:
-            self._fence()  # the odd stamp is visible before any byte of the slot changes
+            if _WEAK_ORDER:
+                self._fence()  # the odd stamp is visible before any byte of the slot changes
         self._memory[self._header_bytes[index]] = _ZERO_HEADER_BYTES  # no stale stage times
         slot = self._claimed = self._write_slots[index]
         return slot
@@ -471,7 +478,8 @@ class Producer:
             slot.header["flags"] |= self._pending_flags
             self._pending_flags = 0
         words[self._stamp_words[slot.index]] = 2 * w + 2
-        self._fence()  # header and payload are visible before W says frame w exists
+        if _WEAK_ORDER:
+            self._fence()  # header and payload are visible before W says frame w exists
         words[L.W] = w + 1
         self._w = w + 1
         self._fence()  # W is visible before we look at the consumer's waiting flag
@@ -617,7 +625,8 @@ class Consumer:
                 w = self._wait_for_data(r, deadline_ns)
                 if w == r:
                     return None
-            self._fence()  # slot loads happen after the W load
+            if _WEAK_ORDER:
+                self._fence()  # slot loads happen after the W load
             if not self._copying:
                 slot = self._read_slots[r % self._slots]
                 self._held = slot
@@ -644,14 +653,16 @@ class Consumer:
             if stamp == 2 * r + 2:
                 self._copy_header_bytes[:] = self._memory[self._header_bytes[index]]
                 np.copyto(self._copy_payload, self._payloads[index])
-                self._fence()  # the copy's loads happen before the stamp is re-read
+                if _WEAK_ORDER:
+                    self._fence()  # the copy's loads happen before the stamp is re-read
                 if words[stamp_word] == stamp:
                     delivered = True
                     break
             skipped += 1  # overwritten before or while we read it
             r += 1
             w = words[L.W]
-            self._fence()
+            if _WEAK_ORDER:
+                self._fence()
         if skipped:
             words[L.DROPPED_OLDEST] += skipped
         if not delivered:
@@ -743,7 +754,8 @@ class Consumer:
         if self._copying:
             return
         words = self._words
-        self._fence()  # our reads of the slot are done before R lets the producer reuse it
+        if _WEAK_ORDER:
+            self._fence()  # our reads of the slot are done before R lets the producer reuse it
         words[L.CONSUMED] += 1
         self._r += 1
         words[L.R] = self._r
