@@ -11,9 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import psutil
 import soundfile as sf
 
