@@ -29,7 +29,11 @@ def expected_payload(seq: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray
 
 
 def busy_wait_us(us: int) -> None:
-    # Pacing inside a scenario: a busy wait keeps the timing tight enough to race the other side.
+    # Pacing inside a scenario: a busy wait keeps short gaps tight enough to race the other side; from
+    # a millisecond up it sleeps, so a paced producer gives a spinning consumer a beat to learn.
+    if us >= 1000:
+        time.sleep(us * 1e-6)
+        return
     end = time.perf_counter() + us * 1e-6
     while time.perf_counter() < end:
         pass
@@ -97,8 +101,9 @@ def consume(name: str, spec: RingSpec, hold_us: list[int], limit: int | None = N
         seqs.append(seq)
         if flags & FLAG_END_OF_STREAM:
             break
+    wake_counts = dict(consumer.wake_counts)
     ring.close()
-    return {"seqs": seqs, "torn": torn, "discontinuities": discontinuities}
+    return {"seqs": seqs, "torn": torn, "discontinuities": discontinuities, "wake_counts": wake_counts}
 
 
 def _serve(conn) -> None:

@@ -15,6 +15,7 @@ from shm_support import Worker
 SHAPES = st.sampled_from([(1,), (9,), (1920,), (3, 5), (2, 4096)])
 DTYPES = st.sampled_from(["float32", "int32", "int16", "uint8", "float64"])
 PACE = st.lists(st.sampled_from([0, 0, 0, 5, 50, 300]), min_size=1, max_size=4)
+BEAT = st.lists(st.sampled_from([1500, 2000, 2000, 4000, 0]), min_size=1, max_size=3)  # a paced producer
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,10 @@ def check_common(frames, consumed, stats):
     frames=st.integers(1, 150),
     produce_pace=PACE,
     consume_hold=PACE,
+    spin_us=st.sampled_from([0, 0, 300]),
 )
-def test_block_keeps_order_and_loses_nothing(workers, slots, dtype, shape, frames, produce_pace, consume_hold):
-    spec = RingSpec(slots, dtype, shape, EdgePolicy.BLOCK)
+def test_block_keeps_order_and_loses_nothing(workers, slots, dtype, shape, frames, produce_pace, consume_hold, spin_us):
+    spec = RingSpec(slots, dtype, shape, EdgePolicy.BLOCK, spin_us)
     _, consumed, stats = run_scenario(workers, spec, frames, produce_pace, consume_hold, split_writes=False)
     check_common(frames, consumed, stats)
     assert consumed["seqs"] == list(range(frames + 1))
@@ -125,3 +127,22 @@ def test_torn_frame_race_at_full_speed_with_one_slot(workers, policy):
 def test_no_segment_left_by_the_scenarios(workers):
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith("rtpipe-") and n.endswith("-torn")]
     assert leftovers == []
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    slots=st.integers(1, 4),
+    policy=st.sampled_from(list(EdgePolicy)),
+    frames=st.integers(5, 60),
+    beat=BEAT,
+    consume_hold=PACE,
+)
+def test_spinning_consumer_on_a_paced_producer_keeps_every_invariant(workers, slots, policy, frames, beat, consume_hold):
+    # The consumer learns the beat, sleeps until a frame is due and spins for it: that path too must
+    # deliver in order, untorn, with exact counts.
+    spec = RingSpec(slots, "float32", (1920,), policy, spin_us=400)
+    produced, consumed, stats = run_scenario(workers, spec, frames, beat, consume_hold, split_writes=True)
+    check_common(frames, consumed, stats)
+    if policy is EdgePolicy.BLOCK:
+        assert consumed["seqs"] == list(range(frames + 1))
+    assert len(consumed["seqs"]) + stats.dropped_oldest + stats.dropped_newest == produced["claims"]
