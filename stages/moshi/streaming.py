@@ -2,8 +2,9 @@
 dep_q codebook steps, with the reference's per-stream delays. Used by the `moshi.step` stage.
 
 Speed on a CPU comes from what is not done: attention reads only the slots filled so far (at most the
-context), caches are allocated once per stream, tokens stay Python ints between steps, and weights are
-read straight from the LmModel's parameters (no copies). All streaming state is LmStreamState.
+context), caches are allocated once per stream, tokens stay Python ints between steps, the module tree
+is bypassed for plain tensor ops, and weights are laid out once for fast one-vector products (float32:
+in place; bfloat16: a oneDNN-packed copy). All streaming state is LmStreamState.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch.nn.functional as F
 
 from stages.moshi.lm import LmModel
 from stages.moshi.sampling import SamplingParams, sample_token
-from stages.moshi.transformer import (ACTIVATION_FNS, LayerNormF32, RmsNorm, rope_frequencies,
-                                      sin_embedding)
+from stages.moshi.transformer import ACTIVATION_FNS, RmsNorm, rope_frequencies, sin_embedding
 
 UNGENERATED = -2  # a delay-buffer slot no token has been written to yet
 
@@ -62,7 +62,8 @@ class StepOutput:
 
 
 class LmStreamer:
-    """Runs an LmModel one frame at a time. Not thread-safe; one LmStreamState per conversation."""
+    """Runs an LmModel one frame at a time. Not thread-safe; one LmStreamState per conversation.
+    Build it after the weights are loaded: it lays out (and for bfloat16 packs) them once, here."""
 
     def __init__(self, model: LmModel, sampling: SamplingParams | None = None,
                  context: int | None = None):
