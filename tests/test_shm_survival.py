@@ -20,6 +20,7 @@ from shm import (
     remove_run_segments,
     segment_name,
 )
+from shm import ring_layout
 from shm.cleanup import segment_owner
 from shm_support import (
     REPLY_TIMEOUT_S,
@@ -100,7 +101,9 @@ def test_consumer_sleeping_is_woken_by_a_publish_from_another_process(run_id, po
     # The consumer waits far longer than the test could take, so a frame arriving at all means it was
     # woken by the publish rather than by its timeout.
     reader = start(consume_into_queue, name, 1, out, 10 * REPLY_TIMEOUT_S)
-    while ring.stats().consumer_pid == 0:
+    give_up = time.monotonic() + REPLY_TIMEOUT_S
+    while not ring._words[ring_layout.CONSUMER_WAITING]:  # asleep (or just going to sleep) on the futex
+        assert time.monotonic() < give_up and reader.is_alive(), "the reader never went to sleep"
         time.sleep(0.01)
     producer = ring.producer()
     assert put(producer, 42)
