@@ -8,6 +8,7 @@ sink, edge shapes the next stage cannot take. Each error is one line naming the 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -373,8 +374,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are all valid in TOML strings
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

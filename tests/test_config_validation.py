@@ -172,11 +172,12 @@ def test_unreadable_input_file_is_a_config_or_audio_error(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] or "not-audio.wav" in lines[0], result.stderr
+    assert len(lines) == 1 and "not-audio.wav" in lines[0], result.stderr
 
 
 def test_toml_written_by_rtpipe_config_reads_back_the_same():
-    raw = with_sets('stages.lm.params.name="a \\"quoted\\" name"') if False else with_sets()
+    raw = with_sets('supervisor.stop_timeout_s=2.5', 'stages.encode.cores=[0]')
+    raw["stages"]["playback"]["params"] = {"note": 'a "quoted" \\ name\nwith a newline,\ta tab, \x01 and é'}
     text = cfg.to_toml(raw)
     assert cfg.tomllib.loads(text) == raw
 
