@@ -112,13 +112,15 @@ class _CpuObserver:
         pass
 
 
-def run_rtpipe(frames: int, spin_us: int) -> dict:
+def run_rtpipe(frames: int, spin_us: int, pin: bool = False) -> dict:
     from pipeline import config as pipeline_config
     from pipeline.supervisor import Supervisor
 
     names = ["source", "a", "b", "c", "sink"]
     kinds = ["bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
-    raw = {"stages": {n: {"kind": k} for n, k in zip(names, kinds)},
+    n_cores = psutil.cpu_count() or 1
+    raw = {"stages": {n: {"kind": k, **({"cores": [i % n_cores]} if pin else {})}
+                      for i, (n, k) in enumerate(zip(names, kinds))},
            "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spin_us} for x, y in zip(names, names[1:])}}
     os.environ["RTPIPE_BENCH_FRAMES"] = str(frames)
     observer = _CpuObserver()
@@ -217,18 +219,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--frames", type=int, default=900, help="frames per chain (80 ms each; default 900)")
     parser.add_argument("--spin-us", type=int, default=0,
                         help="rtpipe edges' spin_us: spin this long around a paced frame's due time")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin rtpipe's stages to cores in turn (0, 1, 0, ...), so neighbours differ")
     parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
     args = parser.parse_args(argv)
     if args.frames <= WARMUP_FRAMES + 10:
         parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
-    rtpipe = run_rtpipe(args.frames, args.spin_us)
+    rtpipe = run_rtpipe(args.frames, args.spin_us, args.pin)
     baseline = run_mp_queue(args.frames)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys}}))
         return 0
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
-          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges spin_us={args.spin_us}")
+          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges spin_us={args.spin_us}"
+          + (", stages pinned to alternate cores" if args.pin else ""))
     print(f"machine: {machine_line()}")
     print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
           "% of one core")
