@@ -280,9 +280,12 @@ class Supervisor:
                 if not self.stop_sent_to_source:
                     self._send(self.stage_names[0], "stop")
                     self.stop_sent_to_source = True
-                if self.stop_all_sent_ns is not None or \
-                        now - self.stop_requested_ns > self.settings.stop_timeout_s * 1e9:
-                    log.warning("rtpipe: end of stream did not reach the sink in time; stopping all")
+                if self.stop_all_sent_ns is not None:
+                    log.warning("rtpipe: second %s: stopping every stage now", self.stop_reason)
+                    return
+                if now - self.stop_requested_ns > self.settings.stop_timeout_s * 1e9:
+                    log.warning("rtpipe: end of stream did not reach the sink within %g s; stopping all",
+                                self.settings.stop_timeout_s)
                     return
 
     def _on_all_ready(self) -> None:
