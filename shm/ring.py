@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shm import ring_layout as L
+from shm.beat import Beat
 from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, payload_checksum
 from shm.owner import process_alive, process_start_ticks
 from shm.segment import Segment, SegmentError
@@ -59,7 +60,6 @@ _sched_yield = os.sched_yield
 _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64")
 _FOREVER_NS = 1 << 62
 _ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
-_BEAT_MIN_INTERVAL_NS = 1_000_000  # publishes closer than this are a burst, not a beat worth learning
 
 
 class RingError(Exception):
@@ -409,11 +409,7 @@ class Producer:
         self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
         self._space_word = ring._futex(L.R)
         self._data_word = ring._futex(L.W)
-        self._last_publish_ns = 0
-        self._next_due_ns = 0
-        self._beats = 0
-        self._interval_ns = self._words[L.INTERVAL_NS]
-        self._jitter_ns = self._words[L.JITTER_NS]
+        self._beat = Beat()  # relearned by each producer: a restarted one may keep another pace
         self._high_water = self._words[L.HIGH_WATER]
         # A producer that takes over a ring with history restarted: say so on its first frame.
         self._pending_flags = FLAG_DISCONTINUITY if self._w else 0
@@ -488,39 +484,14 @@ class Producer:
         self._learn_beat(w + 1)
 
     def _learn_beat(self, published: int) -> None:
-        # The beat a paced consumer plans its sleeps by (see Consumer._wait_for_data). Lateness is one-
-        # sided (a preempted producer publishes late, never early), so an early publish is trusted at
-        # once (anchor and interval move to it) and a late one only a little (a clipped 1/8, 1/32).
+        # After the W store, so it costs the consumer no latency.
         words = self._words
-        now_ns = _monotonic_ns()
-        interval_ns = now_ns - self._last_publish_ns
-        self._last_publish_ns = now_ns
-        words[L.LAST_PUBLISH_NS] = now_ns
-        if interval_ns < _BEAT_MIN_INTERVAL_NS:
-            if self._beats:  # a burst, or the first publish: no beat to predict until it steadies
-                self._beats = 0
-                words[L.NEXT_DUE_NS] = 0
-        else:
-            self._beats += 1
-            if self._beats <= 3:  # the first intervals after a (re)start are often odd: start on the third
-                self._interval_ns = interval_ns
-                self._jitter_ns = 0
-                anchor_ns = now_ns
-            else:
-                error_ns = now_ns - self._next_due_ns
-                limit_ns = 4 * self._jitter_ns + 100_000
-                if error_ns < 0:
-                    anchor_ns = now_ns
-                    self._interval_ns += error_ns >> 1
-                else:
-                    error_ns = min(error_ns, limit_ns)
-                    anchor_ns = self._next_due_ns + (error_ns >> 3)
-                    self._interval_ns += error_ns >> 5
-                self._jitter_ns += (min(abs(error_ns), limit_ns) - self._jitter_ns) >> 3
-            self._next_due_ns = anchor_ns + self._interval_ns
-            words[L.INTERVAL_NS] = self._interval_ns
-            words[L.JITTER_NS] = self._jitter_ns
-            words[L.NEXT_DUE_NS] = self._next_due_ns if self._beats >= 3 else 0
+        beat = self._beat
+        beat.observe(_monotonic_ns())
+        words[L.LAST_PUBLISH_NS] = beat.last_publish_ns
+        words[L.INTERVAL_NS] = beat.interval_ns
+        words[L.JITTER_NS] = beat.jitter_ns
+        words[L.NEXT_DUE_NS] = beat.next_due_ns
         fill = published - words[L.R]
         if fill > self._high_water:
             self._high_water = min(fill, self._slots)
@@ -693,8 +664,10 @@ class Consumer:
                     w = self._sleep(r, wake_ns - now_ns)
                     now_ns = _monotonic_ns()
                     if w != r:
-                        # The frame beat our wake-up: wake earlier next time.
-                        self._oversleep_ns = min(self._oversleep_ns + 20_000, self._spin_ns // 2)
+                        if words[L.LAST_PUBLISH_NS] >= wake_ns:
+                            # It came after we meant to be up: the kernel wakes us later than we
+                            # thought, so plan earlier next time. (Before that: the beat was off.)
+                            self._oversleep_ns = min(self._oversleep_ns + 20_000, self._spin_ns // 2)
                         self.wake_counts["woken_before_spin"] += 1
                         return w
                     if now_ns >= wake_ns:  # timed out: learn how late the kernel wakes us
