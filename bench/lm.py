@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="KV window in steps (default: the size's)")
     p.add_argument("--no-reference", action="store_true", help="time rtpipe's engine only")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--cores", default=None, help="pin this process to these CPU cores, e.g. 0 or 0,1")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -183,7 +184,8 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "torch": torch.__version__,
             "load_average": list(os.getloadavg())}
 
 
@@ -216,6 +218,10 @@ def main(argv: list[str]) -> int:
     except KeyError as e:
         print(f"rtpipe bench lm: --dtypes: unknown dtype {e.args[0]!r} (fp32, bf16)", file=sys.stderr)
         return 2
+    if args.cores:
+        import psutil
+
+        psutil.Process().cpu_affinity([int(c) for c in args.cores.split(",")])
     with_reference = not args.no_reference
     if with_reference:
         try:
@@ -230,8 +236,8 @@ def main(argv: list[str]) -> int:
         frames = args.frames or frames
         warmup = args.warmup if args.warmup is not None else warmup
         for dtype in dtypes:
-            if not args.json:
-                print(f"... {size} {dtype}", file=sys.stderr, flush=True)
+            print(f"rtpipe bench lm: {size} {dtype}, {frames} frames after {warmup} of warm-up, "
+                  f"threads {args.threads}", file=sys.stderr, flush=True)
             report["results"] += run_case(size, dtype, threads, frames, warmup, args.context,
                                           args.device, with_reference)
     report["machine"]["load_average_end"] = list(os.getloadavg())
