@@ -92,6 +92,8 @@ class StageHost:
         self.index: int = int(spec["index"])
         self.supervisor_pid: int = int(spec["supervisor_pid"])
         self.heartbeat_ns = int(spec["heartbeat_ms"]) * 1_000_000
+        # never wait so long on a ring that a heartbeat is late
+        self.wait_s = min(WAIT_S, self.heartbeat_ns / 1e9)
         # liveness counter for the supervisor: it pings every heartbeat; this many missed and it is gone
         self.supervisor_timeout_ns = self.heartbeat_ns * int(spec["liveness"]) * 2
         self.context = zmq.Context()
@@ -231,7 +233,7 @@ class StageHost:
         policy = self.producer and self.out_ring.spec.policy.value
         give_up_ns = time.monotonic_ns() + MUST_CLAIM_NS
         while True:
-            slot = self.producer.claim(timeout_s=WAIT_S)
+            slot = self.producer.claim(timeout_s=self.wait_s)
             if slot is not None:
                 return slot
             if policy != "block" and not must:
@@ -270,7 +272,7 @@ class StageHost:
 
     def step_source(self) -> bool:
         try:
-            frame = self.stage.read(WAIT_S)
+            frame = self.stage.read(self.wait_s)
         except EndOfStream:
             self.source_end()
             return True
@@ -295,8 +297,8 @@ class StageHost:
         self.end_of_stream_out(self.next_seq, now, enter_ns, np.zeros(8, np.int64), 0)
 
     def step_through(self) -> bool:
-        """A processor or the sink: one frame from the input ring, if one comes within WAIT_S."""
-        slot = self.consumer.acquire(timeout_s=WAIT_S)
+        """A processor or the sink: one frame from the input ring, if one comes within wait_s."""
+        slot = self.consumer.acquire(timeout_s=self.wait_s)
         if slot is None:
             return False
         enter = time.monotonic_ns()
@@ -371,7 +373,7 @@ class StageHost:
                     break
                 # paused: a live source still reads (and drops) so its device buffer never overflows
                 if self.paused and not (self.role is Role.SOURCE and self.stage.live):
-                    self.socket.poll(int(WAIT_S * 1000))
+                    self.socket.poll(int(self.wait_s * 1000))
                     self.housekeeping()
                     continue
                 done = self.step_source() if self.role is Role.SOURCE else self.step_through()

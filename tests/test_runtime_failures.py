@@ -68,7 +68,7 @@ def test_hung_stage_is_killed_and_restarted(tmp_path):
                                                 "params": {"marker": str(marker), "after_frames": 3}},
                         {"kind": "codec.pcm"}],
                        {"kind": "playback.null"},
-                       supervisor={"heartbeat_ms": 50, "liveness": 10, "restart_backoff_ms": 50})
+                       supervisor={"heartbeat_ms": 100, "liveness": 15, "restart_backoff_ms": 50})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     thread.join(120)
