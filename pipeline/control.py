@@ -57,7 +57,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
     # counters since the process started (a reply to "get_stats", and sent about once a second)
     "stats": {"stage": "str", "frames": "int", "seq_gaps": "int", "duplicates": "int",
-              "underruns": "int", "overflows": "int", "output_latency_ns": "int"},
+              "underruns": "int", "overflows": "int", "output_latency_ns": "int", "device_latency_ns": "int"},
     # per-frame records from the sink: raw bytes of a pipeline.metrics.FRAME_RECORD_DTYPE array
     "frames": {"stage": "str", "records": "bytes"},
     # side outputs of a stage (e.g. text tokens): msgpack-able maps

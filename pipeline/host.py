@@ -170,7 +170,8 @@ class StageHost:
         self.send("stats", frames=self.frames, seq_gaps=self.seq_gaps, duplicates=self.duplicates,
                   underruns=int(counts.get("underruns", 0) or 0),
                   overflows=int(counts.get("overflows", 0) or 0),
-                  output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0)
+                  output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
+                  device_latency_ns=int(getattr(stage, "device_latency_ns", 0) or 0))
 
     def housekeeping(self) -> None:
         now = time.monotonic_ns()

@@ -492,7 +492,10 @@ class Supervisor:
         records = records[np.argsort(records["seq"], kind="stable")]
         counters = self._counters()
         seconds = (time.monotonic_ns() - self.t0_ns) / 1e9 if self.t0_ns else 0.0
-        latency_ns = int(self.stages[self.stage_names[-1]].stats.get("output_latency_ns", 0))
+        # the output device's own latency as PortAudio reports it (the jitter buffer's share is in
+        # each frame's handoff_ns), else the sink's last per-frame output latency
+        sink_stats = self.stages[self.stage_names[-1]].stats
+        latency_ns = int(sink_stats.get("device_latency_ns", 0) or sink_stats.get("output_latency_ns", 0))
         return build_report(records, counters, seconds=seconds, t0_ns=self.t0_ns, delay_frames=
                             self.config.delay_frames, config=self.config.raw,
                             device_latency_ms=round(latency_ns / 1e6, 3) if latency_ns else None)
