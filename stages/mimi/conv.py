@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stages.mimi.matmul import Linear
+
 
 class _Inner(nn.Module):
     """One more level of nesting, so state-dict keys read `conv.conv.weight` as in Kyutai's files."""
@@ -54,15 +56,14 @@ class CausalConv1d(nn.Module):
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         self.pad_mode = pad_mode
         self.context_rows = (kernel_size - 1) * dilation + 1 - stride
-        self._cols_weight: torch.Tensor | None = None
-        self._bias: torch.Tensor | None = None
+        self._product: Linear | None = None
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """Lays the weight out for the matrix product (rows: kernel tap, then input channel); after loading."""
+    def prepare(self, dtype: torch.dtype, out_rows_hint: int) -> None:
+        """Lays the weight out for one matrix product over (kernel tap, input channel); after loading.
+        `out_rows_hint`: output rows of a streaming frame."""
         w = self.conv.conv.weight.detach()  # [out, in, kernel]
-        self._cols_weight = w.permute(2, 1, 0).reshape(-1, self.out_channels).to(dtype).contiguous()
-        b = self.conv.conv.bias
-        self._bias = None if b is None else b.detach().to(dtype).contiguous()
+        self._product = Linear(w.permute(0, 2, 1).reshape(self.out_channels, -1), self.conv.conv.bias,
+                               dtype, out_rows_hint)
 
     def new_state(self, frame_rows: int, dtype: torch.dtype) -> ConvWindow:
         window = torch.zeros(self.context_rows + frame_rows, self.in_channels, dtype=dtype)
@@ -94,10 +95,7 @@ class CausalConv1d(nn.Module):
             cols = window.as_strided(
                 (out_rows, self.kernel_size, self.in_channels),
                 (self.stride * self.in_channels, self.dilation * self.in_channels, 1)).reshape(out_rows, -1)
-        if self._bias is not None:
-            y = torch.addmm(self._bias, cols, self._cols_weight)
-        else:
-            y = cols @ self._cols_weight
+        y = self._product(cols)
         if ctx:
             if ctx <= rows:
                 window[:ctx] = window[rows:]
@@ -121,14 +119,16 @@ class CausalConvTranspose1d(nn.Module):
                                                           groups=groups, bias=bias))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+        self._product: Linear | None = None
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """Lays the weight out for the matrix product; after loading."""
+    def prepare(self, dtype: torch.dtype, in_rows_hint: int) -> None:
+        """Lays the weight out for the matrix product; after loading. `in_rows_hint`: input rows of a
+        streaming frame."""
         w = self.convtr.convtr.weight.detach()  # [in, out / groups, kernel]
-        if self.groups == 1:  # x [T, in] @ [in, kernel * out] -> one [kernel, out] block per input row
-            self._weight = w.permute(0, 2, 1).reshape(self.in_channels, -1).to(dtype).contiguous()
+        if self.groups == 1:  # x [T, in] -> one [kernel, out] block per input row
+            self._product = Linear(w.permute(2, 1, 0).reshape(-1, self.in_channels), None, dtype, in_rows_hint)
         else:  # channel-wise: each channel is scaled by its own kernel
             self._weight = w[:, 0, :].t().to(dtype).contiguous()  # [kernel, channels]
         b = self.convtr.convtr.bias
@@ -143,7 +143,7 @@ class CausalConvTranspose1d(nn.Module):
             x = F.elu(x)
         rows, stride, channels = x.shape[0], self.stride, self.out_channels
         if self.groups == 1:
-            parts = (x @ self._weight).view(rows, 2, stride, channels)
+            parts = self._product(x).view(rows, 2, stride, channels)
         else:
             parts = (x[:, None, :] * self._weight[None]).view(rows, 2, stride, channels)
         # input row t writes its first half to output block t and its second half to block t + 1

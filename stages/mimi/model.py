@@ -62,12 +62,12 @@ class Mimi(nn.Module):
     def prepare(self, dtype: torch.dtype = torch.float32) -> "Mimi":
         """Derives the compute layouts (transposed, folded, cast to `dtype`) from the loaded weights."""
         self.dtype = dtype
-        self.encoder.prepare(dtype)
-        self.decoder.prepare(dtype)
+        self.encoder.prepare(dtype, FRAME_SAMPLES)
+        self.decoder.prepare(dtype, ENCODER_STEPS_PER_FRAME)
         self.encoder_transformer.prepare(dtype)
         self.decoder_transformer.prepare(dtype)
-        self.downsample.conv.prepare(dtype)
-        self.upsample.convtr.prepare(dtype)
+        self.downsample.conv.prepare(dtype, 1)
+        self.upsample.convtr.prepare(dtype, 1)
         self.quantizer.prepare()
         return self
 

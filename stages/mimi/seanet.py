@@ -51,9 +51,9 @@ class ResidualUnit(nn.Module):
             nn.ELU(), CausalConv1d(dim, hidden, kernel_size, dilation=dilation),
             nn.ELU(), CausalConv1d(hidden, dim, 1))
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        self.block[1].prepare(dtype)
-        self.block[3].prepare(dtype)
+    def prepare(self, dtype: torch.dtype, rows_hint: int) -> None:
+        self.block[1].prepare(dtype, rows_hint)
+        self.block[3].prepare(dtype, rows_hint)
 
     def new_state(self, frame_rows: int, dtype: torch.dtype) -> list[ConvWindow]:
         return [self.block[1].new_state(frame_rows, dtype), self.block[3].new_state(frame_rows, dtype)]
@@ -79,6 +79,19 @@ def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState) -> t
         activate = False
         i += 1
     return x
+
+
+def _prepare_layers(model: nn.Sequential, rows: int, dtype: torch.dtype) -> None:
+    """Lays out every layer's weights for `rows` input rows a frame, following each layer's stride."""
+    for layer in model:
+        if isinstance(layer, CausalConv1d):
+            rows //= layer.stride
+            layer.prepare(dtype, rows)
+        elif isinstance(layer, CausalConvTranspose1d):
+            layer.prepare(dtype, rows)
+            rows *= layer.stride
+        elif isinstance(layer, ResidualUnit):
+            layer.prepare(dtype, rows)
 
 
 def _new_layer_states(model: nn.Sequential, rows: int, dtype: torch.dtype) -> SEANetState:
@@ -112,10 +125,8 @@ class SEANetEncoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size)]
         self.model = nn.Sequential(*layers)
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        for layer in self.model:
-            if not isinstance(layer, nn.ELU):
-                layer.prepare(dtype)
+    def prepare(self, dtype: torch.dtype, frame_samples: int) -> None:
+        _prepare_layers(self.model, frame_samples, dtype)
 
     def new_state(self, frame_samples: int, dtype: torch.dtype) -> SEANetState:
         return _new_layer_states(self.model, frame_samples, dtype)
@@ -140,10 +151,8 @@ class SEANetDecoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size)]
         self.model = nn.Sequential(*layers)
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        for layer in self.model:
-            if not isinstance(layer, nn.ELU):
-                layer.prepare(dtype)
+    def prepare(self, dtype: torch.dtype, frame_rows: int) -> None:
+        _prepare_layers(self.model, frame_rows, dtype)
 
     def new_state(self, frame_rows: int, dtype: torch.dtype) -> SEANetState:
         return _new_layer_states(self.model, frame_rows, dtype)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stages.mimi.matmul import Linear
+
 
 @dataclass
 class TransformerConfig:
@@ -64,14 +66,15 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(d, cfg.layer_scale)
         self.layer_scale_2 = LayerScale(d, cfg.layer_scale)
 
-    def prepare(self, dtype: torch.dtype) -> None:
-        """Transposes the projections for x @ W and folds the layer scales into the output projections."""
-        def t(w: torch.Tensor) -> torch.Tensor:
-            return w.detach().t().to(dtype).contiguous()
-        self._in = t(self.self_attn.in_projs[0].weight)
-        self._out = t(self.self_attn.out_projs[0].weight * self.layer_scale_1.scale.detach()[:, None])
-        self._ff1 = t(self.linear1.weight)
-        self._ff2 = t(self.linear2.weight * self.layer_scale_2.scale.detach()[:, None])
+    def prepare(self, dtype: torch.dtype, rows_hint: int = 2) -> None:
+        """Lays the projections out for products of `rows_hint` rows and folds the layer scales into the
+        output projections."""
+        scale_1 = self.layer_scale_1.scale.detach()[:, None]
+        scale_2 = self.layer_scale_2.scale.detach()[:, None]
+        self._in = Linear(self.self_attn.in_projs[0].weight, None, dtype, rows_hint)
+        self._out = Linear(self.self_attn.out_projs[0].weight * scale_1, None, dtype, rows_hint)
+        self._ff1 = Linear(self.linear1.weight, None, dtype, rows_hint)
+        self._ff2 = Linear(self.linear2.weight * scale_2, None, dtype, rows_hint)
         self._n1 = (self.norm1.weight.detach().to(dtype), self.norm1.bias.detach().to(dtype))
         self._n2 = (self.norm2.weight.detach().to(dtype), self.norm2.bias.detach().to(dtype))
 
@@ -82,14 +85,14 @@ class TransformerLayer(nn.Module):
         rows, heads = x.shape[0], cfg.num_heads
         head_dim = cfg.d_model // heads
         h = F.layer_norm(x, (cfg.d_model,), *self._n1, eps=1e-5)
-        qkv = (h @ self._in).view(rows, 3, heads, head_dim)
+        qkv = self._in(h).view(rows, 3, heads, head_dim)
         q = _rotate(qkv[:, 0], cos, sin)
         k = _rotate(qkv[:, 1], cos, sin)
         v = qkv[:, 2].transpose(0, 1)
         attn = attend(q, k, v)  # [heads, T, head_dim]
-        x = torch.addmm(x, attn.transpose(0, 1).reshape(rows, cfg.d_model), self._out)
+        x = x + self._out(attn.transpose(0, 1).reshape(rows, cfg.d_model))
         h = F.layer_norm(x, (cfg.d_model,), *self._n2, eps=1e-5)
-        return torch.addmm(x, F.gelu(h @ self._ff1), self._ff2)
+        return x + self._ff2(F.gelu(self._ff1(h)))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
