@@ -88,7 +88,14 @@ def encode(type_: str, **fields: Any) -> bytes:
     """One message as msgpack bytes; raises ProtocolError if it does not match its own schema (a bug)."""
     message = {"type": type_, **fields}
     check(message)
-    return msgpack.packb(message, use_bin_type=True)
+    return msgpack.packb(message, use_bin_type=True, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    """What msgpack cannot pack, made plain: numpy scalars and arrays (a stage's events may hold them),
+    anything else as its text."""
+    to_python = getattr(value, "tolist", None)
+    return to_python() if callable(to_python) else str(value)
 
 
 def check(message: Any) -> dict:

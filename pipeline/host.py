@@ -186,7 +186,11 @@ class StageHost:
             self.flush_records()
         events = self.stage.events() if self.stage is not None else []
         if events:
-            self.send("events", events=[dict(e) for e in events])
+            try:
+                self.send("events", events=[dict(e) for e in events])
+            except (control.ProtocolError, TypeError, ValueError) as e:
+                # a stage's side output that cannot travel is dropped, not a reason to stop the audio
+                log.warning("rtpipe: stage %s: events dropped: %s", self.name, e)
 
     def flush_records(self) -> None:
         if self.records:
@@ -403,8 +407,11 @@ class StageHost:
 
 
 def _one_line(e: BaseException) -> str:
+    from stages.errors import RtpipeError
+
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+    first = text[0] if text else ""
+    return (first if isinstance(e, RtpipeError) else f"{type(e).__name__}: {first}")[:500]
 
 
 def main() -> int:
