@@ -20,7 +20,12 @@ DEFAULT_OUTPUT = "rtpipe-out.wav"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rtpipe run", description="run the pipeline: one process per stage, shared-memory rings")
+        prog="rtpipe run", description="run the pipeline: one process per stage, shared-memory rings",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With no CONFIG, --input or --output: microphone -> speaker when audio devices exist, else\n"
+               f"the built-in speech sample -> {DEFAULT_OUTPUT}.\n"
+               "Exit code: 0 healthy, 1 failed (a stage could not start or kept dying), 2 bad config or\n"
+               "arguments, 3 finished degraded (a stage was restarted or frames were lost).")
     parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE",
                         help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)")
