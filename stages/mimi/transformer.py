@@ -95,6 +95,18 @@ class TransformerLayer(nn.Module):
         return x + self._ff2(F.gelu(self._ff1(h)))
 
 
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with an additive mask (0 or -inf), written out: with 2 queries this is about
+    twice as fast as F.scaled_dot_product_attention's masked CPU path. q [heads, T, d] -> [heads, T, d]."""
+    scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=q.shape[-1] ** -0.5)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.bmm(weights, values)
+
+
+def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on interleaved (real, imaginary) pairs, in float32. x: [T, heads, head_dim] -> [heads, T, head_dim]."""
     rows, heads, head_dim = x.shape
@@ -150,7 +162,8 @@ class ProjectedTransformer(nn.Module):
         slots = positions % cfg.context
         state.slot_positions.index_copy_(0, slots, positions)
         delta = positions.view(rows, 1) - state.slot_positions.view(1, -1)
-        mask = (state.slot_positions >= 0) & (delta >= 0) & (delta < cfg.context)  # [T, context]
+        allowed = (state.slot_positions >= 0) & (delta >= 0) & (delta < cfg.context)  # [T, context]
+        bias = _mask_bias(allowed, x.dtype)
         cos, sin = self._angles(first, rows)
         for i, layer in enumerate(self.transformer.layers):
             keys, values = state.keys[i], state.values[i]
@@ -158,7 +171,7 @@ class ProjectedTransformer(nn.Module):
             def attend(q, k, v, keys=keys, values=values):
                 keys.index_copy_(1, slots, k)
                 values.index_copy_(1, slots, v)
-                return F.scaled_dot_product_attention(q, keys, values, mask)
+                return _attention(q, keys, values, bias)
 
             x = layer.forward_step(x, cos, sin, attend)
         state.steps += rows
@@ -169,11 +182,11 @@ class ProjectedTransformer(nn.Module):
         rows = x.shape[0]
         positions = torch.arange(rows)
         delta = positions.view(-1, 1) - positions.view(1, -1)
-        mask = (delta >= 0) & (delta < self.cfg.context)
+        bias = _mask_bias((delta >= 0) & (delta < self.cfg.context), x.dtype)
         cos, sin = self._angles(0, rows)
 
         def attend(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, mask)
+            return _attention(q, k, v, bias)
 
         for layer in self.transformer.layers:
             x = layer.forward_step(x, cos, sin, attend)
