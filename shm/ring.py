@@ -30,10 +30,13 @@ A side raises its "waiting" flag, fences, re-checks, then sleeps; the other side
 fences, and calls FUTEX_WAKE only if the flag is up, so a publish costs no syscall when nobody sleeps.
 The kernel re-checks the word before sleeping, so a wake is never lost. Every wait has a timeout.
 
-Paced frames: the producer keeps an EWMA of its publish interval and jitter in the segment. A consumer
-with spin_us > 0 that sees a steady beat sleeps in the kernel until shortly before the next frame is
-due, then spins at most spin_us (an idle core wakes slowly, spinning on a due frame does not), and
-falls back to the futex if the frame is late.
+Paced frames: an idle core wakes slowly (~100 us here), a spinning one sees a store at once, and frames
+come on a beat. The producer learns its beat (shm/beat.py) and keeps the next due time and jitter in
+the segment. A consumer with spin_us > 0 that sees a steady beat sleeps in the kernel until shortly
+before the frame is due (less the kernel's wake-up lateness, which it learns), spins at most spin_us,
+and falls back to the futex if the frame is late. Sharing its one core with the producer, it yields
+while it spins, so the producer runs at once. A burst (publishes < 1 ms apart) has no beat: spin, then
+sleep. `Consumer.wake_counts` says how each frame was found.
 """
 
 from __future__ import annotations
@@ -481,6 +484,8 @@ class Producer:
         self._fence()  # W is visible before we look at the consumer's waiting flag
         if words[L.CONSUMER_WAITING]:
             self._data_word.wake()
+        elif words[L.CONSUMER_YIELDING]:
+            _sched_yield()  # it spins on this core: let it take the frame now, learn the beat after
         self._learn_beat(w + 1)
 
     def _learn_beat(self, published: int) -> None:
@@ -671,21 +676,29 @@ class Consumer:
                         self.wake_counts["woken_before_spin"] += 1
                         return w
                     if now_ns >= wake_ns:  # timed out: learn how late the kernel wakes us
-                        self._oversleep_ns += (now_ns - wake_ns - self._oversleep_ns) >> 2
+                        # (clipped: a stalled machine says nothing about the usual wake-up)
+                        oversleep_ns = min(now_ns - wake_ns, self._spin_ns)
+                        self._oversleep_ns += (oversleep_ns - self._oversleep_ns) >> 2
             spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
             # Sharing one core with the producer, a plain spin would only delay it: yield instead, so
             # it runs the moment it wakes and we see its frame right after.
             yield_core = self._shares_core_with_producer()
-            while True:
-                w = words[L.W]
-                if w != r:
-                    self.wake_counts["spin"] += 1
-                    return w
+            if yield_core:
+                words[L.CONSUMER_YIELDING] = 1
+            try:
+                while True:
+                    w = words[L.W]
+                    if w != r:
+                        self.wake_counts["spin"] += 1
+                        return w
+                    if yield_core:
+                        _sched_yield()
+                    now_ns = _monotonic_ns()
+                    if now_ns >= spin_end_ns:
+                        break
+            finally:
                 if yield_core:
-                    _sched_yield()
-                now_ns = _monotonic_ns()
-                if now_ns >= spin_end_ns:
-                    break
+                    words[L.CONSUMER_YIELDING] = 0
         while True:
             remaining_ns = deadline_ns - now_ns
             if remaining_ns <= 0:

@@ -44,6 +44,7 @@ R = 48  # frames taken by the consumer (the futex word a blocked producer waits 
 CONSUMED = 49
 DROPPED_OLDEST = 50  # frames the consumer found overwritten and skipped (drop-oldest)
 CONSUMER_WAITING = 51  # 1 while the consumer sleeps on an empty ring
+CONSUMER_YIELDING = 52  # 1 while the consumer spins yielding on the producer's core: publish yields to it
 CONSUMER_PID = 56
 CONSUMER_START_TICKS = 57
 

@@ -82,3 +82,16 @@ def test_nothing_predicted_before_three_intervals():
         assert not beat.steady()
     beat.observe(T0_NS + 3 * 80_000_000)
     assert beat.steady()
+
+
+def test_schedule_that_moves_later_is_followed_after_three_late_frames():
+    beat = Beat()
+    t_ns = T0_NS
+    for _ in range(10):
+        t_ns += 80_000_000
+        beat.observe(t_ns)
+    t_ns += 20_000_000  # the source restarted 20 ms later and keeps that phase
+    for _ in range(3):
+        t_ns += 80_000_000
+        beat.observe(t_ns)
+    assert beat.next_due_ns == t_ns + 80_000_000
