@@ -17,6 +17,8 @@ from stages.base import PayloadSpec, Role, Stage
 from stages.errors import ConfigError
 from stages.moshi.config import LmConfig, config_for_size, load_config_file
 
+WARM_UP_STEPS = 3
+
 
 @dataclass
 class MoshiStepParams:
@@ -117,6 +119,12 @@ class MoshiStep(Stage):
         else:
             sampling = SamplingParams(p.temperature, p.top_k, p.text_temperature, p.text_top_k)
         self._streamer = LmStreamer(model, sampling, context=p.context)
+        # A few throwaway steps so the first live frame does not pay for first-call kernel setup
+        # (oneDNN primitives, allocator growth) and miss its deadline.
+        scratch = self._streamer.new_state(0)
+        for _ in range(WARM_UP_STEPS):
+            self._streamer.step(scratch, [0] * self.config.user_q)
+        del scratch
         if p.tokenizer is not None:
             from stages.moshi.tokenizer import TextTokenizer
             self._tokenizer = TextTokenizer(p.tokenizer, (self.config.existing_text_padding_id,
