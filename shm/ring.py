@@ -484,9 +484,9 @@ class Producer:
         self._fence()  # W is visible before we look at the consumer's waiting flag
         if words[L.CONSUMER_WAITING]:
             self._data_word.wake()
-        elif words[L.CONSUMER_YIELDING]:
-            _sched_yield()  # it spins on this core: let it take the frame now, learn the beat after
         self._learn_beat(w + 1)
+        if words[L.CONSUMER_YIELDING]:
+            _sched_yield()  # it spins on this core: let it take the frame (and the fresh beat) now
 
     def _learn_beat(self, published: int) -> None:
         # After the W store, so it costs the consumer no latency.
