@@ -45,7 +45,8 @@ class MoshiStepParams:
                 raise ConfigError(f"{where}.{name} = {getattr(self, name)}: expected >= 0")
         if self.context is not None and self.context <= 0:
             raise ConfigError(f"{where}.context = {self.context}: expected a positive number of steps")
-        if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
+        if (self.tokenizer is not None and not self.tokenizer.startswith("hf://")
+                and not os.path.isfile(self.tokenizer)):
             raise ConfigError(f"{where}.tokenizer = {self.tokenizer!r}: no such file")
         lm_config(self, where)  # a bad size or config.json is a config error now, not at open()
 
@@ -126,9 +127,11 @@ class MoshiStep(Stage):
             self._streamer.step(scratch, [0] * self.config.user_q)
         del scratch
         if p.tokenizer is not None:
+            from stages.checkpoint import resolve_weights_path
             from stages.moshi.tokenizer import TextTokenizer
-            self._tokenizer = TextTokenizer(p.tokenizer, (self.config.existing_text_padding_id,
-                                                          self.config.existing_text_end_padding_id))
+            self._tokenizer = TextTokenizer(resolve_weights_path(p.tokenizer),
+                                            (self.config.existing_text_padding_id,
+                                             self.config.existing_text_end_padding_id))
         self.reset()
 
     def reset(self) -> None:
