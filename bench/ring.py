@@ -28,7 +28,7 @@ from shm.segment import Segment
 FRAME_SAMPLES = 1920
 FRAME_BYTES = FRAME_SAMPLES * 4
 PACE_NS = 80_000_000
-WARMUP_FRAMES = 5
+WARMUP_FRAMES = 4  # lets the ring's consumer learn the beat before measuring
 RING_SLOTS = 4
 PIPELINE_SPIN_US = 500  # what pipeline rings use: spin around a frame's due time, at most this long
 TRANSPORTS = ["rtpipe", "mp_queue", "mp_pipe", "zmq_ipc", "busy_poll_floor", "eventfd_floor"]
@@ -290,12 +290,13 @@ def _receiver_main(transport, core, paced: int, full: int, ready, paced_done, re
         ready.set()
         for _ in range(WARMUP_FRAMES):
             receive()
+        warm_counts = dict(getattr(receive, "wake_counts", {}))
         paced_ns = np.empty(paced, np.int64)
         cpu0_ns, wall0_ns = time.process_time_ns(), _now_ns()
         for i in range(paced):
             paced_ns[i] = receive()
         cpu_ns, wall_ns = time.process_time_ns() - cpu0_ns, _now_ns() - wall0_ns
-        paced_counts = dict(getattr(receive, "wake_counts", {}))
+        paced_counts = {k: v - warm_counts[k] for k, v in getattr(receive, "wake_counts", {}).items()}
         paced_done.set()
         full_ns = np.empty(full, np.int64)
         full_ns[0] = receive()
@@ -304,7 +305,7 @@ def _receiver_main(transport, core, paced: int, full: int, ready, paced_done, re
             full_ns[i] = receive()
         full_wall_ns = _now_ns() - first_ns
         counts = getattr(receive, "wake_counts", None)
-        results.send(("ok", paced_ns, cpu_ns / wall_ns, full_ns, (full - 1) / (full_wall_ns / 1e9), paced_counts, counts))
+        results.send(("ok", paced_ns, cpu_ns / wall_ns, full_ns, (full - 1) / (full_wall_ns / 1e9), warm_counts, paced_counts, counts))
     except BaseException as e:
         results.send(("receiver", repr(e)))
 
@@ -336,7 +337,7 @@ def measure(name: str, cores: tuple[int | None, int | None], paced: int, full: i
         result = results_reader.recv()
         if result[0] != "ok":
             raise RuntimeError(f"bench ring: {name} {result[0]} failed: {result[1]}")
-        _, paced_ns, cpu_fraction, full_ns, frames_per_s, paced_counts, counts = result
+        _, paced_ns, cpu_fraction, full_ns, frames_per_s, warm, paced_counts, counts = result
     finally:
         for process in (sender, receiver):
             process.join(5)
@@ -350,7 +351,7 @@ def measure(name: str, cores: tuple[int | None, int | None], paced: int, full: i
     }
     if counts:  # how the ring's consumer found its frames (ready / caught spinning / kernel wake-up)
         result["paced"]["wake_counts"] = paced_counts
-        result["full_speed"]["wake_counts"] = {k: counts[k] - paced_counts.get(k, 0) for k in counts}
+        result["full_speed"]["wake_counts"] = {k: counts[k] - paced_counts[k] - warm[k] for k in counts}
     return result
 
 
@@ -390,13 +391,17 @@ def table(title: str, transports: dict) -> str:
             f"{p['cpu_pct']:>6.2f} {vs_floor:>14} {vs_queue:>14}   {f['p50_us']:>9.1f} {f['p99_us']:>9.1f} "
             f"{f['frames_per_s']:>9} {rate:>6}"
         )
+    for name, r in transports.items():
+        if "wake_counts" in r["paced"]:
+            counts = ", ".join(f"{k} {v}" for k, v in r["paced"]["wake_counts"].items() if v)
+            lines.append(f"({name} paced: how the consumer found each frame: {counts})")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtpipe bench ring", description=__doc__)
     parser.add_argument("--frames", type=int, default=100, help="paced frames per transport (80 ms apart; default 100)")
-    parser.add_argument("--full-frames", type=int, default=3000, help="full-speed frames per transport (default 3000)")
+    parser.add_argument("--full-frames", type=int, default=2000, help="full-speed frames per transport (default 2000)")
     parser.add_argument("--spin-us", type=int, default=PIPELINE_SPIN_US, help=f"ring spin_us (default {PIPELINE_SPIN_US})")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset to run")
     parser.add_argument("--no-same-core", action="store_true", help="skip the same-core placement")
@@ -411,12 +416,13 @@ def main(argv: list[str]) -> int:
     placements = [("transports", separate)]
     if not args.no_same_core:
         placements.append(("same_core", (cores[-1], cores[-1])))
+    what = (
+        f"rtpipe bench ring: one hop of a {FRAME_BYTES}-byte frame between two processes; per transport "
+        f"{args.frames} frames paced every {PACE_NS // 1_000_000} ms (after {WARMUP_FRAMES} warm-up) and "
+        f"{args.full_frames} at full speed; ring: {RING_SLOTS} slots, block, spin_us={args.spin_us}"
+    )
     if not args.json:
-        print(
-            f"rtpipe bench ring: {FRAME_BYTES}-byte frames, {args.frames} paced (every {PACE_NS // 1_000_000} ms, "
-            f"after {WARMUP_FRAMES} warm-up) + {args.full_frames} full-speed per transport; ring spin_us={args.spin_us}",
-            file=sys.stderr,
-        )
+        print(what, file=sys.stderr)
     report = {
         "frame_bytes": FRAME_BYTES,
         "transports": {},
@@ -432,16 +438,41 @@ def main(argv: list[str]) -> int:
                 print(f"  {key}: {name} ...", file=sys.stderr, flush=True)
             results[name] = measure(name, placement, args.frames, args.full_frames, args.spin_us)
         report[key] = results if key == "transports" else {"transports": results}
+    report["targets"] = targets(report["transports"])
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
+    print(what)
     print(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load {m['loadavg_1m']}; latencies in µs")
+    print()
     print(table(f"separate cores {list(separate)}", report["transports"]))
     if "same_core" in report:
         print()
         print(table(f"same core {cores[-1]}", report["same_core"]["transports"]))
+    print()
+    for name, ok, measured in report["targets"]:
+        print(f"target {'met    ' if ok else 'MISSED '} {name}: {measured}")
     return 0
+
+
+def targets(transports: dict) -> list:
+    """The issue's targets (separate cores), each as (what, met, measured)."""
+    if not {"rtpipe", "mp_queue", "zmq_ipc", "busy_poll_floor"} <= set(transports):
+        return []
+    ring, queue, zmq, floor = (transports[n] for n in ("rtpipe", "mp_queue", "zmq_ipc", "busy_poll_floor"))
+    p, f = ring["paced"], ring["full_speed"]
+    rows = [
+        ("paced P50 <= 1.5x busy-poll floor", p["p50_us"] / floor["paced"]["p50_us"], 1.5, False),
+        ("paced P99 <= 2x busy-poll floor", p["p99_us"] / floor["paced"]["p99_us"], 2.0, False),
+        ("paced CPU <= 2% of a core", p["cpu_pct"], 2.0, False),
+        ("paced P50 >= 5x lower than mp.Queue", queue["paced"]["p50_us"] / p["p50_us"], 5.0, True),
+        ("paced P99 >= 3x lower than mp.Queue", queue["paced"]["p99_us"] / p["p99_us"], 3.0, True),
+        ("paced P50 >= 5x lower than zmq ipc", zmq["paced"]["p50_us"] / p["p50_us"], 5.0, True),
+        ("paced P99 >= 3x lower than zmq ipc", zmq["paced"]["p99_us"] / p["p99_us"], 3.0, True),
+        ("full-speed frames/s >= 5x mp.Queue", f["frames_per_s"] / queue["full_speed"]["frames_per_s"], 5.0, True),
+    ]
+    return [(name, value >= bound if at_least else value <= bound, round(value, 2)) for name, value, bound, at_least in rows]
 
 
 if __name__ == "__main__":
