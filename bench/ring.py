@@ -260,6 +260,11 @@ def make_transport(name: str, spin_us: int):
 def _pin(core: int | None) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
+    if NICE[0]:
+        os.nice(NICE[0])  # e.g. -10: what a deployed pipeline may ask for, against a loaded machine
+
+
+NICE = [0]  # set by --nice before the processes fork
 
 
 def _sender_main(transport, core, paced: int, full: int, ready, paced_done, results) -> None:
@@ -404,6 +409,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--full-frames", type=int, default=2000, help="full-speed frames per transport (default 2000)")
     parser.add_argument("--spin-us", type=int, default=PIPELINE_SPIN_US, help=f"ring spin_us (default {PIPELINE_SPIN_US})")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset to run")
+    parser.add_argument("--nice", type=int, default=0, help="niceness change for both processes (negative needs privilege)")
     parser.add_argument("--no-same-core", action="store_true", help="skip the same-core placement")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = parser.parse_args(argv)
@@ -411,6 +417,7 @@ def main(argv: list[str]) -> int:
     unknown = [n for n in names if n not in TRANSPORTS]
     if unknown or args.frames < 1 or args.full_frames < 2:
         parser.error(f"unknown transports {unknown}; choose from {TRANSPORTS}" if unknown else "need --frames >= 1 and --full-frames >= 2")
+    NICE[0] = args.nice
     cores = sorted(os.sched_getaffinity(0))
     separate = (cores[0], cores[-1]) if len(cores) > 1 else (None, None)
     placements = [("transports", separate)]
@@ -420,6 +427,7 @@ def main(argv: list[str]) -> int:
         f"rtpipe bench ring: one hop of a {FRAME_BYTES}-byte frame between two processes; per transport "
         f"{args.frames} frames paced every {PACE_NS // 1_000_000} ms (after {WARMUP_FRAMES} warm-up) and "
         f"{args.full_frames} at full speed; ring: {RING_SLOTS} slots, block, spin_us={args.spin_us}"
+        + (f"; nice {args.nice:+d}" if args.nice else "")
     )
     if not args.json:
         print(what, file=sys.stderr)
@@ -429,6 +437,7 @@ def main(argv: list[str]) -> int:
         "machine": machine(),
         "frames": {"paced": args.frames, "full_speed": args.full_frames, "pace_ms": PACE_NS / 1e6},
         "ring": {"slots": RING_SLOTS, "policy": "block", "spin_us": args.spin_us},
+        "nice": args.nice,
         "cores": {"transports": list(separate), "same_core": [cores[-1], cores[-1]]},
     }
     for key, placement in placements:
