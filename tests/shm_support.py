@@ -222,3 +222,12 @@ def produce_into(name: str, seqs: list[int], done) -> None:
 def kill(process) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.join(REPLY_TIMEOUT_S)
+
+
+def put_one_blocking(name: str, seq: int, out) -> None:
+    """Producer that puts one frame into a full block ring, waiting far longer than any test runs."""
+    ring = Ring.attach(name)
+    started = time.monotonic()
+    ok = ring.producer().put(np.full(ring.spec.shape, seq, ring.spec.dtype), seq=seq, capture_ns=0, timeout_s=10 * REPLY_TIMEOUT_S)
+    out.put((ok, time.monotonic() - started))
+    ring.close()

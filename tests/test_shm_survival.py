@@ -33,6 +33,7 @@ from shm_support import (
     hold_one_frame_forever,
     kill,
     produce_into,
+    put_one_blocking,
 )
 
 SPEC = RingSpec(2, "float32", (1920,))
@@ -112,6 +113,27 @@ def test_consumer_sleeping_is_woken_by_a_publish_from_another_process(run_id, po
     reader.join(REPLY_TIMEOUT_S)
     assert got == [(42, 0, 42.0)]
     assert time.monotonic() - started < REPLY_TIMEOUT_S
+
+
+def test_producer_blocked_on_a_full_ring_is_woken_when_a_slot_frees(run_id):
+    name = segment_name(run_id, "a->b")
+    ring = Ring.create(name, RingSpec(1, "float32", (1920,)))
+    producer = ring.producer()
+    assert put(producer, 0)
+    producer.close()  # let the child take over as producer
+    out = SPAWN.Queue()
+    writer = start(put_one_blocking, name, 1, out)
+    give_up = time.monotonic() + REPLY_TIMEOUT_S
+    while not ring._words[ring_layout.PRODUCER_WAITING]:  # it found the ring full and sleeps
+        assert time.monotonic() < give_up and writer.is_alive(), "the writer never went to sleep"
+        time.sleep(0.01)
+    consumer = ring.consumer()
+    assert int(consumer.get(timeout_s=0)[0]["seq"]) == 0
+    ok, waited_s = out.get(timeout=REPLY_TIMEOUT_S)
+    writer.join(REPLY_TIMEOUT_S)
+    assert ok and waited_s < REPLY_TIMEOUT_S  # woken by the release, not by its own timeout
+    assert int(consumer.get(timeout_s=REPLY_TIMEOUT_S)[0]["seq"]) == 1
+    assert ring.stats().blocked_count == 1
 
 
 def test_second_live_consumer_is_refused(run_id):
