@@ -133,7 +133,9 @@ def run_rtpipe(frames: int, spin_us: int, pin: bool = False) -> dict:
     added = records["enter_ns"][:, 4] - records["capture_ns"]
     hops = {f"{x}->{y}": summary_us(records["enter_ns"][:, i + 1] - records["exit_ns"][:, i])
             for i, (x, y) in enumerate(zip(names, names[1:]))}
-    return {**summary_us(added), "cpu_pct": observer.sampler.percent(),
+    stage_us = {name: summary_us(records["exit_ns"][:, i] - records["enter_ns"][:, i])
+                for i, name in enumerate(names[1:-1], start=1)}
+    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "stage_us": stage_us,
             "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "hops": hops, "frames": len(records)}
 
 
@@ -172,7 +174,7 @@ def _mp_sink(in_q, result_q):
     result_q.put(latencies)
 
 
-def run_mp_queue(frames: int) -> dict:
+def run_mp_queue(frames: int, pin: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(4)]
     result_q = ctx.Queue()
@@ -182,6 +184,10 @@ def run_mp_queue(frames: int) -> dict:
              ctx.Process(target=_mp_sink, args=(queues[3], result_q))]
     for p in procs:
         p.start()
+    if pin:  # the same placement as rtpipe's stages, so the comparison is of transports only
+        n_cores = psutil.cpu_count() or 1
+        for i, p in enumerate(procs):
+            psutil.Process(p.pid).cpu_affinity([i % n_cores])
     time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
     ready.set()
     sampler = CpuSampler([p.pid for p in procs])
@@ -229,14 +235,14 @@ def main(argv: list[str]) -> int:
     if args.frames <= WARMUP_FRAMES + 10:
         parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
     rtpipe = run_rtpipe(args.frames, args.spin_us, args.pin)
-    baseline = run_mp_queue(args.frames)
+    baseline = run_mp_queue(args.frames, args.pin)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys}}))
         return 0
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
           f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges spin_us={args.spin_us}"
-          + (", stages pinned to alternate cores" if args.pin else ""))
+          + (", both chains' stages pinned to alternate cores" if args.pin else ""))
     print(f"machine: {machine_line()}")
     print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
           "% of one core")
@@ -250,4 +256,6 @@ def main(argv: list[str]) -> int:
     print(f"rtpipe supervisor process: {rtpipe['supervisor_cpu_pct']:.2f} % of a core")
     print("rtpipe per-hop wait (us):  " + "  ".join(
         f"{hop} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for hop, h in rtpipe["hops"].items()))
+    print("rtpipe middle stages, enter to publish (us): " + "  ".join(
+        f"{name} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for name, h in rtpipe["stage_us"].items()))
     return 0
