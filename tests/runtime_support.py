@@ -116,3 +116,23 @@ class Talker(Stage):
     def events(self) -> list[dict]:
         out, self.pending = self.pending, []
         return out
+
+
+class WhereAmI(Stage):
+    """A pass-through processor that says, once, which cores it may run on and its thread setting."""
+
+    role = Role.PROCESSOR
+
+    def open(self, device: str = "cpu") -> None:
+        self.told = False
+        self.device = device
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        return frame
+
+    def events(self) -> list[dict]:
+        if self.told:
+            return []
+        self.told = True
+        cores = sorted(os.sched_getaffinity(0))
+        return [{"text": f"cores={cores} threads={os.environ.get('OMP_NUM_THREADS')} device={self.device}"}]

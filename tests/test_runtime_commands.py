@@ -105,3 +105,12 @@ def _owned_by(name: str, pid: int) -> bool:
 
     owner = segment_owner(name)
     return bool(owner) and owner[0] == pid
+
+
+def test_stage_runs_on_the_cores_and_threads_its_config_gives():
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 0.5, "pace": False}},
+                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:WhereAmI", "cores": [0], "threads": 1},
+                        {"kind": "codec.pcm"}], {"kind": "playback.null"})
+    result = Supervisor(pipeline_config.validate(raw), handle_signals=False).run()
+    assert result.exit_code == EXIT_HEALTHY, result.error
+    assert result.report["text"] == ["cores=[0] threads=1 device=cpu"]
