@@ -72,7 +72,7 @@ def segment_owner(name: str) -> tuple[int, int] | None:
     if len(head) < L.DESCRIPTION.size or head[:8] != L.MAGIC:
         return None
     fields = L.DESCRIPTION.unpack(head)
-    return fields[15], fields[16]
+    return fields[L.OWNER_PID_FIELD], fields[L.OWNER_START_TICKS_FIELD]
 
 
 def remove_orphaned_segments() -> list[str]:

@@ -45,7 +45,7 @@ import enum
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,19 +99,25 @@ class RingSpec:
             except ValueError:
                 choices = ", ".join(p.value for p in EdgePolicy)
                 raise RingError(f"ring spec: policy {self.policy!r}: use one of {choices}") from None
-        object.__setattr__(self, "shape", tuple(self.shape))
+        try:
+            shape = tuple(int(d) if isinstance(d, np.integer) else d for d in self.shape)
+            object.__setattr__(self, "shape", shape)
+        except TypeError:
+            raise RingError(f"ring spec: shape {self.shape!r}: need a tuple of positive integers") from None
 
     def validate(self, name: str) -> np.dtype:
         """Checks every field; returns the numpy dtype. RingError naming the ring and field otherwise."""
         if not isinstance(self.slots, int) or not 1 <= self.slots <= 1 << 20:
             raise RingError(f"ring {name}: slots = {self.slots!r}: need an integer from 1 to {1 << 20}")
         try:
+            if self.dtype is None:
+                raise TypeError
             dtype = np.dtype(self.dtype)
         except TypeError:
             raise RingError(f"ring {name}: dtype = {self.dtype!r}: not a numpy dtype") from None
         if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
             raise RingError(f"ring {name}: dtype = {self.dtype!r}: need a plain numeric dtype (float32, int32, ...)")
-        if len(self.shape) > L.MAX_NDIM or not all(isinstance(d, int) and d > 0 for d in self.shape):
+        if len(self.shape) > L.MAX_NDIM or not all(isinstance(d, (int, np.integer)) and d > 0 for d in self.shape):
             raise RingError(f"ring {name}: shape = {self.shape!r}: need up to {L.MAX_NDIM} positive integers")
         if not isinstance(self.policy, EdgePolicy):
             raise RingError(f"ring {name}: policy = {self.policy!r}: need an EdgePolicy")
@@ -146,7 +152,6 @@ class RingStats:
     slots: int
     producer_pid: int = 0  # 0 when no producer has attached (or it closed)
     consumer_pid: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Ring:
@@ -274,7 +279,9 @@ class Ring:
         )
 
     def owner_pid(self) -> int:
-        return L.DESCRIPTION.unpack_from(self._segment.mmap)[-5]
+        """The pid of the process that created the ring."""
+        self._check_open()
+        return L.DESCRIPTION.unpack_from(self._segment.mmap)[L.OWNER_PID_FIELD]
 
     # -- teardown -----------------------------------------------------------------------------------
 
@@ -343,9 +350,9 @@ def read_description(name: str, buf) -> RingSpec:
         raise RingError(f"ring {name}: not an rtpipe ring (or its creator has not finished making it)")
     if version != L.LAYOUT_VERSION:
         raise RingError(f"ring {name}: layout version {version}, this code reads {L.LAYOUT_VERSION}")
-    shape = tuple(int(d) for d in fields[5 : 5 + ndim])
-    dtype_str = fields[13].rstrip(b"\0").decode()
-    spin_us, size = fields[14], fields[-1]
+    shape = tuple(int(d) for d in fields[L.SHAPE_FIELDS][:ndim])
+    dtype_str = fields[L.DTYPE_FIELD].rstrip(b"\0").decode()
+    spin_us, size = fields[L.SPIN_US_FIELD], fields[L.TOTAL_BYTES_FIELD]
     spec = RingSpec(slots, np.dtype(dtype_str).name, shape, _POLICY_BY_CODE[policy_code], spin_us)
     if size != len(buf) or size != L.segment_bytes(slots, spec.payload_bytes()):
         raise RingError(f"ring {name}: segment is {len(buf)} bytes, its description says {size}")

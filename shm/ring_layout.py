@@ -25,6 +25,13 @@ CACHE_LINE = 64
 # created_ns, slot_bytes, total bytes
 DESCRIPTION = struct.Struct("<8sIIII8Q32sIQQQQQ")
 assert DESCRIPTION.size <= 256
+# Positions in DESCRIPTION.unpack(...)
+SHAPE_FIELDS = slice(5, 5 + MAX_NDIM)
+DTYPE_FIELD = 13
+SPIN_US_FIELD = 14
+OWNER_PID_FIELD = 15
+OWNER_START_TICKS_FIELD = 16
+TOTAL_BYTES_FIELD = 19
 
 # Word indices (u64, little-endian) into the whole segment viewed as an array of u64.
 W = 32  # frames published (the futex word a sleeping consumer waits on)
