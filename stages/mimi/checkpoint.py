@@ -6,6 +6,7 @@ and `self_attn.out_proj.weight`, the reference modules say `in_projs.0.weight` /
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -39,17 +40,19 @@ def _skeleton() -> Mimi:
         return Mimi()
 
 
+@functools.lru_cache(maxsize=1)
 def expected_tensors() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{key: (shape, dtype)} of every tensor a Mimi checkpoint holds (318 keys)."""
+    """{key: (shape, dtype)} of every tensor a Mimi checkpoint holds (318 keys). Do not modify."""
     return {k: (tuple(v.shape), v.dtype) for k, v in _skeleton().state_dict().items()}
 
 
 def random_state_dict(seed: int = 0, codebook_std: float | None = None) -> dict[str, torch.Tensor]:
-    """Seeded random weights with PyTorch's default scales, and non-zero codebooks (see module docs)."""
+    """Seeded random weights: uniform weights that keep the signal's variance from layer to layer, small
+    biases, and random codebooks of std `codebook_std` (a zero codebook would make every code 0)."""
     gen = torch.Generator().manual_seed(seed)
     codebook_std = RANDOM_CODEBOOK_STD if codebook_std is None else codebook_std
     out: dict[str, torch.Tensor] = {}
-    for key, (shape, dtype) in expected_tensors_cache().items():
+    for key, (shape, dtype) in expected_tensors().items():
         name = key.rsplit(".", 1)[-1]
         if name in ("_initialized", "cluster_usage"):
             value = torch.ones(shape)
@@ -60,23 +63,13 @@ def random_state_dict(seed: int = 0, codebook_std: float | None = None) -> dict[
         elif ".norm" in key:
             value = torch.ones(shape) if name == "weight" else torch.zeros(shape)
         else:
-            weight_shape = shape if name == "weight" else expected_tensors_cache()[key[:-4] + "weight"][0]
+            weight_shape = shape if name == "weight" else expected_tensors()[key[:-4] + "weight"][0]
             fan_in = weight_shape[1] * (weight_shape[2] if len(weight_shape) > 2 else 1)
             # variance-keeping weights (gain 1), small biases: the signal, not the biases, drives the codes
             bound = math.sqrt(3.0 / fan_in) if name == "weight" else 0.1 / math.sqrt(fan_in)
             value = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         out[key] = value.to(dtype).contiguous()
     return out
-
-
-_EXPECTED: dict | None = None
-
-
-def expected_tensors_cache() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    global _EXPECTED
-    if _EXPECTED is None:
-        _EXPECTED = expected_tensors()
-    return _EXPECTED
 
 
 def mimi_from_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Mimi:
@@ -94,5 +87,5 @@ def load_mimi(weights: str | None, dtype: torch.dtype = torch.float32, seed: int
     if weights is None:
         tensors = random_state_dict(seed)
     else:
-        tensors = load_checkpoint(weights, expected_tensors_cache(), MODEL_NAME, rename=canonical_key)
+        tensors = load_checkpoint(weights, expected_tensors(), MODEL_NAME, rename=canonical_key)
     return mimi_from_state_dict(tensors, dtype)

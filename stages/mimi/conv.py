@@ -2,7 +2,7 @@
 
 Weights keep Kyutai's key nesting (`conv.conv.weight`, `convtr.convtr.weight`) so checkpoints load
 as they are. Activations are time-major [T, C]: each convolution is one matrix product over a
-strided view of a window buffer (no im2col copy), and what it carries to the next frame is a dataclass.
+strided (overlapping) view of a window buffer, and what it carries to the next frame is a dataclass.
 """
 
 from __future__ import annotations
