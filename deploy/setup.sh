@@ -25,7 +25,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q torch==2.13.0
+# TORCH_INDEX_URL picks a torch build elsewhere (e.g. PyTorch's cpu or cu128 index on a real host,
+# where PyPI's Linux torch is the CUDA build); unset, pip's own index is used.
+.venv/bin/pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 if [ "$with_tests" = 1 ]; then
   .venv/bin/pip install -q -e ".[test]"
   # The reference implementation, for comparison tests only: it pins an older torch, so no deps.
