@@ -128,6 +128,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtype_names if d not in ("float32", "bfloat16")]
+    if bad or not dtype_names:
+        print(f"rtpipe: bench mimi: --dtypes {args.dtypes!r}: expected float32 and/or bfloat16", file=sys.stderr)
+        return 2
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+        if not thread_counts or min(thread_counts) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"rtpipe: bench mimi: --threads {args.threads!r}: expected counts like 1,2", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -162,12 +174,8 @@ def main(argv: list[str]) -> int:
               "warmup": args.warmup, "codebooks": args.codebooks, "machine": machine_info(torch),
               "weights": args.weights or "random", "results": [], "ratios": []}
     try:
-        for dtype_name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-            if dtype_name not in dtypes:
-                print(f"rtpipe: bench mimi: --dtypes {dtype_name!r}: expected float32 or bfloat16",
-                      file=sys.stderr)
-                return 2
-            for threads in [int(t) for t in args.threads.split(",") if t.strip()]:
+        for dtype_name in dtype_names:
+            for threads in thread_counts:
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
                     impls = [_Ours(tensors, dtypes[dtype_name], args.codebooks)]

@@ -6,6 +6,7 @@ random weights (the same in every process, so encode and decode agree) and say s
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -52,7 +53,12 @@ def _load_model(kind: str, weights: str | None, dtype_name: str, seed: int, devi
         print(f"rtpipe: WARNING: {kind} has no weights: running on random weights (seed {seed}); "
               "timings are real, the audio is not", file=sys.stderr, flush=True)
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
-    return load_mimi(weights, dtype=dtype, seed=seed)
+    model = load_mimi(weights, dtype=dtype, seed=seed)
+    # the model's many long-lived objects leave the collector's sight: no full collection walks them
+    # in the middle of a frame
+    gc.collect()
+    gc.freeze()
+    return model
 
 
 class MimiEncode(Stage):
