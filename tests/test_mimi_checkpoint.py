@@ -133,3 +133,12 @@ def test_hf_paths_go_through_huggingface_hub(tmp_path, tensors, monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", failing_download)
     with pytest.raises(CheckpointError, match="download failed: OSError: network is unreachable"):
         load_mimi("hf://kyutai/moshiko-pytorch-bf16/x.safetensors")
+
+
+def test_older_codebook_buffer_names_load(tmp_path, tensors):
+    old = {k.replace("_codebook.embedding_sum", "_codebook.embed_avg")
+            .replace("_codebook.cluster_usage", "_codebook.cluster_size")
+            .replace("_codebook._initialized", "_codebook.inited"): v for k, v in tensors.items()}
+    model = load_mimi(_write(tmp_path, old))
+    key = "quantizer.rvq_rest.vq.layers.4._codebook.embedding_sum"
+    assert torch.equal(model.state_dict()[key], tensors[key])

@@ -1,7 +1,8 @@
 """Builds a ready-to-run Mimi from a checkpoint (Kyutai's key layout), or from seeded random weights.
 
 Both spellings of the attention weights load: Kyutai's released files say `self_attn.in_proj_weight`
-and `self_attn.out_proj.weight`, the reference modules say `in_projs.0.weight` / `out_projs.0.weight`.
+and `self_attn.out_proj.weight`, the reference modules say `in_projs.0.weight` / `out_projs.0.weight`;
+older codebook buffer names (`embed_avg`, `cluster_size`, `inited`) load too.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ MODEL_NAME = "Mimi"
 # that random-weight codes spread over the codebook instead of all landing on one entry.
 RANDOM_CODEBOOK_STD = 0.2
 
-_ATTENTION_ALIASES = [
+_KEY_ALIASES = [
     (re.compile(r"\.self_attn\.in_proj_weight$"), ".self_attn.in_projs.0.weight"),
     (re.compile(r"\.self_attn\.in_proj\.weight$"), ".self_attn.in_projs.0.weight"),
     (re.compile(r"\.self_attn\.out_proj\.weight$"), ".self_attn.out_projs.0.weight"),
+    # older codebook buffer names, as Kyutai's own loader still accepts them
+    (re.compile(r"\._codebook\.inited$"), "._codebook._initialized"),
+    (re.compile(r"\._codebook\.cluster_size$"), "._codebook.cluster_usage"),
+    (re.compile(r"\._codebook\.embed_(avg|sum)$"), "._codebook.embedding_sum"),
 ]
 
 
 def canonical_key(key: str) -> str:
     """The key as this implementation names it (the attention weights have two spellings in the wild)."""
-    for pattern, replacement in _ATTENTION_ALIASES:
+    for pattern, replacement in _KEY_ALIASES:
         if pattern.search(key):
             return pattern.sub(replacement, key)
     return key
