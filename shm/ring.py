@@ -732,12 +732,14 @@ class Consumer:
     def _sleep(self, r: int, timeout_ns: int) -> int:
         words = self._words
         words[L.CONSUMER_WAITING] = 1
-        self._fence()  # flag up before re-reading W (the producer fences the other way)
-        w = words[L.W]
-        if w == r:
-            self._data_word.wait(r, timeout_ns)
+        try:
+            self._fence()  # flag up before re-reading W (the producer fences the other way)
             w = words[L.W]
-        words[L.CONSUMER_WAITING] = 0
+            if w == r:
+                self._data_word.wait(r, timeout_ns)
+                w = words[L.W]
+        finally:  # a signal (Ctrl-C) must not leave the producer waking nobody on every publish
+            words[L.CONSUMER_WAITING] = 0
         return w
 
     def _release(self, slot: ReadSlot) -> None:
