@@ -576,6 +576,7 @@ class Consumer:
             self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
             self._copy_payload = np.zeros(ring.spec.shape, ring._dtype)
             self._copy_slot = ReadSlot(self, -1, _readonly(self._copy_header), _readonly(self._copy_payload))
+            self._lost_since_delivery = False
         self._data_word = ring._futex(L.W)
         self._space_word = ring._futex(L.R)
         self._oversleep_ns = 100_000  # learned: how late a timed kernel sleep returns on this machine
@@ -648,12 +649,14 @@ class Consumer:
                 self._fence()
         if skipped:
             words[L.DROPPED_OLDEST] += skipped
+            self._lost_since_delivery = True
         if not delivered:
             self._r = r
             words[L.R] = r
             return None
-        if skipped:
+        if self._lost_since_delivery:  # frames were lost before this one (perhaps on an earlier call)
             self._copy_header["flags"] |= FLAG_DISCONTINUITY
+            self._lost_since_delivery = False
         self._r = r + 1
         words[L.R] = r + 1  # drop-oldest producers never wait on R, so no wake is needed
         words[L.CONSUMED] += 1
