@@ -514,14 +514,13 @@ class Producer:
         payload = np.asarray(payload)
         if payload.shape != self.ring.spec.shape:
             raise RingError(f"ring {self._name}: payload shape {payload.shape}, ring carries {self.ring.spec.shape}")
+        if not np.can_cast(payload.dtype, self.ring._dtype, casting="same_kind"):
+            # checked before claiming: a claimed slot has already given up the frame it held
+            raise RingError(f"ring {self._name}: payload dtype {payload.dtype}, ring carries {self.ring.spec.dtype}")
         slot = self.claim(timeout_s)
         if slot is None:
             return False
-        try:
-            np.copyto(slot.payload, payload, casting="same_kind")
-        except TypeError:
-            self._abandon(slot)
-            raise RingError(f"ring {self._name}: payload dtype {payload.dtype}, ring carries {self.ring.spec.dtype}") from None
+        np.copyto(slot.payload, payload, casting="same_kind")
         header = slot.header
         header["seq"] = seq
         header["capture_ns"] = capture_ns
@@ -529,10 +528,6 @@ class Producer:
         header["checksum"] = payload_checksum(slot.payload)
         slot.publish()
         return True
-
-    def _abandon(self, slot: WriteSlot) -> None:
-        # The slot was claimed but will not be published: its frame is gone, so leave the stamp odd.
-        self._claimed = None
 
     def close(self) -> None:
         """Stops being the producer (a restarted process may then take over)."""

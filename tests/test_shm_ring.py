@@ -284,3 +284,14 @@ def test_spin_consumer_learns_beat_and_still_delivers(ring_name):
         assert int(consumer.get(timeout_s=1)[0]["seq"]) == seq
         time.sleep(0.002)
     assert consumer.get(timeout_s=0.01) is None  # planned sleep past the beat ends at the timeout
+
+
+def test_put_with_wrong_dtype_names_ring_and_loses_nothing(ring_name):
+    spec = RingSpec(2, "int16", (4,), EdgePolicy.DROP_OLDEST)
+    ring = make(ring_name, spec)
+    producer, consumer = ring.producer(), ring.consumer()
+    assert put(producer, 0) and put(producer, 1)
+    with pytest.raises(RingError, match=f"{ring_name}: payload dtype float64, ring carries int16"):
+        producer.put(np.zeros(4), seq=2, capture_ns=0)
+    assert drain(consumer) == [0, 1]
+    assert ring.stats().dropped_oldest == 0
