@@ -377,6 +377,11 @@ class WriteSlot:
         """Makes the frame visible to the consumer (and wakes it if it sleeps)."""
         self._producer._publish(self)
 
+    def discard(self) -> None:
+        """Gives the slot back unpublished (e.g. the stage failed on this frame); the next claim()
+        returns it again. Under drop-oldest the frame it held before the claim is lost (counted)."""
+        self._producer._discard(self)
+
 
 class ReadSlot:
     """An acquired frame: read-only `header` and `payload` views, valid until `release()`."""
@@ -494,6 +499,11 @@ class Producer:
         self._learn_beat(w + 1)
         if words[L.CONSUMER_YIELDING]:
             _sched_yield()  # it spins on this core: let it take the frame (and the fresh beat) now
+
+    def _discard(self, slot: WriteSlot) -> None:
+        if slot is not self._claimed:
+            raise RingError(f"ring {self._name}: discard() of a slot that is not the claimed one")
+        self._claimed = None
 
     def _learn_beat(self, published: int) -> None:
         # After the W store, so it costs the consumer no latency.

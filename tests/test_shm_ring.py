@@ -295,3 +295,18 @@ def test_put_with_wrong_dtype_names_ring_and_loses_nothing(ring_name):
         producer.put(np.zeros(4), seq=2, capture_ns=0)
     assert drain(consumer) == [0, 1]
     assert ring.stats().dropped_oldest == 0
+
+
+def test_discarded_claim_is_not_delivered_and_the_slot_comes_back(ring_name):
+    ring = make(ring_name)
+    producer, consumer = ring.producer(), ring.consumer()
+    slot = producer.claim()
+    slot.payload[:] = 7
+    slot.discard()
+    assert consumer.acquire(timeout_s=0) is None
+    again = producer.claim()
+    assert again.index == slot.index
+    again.publish()
+    assert consumer.get(timeout_s=0) is not None
+    with pytest.raises(RingError, match="not the claimed one"):
+        slot.discard()
