@@ -243,6 +243,11 @@ class Ring:
             self._consumer = Consumer(self)
         return self._consumer
 
+    def _end_alive(self, pid_word: int, ticks_word: int) -> bool:
+        self._check_open()
+        pid = self._words[pid_word]
+        return bool(pid) and process_alive(pid, self._words[ticks_word])
+
     def _check_single(self, pid_word: int, ticks_word: int, role: str) -> None:
         self._check_open()
         pid = os.getpid()
@@ -499,6 +504,10 @@ class Producer:
         self._learn_beat(w + 1)
         if words[L.CONSUMER_YIELDING]:
             _sched_yield()  # it spins on this core: let it take the frame (and the fresh beat) now
+
+    def consumer_alive(self) -> bool:
+        """Is a consumer attached and its process alive? (False: nobody will free slots for now.)"""
+        return self.ring._end_alive(L.CONSUMER_PID, L.CONSUMER_START_TICKS)
 
     def _discard(self, slot: WriteSlot) -> None:
         if slot is not self._claimed:
@@ -765,6 +774,10 @@ class Consumer:
         self._fence()  # R is visible before we look at the producer's waiting flag
         if words[L.PRODUCER_WAITING]:
             self._space_word.wake()
+
+    def producer_alive(self) -> bool:
+        """Is a producer attached and its process alive? (False: no frame is coming for now.)"""
+        return self.ring._end_alive(L.PRODUCER_PID, L.PRODUCER_START_TICKS)
 
     def get(self, timeout_s: float | None = None) -> tuple[np.void, np.ndarray] | None:
         """Copies out the next frame: (header as np.void, payload array), or None on timeout."""

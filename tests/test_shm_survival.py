@@ -64,7 +64,9 @@ def test_consumer_killed_holding_a_frame_then_restarted_carries_on(run_id):
     held, never = SPAWN.Queue(), SPAWN.Event()
     victim = start(hold_one_frame_forever, name, held, never)
     assert held.get(timeout=REPLY_TIMEOUT_S) == 0
+    assert producer.consumer_alive()
     kill(victim)
+    assert not producer.consumer_alive()  # its absence is observable
     # The dead consumer never released frame 0: the producer's wait ends at its timeout, not never.
     assert producer.claim(timeout_s=0.05) is None
     assert ring.stats().blocked_count == 1
@@ -83,8 +85,10 @@ def test_producer_killed_mid_write_then_restarted_carries_on(run_id):
     claimed, never = SPAWN.Event(), SPAWN.Event()
     victim = start(claim_and_die_holding, name, claimed, never)
     assert claimed.wait(REPLY_TIMEOUT_S)
-    kill(victim)
     consumer = ring.consumer()
+    assert consumer.producer_alive()
+    kill(victim)
+    assert not consumer.producer_alive()
     assert consumer.acquire(timeout_s=0.05) is None  # the half-written frame is never delivered
     done = SPAWN.Event()
     successor = start(produce_into, name, [10, 11], done)
