@@ -523,6 +523,9 @@ class Producer:
         words[L.INTERVAL_NS] = beat.interval_ns
         words[L.JITTER_NS] = beat.jitter_ns
         words[L.NEXT_DUE_NS] = beat.next_due_ns
+        if _WEAK_ORDER:
+            self._fence()  # the prediction is visible before the frame number that vouches for it
+        words[L.NEXT_DUE_FRAME] = published
         fill = published - words[L.R]
         if fill > self._high_water:
             self._high_water = min(fill, self._slots)
@@ -681,7 +684,7 @@ class Consumer:
         words = self._words
         now_ns = _monotonic_ns()
         if self._spin_ns:
-            due_ns = words[L.NEXT_DUE_NS]
+            due_ns = self._due_ns(r)
             jitter_ns = words[L.JITTER_NS]
             if due_ns and jitter_ns * 4 < words[L.INTERVAL_NS]:
                 # Steady beat: sleep in the kernel until just before the next frame is due, then spin on
@@ -701,9 +704,13 @@ class Consumer:
                         return w
                     if now_ns >= wake_ns:  # timed out: learn how late the kernel wakes us
                         # (clipped: a stalled machine says nothing about the usual wake-up)
-                        oversleep_ns = min(now_ns - wake_ns, self._spin_ns)
+                        oversleep_ns = min(now_ns - wake_ns, self._spin_ns // 2)
                         self._oversleep_ns += (oversleep_ns - self._oversleep_ns) >> 2
-            spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
+                # Woken earlier than planned (the kernel was quicker than learned): still spin through
+                # the whole window, which is placed around the due time, not around our wake-up.
+                spin_end_ns = min(max(now_ns, spin_start_ns) + self._spin_ns, deadline_ns)
+            else:
+                spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
             # Sharing one core with the producer, a plain spin would only delay it: yield instead, so
             # it runs the moment it wakes and we see its frame right after.
             yield_core = self._shares_core_with_producer()
@@ -732,6 +739,28 @@ class Consumer:
                 self.wake_counts["woken_after_spin" if self._spin_ns else "woken"] += 1
                 return w
             now_ns = _monotonic_ns()
+
+    def _due_ns(self, r: int) -> int:
+        """When frame r should be published, by the producer's beat; 0 if there is no telling."""
+        words = self._words
+        for _ in range(3):  # re-read if the producer rewrote the prediction meanwhile
+            frame = words[L.NEXT_DUE_FRAME]
+            if _WEAK_ORDER:
+                self._fence()
+            due_ns = words[L.NEXT_DUE_NS]
+            if _WEAK_ORDER:
+                self._fence()
+            if words[L.NEXT_DUE_FRAME] == frame:
+                break
+        else:
+            return 0
+        if not due_ns or frame == r:
+            return due_ns
+        if frame == r - 1:
+            # We took frame r-1 before the producer, busy publishing it, updated the beat: the
+            # prediction is still r-1's, and r is due one interval later.
+            return due_ns + words[L.INTERVAL_NS]
+        return 0
 
     def _shares_core_with_producer(self) -> bool:
         # Re-checked when the producer changes and every 64 waits (a stage may be re-pinned).

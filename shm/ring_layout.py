@@ -46,6 +46,7 @@ PRODUCER_PID = 40
 PRODUCER_START_TICKS = 41
 PRODUCER_WAITING = 42  # 1 while the producer sleeps on a full ring (block policy)
 NEXT_DUE_NS = 43  # when the producer's beat says the next frame will be published (0: no beat yet)
+NEXT_DUE_FRAME = 44  # which frame NEXT_DUE_NS is for (the published count when it was made); written after it
 
 R = 48  # frames taken by the consumer (the futex word a blocked producer waits on)
 CONSUMED = 49
