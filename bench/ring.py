@@ -28,7 +28,7 @@ from shm.segment import Segment
 FRAME_SAMPLES = 1920
 FRAME_BYTES = FRAME_SAMPLES * 4
 PACE_NS = 80_000_000
-WARMUP_FRAMES = 4  # lets the ring's consumer learn the beat before measuring
+WARMUP_FRAMES = 8  # lets the ring's consumer learn the beat before measuring
 RING_SLOTS = 4
 PIPELINE_SPIN_US = 500  # what pipeline rings use: spin around a frame's due time, at most this long
 TRANSPORTS = ["rtpipe", "mp_queue", "mp_pipe", "zmq_ipc", "busy_poll_floor", "eventfd_floor"]
