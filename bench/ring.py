@@ -5,8 +5,8 @@ PUSH/PULL over ipc:// (copy=False) and two floors (a busy-polled shared counter,
 paced at one frame per 80 ms and at full speed, on separate cores and on one core.
 
 One-way latency runs from the sender's timestamp to the receiver holding the frame. The ring and the
-floors are written in place, so, as a stage stamps exit_ns just before publish(), they stamp after
-filling the slot; the copying transports stamp just before the send call that serialises and copies.
+floors are written in place, so, as a stage does with publish(exit_stage=k), they stamp after filling
+the slot; the copying transports stamp just before the send call that serialises and copies.
 """
 
 from __future__ import annotations
@@ -53,11 +53,10 @@ class RingTransport:
         producer = Ring.attach(self.name, self.spec).producer()
 
         def send(payload: np.ndarray) -> None:
-            # As a stage does: write the frame in place, stamp its exit time, publish.
+            # As a stage does: write the frame in place, publish it stamping its exit time.
             slot = producer.claim(timeout_s=TIMEOUT_S)
             slot.payload[:] = payload
-            slot.header["capture_ns"] = _now_ns()
-            slot.publish()
+            slot.publish(exit_stage=0)
 
         return send
 
@@ -67,7 +66,7 @@ class RingTransport:
         def receive() -> int:
             slot = consumer.acquire(timeout_s=TIMEOUT_S)
             now_ns = _now_ns()
-            sent_ns = int(slot.header["capture_ns"])
+            sent_ns = int(slot.header["exit_ns"][0])
             slot.release()
             return now_ns - sent_ns
 

@@ -51,7 +51,7 @@ import numpy as np
 
 from shm import ring_layout as L
 from shm.beat import Beat
-from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, payload_checksum
+from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
 from shm.owner import process_alive, process_start_ticks
 from shm.segment import Segment, SegmentError
 from shm.wakeup import Fence, FutexWord
@@ -378,9 +378,12 @@ class WriteSlot:
         self.header = header
         self.payload = payload
 
-    def publish(self) -> None:
-        """Makes the frame visible to the consumer (and wakes it if it sleeps)."""
-        self._producer._publish(self)
+    def publish(self, exit_stage: int | None = None) -> None:
+        """Makes the frame visible to the consumer (and wakes it if it sleeps). With exit_stage=k it
+        first sets header["exit_ns"][k] to time.monotonic_ns(), as the last store before the frame is
+        visible: a hop's measured latency then starts at the publish itself (and a numpy field write,
+        slow on a cold cache, is kept off it)."""
+        self._producer._publish(self, exit_stage)
 
     def discard(self) -> None:
         """Gives the slot back unpublished (e.g. the stage failed on this frame); the next claim()
@@ -424,6 +427,8 @@ class Producer:
         self._claimed: WriteSlot | None = None
         self._w = self._words[L.W]
         self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
+        exit_ns_offset = L.HEADER_OFFSET + HEADER_DTYPE.fields["exit_ns"][1]
+        self._exit_ns_words = [(ring._slot_offset(i) + exit_ns_offset) // 8 for i in range(self._slots)]
         self._write_slots = [WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)]
         self._memory = ring._memory
         self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
@@ -484,15 +489,19 @@ class Producer:
             words[L.BLOCKED_NS] += _monotonic_ns() - start_ns
         return free
 
-    def _publish(self, slot: WriteSlot) -> None:
+    def _publish(self, slot: WriteSlot, exit_stage: int | None = None) -> None:
         if slot is not self._claimed:
             raise RingError(f"ring {self._name}: publish() of a slot that is not the claimed one")
-        self._claimed = None
         words = self._words
         w = self._w
         if self._pending_flags:
             slot.header["flags"] |= self._pending_flags
             self._pending_flags = 0
+        if exit_stage is not None:
+            if not 0 <= exit_stage < MAX_STAGES:
+                raise RingError(f"ring {self._name}: publish(exit_stage={exit_stage!r}): stages are 0-{MAX_STAGES - 1}")
+            words[self._exit_ns_words[slot.index] + exit_stage] = _monotonic_ns()
+        self._claimed = None
         words[self._stamp_words[slot.index]] = 2 * w + 2
         if _WEAK_ORDER:
             self._fence()  # header and payload are visible before W says frame w exists

@@ -310,3 +310,17 @@ def test_discarded_claim_is_not_delivered_and_the_slot_comes_back(ring_name):
     assert consumer.get(timeout_s=0) is not None
     with pytest.raises(RingError, match="not the claimed one"):
         slot.discard()
+
+
+def test_publish_can_stamp_the_stage_exit_time_last(ring_name):
+    ring = make(ring_name)
+    producer, consumer = ring.producer(), ring.consumer()
+    slot = producer.claim()
+    slot.header["exit_ns"][1] = 5
+    before_ns = time.monotonic_ns()
+    slot.publish(exit_stage=3)
+    header, _ = consumer.get(timeout_s=0)
+    assert before_ns <= int(header["exit_ns"][3]) <= time.monotonic_ns()
+    assert int(header["exit_ns"][1]) == 5
+    with pytest.raises(RingError, match="exit_stage=8"):
+        producer.claim().publish(exit_stage=8)
