@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import config as pipeline_config
+from pipeline import observe
 from pipeline.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
@@ -35,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read --input as fast as the pipeline takes it, not at real time")
     parser.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds")
     parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
-    try:
-        from pipeline.observe import add_observer_arguments
-    except ImportError:  # observers not there yet: run without them
-        pass
-    else:
-        add_observer_arguments(parser)
+    observe.add_observer_arguments(parser)
     return parser
 
 
@@ -124,14 +120,12 @@ def main(argv: list[str]) -> int:
     if sink.kind == "playback.file":
         print(f"rtpipe: writing {sink.params_raw.get('path') or DEFAULT_OUTPUT}")
 
-    def observers(run_info: dict) -> list:
-        try:
-            from pipeline.observe import make_observers
-        except ImportError:
-            from pipeline.status_line import StatusLine
+    observe.check_observer_arguments(args)  # a bad --trace path or a taken port fails before any stage starts
+    if args.report:
+        observe.check_output_path(args.report, "--report")
 
-            return [StatusLine(run_info)]
-        return make_observers(args, run_info)
+    def observers(run_info: dict) -> list:
+        return observe.make_observers(args, run_info)
 
     result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
     print(format_table(result.report))

@@ -158,8 +158,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 # --- validation ----------------------------------------------------------------------------------
 
 def available_cores() -> list[int]:
-    """CPU core numbers that exist on this machine (psutil)."""
-    return list(range(psutil.cpu_count(logical=True) or 1))
+    """CPU core numbers this process may run on (psutil): under a systemd CPUAffinity or a
+    Kubernetes cpuset that is fewer than the machine has, and pinning elsewhere would fail."""
+    try:
+        return sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # no affinity on this platform
+        return list(range(psutil.cpu_count(logical=True) or 1))
 
 
 def _core_range_text(cores: list[int]) -> str:

@@ -50,6 +50,21 @@ def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no live terminal view: print the one-line status instead")
 
 
+def check_output_path(path: str, flag: str) -> None:
+    """Raises ConfigError naming `flag` when a file cannot be written at `path`."""
+    import os
+
+    from stages.errors import ConfigError
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {directory}")
+
+
 def check_observer_arguments(args: argparse.Namespace) -> None:
     """Fail before any stage starts if --trace cannot be written or --metrics-port is taken.
 
@@ -63,13 +78,7 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
 
     trace_path = getattr(args, "trace", None)
     if trace_path:
-        directory = os.path.dirname(os.path.abspath(trace_path))
-        if os.path.isdir(trace_path):
-            raise ConfigError(f"--trace {trace_path}: is a directory")
-        if not os.path.isdir(directory):
-            raise ConfigError(f"--trace {trace_path}: no such directory {directory}")
-        if not os.access(directory, os.W_OK):
-            raise ConfigError(f"--trace {trace_path}: cannot write in {directory}")
+        check_output_path(trace_path, "--trace")
     port = getattr(args, "metrics_port", None)
     if port:
         host = getattr(args, "metrics_host", "127.0.0.1")

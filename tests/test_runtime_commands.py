@@ -114,3 +114,18 @@ def test_stage_runs_on_the_cores_and_threads_its_config_gives():
     result = Supervisor(pipeline_config.validate(raw), handle_signals=False).run()
     assert result.exit_code == EXIT_HEALTHY, result.error
     assert result.report["text"] == ["cores=[0] threads=1 device=cpu"]
+
+
+@pytest.mark.parametrize("flag", ["--report", "--trace"])
+def test_an_unwritable_output_path_fails_before_any_stage_starts(tmp_path, flag, capsys):
+    from pipeline.cli import main
+
+    before = set(os.listdir("/dev/shm"))
+    code = main(["run", "--input", str(TESTS_DIR.parent / "stages" / "data" / "speech.wav"),
+                 "--output", str(tmp_path / "out.wav"), flag, str(tmp_path / "missing" / "x.json")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rtpipe: config error: {flag} {tmp_path / 'missing' / 'x.json'}: "
+                   f"no such directory {tmp_path / 'missing'}"]
+    assert not (tmp_path / "out.wav").exists()  # nothing ran
+    assert set(os.listdir("/dev/shm")) <= before
