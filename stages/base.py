@@ -128,6 +128,10 @@ class Stage:
         """Sink: hands one frame to the output (device or file)."""
         raise NotImplementedError
 
+    # Optional, for processors: `process_offline(frames: np.ndarray[N, ...]) -> np.ndarray[N, ...]`
+    # runs a whole signal at once. `rtpipe check-causal` compares it with frame-by-frame process();
+    # a stage without it is checked by replaying after reset() instead.
+
     @property
     def output_latency_ns(self) -> int:
         """Sink: how long after write() the frame is heard (the device's reported output latency)."""
