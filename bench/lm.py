@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="timed frames per case (default: by size)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: by size)")
     p.add_argument("--context", type=int, default=None, help="KV window in steps (default: the size's)")
+    p.add_argument("--start-step", type=int, default=0,
+                   help="time ours as if this many frames had passed (a fuller KV cache: what ours "
+                   "attends over grows to the context, the reference's is always the whole context)")
     p.add_argument("--no-reference", action="store_true", help="time rtpipe's engine only")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--cores", default=None, help="pin this process to these CPU cores, e.g. 0 or 0,1")
@@ -56,8 +59,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ours(streamer, frames: int, warmup: int, device: str, codes: np.ndarray) -> list[float]:
+def _start_at(streamer, start_step: int):
     state = streamer.new_state(seed=0)
+    # Same work as a conversation start_step frames in: attention covers min(step, context) slots.
+    state.step = start_step
+    return state
+
+
+def time_ours(streamer, frames: int, warmup: int, device: str, codes: np.ndarray,
+              start_step: int = 0) -> list[float]:
+    state = _start_at(streamer, start_step)
     out = []
     for k in range(warmup + frames):
         start = time.perf_counter_ns()
@@ -86,13 +97,13 @@ def time_reference(ref_model, frames: int, warmup: int, device: str, codes: np.n
 
 
 def time_interleaved(streamer, ref_model, frames: int, warmup: int, device: str,
-                     codes: np.ndarray) -> tuple[list[float], list[float]]:
+                     codes: np.ndarray, start_step: int = 0) -> tuple[list[float], list[float]]:
     """Ours and the reference one frame each in turn (order swapped every frame), so that both see
     the same moments of a shared machine's load. Returns (ours_ms, reference_ms)."""
     import torch
     from moshi.models.lm import LMGen
 
-    state = streamer.new_state(seed=0)
+    state = _start_at(streamer, start_step)
     gen = LMGen(ref_model)
     ours, theirs = [], []
     with torch.inference_mode(), gen.streaming(1):
@@ -120,7 +131,7 @@ def build_reference(model, device: str):
 
 
 def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup: int,
-             context, device: str, with_reference: bool) -> list[dict]:
+             context, device: str, with_reference: bool, start_step: int = 0) -> list[dict]:
     import torch
 
     from stages.moshi.config import config_for_size
@@ -137,7 +148,8 @@ def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup
     params = sum(p.numel() for p in model.parameters())
     codes = np.random.default_rng(0).integers(0, config.card, size=(warmup + frames, config.user_q))
     results = {n: {"size": size, "params": params, "dtype": dtype_name, "threads": n,
-                   "frames": frames, "context": config.context, "device": device} for n in threads}
+                   "frames": frames, "context": config.context, "start_step": start_step,
+                   "device": device} for n in threads}
 
     ref = None
     if with_reference and params * model.dtype.itemsize * 2 < SHARE_LIMIT_BYTES:
@@ -155,11 +167,11 @@ def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup
     for n in threads:
         torch.set_num_threads(n)
         if ref is not None:
-            ours, theirs = time_interleaved(streamer, ref, frames, warmup, device, codes)
+            ours, theirs = time_interleaved(streamer, ref, frames, warmup, device, codes, start_step)
             results[n]["reference"] = percentiles(theirs)
             results[n]["reference_weights"] = layout
         else:
-            ours = time_ours(streamer, frames, warmup, device, codes)
+            ours = time_ours(streamer, frames, warmup, device, codes, start_step)
         results[n]["ours"] = percentiles(ours)
         if "reference" in results[n]:
             r, o = results[n]["reference"], results[n]["ours"]
@@ -234,7 +246,7 @@ def main(argv: list[str]) -> int:
             print(f"rtpipe bench lm: {size} {dtype}, {frames} frames after {warmup} of warm-up, "
                   f"threads {args.threads}", file=sys.stderr, flush=True)
             report["results"] += run_case(size, dtype, threads, frames, warmup, args.context,
-                                          args.device, with_reference)
+                                          args.device, with_reference, args.start_step)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     if args.json:
         print(json.dumps(report, indent=2))

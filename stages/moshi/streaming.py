@@ -227,8 +227,14 @@ def _layer_step(layer: _Layer, x: torch.Tensor, weights: int, kv: torch.Tensor, 
         q, k = qkv[0], qkv[1]
     kv[0, :, slot] = k
     kv[1, :, slot] = qkv[2]
-    attended = F.scaled_dot_product_attention(
-        q.view(1, heads, 1, head_dim), kv[0, :, :filled].unsqueeze(0), kv[1, :, :filled].unsqueeze(0))
+    # One query per head: two batched products beat SDPA's CPU kernel once thousands of slots fill.
+    scores = torch.bmm(q.view(heads, 1, head_dim), kv[0, :, :filled].transpose(1, 2))
+    if scores.dtype == torch.float32:
+        weights_ = torch.softmax(scores.mul_(head_dim ** -0.5), dim=-1)
+    else:  # bfloat16: normalise in float32 as SDPA does
+        weights_ = torch.softmax(scores.mul_(head_dim ** -0.5), dim=-1, dtype=torch.float32)
+        weights_ = weights_.to(scores.dtype)
+    attended = torch.bmm(weights_, kv[1, :, :filled])
     update = mv(attended.view(-1), out_proj)
     x = x + (update if layer.scale1 is None else layer.scale1 * update)
     ff_in = layer.ff_in[weights] if isinstance(layer.ff_in, list) else layer.ff_in
