@@ -10,6 +10,7 @@ BENCHMARKS = {
     "pipeline": "five no-op stage processes vs a multiprocessing.Queue chain",
     "mimi": "Mimi streaming encode/decode per frame, ours vs the reference",
     "lm": "Moshi transformer step per frame, ours vs the reference",
+    "inline": "encode -> step -> decode in one process, as Moshi's server runs them",
 }
 
 
