@@ -47,7 +47,7 @@ def error_of(raw: dict) -> str:
 def test_default_config_is_a_valid_five_stage_chain():
     config = cfg.load()
     assert [s.name for s in config.stages] == ["capture", "encode", "lm", "decode", "playback"]
-    assert [s.kind for s in config.stages] == ["capture.microphone", "codec.pcm", "echo", "codec.pcm",
+    assert [s.kind for s in config.stages] == ["capture.microphone", "mimi.encode", "moshi.step", "mimi.decode",
                                               "playback.speaker"]
     assert [e.name for e in config.edges] == ["capture->encode", "encode->lm", "lm->decode",
                                              "decode->playback"]
@@ -59,9 +59,11 @@ def test_swapping_a_model_stage_is_one_line_of_the_default_config():
     text = cfg.default_config_text()
     lines = [line for line in text.splitlines() if line.startswith(("encode =", "lm =", "decode ="))]
     assert len(lines) == 3
-    swapped = text.replace('lm = { kind = "echo" }', 'lm = { kind = "echo", params = { delay_frames = 3 } }')
+    swapped = text.replace('lm = { kind = "moshi.step", threads = 1 }',
+                           'lm = { kind = "echo", params = { delay_frames = 3 } }')
+    assert swapped != text
     config = cfg.validate(cfg.tomllib.loads(swapped))
-    assert config.delay_frames == 3
+    assert config.stages[2].kind == "echo" and config.delay_frames == 3
 
 
 def test_valid_config_gives_chain_order_edges_specs_and_delay():
