@@ -142,6 +142,9 @@ def run_rtpipe(frames: int, spin_us: int, pin: bool = False) -> dict:
 # --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
 
 def _mp_source(out_q, frames: int, ready, go):
+    from pipeline.host import precise_timers
+
+    precise_timers()  # as rtpipe's stage processes do: both sources keep the same pace
     payload = np.zeros(FRAME_SAMPLES, np.float32)
     ready.wait()
     go.wait()

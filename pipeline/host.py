@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 from typing import Any
@@ -23,6 +24,7 @@ import zmq
 
 from pipeline import control
 from pipeline.metrics import FRAME_RECORD_DTYPE
+from shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
 from stages.base import EndOfStream, Role, Stage
 
 STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)
@@ -32,8 +34,41 @@ RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000
 MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
+PR_SET_TIMERSLACK = 29
+TIMER_SLACK_NS = 1  # a timed wait ends when asked, not up to 50 us later (Linux's default slack)
 
 log = logging.getLogger("rtpipe.host")
+
+_monotonic_ns = time.monotonic_ns
+
+# The per-frame path reads and writes the frame header as 8-byte words of one memoryview (a plain
+# index is a Python int; a numpy field access builds an array each time, slow on a cache that is cold
+# after the 80 ms between frames) and hands a frame's stage times on with one 152-byte copy. Native
+# order is little-endian here, as the ring's own word stores already assume (shm/ring.py).
+_SEQ_W = HEADER_DTYPE.fields["seq"][1] // 8
+_CAPTURE_W = HEADER_DTYPE.fields["capture_ns"][1] // 8
+_ENTER_W = HEADER_DTYPE.fields["enter_ns"][1] // 8
+_FLAGS_W = HEADER_DTYPE.fields["flags"][1] // 8  # flags in the low half, checksum in the high half
+_U32_MASK = 0xFFFFFFFF
+# a frame record starts with the header's seq, capture_ns, enter_ns and exit_ns, at the same offsets
+_TIMES_BYTES = HEADER_DTYPE.fields["flags"][1]
+_REC_ENTER = FRAME_RECORD_DTYPE.fields["enter_ns"][1]
+_REC_EXIT = FRAME_RECORD_DTYPE.fields["exit_ns"][1]
+_REC_FLAGS = FRAME_RECORD_DTYPE.fields["flags"][1]
+_REC_HANDOFF = FRAME_RECORD_DTYPE.fields["handoff_ns"][1]
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+if (sys.byteorder != "little" or any(HEADER_DTYPE.fields[f][1] % 8 for f in ("seq", "capture_ns", "enter_ns", "flags"))
+        or HEADER_DTYPE.fields["checksum"][1] != HEADER_DTYPE.fields["flags"][1] + 4
+        or any(FRAME_RECORD_DTYPE.fields[f][:2] != HEADER_DTYPE.fields[f][:2]
+               for f in ("seq", "capture_ns", "enter_ns", "exit_ns"))):
+    raise ImportError("pipeline.host: the frame header or record layout is not the one its fast path reads")
+
+
+def _header_words(slot) -> tuple[memoryview, memoryview]:
+    """A ring slot's header as bytes and as native int64 words (read-only for a read slot)."""
+    raw = memoryview(slot.header.reshape(1).view(np.uint8))
+    return raw, raw.cast("q")
 
 
 class SupervisorGone(Exception):
@@ -50,6 +85,15 @@ def die_with_parent(supervisor_pid: int) -> None:
         pass  # not Linux: the parent-pid watch in the loop still catches it
     if os.getppid() != supervisor_pid:
         raise SupervisorGone(f"supervisor {supervisor_pid} is gone")
+
+
+def precise_timers() -> None:
+    """Asks Linux for the smallest timer slack (prctl PR_SET_TIMERSLACK), so that a ring consumer's
+    planned sleep until just before a frame is due (shm/ring.py) ends on time; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _supervisor_died(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -117,8 +161,9 @@ class StageHost:
         self.last_heard_ns = time.monotonic_ns()
         self.next_heartbeat_ns = 0
         self.next_stats_ns = 0
-        from shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM
-
+        self.out_policy = ""
+        self.header_views: dict[Any, tuple[memoryview, memoryview]] = {}  # per ring slot, made once
+        self.record = bytearray(FRAME_RECORD_DTYPE.itemsize)  # the sink's record, rebuilt per frame
         self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
         self.FLAG_END_OF_STREAM = FLAG_END_OF_STREAM
         if int(spec.get("incarnation", 0)) > 0:
@@ -132,7 +177,9 @@ class StageHost:
 
     def poll_control(self) -> None:
         """Handles every control message waiting now; a bad one gets an error reply, never a crash."""
-        while self.socket.poll(0):
+        # ZMQ_EVENTS, not socket.poll(0): the latter builds a Poller on every call, and this runs
+        # between every two frames
+        while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             data = self.socket.recv()
             self.last_heard_ns = time.monotonic_ns()
             try:
@@ -218,10 +265,15 @@ class StageHost:
         if spec.get("output"):
             self.out_ring = Ring.attach(spec["output"]["name"], ring_spec(spec["output"]))
             self.producer = self.out_ring.producer()
+            self.out_policy = self.out_ring.spec.policy.value
             # a restarted source goes on numbering where the ring's count says it stopped
             self.next_seq = int(self.out_ring.stats().published)
 
     def close(self) -> None:
+        for raw, words in self.header_views.values():  # views of the rings' memory: gone before they are
+            words.release()
+            raw.release()
+        self.header_views.clear()
         for closer in (getattr(self.stage, "close", None),
                        getattr(self.in_ring, "close", None), getattr(self.out_ring, "close", None)):
             if closer is not None:
@@ -235,8 +287,8 @@ class StageHost:
         """A slot in the output ring, with the edge's policy: block waits (while obeying control),
         drop-newest gives None when full, drop-oldest never waits. `must` (the end-of-stream frame)
         retries whatever the policy."""
-        policy = self.producer and self.out_ring.spec.policy.value
-        give_up_ns = time.monotonic_ns() + MUST_CLAIM_NS
+        policy = self.out_policy
+        give_up_ns = time.monotonic_ns() + MUST_CLAIM_NS if must else 0
         while True:
             # the end-of-stream frame waits for room on a drop-newest edge rather than counting a
             # drop at every retry
@@ -256,29 +308,37 @@ class StageHost:
             if self.stop_requested and not must:
                 return None
 
-    def publish(self, slot, seq: int, capture_ns: int, enter_ns, exit_ns, flags: int, payload) -> None:
-        header = slot.header
-        header["seq"] = seq
-        header["capture_ns"] = capture_ns
-        header["enter_ns"] = enter_ns
-        header["flags"] = flags
-        header["checksum"] = 0  # not computed on this path: the slot may hold an older frame's
+    def views(self, slot) -> tuple[memoryview, memoryview]:
+        views = self.header_views.get(slot)
+        if views is None:
+            views = self.header_views[slot] = _header_words(slot)
+        return views
+
+    def publish(self, slot, seq: int, capture_ns: int, flags: int, payload, upstream, enter_ns: int) -> None:
+        """Fills the claimed `slot` and publishes it. `upstream`: the input frame's header bytes, whose
+        stage times go on (None at the source); `enter_ns`: when this stage took the frame."""
+        raw, words = self.views(slot)
+        if upstream is not None:
+            raw[:] = upstream  # every earlier stage's enter and exit times, in one copy
+        words[_SEQ_W] = seq
+        words[_CAPTURE_W] = capture_ns
+        words[_ENTER_W + self.index] = enter_ns
+        words[_FLAGS_W] = flags  # checksum 0: not computed on this path (the slot may hold an older one)
         if payload is not None:
             if getattr(payload, "shape", None) != slot.payload.shape:
                 raise ValueError(f"stages.{self.name}: produced a frame of shape "
                                  f"{getattr(payload, 'shape', type(payload).__name__)}; its edge carries "
                                  f"{self.out_ring.spec.dtype}{list(slot.payload.shape)}")
             slot.payload[...] = payload
-        header["exit_ns"] = exit_ns
         # the ring stamps exit_ns[index] as its last store before the frame is visible, so a hop's
-        # wait starts at the publish itself, not before a (cache-cold) numpy field write
+        # wait starts at the publish itself
         slot.publish(exit_stage=self.index)
 
-    def end_of_stream_out(self, seq: int, capture_ns: int, enter_ns, exit_ns, flags: int) -> None:
+    def end_of_stream_out(self, seq: int, capture_ns: int, flags: int, upstream, enter_ns: int) -> None:
         slot = self.claim(must=True) if self.producer is not None else None
         if slot is not None:
             slot.payload[...] = 0
-            self.publish(slot, seq, capture_ns, enter_ns, exit_ns, flags | self.FLAG_END_OF_STREAM, None)
+            self.publish(slot, seq, capture_ns, flags | self.FLAG_END_OF_STREAM, None, upstream, enter_ns)
         self.flush_records()
         self.send("eos")
 
@@ -294,36 +354,28 @@ class StageHost:
         slot = self.claim()
         if slot is None:  # drop-newest on a full ring: counted by the ring, seen downstream as a gap
             return False
-        enter_ns = np.zeros(8, np.int64)
-        exit_ns = np.zeros(8, np.int64)
-        enter_ns[0] = frame.capture_ns
         flags, self.pending_flags = self.pending_flags, 0
-        self.publish(slot, seq, frame.capture_ns, enter_ns, exit_ns, flags, frame.payload)
+        self.publish(slot, seq, frame.capture_ns, flags, frame.payload, None, frame.capture_ns)
         self.frames += 1
         return False
 
     def source_end(self) -> None:
         now = time.monotonic_ns()
-        enter_ns = np.zeros(8, np.int64)
-        enter_ns[0] = now
-        self.end_of_stream_out(self.next_seq, now, enter_ns, np.zeros(8, np.int64), 0)
+        self.end_of_stream_out(self.next_seq, now, 0, None, now)
 
     def step_through(self) -> bool:
         """A processor or the sink: one frame from the input ring, if one comes within wait_s."""
         slot = self.consumer.acquire(timeout_s=self.wait_s)
         if slot is None:
             return False
-        enter = time.monotonic_ns()
-        header = slot.header
-        seq = int(header["seq"])
-        flags = int(header["flags"]) | self.pending_flags
-        capture_ns = int(header["capture_ns"])
-        enter_ns = np.array(header["enter_ns"], dtype=np.int64)
-        exit_ns = np.array(header["exit_ns"], dtype=np.int64)
-        enter_ns[self.index] = enter
+        enter = _monotonic_ns()
+        upstream, words = self.views(slot)
+        seq = words[_SEQ_W]
+        flags = (words[_FLAGS_W] & _U32_MASK) | self.pending_flags
+        capture_ns = words[_CAPTURE_W]
         try:
             if flags & self.FLAG_END_OF_STREAM:
-                self.end_of_stream_out(seq, capture_ns, enter_ns, exit_ns, flags)
+                self.end_of_stream_out(seq, capture_ns, flags, upstream, enter)
                 return True
             if self.last_seq is not None and seq <= self.last_seq:
                 # a frame seen before: re-read after an upstream restart; it already went on
@@ -335,33 +387,31 @@ class StageHost:
             self.last_seq = seq
             self.pending_flags = 0
             if self.role is Role.SINK:
-                self.sink_frame(slot.payload, seq, capture_ns, enter_ns, exit_ns, flags)
+                self.sink_frame(slot.payload, seq, capture_ns, flags, upstream, enter)
             else:
                 with self.device_ctx:
                     out = self.stage.process(slot.payload)
                 if out is not None:
                     out_slot = self.claim()
                     if out_slot is not None:
-                        self.publish(out_slot, seq, capture_ns, enter_ns, exit_ns, flags, out)
+                        self.publish(out_slot, seq, capture_ns, flags, out, upstream, enter)
             self.frames += 1
             return False
         finally:
             slot.release()
 
-    def sink_frame(self, payload, seq, capture_ns, enter_ns, exit_ns, flags) -> None:
+    def sink_frame(self, payload, seq: int, capture_ns: int, flags: int, upstream, enter_ns: int) -> None:
         self.stage.write(payload)
-        now = time.monotonic_ns()
-        exit_ns[self.index] = now
-        record = np.zeros((), FRAME_RECORD_DTYPE)
-        record["seq"] = seq
-        record["capture_ns"] = capture_ns
-        record["enter_ns"] = enter_ns
-        record["exit_ns"] = exit_ns
-        record["flags"] = flags
-        record["handoff_ns"] = now + int(self.stage.output_latency_ns)
+        now = _monotonic_ns()
+        record = self.record  # a FRAME_RECORD_DTYPE record: the header's times, then flags, handoff_ns
+        record[:_TIMES_BYTES] = upstream[:_TIMES_BYTES]
+        _I64.pack_into(record, _REC_ENTER + 8 * self.index, enter_ns)
+        _I64.pack_into(record, _REC_EXIT + 8 * self.index, now)
+        _U32.pack_into(record, _REC_FLAGS, flags)
+        _I64.pack_into(record, _REC_HANDOFF, now + int(self.stage.output_latency_ns))
         if not self.records:
             self.records_since_ns = now
-        self.records += record.tobytes()
+        self.records += record
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -433,6 +483,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, _supervisor_died)
+    precise_timers()
     try:
         die_with_parent(int(spec["supervisor_pid"]))
     except SupervisorGone:
