@@ -32,6 +32,11 @@ WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (ea
 RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
 RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000
+# Right after a frame went on, the chores (control, heartbeats, records, the next output claim) wait
+# this long, so they do not hold up the next stage of the chain where it shares this core; under a
+# steady stream of frames they are put off no longer than CHORES_MAX_DEFER_NS.
+CHORES_DEFER_S = 0.002
+CHORES_MAX_DEFER_NS = 20_000_000
 MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
@@ -162,6 +167,8 @@ class StageHost:
         self.next_heartbeat_ns = 0
         self.next_stats_ns = 0
         self.out_policy = ""
+        self.ready_slot = None  # an output slot claimed while waiting for input (block edges only)
+        self.on_device = False
         self.header_views: dict[Any, tuple[memoryview, memoryview]] = {}  # per ring slot, made once
         self.record = bytearray(FRAME_RECORD_DTYPE.itemsize)  # the sink's record, rebuilt per frame
         self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
@@ -256,6 +263,7 @@ class StageHost:
         self.role = stage_class.role
         pin(spec.get("cores"), spec.get("threads"))
         self.device_ctx = device_context(spec.get("device", "cpu"))
+        self.on_device = spec.get("device", "cpu").startswith("cuda:")
         with self.device_ctx:
             self.stage.open(spec.get("device", "cpu"))
         pin(None, spec.get("threads"))  # open() may have imported torch
@@ -287,6 +295,9 @@ class StageHost:
         """A slot in the output ring, with the edge's policy: block waits (while obeying control),
         drop-newest gives None when full, drop-oldest never waits. `must` (the end-of-stream frame)
         retries whatever the policy."""
+        slot, self.ready_slot = self.ready_slot, None
+        if slot is not None:
+            return slot
         policy = self.out_policy
         give_up_ns = time.monotonic_ns() + MUST_CLAIM_NS if must else 0
         while True:
@@ -307,6 +318,13 @@ class StageHost:
             self.housekeeping()
             if self.stop_requested and not must:
                 return None
+
+    def claim_ahead(self) -> None:
+        """On a block edge with room, claims the next output slot before waiting for input, so the
+        claim (header zeroing included) is off the frame's path; never waits and counts nothing."""
+        if (self.ready_slot is None and self.out_policy == "block"
+                and self.out_ring.stats().fill < self.out_ring.spec.slots):
+            self.ready_slot = self.producer.claim(timeout_s=0)
 
     def views(self, slot) -> tuple[memoryview, memoryview]:
         views = self.header_views.get(slot)
@@ -342,9 +360,9 @@ class StageHost:
         self.flush_records()
         self.send("eos")
 
-    def step_source(self) -> bool:
+    def step_source(self, timeout_s: float) -> bool:
         try:
-            frame = self.stage.read(self.wait_s)
+            frame = self.stage.read(timeout_s)
         except EndOfStream:
             self.source_end()
             return True
@@ -363,9 +381,9 @@ class StageHost:
         now = time.monotonic_ns()
         self.end_of_stream_out(self.next_seq, now, 0, None, now)
 
-    def step_through(self) -> bool:
-        """A processor or the sink: one frame from the input ring, if one comes within wait_s."""
-        slot = self.consumer.acquire(timeout_s=self.wait_s)
+    def step_through(self, timeout_s: float) -> bool:
+        """A processor or the sink: one frame from the input ring, if one comes within timeout_s."""
+        slot = self.consumer.acquire(timeout_s=timeout_s)
         if slot is None:
             return False
         enter = _monotonic_ns()
@@ -389,7 +407,10 @@ class StageHost:
             if self.role is Role.SINK:
                 self.sink_frame(slot.payload, seq, capture_ns, flags, upstream, enter)
             else:
-                with self.device_ctx:
+                if self.on_device:
+                    with self.device_ctx:
+                        out = self.stage.process(slot.payload)
+                else:
                     out = self.stage.process(slot.payload)
                 if out is not None:
                     out_slot = self.claim()
@@ -425,24 +446,34 @@ class StageHost:
             return 1
         self.send("ready")
         reason = "stopped"
+        deferred = False  # the chores are put off: a frame just went on
+        chores_ns = time.monotonic_ns()
         try:
             while True:
-                self.poll_control()
-                if self.stop_requested:
-                    if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
-                        self.source_end()
-                        reason = "end of stream"
-                    break
-                # paused: a live source still reads (and drops) so its device buffer never overflows
-                if self.paused and not (self.role is Role.SOURCE and self.stage.live):
-                    self.socket.poll(int(self.wait_s * 1000))
+                if not deferred:
+                    self.poll_control()
+                    if self.stop_requested:
+                        if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
+                            self.source_end()
+                            reason = "end of stream"
+                        break
+                    # paused: a live source still reads (and drops) so its device buffer never overflows
+                    if self.paused and not (self.role is Role.SOURCE and self.stage.live):
+                        self.socket.poll(int(self.wait_s * 1000))
+                        self.housekeeping()
+                        continue
                     self.housekeeping()
-                    continue
-                done = self.step_source() if self.role is Role.SOURCE else self.step_through()
-                self.housekeeping()
+                    if self.producer is not None:
+                        self.claim_ahead()
+                    chores_ns = time.monotonic_ns()
+                timeout_s = CHORES_DEFER_S if deferred else self.wait_s
+                frames = self.frames
+                done = self.step_source(timeout_s) if self.role is Role.SOURCE else self.step_through(timeout_s)
                 if done:
                     reason = "end of stream"
                     break
+                deferred = (self.frames != frames
+                            and time.monotonic_ns() - chores_ns < CHORES_MAX_DEFER_NS)
         except SupervisorGone as e:
             log.warning("rtpipe: stage %s: %s; exiting", self.name, e)
             self.close()
