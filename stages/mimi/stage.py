@@ -61,15 +61,42 @@ def _load_model(kind: str, weights: str | None, dtype_name: str, seed: int, devi
     return model
 
 
-class MimiEncode(Stage):
-    """float32[1920] audio at 24 kHz -> int32[codebooks] codes, streaming."""
+class _MimiStage(Stage):
+    """What both Mimi stages share: loading the model on open, a fresh streaming state on reset."""
 
     role = Role.PROCESSOR
-    Params = MimiParams
+    kind = ""  # the registry name, for messages
 
-    def __init__(self, params: MimiParams | None = None):
+    def __init__(self, params=None):
         super().__init__(params)
         self.model = None
+
+    def open(self, device: str = "cpu") -> None:
+        self.model = _load_model(self.kind, self.params.weights, self.params.dtype, self.params.seed, device)
+        self.reset()
+
+    def _new_state(self):
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        if self.model is None:
+            self.state = NoState()
+            return
+        import torch
+
+        with torch.inference_mode():
+            self.state = self._new_state()
+
+    def close(self) -> None:
+        self.model = None
+        self.state = NoState()
+
+
+class MimiEncode(_MimiStage):
+    """float32[1920] audio at 24 kHz -> int32[codebooks] codes, streaming."""
+
+    kind = "mimi.encode"
+    Params = MimiParams
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         if input_spec != AUDIO_FRAME:
@@ -79,19 +106,11 @@ class MimiEncode(Stage):
     def open(self, device: str = "cpu") -> None:
         import torch
 
-        self.model = _load_model("mimi.encode", self.params.weights, self.params.dtype,
-                                 self.params.seed, device)
+        super().open(device)
         self._samples = torch.zeros(FRAME_SAMPLES)
-        self.reset()
 
-    def reset(self) -> None:
-        if self.model is None:
-            self.state = NoState()
-            return
-        import torch
-
-        with torch.inference_mode():
-            self.state = self.model.new_encode_state()
+    def _new_state(self):
+        return self.model.new_encode_state()
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         import torch
@@ -112,20 +131,12 @@ class MimiEncode(Stage):
             codes = self.model.encode_offline(samples, self.params.codebooks)
         return codes.numpy().astype(np.int32)
 
-    def close(self) -> None:
-        self.model = None
-        self.state = NoState()
 
-
-class MimiDecode(Stage):
+class MimiDecode(_MimiStage):
     """int32[n] codes (n = 1..32) -> float32[1920] audio at 24 kHz, streaming."""
 
-    role = Role.PROCESSOR
+    kind = "mimi.decode"
     Params = MimiDecodeParams
-
-    def __init__(self, params: MimiDecodeParams | None = None):
-        super().__init__(params)
-        self.model = None
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         if (input_spec is None or input_spec.dtype != "int32" or len(input_spec.shape) != 1
@@ -133,19 +144,8 @@ class MimiDecode(Stage):
             raise ConfigError(f"mimi.decode: input {input_spec}: expected codes int32[1..{TOTAL_CODEBOOKS}]")
         return AUDIO_FRAME
 
-    def open(self, device: str = "cpu") -> None:
-        self.model = _load_model("mimi.decode", self.params.weights, self.params.dtype,
-                                 self.params.seed, device)
-        self.reset()
-
-    def reset(self) -> None:
-        if self.model is None:
-            self.state = NoState()
-            return
-        import torch
-
-        with torch.inference_mode():
-            self.state = self.model.new_decode_state()
+    def _new_state(self):
+        return self.model.new_decode_state()
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         import torch
@@ -169,7 +169,3 @@ class MimiDecode(Stage):
         with torch.inference_mode():
             samples = self.model.decode_offline(codes)
         return samples.numpy().reshape(codes.shape[0], FRAME_SAMPLES)
-
-    def close(self) -> None:
-        self.model = None
-        self.state = NoState()
