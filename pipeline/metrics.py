@@ -134,14 +134,8 @@ def build_report(records: np.ndarray, counters: RunCounters, *, seconds: float, 
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
     return {
-        "frames": int(records.size),
-        "seconds": round(float(seconds), 3),
-        "frame_ms": float(frame_ms),
-        "end_to_end_ms": summarize_ms(columns.end_to_end_ms),
-        "stages": _stage_table(columns, counters, frame_ms),
-        "edges": _edge_table(columns, counters, with_fill=False),
-        "playback": {"underruns": int(counters.underruns), "overflows": int(counters.overflows)},
-        "frames_lost": int(counters.frames_lost),
+        **_summary(columns, counters, frames=int(records.size), seconds=seconds, frame_ms=frame_ms,
+                   with_fill=False),
         "samples": {
             "seq": [int(s) for s in columns.seq],
             "t_s": _round_list(columns.t_s),
@@ -165,15 +159,24 @@ def build_snapshot(recent_records: np.ndarray, counters: RunCounters, *, frames_
     records = np.asarray(recent_records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
     return {
-        "frames": int(frames_total),
+        **_summary(columns, counters, frames=int(frames_total), seconds=seconds, frame_ms=frame_ms,
+                   with_fill=True),
+        "text": list(counters.text[-20:]),
+    }
+
+
+def _summary(columns, counters: RunCounters, *, frames: int, seconds: float, frame_ms: float,
+             with_fill: bool) -> dict:
+    """The keys the report and the once-a-second snapshot share."""
+    return {
+        "frames": frames,
         "seconds": round(float(seconds), 3),
         "frame_ms": float(frame_ms),
         "end_to_end_ms": summarize_ms(columns.end_to_end_ms),
         "stages": _stage_table(columns, counters, frame_ms),
-        "edges": _edge_table(columns, counters, with_fill=True),
+        "edges": _edge_table(columns, counters, with_fill=with_fill),
         "playback": {"underruns": int(counters.underruns), "overflows": int(counters.overflows)},
         "frames_lost": int(counters.frames_lost),
-        "text": list(counters.text[-20:]),
     }
 
 
