@@ -17,17 +17,11 @@ import time
 
 import numpy as np
 
+from pipeline.metrics import summarize_ms
 from stages.base import FRAME_MS, FRAME_SAMPLES
 from stages.registry import find_stage
 
 STAGES = (("encode", "mimi.encode"), ("lm", "moshi.step"), ("decode", "mimi.decode"))
-
-
-def _summary_ms(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {key: round(float(value), 2) for key, value in (
-        ("p50", np.percentile(a, 50)), ("p95", np.percentile(a, 95)), ("p99", np.percentile(a, 99)),
-        ("max", a.max()), ("mean", a.mean()))}
 
 
 def speech_frames(frames: int) -> np.ndarray:
@@ -71,8 +65,8 @@ def measure(threads: int, frames: int, warmup: int) -> dict:
             stage.close()
     return {
         "threads": threads,
-        "stages": {name: _summary_ms(ms) for name, ms in per_stage_ms.items()},
-        "one_process_ms": _summary_ms(total_ms),
+        "stages": {name: summarize_ms(ms) for name, ms in per_stage_ms.items()},
+        "one_process_ms": summarize_ms(total_ms),
         "deadline_misses": int(sum(ms > FRAME_MS for ms in total_ms)),
         "rtf_p50": round(float(np.percentile(total_ms, 50)) / FRAME_MS, 3),
     }
