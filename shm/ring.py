@@ -34,9 +34,12 @@ Paced frames: an idle core wakes slowly (~100 us here), a spinning one sees a st
 come on a beat. The producer learns its beat (shm/beat.py) and keeps the next due time and jitter in
 the segment. A consumer with spin_us > 0 that sees a steady beat sleeps in the kernel until shortly
 before the frame is due (less the kernel's wake-up lateness, which it learns), spins at most spin_us,
-and falls back to the futex if the frame is late. Sharing its one core with the producer, it yields
-while it spins, so the producer runs at once. A burst (publishes < 1 ms apart) has no beat: spin, then
-sleep. `Consumer.wake_counts` says how each frame was found.
+and falls back to the futex if the frame is late. It yields the core on every turn of its spin, so
+whatever else is pinned there (the producer itself, another stage) runs at once. A burst (publishes
+< 1 ms apart) has no beat: spin, then sleep. `Consumer.wake_counts` says how each frame was found.
+
+Same core: a producer whose publish wakes a consumer pinned to its own core yields to it at once;
+otherwise the woken consumer would wait for whatever the producer does next.
 """
 
 from __future__ import annotations
@@ -435,6 +438,7 @@ class Producer:
         self._space_word = ring._futex(L.R)
         self._data_word = ring._futex(L.W)
         self._beat = Beat()  # relearned by each producer: a restarted one may keep another pace
+        self._shares_core_with_consumer = _SameCore(self._words, L.CONSUMER_PID)
         self._high_water = self._words[L.HIGH_WATER]
         # A producer that takes over a ring with history restarted: say so on its first frame.
         self._pending_flags = FLAG_DISCONTINUITY if self._w else 0
@@ -508,11 +512,12 @@ class Producer:
         words[L.W] = w + 1
         self._w = w + 1
         self._fence()  # W is visible before we look at the consumer's waiting flag
-        if words[L.CONSUMER_WAITING]:
-            self._data_word.wake()
+        woke = words[L.CONSUMER_WAITING] and self._data_word.wake()
         self._learn_beat(w + 1)
-        if words[L.CONSUMER_YIELDING]:
-            _sched_yield()  # it spins on this core: let it take the frame (and the fresh beat) now
+        if words[L.CONSUMER_YIELDING] or (woke and self._shares_core_with_consumer()):
+            # It spins, or now waits to run, on this core: let it take the frame now; what we do
+            # next (the caller's bookkeeping) can wait, the frame cannot.
+            _sched_yield()
 
     def consumer_alive(self) -> bool:
         """Is a consumer attached and its process alive? (False: nobody will free slots for now.)"""
@@ -572,6 +577,31 @@ class Producer:
         self._words = None
 
 
+class _SameCore:
+    """Is the peer at the other end pinned to the one core this process is pinned to? Then a wake
+    of it only makes it runnable behind us, and yielding lets it run at once. Re-checked when the
+    peer changes and every 64 asks (a stage may be re-pinned)."""
+
+    def __init__(self, words, pid_word: int):
+        self._words = words
+        self._pid_word = pid_word
+        self._pid = -1
+        self._asks = 0
+        self._same = False
+
+    def __call__(self) -> bool:
+        pid = self._words[self._pid_word]
+        self._asks += 1
+        if pid != self._pid or not self._asks & 63:
+            self._pid = pid
+            try:
+                mine = os.sched_getaffinity(0)
+                self._same = len(mine) == 1 and pid != 0 and os.sched_getaffinity(pid) == mine
+            except OSError:  # the peer is gone
+                self._same = False
+        return self._same
+
+
 class Consumer:
     """The reading end. One per ring at a time, in one thread."""
 
@@ -609,9 +639,7 @@ class Consumer:
         # How each acquire found its frame: already there, caught spinning, or woken by the kernel
         # (during the sleep before a planned spin, after a spin that missed it, or with no spin at all).
         self.wake_counts = {"ready": 0, "spin": 0, "woken_before_spin": 0, "woken_after_spin": 0, "woken": 0}
-        self._affinity_pid = -1
-        self._affinity_checks = 0
-        self._yield_core = False
+        self._shares_core_with_producer = _SameCore(self._words, L.PRODUCER_PID)
 
     def acquire(self, timeout_s: float | None = None) -> ReadSlot | None:
         """The oldest unread frame, or None if none arrives within timeout_s (None: no limit, 0: poll).
@@ -720,8 +748,8 @@ class Consumer:
                 spin_end_ns = min(max(now_ns, spin_start_ns) + self._spin_ns, deadline_ns)
             else:
                 spin_end_ns = min(now_ns + self._spin_ns, deadline_ns)
-            # Sharing one core with the producer, a plain spin would only delay it: yield instead, so
-            # it runs the moment it wakes and we see its frame right after.
+            # Every turn yields the core: a spin must not hold up whatever else runs there. Sharing one
+            # core with the producer, say so: its publish then yields straight back to us.
             yield_core = self._shares_core_with_producer()
             if yield_core:
                 words[L.CONSUMER_YIELDING] = 1
@@ -731,8 +759,7 @@ class Consumer:
                     if w != r:
                         self.wake_counts["spin"] += 1
                         return w
-                    if yield_core:
-                        _sched_yield()
+                    _sched_yield()
                     now_ns = _monotonic_ns()
                     if now_ns >= spin_end_ns:
                         break
@@ -770,19 +797,6 @@ class Consumer:
             # prediction is still r-1's, and r is due one interval later.
             return due_ns + words[L.INTERVAL_NS]
         return 0
-
-    def _shares_core_with_producer(self) -> bool:
-        # Re-checked when the producer changes and every 64 waits (a stage may be re-pinned).
-        pid = self._words[L.PRODUCER_PID]
-        self._affinity_checks += 1
-        if pid != self._affinity_pid or not self._affinity_checks & 63:
-            self._affinity_pid = pid
-            try:
-                mine = os.sched_getaffinity(0)
-                self._yield_core = len(mine) == 1 and pid != 0 and os.sched_getaffinity(pid) == mine
-            except OSError:
-                self._yield_core = False
-        return self._yield_core
 
     def _sleep(self, r: int, timeout_ns: int) -> int:
         words = self._words

@@ -231,3 +231,18 @@ def put_one_blocking(name: str, seq: int, out) -> None:
     ok = ring.producer().put(np.full(ring.spec.shape, seq, ring.spec.dtype), seq=seq, capture_ns=0, timeout_s=10 * REPLY_TIMEOUT_S)
     out.put((ok, time.monotonic() - started))
     ring.close()
+
+
+def consume_on_core(name: str, core: int, count: int, ready, out) -> None:
+    """Pins itself to `core`, then takes `count` frames, noting when it held each (monotonic ns)."""
+    os.sched_setaffinity(0, {core})
+    ring = Ring.attach(name)
+    consumer = ring.consumer()
+    ready.set()
+    held_ns = []
+    for _ in range(count):
+        slot = consumer.acquire(timeout_s=REPLY_TIMEOUT_S)
+        held_ns.append(time.monotonic_ns())
+        slot.release()
+    out.put(held_ns)
+    ring.close()
