@@ -32,11 +32,6 @@ WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (ea
 RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
 RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000
-# Right after a frame went on, the chores (control, heartbeats, records, the next output claim) wait
-# this long, so they do not hold up the next stage of the chain where it shares this core; under a
-# steady stream of frames they are put off no longer than CHORES_MAX_DEFER_NS.
-CHORES_DEFER_S = 0.002
-CHORES_MAX_DEFER_NS = 20_000_000
 MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
@@ -435,6 +430,15 @@ class StageHost:
         self.records += record
 
     # --- the loop ---------------------------------------------------------------------------------
+    def chores(self) -> None:
+        """Control messages, heartbeats, stats, records, and the next output claim: everything but
+        frames, between two frames."""
+        self.poll_control()
+        if not self.stop_requested:
+            self.housekeeping()
+            if self.producer is not None:
+                self.claim_ahead()
+
     def run(self) -> int:
         """Opens the stage and moves frames until end of stream or stop; the process exit code."""
         self.send("hello", pid=os.getpid(), incarnation=int(self.spec.get("incarnation", 0)))
@@ -446,34 +450,24 @@ class StageHost:
             return 1
         self.send("ready")
         reason = "stopped"
-        deferred = False  # the chores are put off: a frame just went on
-        chores_ns = time.monotonic_ns()
         try:
             while True:
-                if not deferred:
-                    self.poll_control()
-                    if self.stop_requested:
-                        if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
-                            self.source_end()
-                            reason = "end of stream"
-                        break
-                    # paused: a live source still reads (and drops) so its device buffer never overflows
-                    if self.paused and not (self.role is Role.SOURCE and self.stage.live):
-                        self.socket.poll(int(self.wait_s * 1000))
-                        self.housekeeping()
-                        continue
-                    self.housekeeping()
-                    if self.producer is not None:
-                        self.claim_ahead()
-                    chores_ns = time.monotonic_ns()
-                timeout_s = CHORES_DEFER_S if deferred else self.wait_s
-                frames = self.frames
-                done = self.step_source(timeout_s) if self.role is Role.SOURCE else self.step_through(timeout_s)
+                # Chores come right after each frame: where the next stage shares this core, the
+                # publish has already yielded to it (shm/ring.py), so they hold up no frame.
+                self.chores()
+                if self.stop_requested:
+                    if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
+                        self.source_end()
+                        reason = "end of stream"
+                    break
+                # paused: a live source still reads (and drops) so its device buffer never overflows
+                if self.paused and not (self.role is Role.SOURCE and self.stage.live):
+                    self.socket.poll(int(self.wait_s * 1000))
+                    continue
+                done = self.step_source(self.wait_s) if self.role is Role.SOURCE else self.step_through(self.wait_s)
                 if done:
                     reason = "end of stream"
                     break
-                deferred = (self.frames != frames
-                            and time.monotonic_ns() - chores_ns < CHORES_MAX_DEFER_NS)
         except SupervisorGone as e:
             log.warning("rtpipe: stage %s: %s; exiting", self.name, e)
             self.close()
