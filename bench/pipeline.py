@@ -112,16 +112,36 @@ class _CpuObserver:
         pass
 
 
-def run_rtpipe(frames: int, spin_us: int, pin: bool = False) -> dict:
+STAGE_NAMES = ["source", "a", "b", "c", "sink"]
+
+
+def default_placement(n_cores: int) -> list[int]:
+    """A core per stage where there are enough; else the source alone and neighbours in pairs
+    (2 cores: 0, 1, 1, 0, 0), so that two of the four hops hand over on one core."""
+    if n_cores >= len(STAGE_NAMES):
+        return list(range(len(STAGE_NAMES)))
+    return [0, 1 % n_cores, 1 % n_cores, 2 % n_cores, 2 % n_cores]
+
+
+def edge_spins(cores: list[int] | None, spin_us: int) -> list[int]:
+    """spin_us for each edge: only where a hop crosses cores. There the consumer would otherwise wait
+    for an idle core to wake (~100 us here); on one core the producer's publish yields to it."""
+    if cores is None:
+        return [spin_us] * (len(STAGE_NAMES) - 1)
+    return [spin_us if x != y else 0 for x, y in zip(cores, cores[1:])]
+
+
+def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None) -> dict:
     from pipeline import config as pipeline_config
     from pipeline.supervisor import Supervisor
 
-    names = ["source", "a", "b", "c", "sink"]
+    names = STAGE_NAMES
     kinds = ["bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
-    n_cores = psutil.cpu_count() or 1
-    raw = {"stages": {n: {"kind": k, **({"cores": [i % n_cores]} if pin else {})}
+    spins = edge_spins(cores, spin_us)
+    raw = {"stages": {n: {"kind": k, **({"cores": [cores[i]]} if cores else {})}
                       for i, (n, k) in enumerate(zip(names, kinds))},
-           "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spin_us} for x, y in zip(names, names[1:])}}
+           "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spins[i]}
+                     for i, (x, y) in enumerate(zip(names, names[1:]))}}
     os.environ["RTPIPE_BENCH_FRAMES"] = str(frames)
     observer = _CpuObserver()
     supervisor = Supervisor(pipeline_config.validate(raw), observer_factory=lambda info: [observer],
@@ -177,7 +197,7 @@ def _mp_sink(in_q, result_q):
     result_q.put(latencies)
 
 
-def run_mp_queue(frames: int, pin: bool = False) -> dict:
+def run_mp_queue(frames: int, cores: list[int] | None) -> dict:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(4)]
     result_q = ctx.Queue()
@@ -187,10 +207,9 @@ def run_mp_queue(frames: int, pin: bool = False) -> dict:
              ctx.Process(target=_mp_sink, args=(queues[3], result_q))]
     for p in procs:
         p.start()
-    if pin:  # the same placement as rtpipe's stages, so the comparison is of transports only
-        n_cores = psutil.cpu_count() or 1
-        for i, p in enumerate(procs):
-            psutil.Process(p.pid).cpu_affinity([i % n_cores])
+    if cores:  # the same placement as rtpipe's stages, so the comparison is of transports only
+        for core, p in zip(cores, procs):
+            psutil.Process(p.pid).cpu_affinity([core])
     time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
     ready.set()
     sampler = CpuSampler([p.pid for p in procs])
@@ -212,6 +231,16 @@ def run_mp_queue(frames: int, pin: bool = False) -> dict:
     return {**summary_us(added), "cpu_pct": sampler.percent(), "frames": len(added)}
 
 
+def _core_list(text: str) -> list[int]:
+    try:
+        cores = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: need comma-separated core numbers") from None
+    if len(cores) != len(STAGE_NAMES) or min(cores) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need {len(STAGE_NAMES)} core numbers, one per stage")
+    return cores
+
+
 def machine_line() -> str:
     cpu = platform.processor() or "cpu"
     try:
@@ -226,26 +255,36 @@ def machine_line() -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtpipe bench pipeline", description=__doc__)
     parser.add_argument("--frames", type=int, default=900, help="frames per chain (80 ms each; default 900)")
-    # measured on the 2-core machine: pinned neighbours on different cores and a 100 us spin around
-    # the due time give the lowest P99 at under 2 % of a core; --spin-us 0 --no-pin for the plain case
-    parser.add_argument("--spin-us", type=int, default=100,
-                        help="rtpipe edges' spin_us: spin this long around a paced frame's due time "
-                             "(default 100)")
+    # measured on the 2-core machine: the source alone and neighbours in pairs on a core, with a
+    # 300 us spin on the two hops that cross cores, gave the lowest P99 at about 2 % of a core
+    parser.add_argument("--spin-us", type=int, default=300,
+                        help="spin_us of the edges whose ends are on different cores: wake this much "
+                             "before a paced frame is due and spin for it (default 300; same-core "
+                             "edges get 0)")
+    parser.add_argument("--cores", type=_core_list, default=None,
+                        help="comma-separated core of each of the 5 stages, source first (default: "
+                             "one each, or on fewer cores the source alone and neighbours in pairs, "
+                             "e.g. 0,1,1,0,0)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin rtpipe's stages to cores in turn (0, 1, 0, ...)")
+                        help="do not pin the stages (every edge then spins --spin-us)")
     parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
     args = parser.parse_args(argv)
     if args.frames <= WARMUP_FRAMES + 10:
         parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
-    rtpipe = run_rtpipe(args.frames, args.spin_us, args.pin)
-    baseline = run_mp_queue(args.frames, args.pin)
+    n_cores = psutil.cpu_count() or 1
+    cores = (args.cores or default_placement(n_cores)) if args.pin else None
+    if cores and max(cores) >= n_cores:
+        parser.error(f"--cores {','.join(map(str, cores))}: this machine has cores 0-{n_cores - 1}")
+    rtpipe = run_rtpipe(args.frames, args.spin_us, cores)
+    baseline = run_mp_queue(args.frames, cores)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys}}))
         return 0
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
-          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges spin_us={args.spin_us}"
-          + (", both chains' stages pinned to alternate cores" if args.pin else ""))
+          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
+          f"{','.join(map(str, edge_spins(cores, args.spin_us)))}"
+          + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned"))
     print(f"machine: {machine_line()}")
     print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
           "% of one core")
