@@ -470,6 +470,10 @@ class Producer:
         slot = self._claimed = self._write_slots[index]
         return slot
 
+    def has_room(self) -> bool:
+        """Would claim() find a free slot now, without waiting, dropping or counting anything?"""
+        return self._claimed is None and self._w - self._words[L.R] < self._slots
+
     def _wait_for_space(self, w: int, timeout_s: float | None) -> bool:
         words = self._words
         start_ns = _monotonic_ns()

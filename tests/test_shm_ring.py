@@ -324,3 +324,18 @@ def test_publish_can_stamp_the_stage_exit_time_last(ring_name):
     assert int(header["exit_ns"][1]) == 5
     with pytest.raises(RingError, match="exit_stage=8"):
         producer.claim().publish(exit_stage=8)
+
+
+def test_has_room_says_whether_a_claim_would_wait_and_counts_nothing(ring_name):
+    ring = make(ring_name)  # 4 slots, block
+    producer, consumer = ring.producer(), ring.consumer()
+    assert producer.has_room()
+    slot = producer.claim()
+    assert not producer.has_room()  # one claim at a time
+    slot.publish()
+    for seq in range(1, 4):
+        assert put(producer, seq)
+    assert not producer.has_room()
+    assert ring.stats().blocked_count == 0 and ring.stats().dropped_newest == 0
+    consumer.get(timeout_s=0)
+    assert producer.has_room()
