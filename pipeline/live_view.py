@@ -125,10 +125,12 @@ def _summary(snapshot: dict) -> Text:
 
 
 def _transcript(snapshot: dict) -> Text | None:
-    tokens = [str(token) for token in (snapshot.get("text") or [])]
-    if not tokens:
+    pieces = [str(piece) for piece in (snapshot.get("text") or [])]
+    if not pieces:  # no tokenizer: the token ids themselves
+        pieces = [f"<{token}>" for token in (snapshot.get("text_tokens") or [])]
+    if not pieces:
         return None
-    joined = "".join(tokens).replace("\n", " ")
+    joined = "".join(pieces).replace("\n", " ")
     tail = joined[-TEXT_CHARS:]
     line = Text("text ", style="bold")
     line.append(("…" if len(joined) > len(tail) else "") + tail, style="cyan")
@@ -183,8 +185,9 @@ class LiveView(Observer):
         snapshot = dict(report)
         snapshot["edges"] = {edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
                              for edge, row in (report.get("edges") or {}).items()}
-        if not snapshot.get("text") and self.last_snapshot:
+        if not snapshot.get("text") and not snapshot.get("text_tokens") and self.last_snapshot:
             snapshot["text"] = self.last_snapshot.get("text")
+            snapshot["text_tokens"] = self.last_snapshot.get("text_tokens")
         if self._live is not None:
             self._live.update(render_snapshot(snapshot, self.run_info), refresh=True)
             self._live.stop()

@@ -55,6 +55,7 @@ class RunCounters:
     overflows: int = 0
     frames_lost: int = 0
     text: list[str] = field(default_factory=list)
+    text_tokens: list[int] = field(default_factory=list)  # every text token id, with or without a tokenizer
     live_source: bool = False
 
 
@@ -146,6 +147,7 @@ def build_report(records: np.ndarray, counters: RunCounters, *, seconds: float, 
             "playback_ms": _round_list(columns.playback_ms),
         },
         "text": list(counters.text),
+        "text_tokens": list(counters.text_tokens),
         "delay_frames": int(delay_frames),
         "config": config or {},
         "device_latency_ms": device_latency_ms,
@@ -162,6 +164,7 @@ def build_snapshot(recent_records: np.ndarray, counters: RunCounters, *, frames_
         **_summary(columns, counters, frames=int(frames_total), seconds=seconds, frame_ms=frame_ms,
                    with_fill=True),
         "text": list(counters.text[-20:]),
+        "text_tokens": list(counters.text_tokens[-20:]),
     }
 
 

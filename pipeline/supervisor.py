@@ -117,6 +117,7 @@ class Supervisor:
         self.records: list[np.ndarray] = []
         self.recent: deque[np.ndarray] = deque()
         self.text: list[str] = []
+        self.text_tokens: list[int] = []
         self.stop_reason: str | None = None
         self.stop_requested_ns: int | None = None
         self.stop_all_sent_ns: int | None = None
@@ -350,6 +351,8 @@ class Supervisor:
             self._on_records(message["records"])
         elif kind == "events":
             for event in message["events"]:
+                if isinstance(event.get("text_token"), int):
+                    self.text_tokens.append(event["text_token"])
                 if isinstance(event.get("text"), str):
                     self.text.append(event["text"])
         elif kind == "heartbeat":
@@ -485,6 +488,7 @@ class Supervisor:
         # every sequence gap at the sink is a frame some ring dropped by policy or one a crash lost
         counters.frames_lost = max(0, count_lost(np.sort(seqs)) - dropped)
         counters.text = list(self.text)
+        counters.text_tokens = list(self.text_tokens)
         return counters
 
     def _report(self) -> dict:

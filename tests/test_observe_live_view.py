@@ -35,6 +35,15 @@ def test_snapshot_shows_every_stage_edge_latency_and_text():
     assert "underruns 2" in text and "Hello there" in text
 
 
+def test_without_a_tokenizer_the_text_line_shows_token_ids():
+    info = support.run_info()
+    snapshot = support.report(support.records(20), info, step=1, fill=True)
+    snapshot["text_tokens"] = [3, 1017, 0]
+    console = _console()
+    console.print(render_snapshot(snapshot, info))
+    assert "<3><1017><0>" in console.export_text()
+
+
 def test_live_view_runs_start_ticks_stop_on_a_recorded_console():
     info = support.run_info()
     recs = support.records(30)

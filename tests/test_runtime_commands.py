@@ -67,6 +67,7 @@ def test_pause_resume_reset_and_stats_reach_a_running_stage():
     assert result.exit_code == EXIT_HEALTHY, result.error
     report = result.report
     assert report["text"][:3] == ["w0", "w1", "w2"]
+    assert report["text_tokens"][:3] == [0, 1, 2]  # the ids travel too, tokenizer or not
     assert len(report["text"]) >= report["frames"]
     assert report["edges"]["capture->encode"]["dropped_oldest"] == 0
     assert run_segments(supervisor.run_id) == []
