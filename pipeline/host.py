@@ -261,6 +261,7 @@ class StageHost:
         stage_class = find_stage(spec["kind"], f"stages.{self.name}.kind")
         self.stage = stage_class.from_config(spec["params"], f"stages.{self.name}.params")
         self.role = stage_class.role
+        self.stage.restarted = int(spec.get("incarnation", 0)) > 0
         pin(spec.get("cores"), spec.get("threads"))
         self.device_ctx = device_context(spec.get("device", "cpu"))
         self.on_device = spec.get("device", "cpu").startswith("cuda:")

@@ -647,7 +647,9 @@ class CountingState:
 
 class FilePlayback(Stage):
     """`playback.file`: writes what the speaker would have played, one whole frame per write(), so the
-    output holds exactly frames x 1920 samples at 24 kHz mono."""
+    output holds exactly frames x 1920 samples at 24 kHz mono. Restarted mid-run, it goes on after the
+    last whole frame its predecessor wrote (libsndfile reads a WAV whose writer was killed by its
+    length)."""
 
     role = Role.SINK
     Params = FilePlaybackParams
@@ -666,10 +668,21 @@ class FilePlayback(Stage):
 
     def open(self, device: str = "cpu") -> None:
         import soundfile
+        path = Path(self.params.path).expanduser()
+        if self.restarted and path.is_file() and path.stat().st_size > 0:
+            try:
+                self._file = soundfile.SoundFile(str(path), "r+")
+            except Exception as e:
+                raise AudioError(f"playback.file: cannot go on writing {self.params.path}: {_one_line(e)}") from e
+            if self._file.samplerate != SAMPLE_RATE or self._file.channels != 1:
+                self.close()
+                raise AudioError(f"playback.file: {self.params.path} is no longer this run's 24 kHz mono output")
+            self.state.frames_written = self._file.frames // FRAME_SAMPLES
+            self._file.seek(self.state.frames_written * FRAME_SAMPLES)  # a torn last frame is overwritten
+            return
         try:
-            self._file = soundfile.SoundFile(str(Path(self.params.path).expanduser()), "w",
-                                             samplerate=SAMPLE_RATE, channels=1, subtype=self.params.subtype,
-                                             format="WAV")
+            self._file = soundfile.SoundFile(str(path), "w", samplerate=SAMPLE_RATE, channels=1,
+                                             subtype=self.params.subtype, format="WAV")
         except Exception as e:
             raise AudioError(f"playback.file: cannot write {self.params.path}: {_one_line(e)}") from e
 

@@ -82,6 +82,9 @@ class Stage:
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
         self.state: Any = NoState()
+        # Set by the host before open() when this process replaces one of the same stage that died
+        # mid-run: a stage that writes a file carries on with it rather than starting it over.
+        self.restarted = False
 
     @classmethod
     def from_config(cls, raw: dict, where: str = "params") -> "Stage":

@@ -4,6 +4,8 @@ microphone and speaker logic driven by a fake sounddevice."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import types
 
@@ -258,6 +260,53 @@ def test_file_playback_writes_every_frame_whole_and_bit_exact(tmp_path):
     assert rate == SAMPLE_RATE and data.ndim == 1
     np.testing.assert_array_equal(data, np.concatenate(written))
     assert sink.counters() == {"underruns": 0, "overflows": 0} and sink.output_latency_ns == 0
+
+
+def _write_then_die(path: str, frames: list, torn_samples: int) -> None:
+    # a playback.file killed mid-run: whole frames, part of the next, and no close()
+    sink = opened(FilePlayback, {"path": path})
+    for frame in frames:
+        sink.write(frame)
+    sink._file.write(np.ones(torn_samples, np.float32))
+    sink._file.flush()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("torn_samples", [0, 700])
+def test_restarted_file_playback_goes_on_after_the_last_whole_frame(tmp_path, torn_samples):
+    path = tmp_path / "out.wav"
+    frames = [np.random.default_rng(k).uniform(-1, 1, FRAME_SAMPLES).astype(np.float32) for k in range(6)]
+    writer = multiprocessing.get_context("spawn").Process(target=_write_then_die,
+                                                          args=(str(path), frames[:3], torn_samples))
+    writer.start()
+    writer.join(60)
+    sink = FilePlayback.from_config({"path": str(path)}, "stages.x.params")
+    sink.restarted = True
+    sink.open()
+    assert sink.state.frames_written == 3
+    for frame in frames[3:]:
+        sink.write(frame)
+    sink.close()
+    data, rate = soundfile.read(path, dtype="float32")
+    np.testing.assert_array_equal(data, np.concatenate(frames))  # the torn frame is gone, nothing else
+
+
+def test_first_start_of_file_playback_starts_the_file_over(tmp_path):
+    path = tmp_path / "out.wav"
+    soundfile.write(path, np.ones(5 * FRAME_SAMPLES, np.float32), SAMPLE_RATE)  # an earlier run's
+    sink = opened(FilePlayback, {"path": str(path)})
+    sink.write(np.zeros(FRAME_SAMPLES, np.float32))
+    sink.close()
+    assert soundfile.info(path).frames == FRAME_SAMPLES
+
+
+def test_restarted_file_playback_refuses_a_file_that_is_not_its_output(tmp_path):
+    path = tmp_path / "out.wav"
+    soundfile.write(path, np.zeros((4800, 2), np.float32), 48000)
+    sink = FilePlayback.from_config({"path": str(path)}, "stages.x.params")
+    sink.restarted = True
+    with pytest.raises(AudioError, match="no longer this run's 24 kHz mono output"):
+        sink.open()
 
 
 def test_null_playback_takes_anything_and_counts_it():

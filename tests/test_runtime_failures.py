@@ -61,6 +61,30 @@ def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
     assert not supervisor.run_dir.path.exists()
 
 
+def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
+    out = tmp_path / "out.wav"
+    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}, PASS_THROUGH,
+                       {"kind": "playback.file", "params": {"path": str(out)}},
+                       supervisor={"restart_backoff_ms": 50})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    assert supervisor.ready_event.wait(60), "pipeline did not start"
+    wait_until(lambda: frames_at_sink(supervisor) >= 5, 30, "frames at the sink")
+    sink = supervisor.stage_names[-1]
+    os.kill(supervisor.stages[sink].pid, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    report = results[0].report
+    assert report["stages"][sink]["restarts"] == 1
+    samples = len(sf.read(str(out), dtype="float32")[0])
+    assert samples % 1920 == 0
+    # Every frame the report counts went into the file, those before the kill included (a sink that
+    # started its file over would hold only the frames after its restart); frames whose records died
+    # with the sink may be in it too.
+    assert report["frames"] <= samples // 1920 <= 50
+    assert run_segments(supervisor.run_id) == []
+
+
 def test_hung_stage_is_killed_and_restarted(tmp_path):
     marker = tmp_path / "hung-once"
     raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 3.0, "pace": False}},
