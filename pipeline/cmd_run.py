@@ -7,6 +7,7 @@ built-in speech sample to rtpipe-out.wav, and says which it chose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -124,10 +125,20 @@ def main(argv: list[str]) -> int:
     if args.report:
         observe.check_output_path(args.report, "--report")
 
-    def observers(run_info: dict) -> list:
-        return observe.make_observers(args, run_info)
+    console, logs = None, contextlib.nullcontext()
+    if observe.wants_live_view(args):  # every log line, ours and the stages', goes above the view
+        from rich.console import Console
 
-    result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
+        from pipeline.console_logs import StderrThroughConsole
+
+        console = Console()
+        logs = StderrThroughConsole(console)
+
+    def observers(run_info: dict) -> list:
+        return observe.make_observers(args, run_info, console=console)
+
+    with logs:
+        result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
     print(format_table(result.report))
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n", encoding="utf-8")

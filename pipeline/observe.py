@@ -99,20 +99,24 @@ def _status_line(run_info: dict) -> list:
     return [StatusLine(run_info)]
 
 
-def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None) -> list:
+def wants_live_view(args: argparse.Namespace, stdout=None) -> bool:
+    """The rich live view when stdout is a terminal and not --no-live."""
+    stdout = sys.stdout if stdout is None else stdout
+    return bool(getattr(stdout, "isatty", lambda: False)()) and not getattr(args, "no_live", False)
+
+
+def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None, console=None) -> list:
     """The observers `rtpipe run`'s flags ask for, in the order they should be called.
 
-    The rich live view when stdout is a terminal (and not --no-live), else the plain status line; a trace
-    writer with --trace; a Prometheus exporter with --metrics-port (its server starts in on_start).
-    Raises ConfigError if the trace file cannot be written.
+    The rich live view (on `console`, if given) when wants_live_view(), else the plain status line; a
+    trace writer with --trace; a Prometheus exporter with --metrics-port (its server starts in
+    on_start). Raises ConfigError if the trace file cannot be written.
     """
-    stdout = sys.stdout if stdout is None else stdout
     observers: list = []
-    is_tty = bool(getattr(stdout, "isatty", lambda: False)())
-    if is_tty and not getattr(args, "no_live", False):
+    if wants_live_view(args, stdout):
         from pipeline.live_view import LiveView
 
-        observers.append(LiveView(run_info))
+        observers.append(LiveView(run_info, console=console))
     else:
         observers += _status_line(run_info)
     trace_path = getattr(args, "trace", None)
@@ -129,4 +133,4 @@ def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None) -> 
     return observers
 
 
-__all__ = ["Observer", "add_observer_arguments", "check_observer_arguments", "make_observers"]
+__all__ = ["Observer", "add_observer_arguments", "check_observer_arguments", "make_observers", "wants_live_view"]

@@ -45,7 +45,7 @@ def observed_run(tmp_path_factory):
     scrapes: list[dict] = []
     real_make_observers = observe.make_observers
 
-    def make_observers(args, run_info, stdout=None):
+    def make_observers(args, run_info, stdout=None, console=None):
         # as on a terminal, so the live view is chosen; it draws on a recorded console
         observers = real_make_observers(args, run_info, stdout=_Terminal())
         for observer in observers:
