@@ -19,7 +19,7 @@ from runtime_support import TESTS_DIR, chain_config, run_segments
 
 FRAME = 1920
 REPORT_KEYS = {"frames", "seconds", "frame_ms", "end_to_end_ms", "stages", "edges", "playback",
-               "frames_lost", "samples", "text", "delay_frames", "config", "device_latency_ms"}
+               "frames_lost", "samples", "text", "text_tokens", "delay_frames", "config", "device_latency_ms"}
 SUMMARY_KEYS = {"p50", "p95", "p99", "max", "mean"}
 
 
