@@ -238,6 +238,9 @@ class StageHost:
         if self.records and (len(self.records) >= RECORD_BATCH * FRAME_RECORD_DTYPE.itemsize
                              or now - self.records_since_ns >= RECORD_FLUSH_NS):
             self.flush_records()
+        self.send_events()
+
+    def send_events(self) -> None:
         events = self.stage.events() if self.stage is not None else []
         if events:
             try:
@@ -358,6 +361,7 @@ class StageHost:
             slot.payload[...] = 0
             self.publish(slot, seq, capture_ns, flags | self.FLAG_END_OF_STREAM, None, upstream, enter_ns)
         self.flush_records()
+        self.send_events()  # housekeeping runs only every control_every_ns: the last frames' events
         self.send("eos")
 
     def step_source(self, timeout_s: float) -> bool:
@@ -488,6 +492,7 @@ class StageHost:
             self.close()
             return 1
         self.flush_records()
+        self.send_events()
         self.send_stats()
         self.close()
         self.send("bye", reason=reason)
