@@ -33,20 +33,26 @@ def frames_at_sink(supervisor: Supervisor) -> int:
     return sum(r.size for r in list(supervisor.records))
 
 
-def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
-    out = tmp_path / "out.wav"
+def kill_mid_run(out, stage: str, after_frames: int):
+    """Runs 4 s of paced noise through PASS_THROUGH into `out` (playback.file) and SIGKILLs `stage` once
+    `after_frames` frames reached the sink; returns the supervisor, its result and the victim's pid."""
     raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}, PASS_THROUGH,
                        {"kind": "playback.file", "params": {"path": str(out)}},
                        supervisor={"restart_backoff_ms": 50})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     assert supervisor.ready_event.wait(60), "pipeline did not start"
-    wait_until(lambda: frames_at_sink(supervisor) >= 3, 30, "frames at the sink")
-    victim = supervisor.stages["lm"].pid
+    wait_until(lambda: frames_at_sink(supervisor) >= after_frames, 30, "frames at the sink")
+    victim = supervisor.stages[stage].pid
     os.kill(victim, signal.SIGKILL)
     thread.join(120)
     assert not thread.is_alive()
-    result = results[0]
+    return supervisor, results[0], victim
+
+
+def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
+    out = tmp_path / "out.wav"
+    supervisor, result, victim = kill_mid_run(out, "lm", after_frames=3)
     report = result.report
     assert result.exit_code == EXIT_DEGRADED, result.error
     assert report["stages"]["lm"]["restarts"] == 1
@@ -63,18 +69,9 @@ def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
 
 def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
     out = tmp_path / "out.wav"
-    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}, PASS_THROUGH,
-                       {"kind": "playback.file", "params": {"path": str(out)}},
-                       supervisor={"restart_backoff_ms": 50})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
-    thread, results = start_in_thread(supervisor)
-    assert supervisor.ready_event.wait(60), "pipeline did not start"
-    wait_until(lambda: frames_at_sink(supervisor) >= 5, 30, "frames at the sink")
-    sink = supervisor.stage_names[-1]
-    os.kill(supervisor.stages[sink].pid, signal.SIGKILL)
-    thread.join(120)
-    assert not thread.is_alive()
-    report = results[0].report
+    sink = "playback"
+    supervisor, result, _ = kill_mid_run(out, sink, after_frames=5)
+    report = result.report
     assert report["stages"][sink]["restarts"] == 1
     samples = len(sf.read(str(out), dtype="float32")[0])
     assert samples % 1920 == 0
