@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from pipeline import realtime
 from stages.base import PayloadSpec, Role, Stage, parse_params
 from stages.errors import ConfigError
 from stages.registry import find_stage
@@ -25,7 +26,7 @@ from stages.registry import find_stage
 MAX_STAGES = 8  # the frame header has enter/exit stamps for 8 stages (shm.frame.MAX_STAGES)
 EDGE_POLICIES = ("block", "drop-oldest", "drop-newest")
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
-STAGE_FIELDS = ("kind", "params", "cores", "threads", "device")
+STAGE_FIELDS = ("kind", "params", "cores", "threads", "device", "priority")
 EDGE_FIELDS = ("slots", "policy", "spin_us")
 TOP_LEVEL = ("supervisor", "stages", "edges")
 
@@ -64,6 +65,7 @@ class StageSpec:
     cores: list[int] | None
     threads: int | None
     device: str
+    priority: int               # 0: the normal scheduler; 1-99: SCHED_FIFO at that priority (realtime.py)
     output_spec: PayloadSpec | None
     delay_frames: int
     live: bool
@@ -182,7 +184,7 @@ def _check_unknown(table: dict, known: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(known)})")
 
 
-def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, int | None, str]:
+def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, int | None, str, int]:
     where = f"stages.{name}"
     _check_table(table, where)
     _check_unknown(table, STAGE_FIELDS, where)
@@ -209,7 +211,15 @@ def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, 
         raise ConfigError(f"{where}.device = {device!r}: expected \"cpu\" or \"cuda:N\"")
     if device.startswith("cuda:"):
         _check_cuda(device, f"{where}.device")
-    return kind, params, cores, threads, device
+    priority = table.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= realtime.MAX_PRIORITY:
+        raise ConfigError(f"{where}.priority = {priority!r}: expected 0 (the normal scheduler) or "
+                          f"1-{realtime.MAX_PRIORITY} (real-time SCHED_FIFO at that priority)")
+    if priority:
+        refused = realtime.refusal(priority)
+        if refused:
+            raise ConfigError(f"{where}.priority = {priority}: real-time priority is {refused}")
+    return kind, params, cores, threads, device, priority
 
 
 def _check_cuda(device: str, where: str) -> None:
@@ -311,7 +321,7 @@ def validate(raw: dict) -> PipelineConfig:
     stages: list[StageSpec] = []
     spec: PayloadSpec | None = None
     for index, name in enumerate(order):
-        kind, params, cores, threads, device = fields[name]
+        kind, params, cores, threads, device, priority = fields[name]
         where = f"stages.{name}"
         stage_class = find_stage(kind, f"{where}.kind")
         stage = stage_class.from_config(params, f"{where}.params")
@@ -332,7 +342,8 @@ def validate(raw: dict) -> PipelineConfig:
             raise ConfigError(f"{where}.kind = {kind!r}: emits nothing for the next stage")
         stages.append(StageSpec(
             name=name, kind=kind, index=index, stage_class=stage_class, params_raw=params, cores=cores,
-            threads=threads, device=device, output_spec=out if role is not Role.SINK else None,
+            threads=threads, device=device, priority=priority,
+            output_spec=out if role is not Role.SINK else None,
             delay_frames=int(stage.delay_frames), live=bool(getattr(stage_class, "live", False))))
         spec = out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import control
+from pipeline import control, realtime
 from pipeline.metrics import FRAME_RECORD_DTYPE
 from shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
 from stages.base import EndOfStream, Role, Stage
@@ -280,6 +281,12 @@ class StageHost:
             self.out_policy = self.out_ring.spec.policy.value
             # a restarted source goes on numbering where the ring's count says it stopped
             self.next_seq = int(self.out_ring.stats().published)
+        # Only now, after loading: a model loaded at real-time priority would hold its core for seconds.
+        realtime.apply(int(spec.get("priority", 0)))
+        # What opening made (a model's many Python objects) is never scanned by the collector again: a
+        # full collection between two frames would otherwise walk all of it.
+        gc.collect()
+        gc.freeze()
 
     def close(self) -> None:
         for raw, words in self.header_views.values():  # views of the rings' memory: gone before they are

@@ -216,7 +216,7 @@ class Supervisor:
         n = len(self.config.stages)
         host_spec = {
             "stage": spec.name, "kind": spec.kind, "index": index, "params": spec.params_raw,
-            "cores": spec.cores, "threads": spec.threads, "device": spec.device,
+            "cores": spec.cores, "threads": spec.threads, "device": spec.device, "priority": spec.priority,
             "input": self._edge_for_host(self.edge_names[index - 1] if index > 0 else None),
             "output": self._edge_for_host(self.edge_names[index] if index < n - 1 else None),
             "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),

@@ -1,0 +1,53 @@
+"""Real-time scheduling for a stage process: SCHED_FIFO at a configured priority.
+
+Under the normal scheduler a frame that has arrived may wait behind whatever else wants the core: the
+supervisor decoding records, a shell, a kernel worker. A SCHED_FIFO stage runs as soon as it is woken,
+ahead of every normal task, which takes the millisecond stalls out of the latency's tail (measured in
+README.md, `rtpipe bench pipeline --priority`). Linux lets a process do this with root, CAP_SYS_NICE,
+or an rtprio limit (`ulimit -r`), and the kernel's real-time throttling (95 % of each second by default)
+keeps a runaway stage from taking a core away for good.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+MAX_PRIORITY = 99  # SCHED_FIFO priorities are 1-99 on Linux; 0 means the normal scheduler
+
+
+def refusal(priority: int) -> str | None:
+    """Why this process may not run a thread at SCHED_FIFO `priority`, or None if it may.
+
+    Tried for real, on a throwaway thread (the scheduling class is per thread on Linux), so that every
+    reason counts: missing capability, rtprio limit, a container's or cgroup's real-time budget."""
+    if not hasattr(os, "sched_setscheduler"):
+        return "this platform has no SCHED_FIFO"
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+            outcome.append(None)
+        except PermissionError:
+            outcome.append("not permitted here: needs root, CAP_SYS_NICE or an rtprio limit "
+                           f"(ulimit -r {priority})")
+        except OSError as e:
+            outcome.append(f"refused by the kernel: {e.strerror}")
+
+    thread = threading.Thread(target=attempt, name="rtpipe-fifo-probe")
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+def apply(priority: int, pid: int = 0) -> None:
+    """Puts `pid` (0: the calling thread) under SCHED_FIFO at `priority`; 0 leaves it alone. Threads it
+    starts later inherit the class; those it already has (ZeroMQ's I/O thread) keep theirs."""
+    if not priority:
+        return
+    try:
+        os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError:
+        raise PermissionError(f"real-time priority {priority} is not permitted here: needs root, "
+                              f"CAP_SYS_NICE or an rtprio limit (ulimit -r {priority})") from None

@@ -1,0 +1,91 @@
+"""A stage's `priority`: SCHED_FIFO for that stage's process once it has opened, the others left on the
+normal scheduler; refused before anything starts, naming the field, where the process may not have it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pipeline import config as pipeline_config
+from pipeline import realtime
+from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+from runtime_support import REPO, chain_config, run_segments, wait_until
+from stages.errors import ConfigError
+
+
+def tone_chain(lm: dict) -> dict:
+    return chain_config({"kind": "capture.tone", "params": {"signal": "noise"}},
+                        [{"kind": "codec.pcm"}, lm, {"kind": "codec.pcm"}], {"kind": "playback.null"})
+
+
+def test_a_stage_with_a_priority_runs_under_sched_fifo_and_the_others_do_not():
+    refused = realtime.refusal(3)
+    if refused:
+        pytest.skip(f"this machine does not allow real-time priority: {refused}")
+    supervisor = Supervisor(pipeline_config.validate(tone_chain({"kind": "echo", "priority": 3})),
+                            handle_signals=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
+    thread.start()
+    try:
+        assert supervisor.ready_event.wait(60)
+        wait_until(lambda: sum(r.size for r in list(supervisor.records)) >= 2, 30, "frames at the sink")
+        policies = {name: os.sched_getscheduler(sp.process.pid) for name, sp in supervisor.stages.items()}
+        lm_priority = os.sched_getparam(supervisor.stages["lm"].process.pid).sched_priority
+    finally:
+        supervisor.request_stop("test done")
+        thread.join(60)
+    assert policies.pop("lm") == os.SCHED_FIFO and lm_priority == 3
+    assert set(policies.values()) == {os.SCHED_OTHER}, policies
+    assert results[0].exit_code == EXIT_HEALTHY, results[0].error
+    assert run_segments(supervisor.run_id) == []
+
+
+@pytest.mark.parametrize("priority", [-1, 100, True, "10", 2.5])
+def test_a_priority_outside_0_to_99_is_refused_by_name(priority):
+    with pytest.raises(ConfigError, match=r"stages\.lm\.priority = .*: expected 0 \(the normal scheduler\) or 1-99"):
+        pipeline_config.validate(tone_chain({"kind": "echo", "priority": priority}))
+
+
+def test_priority_0_is_the_normal_scheduler_and_needs_no_permission(monkeypatch):
+    monkeypatch.setattr(realtime, "refusal", lambda priority: "not permitted here (test)")
+    config = pipeline_config.validate(tone_chain({"kind": "echo", "priority": 0}))
+    assert [s.priority for s in config.stages] == [0, 0, 0, 0, 0]
+
+
+def test_a_priority_this_process_may_not_have_is_a_config_error_naming_the_field(monkeypatch):
+    monkeypatch.setattr(realtime, "refusal", lambda priority: "not permitted here (test)")
+    with pytest.raises(ConfigError, match=r"stages\.lm\.priority = 5: real-time priority is not permitted here"):
+        pipeline_config.validate(tone_chain({"kind": "echo", "priority": 5}))
+
+
+PR_CAPBSET_DROP = 24
+CAP_SYS_NICE = 23
+
+
+def _without_realtime_rights() -> None:
+    """In the child, before it execs: no rtprio allowance, and CAP_SYS_NICE out of the bounding set, so
+    that even root's new program starts without it."""
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_SYS_NICE)")
+
+
+def test_refusal_is_found_by_trying_for_real_without_the_right():
+    probe = "from pipeline.realtime import refusal; print(refusal(5))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, preexec_fn=_without_realtime_rights)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "not permitted here: needs root, CAP_SYS_NICE or an rtprio limit (ulimit -r 5)"
+
+
+def test_refusal_leaves_the_calling_thread_on_the_normal_scheduler():
+    before = os.sched_getscheduler(0)
+    realtime.refusal(2)
+    assert os.sched_getscheduler(0) == before
