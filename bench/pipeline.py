@@ -16,6 +16,7 @@ import time
 import numpy as np
 import psutil
 
+from pipeline import realtime
 from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
 from stages.base import EndOfStream
 
@@ -131,14 +132,14 @@ def edge_spins(cores: list[int] | None, spin_us: int) -> list[int]:
     return [spin_us if x != y else 0 for x, y in zip(cores, cores[1:])]
 
 
-def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None) -> dict:
+def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int = 0) -> dict:
     from pipeline import config as pipeline_config
     from pipeline.supervisor import Supervisor
 
     names = STAGE_NAMES
     kinds = ["bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
     spins = edge_spins(cores, spin_us)
-    raw = {"stages": {n: {"kind": k, **({"cores": [cores[i]]} if cores else {})}
+    raw = {"stages": {n: {"kind": k, "priority": priority, **({"cores": [cores[i]]} if cores else {})}
                       for i, (n, k) in enumerate(zip(names, kinds))},
            "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spins[i]}
                      for i, (x, y) in enumerate(zip(names, names[1:]))}}
@@ -197,7 +198,7 @@ def _mp_sink(in_q, result_q):
     result_q.put(latencies)
 
 
-def run_mp_queue(frames: int, cores: list[int] | None) -> dict:
+def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(4)]
     result_q = ctx.Queue()
@@ -210,6 +211,8 @@ def run_mp_queue(frames: int, cores: list[int] | None) -> dict:
     if cores:  # the same placement as rtpipe's stages, so the comparison is of transports only
         for core, p in zip(cores, procs):
             psutil.Process(p.pid).cpu_affinity([core])
+    for p in procs:  # and the same scheduling (Queue's feeder threads, started later, inherit it)
+        realtime.apply(priority, p.pid)
     time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
     ready.set()
     sampler = CpuSampler([p.pid for p in procs])
@@ -267,6 +270,9 @@ def main(argv: list[str]) -> int:
                              "e.g. 0,1,1,0,0)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin the stages (every edge then spins --spin-us)")
+    parser.add_argument("--priority", type=int, default=0,
+                        help="run both chains' stages under SCHED_FIFO at this priority (1-99; needs root, "
+                             "CAP_SYS_NICE or ulimit -r; default 0: the normal scheduler)")
     parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
     args = parser.parse_args(argv)
     if args.frames <= WARMUP_FRAMES + 10:
@@ -275,8 +281,13 @@ def main(argv: list[str]) -> int:
     cores = (args.cores or default_placement(n_cores)) if args.pin else None
     if cores and max(cores) >= n_cores:
         parser.error(f"--cores {','.join(map(str, cores))}: this machine has cores 0-{n_cores - 1}")
-    rtpipe = run_rtpipe(args.frames, args.spin_us, cores)
-    baseline = run_mp_queue(args.frames, cores)
+    if not 0 <= args.priority <= realtime.MAX_PRIORITY:
+        parser.error(f"--priority {args.priority}: expected 0-{realtime.MAX_PRIORITY}")
+    refused = args.priority and realtime.refusal(args.priority)
+    if refused:
+        parser.error(f"--priority {args.priority}: real-time priority is {refused}")
+    rtpipe = run_rtpipe(args.frames, args.spin_us, cores, args.priority)
+    baseline = run_mp_queue(args.frames, cores, args.priority)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys}}))
@@ -284,7 +295,8 @@ def main(argv: list[str]) -> int:
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
           f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
           f"{','.join(map(str, edge_spins(cores, args.spin_us)))}"
-          + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned"))
+          + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned")
+          + (f", at SCHED_FIFO priority {args.priority}" if args.priority else ", normal scheduler"))
     print(f"machine: {machine_line()}")
     print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
           "% of one core")

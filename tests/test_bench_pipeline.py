@@ -8,6 +8,7 @@ import json
 import pytest
 
 from bench.pipeline import default_placement, edge_spins, main
+from pipeline import realtime
 
 
 def test_placement_gives_a_core_each_where_there_are_enough():
@@ -50,3 +51,30 @@ def test_short_run_reports_both_chains_in_the_documented_shape(capsys):
         assert set(chain) == {"p50_us", "p99_us", "max_us", "cpu_pct"}
         assert 0 < chain["p50_us"] <= chain["p99_us"] <= chain["max_us"]
         assert chain["cpu_pct"] >= 0
+
+
+@pytest.mark.parametrize("priority, message", [("100", "--priority 100: expected 0-99"),
+                                               ("-1", "--priority -1: expected 0-99")])
+def test_a_priority_outside_0_to_99_is_refused(priority, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--frames", "30", "--priority", priority])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_priority_this_process_may_not_have_is_refused_before_anything_runs(monkeypatch, capsys):
+    monkeypatch.setattr(realtime, "refusal", lambda priority: "not permitted here (test)")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--frames", "30", "--priority", "5"])
+    assert exit_info.value.code == 2
+    assert "--priority 5: real-time priority is not permitted here (test)" in capsys.readouterr().err
+
+
+def test_short_run_at_real_time_priority_puts_both_chains_under_it(capsys):
+    refused = realtime.refusal(2)
+    if refused:
+        pytest.skip(f"this machine does not allow real-time priority: {refused}")
+    assert main(["--frames", "24", "--priority", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "at SCHED_FIFO priority 2" in out
+    assert "rtpipe (shm rings)" in out and "multiprocessing.Queue" in out
