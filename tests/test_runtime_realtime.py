@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -44,6 +45,36 @@ def test_a_stage_with_a_priority_runs_under_sched_fifo_and_the_others_do_not():
     assert policies.pop("lm") == os.SCHED_FIFO and lm_priority == 3
     assert set(policies.values()) == {os.SCHED_OTHER}, policies
     assert results[0].exit_code == EXIT_HEALTHY, results[0].error
+    assert run_segments(supervisor.run_id) == []
+
+
+def test_a_stage_restarted_after_sigkill_comes_back_at_its_priority():
+    refused = realtime.refusal(3)
+    if refused:
+        pytest.skip(f"this machine does not allow real-time priority: {refused}")
+    raw = tone_chain({"kind": "echo", "priority": 3})
+    raw["supervisor"] = {"restart_backoff_ms": 50}
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
+    thread.start()
+    try:
+        assert supervisor.ready_event.wait(60)
+        lm = supervisor.stages["lm"]
+        wait_until(lambda: sum(r.size for r in list(supervisor.records)) >= 2, 30, "frames at the sink")
+        victim = lm.pid
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: lm.restarts == 1 and lm.pid != victim, 30, "lm to be restarted")
+        sink_frames = sum(r.size for r in list(supervisor.records))
+        wait_until(lambda: sum(r.size for r in list(supervisor.records)) > sink_frames + 2, 30,
+                   "frames through the restarted lm")
+        policy = os.sched_getscheduler(lm.pid)
+        priority = os.sched_getparam(lm.pid).sched_priority
+    finally:
+        supervisor.request_stop("test done")
+        thread.join(60)
+    assert (policy, priority) == (os.SCHED_FIFO, 3)
+    assert results[0].report["stages"]["lm"]["restarts"] == 1
     assert run_segments(supervisor.run_id) == []
 
 
