@@ -16,6 +16,10 @@ import threading
 MAX_PRIORITY = 99  # SCHED_FIFO priorities are 1-99 on Linux; 0 means the normal scheduler
 
 
+def _not_permitted(priority: int) -> str:
+    return f"not permitted here: needs root, CAP_SYS_NICE or an rtprio limit (ulimit -r {priority})"
+
+
 def refusal(priority: int) -> str | None:
     """Why this process may not run a thread at SCHED_FIFO `priority`, or None if it may.
 
@@ -30,8 +34,7 @@ def refusal(priority: int) -> str | None:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
             outcome.append(None)
         except PermissionError:
-            outcome.append("not permitted here: needs root, CAP_SYS_NICE or an rtprio limit "
-                           f"(ulimit -r {priority})")
+            outcome.append(_not_permitted(priority))
         except OSError as e:
             outcome.append(f"refused by the kernel: {e.strerror}")
 
@@ -49,5 +52,4 @@ def apply(priority: int, pid: int = 0) -> None:
     try:
         os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(priority))
     except PermissionError:
-        raise PermissionError(f"real-time priority {priority} is not permitted here: needs root, "
-                              f"CAP_SYS_NICE or an rtprio limit (ulimit -r {priority})") from None
+        raise PermissionError(f"real-time priority {priority} is {_not_permitted(priority)}") from None
