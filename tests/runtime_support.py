@@ -5,6 +5,7 @@ configs for real multi-process runs, and waiting on processes without sleeping b
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,19 @@ def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(every_s)
+
+
+def start_in_thread(supervisor) -> tuple[threading.Thread, list]:
+    """Runs a Supervisor in a daemon thread; its RunResult lands in the returned list."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
+    thread.start()
+    return thread, results
+
+
+def frames_at_sink(supervisor) -> int:
+    """Frames the sink has reported so far (its records)."""
+    return sum(r.size for r in list(supervisor.records))
 
 
 def run_segments(run_id: str) -> list[str]:

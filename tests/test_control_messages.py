@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 
 import msgpack
 import pytest
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from pipeline import config as pipeline_config
 from pipeline import control
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import chain_config, run_segments, wait_until
+from runtime_support import chain_config, run_segments, start_in_thread, wait_until
 
 EXAMPLE_VALUES = {"str": "lm", "int": 7, "number": 1.5, "bool": True, "bytes": b"\x00\x01", "list": [1],
                   "map": {"a": 1}, "list[map]": [{"text": "hi", "text_token": 3}]}
@@ -91,9 +90,7 @@ def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
                        [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}],
                        {"kind": "playback.null"})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
-    thread.start()
+    thread, results = start_in_thread(supervisor)
     context = zmq.Context()
     try:
         assert supervisor.ready_event.wait(60), "pipeline did not start"

@@ -8,20 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import TESTS_DIR, chain_config, run_segments, wait_until
+from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
 from shm.frame import FLAG_DISCONTINUITY
 from test_runtime_failures import read_line_with
-
-
-def frames_at_sink(supervisor: Supervisor) -> int:
-    return sum(r.size for r in list(supervisor.records))
 
 
 def fill(supervisor: Supervisor, edge: str) -> int:
@@ -33,9 +28,7 @@ def test_pause_resume_reset_and_stats_reach_a_running_stage():
                        [{"kind": "codec.pcm"}, {"kind": "runtime_support:Talker"}, {"kind": "codec.pcm"}],
                        {"kind": "playback.null"}, slots=64)
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
-    thread.start()
+    thread, results = start_in_thread(supervisor)
     try:
         assert supervisor.ready_event.wait(60)
         lm = supervisor.stages["lm"]

@@ -9,7 +9,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
@@ -17,20 +16,9 @@ import soundfile as sf
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_DEGRADED, Supervisor
-from runtime_support import TESTS_DIR, chain_config, run_segments, wait_until
+from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
-
-
-def start_in_thread(supervisor: Supervisor) -> tuple[threading.Thread, list]:
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
-    thread.start()
-    return thread, results
-
-
-def frames_at_sink(supervisor: Supervisor) -> int:
-    return sum(r.size for r in list(supervisor.records))
 
 
 def kill_mid_run(out, stage: str, after_frames: int):

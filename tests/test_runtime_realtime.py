@@ -9,14 +9,13 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from pipeline import config as pipeline_config
 from pipeline import realtime
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import REPO, chain_config, run_segments, wait_until
+from runtime_support import REPO, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
 from stages.errors import ConfigError
 
 
@@ -31,12 +30,10 @@ def test_a_stage_with_a_priority_runs_under_sched_fifo_and_the_others_do_not():
         pytest.skip(f"this machine does not allow real-time priority: {refused}")
     supervisor = Supervisor(pipeline_config.validate(tone_chain({"kind": "echo", "priority": 3})),
                             handle_signals=False)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
-    thread.start()
+    thread, results = start_in_thread(supervisor)
     try:
         assert supervisor.ready_event.wait(60)
-        wait_until(lambda: sum(r.size for r in list(supervisor.records)) >= 2, 30, "frames at the sink")
+        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
         policies = {name: os.sched_getscheduler(sp.process.pid) for name, sp in supervisor.stages.items()}
         lm_priority = os.sched_getparam(supervisor.stages["lm"].process.pid).sched_priority
     finally:
@@ -55,19 +52,16 @@ def test_a_stage_restarted_after_sigkill_comes_back_at_its_priority():
     raw = tone_chain({"kind": "echo", "priority": 3})
     raw["supervisor"] = {"restart_backoff_ms": 50}
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
-    results: list = []
-    thread = threading.Thread(target=lambda: results.append(supervisor.run()), daemon=True)
-    thread.start()
+    thread, results = start_in_thread(supervisor)
     try:
         assert supervisor.ready_event.wait(60)
         lm = supervisor.stages["lm"]
-        wait_until(lambda: sum(r.size for r in list(supervisor.records)) >= 2, 30, "frames at the sink")
+        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
         victim = lm.pid
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: lm.restarts == 1 and lm.pid != victim, 30, "lm to be restarted")
-        sink_frames = sum(r.size for r in list(supervisor.records))
-        wait_until(lambda: sum(r.size for r in list(supervisor.records)) > sink_frames + 2, 30,
-                   "frames through the restarted lm")
+        sink_frames = frames_at_sink(supervisor)
+        wait_until(lambda: frames_at_sink(supervisor) > sink_frames + 2, 30, "frames through the restarted lm")
         policy = os.sched_getscheduler(lm.pid)
         priority = os.sched_getparam(lm.pid).sched_priority
     finally:
