@@ -90,6 +90,31 @@ def _device_arg(device: str):
     return int(device) if device.isdigit() else device
 
 
+def _start_stream(make_stream, flowing: threading.Event, wait_s: float, device: str, silent: str):
+    """Makes and starts a PortAudio stream and returns it once its callback has set `flowing`.
+    AudioError naming `device` if it cannot be opened or stays `silent` for wait_s; nothing is left open."""
+    stream = None
+    try:
+        stream = make_stream()
+        stream.start()
+    except Exception as e:
+        _close_quietly(stream)
+        raise AudioError(f"{device}: cannot open: {e}") from e
+    if not flowing.wait(wait_s):
+        _close_quietly(stream)
+        raise AudioError(f"{device} {silent} within {wait_s:.0f} s of starting")
+    return stream
+
+
+def _close_quietly(stream) -> None:
+    if stream is not None:
+        try:
+            stream.abort()
+            stream.close()
+        except Exception:
+            pass  # closing a broken device must not hide why we are closing
+
+
 def _check_block(where: str, block_samples: int) -> None:
     if not 16 <= block_samples <= FRAME_SAMPLES:
         raise ConfigError(f"{where}.block_samples = {block_samples}: expected 16..{FRAME_SAMPLES} samples")
@@ -193,19 +218,17 @@ class MicrophoneCapture(Stage):
         p = self.params
         blocks_per_second = SAMPLE_RATE / p.block_samples
         self._anchor_estimates = collections.deque(maxlen=max(8, int(blocks_per_second)))
-        try:
-            self._stream = sd.InputStream(
-                device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1, dtype="float32",
-                blocksize=p.block_samples, latency="low", callback=self._on_block)
-            self._input_latency_ns = int(self._stream.latency * NS_PER_S)
-            self._stream.start()
-        except Exception as e:
-            self._close_stream()
-            raise AudioError(f"capture.microphone: cannot open input device {p.device or 'default'!r}: {e}") from e
-        if not self._first_callback.wait(DEVICE_START_ALLOWANCE_S + p.watchdog_s):
-            self._close_stream()
-            raise AudioError(f"capture.microphone: input device {p.device or 'default'!r} delivered no audio "
-                             f"within {DEVICE_START_ALLOWANCE_S + p.watchdog_s:.0f} s of starting")
+
+        def make_stream():
+            stream = sd.InputStream(device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1,
+                                    dtype="float32", blocksize=p.block_samples, latency="low",
+                                    callback=self._on_block)
+            self._input_latency_ns = int(stream.latency * NS_PER_S)  # before start: the callback uses it
+            return stream
+
+        self._stream = _start_stream(make_stream, self._first_callback, DEVICE_START_ALLOWANCE_S + p.watchdog_s,
+                                     f"capture.microphone: input device {p.device or 'default'!r}",
+                                     "delivered no audio")
 
     def _on_block(self, indata, n_samples, time_info, status) -> None:
         # PortAudio's thread: no waiting, no allocation beyond one frame buffer per 80 ms.
@@ -270,13 +293,8 @@ class MicrophoneCapture(Stage):
             return frame
 
     def _close_stream(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.abort()
-                self._stream.close()
-            except Exception:
-                pass  # closing a broken device must not hide why we are closing
-            self._stream = None
+        _close_quietly(self._stream)
+        self._stream = None
 
     def close(self) -> None:
         self._close_stream()
@@ -558,21 +576,19 @@ class SpeakerPlayback(Stage):
         self._buffer = JitterBuffer(
             target_samples=round(p.target_latency_ms * SAMPLE_RATE / 1000.0),
             max_samples=round(p.max_latency_ms * SAMPLE_RATE / 1000.0))
-        try:
-            self._stream = sd.OutputStream(
-                device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1, dtype="float32",
-                blocksize=p.block_samples, latency="low", callback=self._on_block)
-            self._device_latency_ns = int(self._stream.latency * NS_PER_S)
-            self._stream.start()
-        except Exception as e:
-            self._close_stream()
-            raise AudioError(f"playback.speaker: cannot open output device {p.device or 'default'!r}: {e}") from e
         # A new PulseAudio stream takes its first blocks at once, then may stall for a second or two;
         # wait until callbacks flow so the first frames are not queued behind the stall.
-        if not self._running.wait(DEVICE_START_ALLOWANCE_S + p.watchdog_s):
-            self._close_stream()
-            raise AudioError(f"playback.speaker: output device {p.device or 'default'!r} did not start "
-                             f"within {DEVICE_START_ALLOWANCE_S + p.watchdog_s:.0f} s")
+
+        def make_stream():
+            stream = sd.OutputStream(device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1,
+                                     dtype="float32", blocksize=p.block_samples, latency="low",
+                                     callback=self._on_block)
+            self._device_latency_ns = int(stream.latency * NS_PER_S)
+            return stream
+
+        self._stream = _start_stream(make_stream, self._running, DEVICE_START_ALLOWANCE_S + p.watchdog_s,
+                                     f"playback.speaker: output device {p.device or 'default'!r}",
+                                     "asked for no audio")
 
     def _on_block(self, outdata, n_samples, time_info, status) -> None:
         now_ns = time.monotonic_ns()
@@ -618,13 +634,8 @@ class SpeakerPlayback(Stage):
         self._close_stream()
 
     def _close_stream(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.abort()
-                self._stream.close()
-            except Exception:
-                pass  # closing a broken device must not hide why we are closing
-            self._stream = None
+        _close_quietly(self._stream)
+        self._stream = None
 
 
 @dataclass

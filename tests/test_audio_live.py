@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from audio_support import chunk_lags, play_speech, record_microphone, speech
-from stages.audio_io import SpeakerParams, SpeakerPlayback, audio_devices_available
+from stages.audio_io import (MicrophoneCapture, MicrophoneParams, SpeakerParams, SpeakerPlayback,
+                             audio_devices_available)
 from stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from stages.errors import AudioError
 
 SPEECH_SECONDS = 6.0
 CHUNK_SAMPLES = SAMPLE_RATE // 2
@@ -124,3 +126,14 @@ def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_wh
         assert speaker.output_latency_ns >= speaker.device_latency_ns > 0
     finally:
         speaker.close()
+
+
+@pytest.mark.parametrize("stage", [
+    MicrophoneCapture(MicrophoneParams(device="no-such-device-xyz")),
+    SpeakerPlayback(SpeakerParams(device="no-such-device-xyz"))])
+def test_a_device_that_cannot_be_opened_is_named_and_nothing_stays_open(pulse_null_sink, stage):
+    direction = "input" if isinstance(stage, MicrophoneCapture) else "output"
+    with pytest.raises(AudioError, match=f"{direction} device 'no-such-device-xyz': cannot open"):
+        stage.open()
+    assert stage._stream is None
+    stage.close()  # closing after a failed open is harmless
