@@ -265,13 +265,6 @@ class StageHost:
         stage_class = find_stage(spec["kind"], f"stages.{self.name}.kind")
         self.stage = stage_class.from_config(spec["params"], f"stages.{self.name}.params")
         self.role = stage_class.role
-        self.stage.restarted = int(spec.get("incarnation", 0)) > 0
-        pin(spec.get("cores"), spec.get("threads"))
-        self.device_ctx = device_context(spec.get("device", "cpu"))
-        self.on_device = spec.get("device", "cpu").startswith("cuda:")
-        with self.device_ctx:
-            self.stage.open(spec.get("device", "cpu"))
-        pin(None, spec.get("threads"))  # open() may have imported torch
         if spec.get("input"):
             self.in_ring = Ring.attach(spec["input"]["name"], ring_spec(spec["input"]))
             self.consumer = self.in_ring.consumer()
@@ -279,8 +272,19 @@ class StageHost:
             self.out_ring = Ring.attach(spec["output"]["name"], ring_spec(spec["output"]))
             self.producer = self.out_ring.producer()
             self.out_policy = self.out_ring.spec.policy.value
-            # a restarted source goes on numbering where the ring's count says it stopped
-            self.next_seq = int(self.out_ring.stats().published)
+            # A restarted source goes on numbering where the ring's counts say it stopped: every number
+            # handed out was published or dropped as the newest (a paused source numbers nothing).
+            out_stats = self.out_ring.stats()
+            self.next_seq = int(out_stats.published + out_stats.dropped_newest)
+        self.stage.restarted = int(spec.get("incarnation", 0)) > 0
+        if self.role is Role.SOURCE:
+            self.stage.resume_frame = self.next_seq
+        pin(spec.get("cores"), spec.get("threads"))
+        self.device_ctx = device_context(spec.get("device", "cpu"))
+        self.on_device = spec.get("device", "cpu").startswith("cuda:")
+        with self.device_ctx:
+            self.stage.open(spec.get("device", "cpu"))
+        pin(None, spec.get("threads"))  # open() may have imported torch
         # Only now, after loading: a model loaded at real-time priority would hold its core for seconds.
         realtime.apply(int(spec.get("priority", 0)))
         # What opening made (a model's many Python objects) is never scanned by the collector again: a

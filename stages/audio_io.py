@@ -310,7 +310,7 @@ class PacedState:
 
 class _ComputedSource(Stage):
     """A source whose frame k is known in advance. Paced, frame k is handed out at t0 + k * 80 ms (t0:
-    the first read) and that is its capture_ns: a file has no moment of capture before it is read, so
+    the first read, frame 0's time; a restart's first frame is due at once) and that is its capture_ns: a file has no moment of capture before it is read, so
     unlike a microphone's frames these carry no 80 ms of framing (the report counts that only for a
     live source). Unpaced, frames come as fast as read() is called; capture_ns is the time of the read."""
 
@@ -322,6 +322,9 @@ class _ComputedSource(Stage):
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         return AUDIO_FRAME
+
+    def open(self, device: str = "cpu") -> None:
+        self.state.next_frame = self.resume_frame  # a restart carries on where the last process stopped
 
     def _frame(self, k: int) -> np.ndarray | None:
         """Frame k (float32 [1920]), or None past the end."""
@@ -336,8 +339,8 @@ class _ComputedSource(Stage):
             self.state.next_frame += 1
             return SourceFrame(frame, time.monotonic_ns())
         now_ns = time.monotonic_ns()
-        if self.state.t0_ns is None:
-            self.state.t0_ns = now_ns
+        if self.state.t0_ns is None:  # the first frame read (frame 0, or the first after a restart) is due now
+            self.state.t0_ns = now_ns - k * FRAME_NS
         capture_ns = self.state.t0_ns + k * FRAME_NS
         wait_ns = capture_ns - now_ns
         if wait_ns > timeout_s * NS_PER_S:
@@ -397,6 +400,7 @@ class FileCapture(_ComputedSource):
         self.source_channels: int | None = None
 
     def open(self, device: str = "cpu") -> None:
+        super().open(device)
         self._samples = load_audio_24k_mono(self.params.resolved_path())
 
     def _frame(self, k: int) -> np.ndarray | None:

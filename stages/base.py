@@ -85,6 +85,9 @@ class Stage:
         # Set by the host before open() when this process replaces one of the same stage that died
         # mid-run: a stage that writes a file carries on with it rather than starting it over.
         self.restarted = False
+        # Set with it for a source: how many frames the processes before this one handed out. A
+        # source that can (a file, a tone) carries on at that frame instead of replaying from the start.
+        self.resume_frame = 0
 
     @classmethod
     def from_config(cls, raw: dict, where: str = "params") -> "Stage":

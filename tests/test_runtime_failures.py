@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import soundfile as sf
 
@@ -21,10 +22,14 @@ from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segment
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
 
-def kill_mid_run(out, stage: str, after_frames: int):
-    """Runs 4 s of paced noise through PASS_THROUGH into `out` (playback.file) and SIGKILLs `stage` once
-    `after_frames` frames reached the sink; returns the supervisor, its result and the victim's pid."""
-    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}, PASS_THROUGH,
+NOISE_4S = {"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}
+
+
+def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S):
+    """Runs `source` (4 s of paced noise) through PASS_THROUGH into `out` (playback.file) and SIGKILLs
+    `stage` once `after_frames` frames reached the sink; returns the supervisor, its result and the
+    victim's pid."""
+    raw = chain_config(source, PASS_THROUGH,
                        {"kind": "playback.file", "params": {"path": str(out)}},
                        supervisor={"restart_backoff_ms": 50})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
@@ -53,6 +58,24 @@ def test_sigkill_of_a_middle_stage_restarts_it_and_the_run_completes(tmp_path):
     assert seqs == sorted(set(seqs))  # no frame delivered twice
     assert run_segments(supervisor.run_id) == []
     assert not supervisor.run_dir.path.exists()
+
+
+def test_a_file_source_sigkilled_mid_run_carries_on_where_it_stopped(tmp_path):
+    # 3.3 s of noise (41.25 frames: the last one zero-padded), killed a second in: the restarted source
+    # goes on at the next frame, so the output is the input, each sample once, nothing replayed
+    samples = np.random.default_rng(7).uniform(-0.5, 0.5, 79_200).astype(np.float32)
+    wav, out = tmp_path / "in.wav", tmp_path / "out.wav"
+    sf.write(str(wav), samples, 24_000, subtype="FLOAT")
+    supervisor, result, victim = kill_mid_run(out, "capture", after_frames=12,
+                                              source={"kind": "capture.file", "params": {"path": str(wav)}})
+    report = result.report
+    assert report["stages"]["capture"]["restarts"] == 1
+    assert supervisor.stages["capture"].pid != victim
+    got = sf.read(str(out), dtype="float32")[0]
+    assert len(got) == 42 * 1920
+    np.testing.assert_array_equal(got[:len(samples)], samples)
+    assert report["frames"] == 42 and report["frames_lost"] == 0
+    assert report["samples"]["seq"] == list(range(42))
 
 
 def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
