@@ -101,6 +101,7 @@ def precise_timers() -> None:
 
 
 def _supervisor_died(signum, frame):  # noqa: ARG001 - signal handler signature
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # once: the stage is on its way out
     raise SupervisorGone("supervisor died (parent-death signal)")
 
 
@@ -473,26 +474,13 @@ class StageHost:
             self.close()
             return 1
         self.send("ready")
-        reason = "stopped"
         try:
-            while True:
-                # Chores come right after each frame: where the next stage shares this core, the
-                # publish has already yielded to it (shm/ring.py), so they hold up no frame.
-                self.chores()
-                if self.stop_requested:
-                    if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
-                        self.source_end()
-                        reason = "end of stream"
-                    break
-                # paused: a live source still reads (and drops) so its device buffer never overflows
-                if self.paused and not (self.role is Role.SOURCE and self.stage.live):
-                    self.socket.poll(int(self.wait_s * 1000))
-                    self.next_control_ns = 0  # whatever woke us (resume, stop) is read now
-                    continue
-                done = self.step_source(self.wait_s) if self.role is Role.SOURCE else self.step_through(self.wait_s)
-                if done:
-                    reason = "end of stream"
-                    break
+            try:
+                reason = self.move_frames()
+            finally:
+                # The loop is over, however it ended: from here the stage winds down by itself (the sink
+                # finishes its file), and a parent-death signal raised in the middle would cut that short.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
         except SupervisorGone as e:
             log.warning("rtpipe: stage %s: %s; exiting", self.name, e)
             self.close()
@@ -508,6 +496,26 @@ class StageHost:
         self.close()
         self.send("bye", reason=reason)
         return 0
+
+    def move_frames(self) -> str:
+        """The frame loop, until end of stream or stop; says which."""
+        while True:
+            # Chores come right after each frame: where the next stage shares this core, the
+            # publish has already yielded to it (shm/ring.py), so they hold up no frame.
+            self.chores()
+            if self.stop_requested:
+                if self.role is Role.SOURCE:  # stopping the source ends the stream for everyone
+                    self.source_end()
+                    return "end of stream"
+                return "stopped"
+            # paused: a live source still reads (and drops) so its device buffer never overflows
+            if self.paused and not (self.role is Role.SOURCE and self.stage.live):
+                self.socket.poll(int(self.wait_s * 1000))
+                self.next_control_ns = 0  # whatever woke us (resume, stop) is read now
+                continue
+            done = self.step_source(self.wait_s) if self.role is Role.SOURCE else self.step_through(self.wait_s)
+            if done:
+                return "end of stream"
 
     def shutdown(self) -> None:
         self.socket.close(linger=500)
@@ -542,6 +550,9 @@ def main() -> int:
     host = StageHost(spec)
     try:
         return host.run()
+    except SupervisorGone as e:  # while saying hello or ready: the loop's own handler catches the rest
+        log.warning("rtpipe: stage %s: %s; exiting", host.name, e)
+        return 1
     finally:
         host.shutdown()
 

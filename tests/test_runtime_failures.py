@@ -135,13 +135,16 @@ def gone(p: psutil.Process) -> bool:
 
 
 def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
+    out = tmp_path / "out.wav"
     raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH,
-                       {"kind": "playback.null"})
+                       {"kind": "playback.file", "params": {"path": str(out)}})
     config = tmp_path / "long.toml"
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    stderr = open(tmp_path / "stderr.txt", "w")  # the stages', too: they inherit it
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
+    stderr.close()
     try:
         read_line_with(proc, "rtpipe: running", 60)
         stages = psutil.Process(proc.pid).children()
@@ -153,6 +156,11 @@ def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
         proc.kill()
         proc.wait(10)
         wait_until(lambda: all(gone(p) for p in stages), 10, "every stage to exit after the supervisor died")
+        # each said why in one line, and the sink finished its file rather than being cut off mid-close
+        said = (tmp_path / "stderr.txt").read_text()
+        assert "supervisor" in said and "close:" not in said, said
+        assert "Traceback" not in said and "Logging error" not in said, said
+        assert len(sf.read(str(out), dtype="float32")[0]) % 1920 == 0
         # what the dead supervisor could not unlink, the next run's cleanup removes
         removed = remove_orphaned_segments()
         assert set(segments) <= set(removed) | set()
