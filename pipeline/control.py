@@ -3,11 +3,16 @@
 Pattern: ROUTER (supervisor) / DEALER (one per stage) over ipc:// in a run directory only the owner can
 open, with heartbeats both ways and liveness counters (the ZeroMQ guide's "Paranoid Pirate").
 Messages are msgpack maps {"type": ..., fields...}, checked against SCHEMAS on receipt; never pickled.
+Each run directory names its supervisor in an owner file, so the next run can remove it if that
+supervisor was killed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +21,10 @@ from typing import Any
 import msgpack
 import zmq
 
+from shm.owner import process_alive, process_start_ticks
 from stages.errors import RtpipeError
 
+log = logging.getLogger("rtpipe.control")
 MAX_MESSAGE_BYTES = 4 << 20  # a batch of frame records is far smaller; anything bigger is not ours
 
 
@@ -137,22 +144,37 @@ def decode(data: bytes, allowed: frozenset[str] | None = None) -> dict:
 
 # --- sockets -------------------------------------------------------------------------------------
 
+RUN_DIRECTORY_PREFIX = "rtpipe-"
+OWNER_FILE = "owner"            # "<pid> <start ticks>\n" of the supervisor that made the directory
+CONTROL_SOCKET = "control.sock"
+# rtpipe-<run id>-<mkdtemp's 8 random characters>: anything else in the base is not ours
+_RUN_DIRECTORY_RE = re.compile(r"rtpipe-[A-Za-z0-9]{1,32}-[a-z0-9_]{8}")
+_OWNER_RE = re.compile(rb"([0-9]{1,10}) ([0-9]{1,20})\n")
+
+
+def run_directory_base() -> Path:
+    """Where run directories are made: $XDG_RUNTIME_DIR if it is a directory, else the temp directory."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) if base and os.path.isdir(base) else Path(tempfile.gettempdir())
+
+
 @dataclass
 class RunDirectory:
-    """A directory only this user can open (0700) holding the run's control socket."""
+    """A directory only this user can open (0700) holding the run's control socket and an owner file
+    naming the supervisor, so a later run can tell whether it died (remove_orphaned_run_directories)."""
 
     path: Path
 
     @classmethod
     def create(cls, run_id: str) -> "RunDirectory":
-        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-        path = Path(tempfile.mkdtemp(prefix=f"rtpipe-{run_id}-", dir=base if os.path.isdir(base) else None))
+        path = Path(tempfile.mkdtemp(prefix=f"{RUN_DIRECTORY_PREFIX}{run_id}-", dir=run_directory_base()))
         os.chmod(path, 0o700)
+        _write_owner_file(path)
         return cls(path)
 
     @property
     def control_endpoint(self) -> str:
-        return f"ipc://{self.path / 'control.sock'}"
+        return f"ipc://{self.path / CONTROL_SOCKET}"
 
     def remove(self) -> None:
         for child in self.path.iterdir():
@@ -164,6 +186,83 @@ class RunDirectory:
             self.path.rmdir()
         except OSError:
             pass
+
+
+def _write_owner_file(directory: Path) -> None:
+    # pid and start ticks together, so a reused pid is not taken for the supervisor (as for segments)
+    pid = os.getpid()
+    fd = os.open(directory / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, f"{pid} {process_start_ticks(pid)}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def run_directory_owner(path: Path) -> tuple[int, int] | None:
+    """(supervisor pid, its start ticks) from a run directory's owner file, or None if the file is
+    missing, not a plain file, or not in the owner format."""
+    try:
+        fd = os.open(path / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        match = _OWNER_RE.fullmatch(os.read(fd, 64))
+    finally:
+        os.close(fd)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _is_private_run_directory(path: Path) -> bool:
+    # only a real directory (not a link) named like ours, of this user, that nobody else may open
+    if not _RUN_DIRECTORY_RE.fullmatch(path.name):
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+
+
+def _remove_dead_run_directory(path: Path) -> bool:
+    """Removes a dead run's directory if it holds nothing but what a run puts there; False if it holds
+    anything else (then it is left whole) or another run's cleanup got there first."""
+    try:
+        entries = set(os.listdir(path))
+        if not entries <= {OWNER_FILE, CONTROL_SOCKET}:
+            return False
+        # the owner file goes last: a cleanup cut short leaves a directory the next one still knows
+        for name in (CONTROL_SOCKET, OWNER_FILE):
+            if name in entries:
+                os.unlink(path / name)
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def remove_orphaned_run_directories(base: Path | None = None) -> list[Path]:
+    """Removes run directories (in `base`, by default run_directory_base()) whose supervisor is dead,
+    logging one line for each; returns the paths removed. A live run's directory, and anything without
+    a readable owner file (older versions' directories too: their age says nothing of whether their run
+    is still going), are left alone. Never raises for what it finds in `base`."""
+    base = run_directory_base() if base is None else base
+    try:
+        names = sorted(n for n in os.listdir(base) if n.startswith(RUN_DIRECTORY_PREFIX))
+    except OSError:
+        return []
+    removed = []
+    for path in (base / n for n in names):
+        if not _is_private_run_directory(path):
+            continue
+        owner = run_directory_owner(path)
+        if owner is None or process_alive(*owner):
+            continue
+        if _remove_dead_run_directory(path):
+            log.info("rtpipe: removed %s, left by a run whose supervisor died", path)
+            removed.append(path)
+    return removed
 
 
 def supervisor_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:

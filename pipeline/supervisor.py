@@ -139,6 +139,7 @@ class Supervisor:
 
         for name in remove_orphaned_segments():
             log.info("rtpipe: removed %s, left by a run whose supervisor died", name)
+        control.remove_orphaned_run_directories()
         self.run_id = new_run_id()
         old_handlers = self._install_signal_handlers()
         self.context = zmq.Context()
