@@ -406,6 +406,7 @@ class Supervisor:
             if sp.state is StageState.STARTING and now - sp.started_ns > self.settings.start_timeout_s * 1e9:
                 log.warning("rtpipe: stage %s did not open within %g s; killing it", name,
                             self.settings.start_timeout_s)
+                sp.last_error = f"did not open within {self.settings.start_timeout_s:g} s (start_timeout_s)"
                 sp.process.kill()
                 sp.process.wait()
             code = sp.process.poll()
@@ -414,8 +415,9 @@ class Supervisor:
             if sp.leaving:
                 sp.state = StageState.DONE
                 continue
-            if not sp.ever_ready:
-                # it never opened: a bad model path or device, not something a restart fixes
+            if not sp.ever_ready and (sp.last_error or code >= 0):
+                # its open() failed (a bad model path or device), not something a restart fixes; one
+                # killed while opening (SIGKILL, the OOM killer) is restarted like any other death
                 self.error = f"stages.{name}: could not start: {sp.last_error or f'exit code {code}'}"
                 sp.state = StageState.DONE
                 return
@@ -428,7 +430,8 @@ class Supervisor:
         name = sp.spec.name
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if sp.restarts >= self.settings.restart_limit:
-            self.error = f"stages.{name}: died ({how}) after {sp.restarts} restarts (restart_limit)"
+            died = "died" if sp.ever_ready else "could not start: died while opening"
+            self.error = f"stages.{name}: {died} ({how}) after {sp.restarts} restarts (restart_limit)"
             sp.state = StageState.DONE
             return
         sp.restarts += 1

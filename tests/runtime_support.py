@@ -150,3 +150,24 @@ class WhereAmI(Stage):
         self.told = True
         cores = sorted(os.sched_getaffinity(0))
         return [{"text": f"cores={cores} threads={os.environ.get('OMP_NUM_THREADS')} device={self.device}"}]
+
+
+@dataclass
+class SlowOpenParams:
+    marker: str                 # a file: written with the pid when open() begins
+    seconds: float = 2.0
+
+
+class SlowOpen(Stage):
+    """A pass-through processor whose open() takes `seconds` (like a model loading), and says when it
+    has begun: for deaths before a stage is ready."""
+
+    role = Role.PROCESSOR
+    Params = SlowOpenParams
+
+    def open(self, device: str = "cpu") -> None:
+        Path(self.params.marker).write_text(str(os.getpid()))
+        time.sleep(self.params.seconds)
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        return frame

@@ -16,7 +16,7 @@ import psutil
 import soundfile as sf
 
 from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_DEGRADED, Supervisor
+from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, Supervisor
 from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
@@ -90,6 +90,45 @@ def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
     # started its file over would hold only the frames after its restart); frames whose records died
     # with the sink may be in it too.
     assert report["frames"] <= samples // 1920 <= 50
+    assert run_segments(supervisor.run_id) == []
+
+
+def test_a_stage_killed_while_it_opens_is_restarted_and_the_run_completes(tmp_path):
+    # a model loading for seconds is a wide window for a SIGKILL or the OOM killer: that is a death
+    # like any other, not a stage that cannot start
+    marker = tmp_path / "opening"
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0, "pace": False}},
+                       [{"kind": "codec.pcm"},
+                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 1.0}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"}, supervisor={"restart_backoff_ms": 50})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    victim = int(wait_until(lambda: marker.exists() and marker.read_text(), 60, "lm to begin opening"))
+    marker.unlink()
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    result = results[0]
+    assert result.error is None and result.exit_code == EXIT_DEGRADED
+    assert int(marker.read_text()) != victim  # a new process opened it
+    report = result.report
+    assert report["stages"]["lm"]["restarts"] == 1
+    assert report["frames"] == 25 and report["frames_lost"] == 0  # it died before any frame reached it
+    assert run_segments(supervisor.run_id) == []
+
+
+def test_a_stage_whose_open_fails_stops_the_run_without_restarts(tmp_path):
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
+                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
+                                                "params": {"marker": str(tmp_path / "no-such-dir" / "m")}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    result = supervisor.run()
+    assert result.exit_code == EXIT_FAILED
+    assert result.error.startswith("stages.lm: could not start: FileNotFoundError")
+    assert supervisor.stages["lm"].restarts == 0
     assert run_segments(supervisor.run_id) == []
 
 
