@@ -132,6 +132,19 @@ def test_a_stage_whose_open_fails_stops_the_run_without_restarts(tmp_path):
     assert run_segments(supervisor.run_id) == []
 
 
+def test_a_stage_that_opens_too_slowly_stops_the_run_without_restarts(tmp_path):
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
+                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
+                                                "params": {"marker": str(tmp_path / "m"), "seconds": 60.0}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"}, supervisor={"start_timeout_s": 1.0})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    result = supervisor.run()
+    assert result.exit_code == EXIT_FAILED
+    assert result.error == "stages.lm: could not start: did not open within 1 s (start_timeout_s)"
+    assert supervisor.stages["lm"].restarts == 0
+
+
 def test_hung_stage_is_killed_and_restarted(tmp_path):
     marker = tmp_path / "hung-once"
     raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 3.0, "pace": False}},
