@@ -25,7 +25,7 @@ from shm.owner import process_alive, process_start_ticks
 from stages.errors import RtpipeError
 
 log = logging.getLogger("rtpipe.control")
-MAX_MESSAGE_BYTES = 4 << 20  # a batch of frame records is far smaller; anything bigger is not ours
+MAX_MESSAGE_BYTES = 4 << 20  # a batch of events is far smaller; anything bigger is not ours
 
 
 class ProtocolError(RtpipeError):
@@ -65,8 +65,6 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # counters since the process started (a reply to "get_stats", and sent about once a second)
     "stats": {"stage": "str", "frames": "int", "seq_gaps": "int", "duplicates": "int",
               "underruns": "int", "overflows": "int", "output_latency_ns": "int", "device_latency_ns": "int"},
-    # per-frame records from the sink: raw bytes of a pipeline.metrics.FRAME_RECORD_DTYPE array
-    "frames": {"stage": "str", "records": "bytes"},
     # side outputs of a stage (e.g. text tokens): msgpack-able maps
     "events": {"stage": "str", "events": "list[map]"},
     # the end-of-stream frame went past this stage (for the sink: the run's output is complete)
@@ -86,7 +84,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "error": {"error": "str"},
 }
 
-STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "frames", "events", "eos",
+STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "events", "eos",
                                  "bye", "failed", "error"})
 SUPERVISOR_TO_STAGE = frozenset({"ping", "stop", "reset", "get_stats", "pause", "resume", "error"})
 
@@ -278,7 +276,7 @@ def supervisor_socket(context: zmq.Context, endpoint: str) -> zmq.Socket:
 def stage_socket(context: zmq.Context, endpoint: str, stage: str) -> zmq.Socket:
     """A stage's DEALER, identified by its stage name."""
     socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 500)  # let a final "bye" or records batch leave before exit
+    socket.setsockopt(zmq.LINGER, 500)  # let a final "bye" or events leave before exit
     socket.setsockopt(zmq.IDENTITY, stage.encode())
     socket.setsockopt(zmq.SNDHWM, 10_000)
     socket.connect(endpoint)

@@ -2,7 +2,8 @@
 
 It attaches the rings on either side, builds and opens its stage, then moves frames: take one from the
 input ring, stamp enter/exit times at its chain index, publish to the output ring. It heartbeats, reports
-stats, events and (the sink) per-frame records on the control channel, obeys stop/reset/stats/pause/
+stats and events on the control channel, and (the sink) each frame's record into the supervisor's
+records ring, where a killed sink cannot take them with it; it obeys stop/reset/stats/pause/
 resume, and exits when the supervisor is gone.
 """
 
@@ -30,8 +31,6 @@ from stages.base import EndOfStream, Role, Stage
 
 STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)
 WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (each wake costs CPU)
-RECORD_BATCH = 25                # frame records per "frames" message (about 2 s of frames) ...
-RECORD_FLUSH_NS = 200_000_000    # ... or every 200 ms, whichever comes first
 STATS_EVERY_NS = 1_000_000_000
 # Control and housekeeping cost a stage about 100 us of CPU on a cache gone cold in the 80 ms between
 # frames: while frames flow they run every other frame or so, not after each (replies wait <= 0.1 s).
@@ -161,8 +160,8 @@ class StageHost:
         self.next_seq = 0
         # the first frame out of a restarted stage says that something was lost or reset before it
         self.pending_flags = 0
-        self.records = bytearray()
-        self.records_since_ns = time.monotonic_ns()
+        self.records_ring = self.records_out = None  # the sink's: where each frame's record goes
+        self.record_views: dict[Any, memoryview] = {}  # per records-ring slot, made once
         self.last_heard_ns = time.monotonic_ns()
         self.next_heartbeat_ns = 0
         self.next_stats_ns = 0
@@ -172,7 +171,6 @@ class StageHost:
         self.ready_slot = None  # an output slot claimed while waiting for input (block edges only)
         self.on_device = False
         self.header_views: dict[Any, tuple[memoryview, memoryview]] = {}  # per ring slot, made once
-        self.record = bytearray(FRAME_RECORD_DTYPE.itemsize)  # the sink's record, rebuilt per frame
         self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
         self.FLAG_END_OF_STREAM = FLAG_END_OF_STREAM
         if int(spec.get("incarnation", 0)) > 0:
@@ -237,9 +235,6 @@ class StageHost:
         if now >= self.next_stats_ns:
             self.send_stats()
             self.next_stats_ns = now + STATS_EVERY_NS
-        if self.records and (len(self.records) >= RECORD_BATCH * FRAME_RECORD_DTYPE.itemsize
-                             or now - self.records_since_ns >= RECORD_FLUSH_NS):
-            self.flush_records()
         self.send_events()
 
     def send_events(self) -> None:
@@ -250,12 +245,6 @@ class StageHost:
             except (control.ProtocolError, TypeError, ValueError) as e:
                 # a stage's side output that cannot travel is dropped, not a reason to stop the audio
                 log.warning("rtpipe: stage %s: events dropped: %s", self.name, e)
-
-    def flush_records(self) -> None:
-        if self.records:
-            self.send("frames", records=bytes(self.records))
-            self.records.clear()
-        self.records_since_ns = time.monotonic_ns()
 
     # --- setup ------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -277,6 +266,12 @@ class StageHost:
             # handed out was published or dropped as the newest (a paused source numbers nothing).
             out_stats = self.out_ring.stats()
             self.next_seq = int(out_stats.published + out_stats.dropped_newest)
+        if spec.get("records"):
+            self.records_ring = Ring.attach(spec["records"]["name"], ring_spec(spec["records"]))
+            self.records_out = self.records_ring.producer()
+            last = self.records_out.last_published()
+            if last is not None:  # a restarted sink: the frame its predecessor took last is not taken twice
+                self.last_seq = int(last.view(FRAME_RECORD_DTYPE)["seq"][0])
         self.stage.restarted = int(spec.get("incarnation", 0)) > 0
         if self.role is Role.SOURCE:
             self.stage.resume_frame = self.next_seq
@@ -298,8 +293,11 @@ class StageHost:
             words.release()
             raw.release()
         self.header_views.clear()
-        for closer in (getattr(self.stage, "close", None),
-                       getattr(self.in_ring, "close", None), getattr(self.out_ring, "close", None)):
+        for view in self.record_views.values():
+            view.release()
+        self.record_views.clear()
+        for closer in (getattr(self.stage, "close", None), getattr(self.in_ring, "close", None),
+                       getattr(self.out_ring, "close", None), getattr(self.records_ring, "close", None)):
             if closer is not None:
                 try:
                     closer()
@@ -372,7 +370,6 @@ class StageHost:
         if slot is not None:
             slot.payload[...] = 0
             self.publish(slot, seq, capture_ns, flags | self.FLAG_END_OF_STREAM, None, upstream, enter_ns)
-        self.flush_records()
         self.send_events()  # housekeeping runs only every control_every_ns: the last frames' events
         self.send("eos")
 
@@ -440,20 +437,23 @@ class StageHost:
     def sink_frame(self, payload, seq: int, capture_ns: int, flags: int, upstream, enter_ns: int) -> None:
         self.stage.write(payload)
         now = _monotonic_ns()
-        record = self.record  # a FRAME_RECORD_DTYPE record: the header's times, then flags, handoff_ns
+        if self.records_out is None:
+            return
+        slot = self.records_out.claim()  # drop-oldest: never waits on the supervisor
+        record = self.record_views.get(slot)
+        if record is None:  # a FRAME_RECORD_DTYPE record: the header's times, then flags, handoff_ns
+            record = self.record_views[slot] = memoryview(slot.payload)
         record[:_TIMES_BYTES] = upstream[:_TIMES_BYTES]
         _I64.pack_into(record, _REC_ENTER + 8 * self.index, enter_ns)
         _I64.pack_into(record, _REC_EXIT + 8 * self.index, now)
         _U32.pack_into(record, _REC_FLAGS, flags)
         _I64.pack_into(record, _REC_HANDOFF, now + int(self.stage.output_latency_ns))
-        if not self.records:
-            self.records_since_ns = now
-        self.records += record
+        slot.publish()
 
     # --- the loop ---------------------------------------------------------------------------------
     def chores(self) -> None:
         """Between two frames: the next output claim, and at most every control_every_ns the control
-        channel, heartbeats, stats, records and events."""
+        channel, heartbeats, stats and events."""
         now = time.monotonic_ns()
         if now >= self.next_control_ns:
             self.next_control_ns = now + self.control_every_ns
@@ -490,7 +490,6 @@ class StageHost:
             log.error("rtpipe: stage %s failed: %s", self.name, _one_line(e))
             self.close()
             return 1
-        self.flush_records()
         self.send_events()
         self.send_stats()
         self.close()

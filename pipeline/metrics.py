@@ -193,9 +193,7 @@ def worst_stage(snapshot: dict) -> tuple[str, float] | None:
 
 
 def count_lost(seqs: np.ndarray) -> int:
-    """Frames missing from an increasing run of sequence numbers (gaps between neighbours)."""
-    seqs = np.asarray(seqs, dtype=np.int64)
-    if seqs.size < 2:
-        return 0
-    steps = np.diff(seqs)
-    return int(np.sum(steps[steps > 1] - 1))
+    """Frames missing from the sequence numbers seen, which a run numbers 0, 1, 2, ... (so frames
+    missing before the first one seen count too); order and repeats do not matter."""
+    seqs = np.unique(np.asarray(seqs, dtype=np.int64))
+    return int(seqs[-1] + 1 - seqs.size) if seqs.size else 0

@@ -1,8 +1,8 @@
 """The supervisor: owns a run's rings and stage processes from start to the last unlinked segment.
 
-It creates one ring per edge, starts one `pipeline.host` process per stage, watches them over the control
-channel (heartbeats, liveness counters), restarts what dies or hangs (with backoff, up to a limit),
-gathers frame records for the observers and the report, and on SIGINT/SIGTERM, --seconds or the end of
+It creates one ring per edge (and one for the sink's frame records), starts one `pipeline.host` process
+per stage, watches them over the control channel (heartbeats, liveness counters), restarts what dies or
+hangs (with backoff, up to a limit), gathers frame records for the observers and the report, and on SIGINT/SIGTERM, --seconds or the end of
 the input stops everything and unlinks every segment. `rtpipe run` and the tests use `Supervisor.run()`.
 """
 
@@ -35,6 +35,11 @@ log = logging.getLogger("rtpipe.supervisor")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TICK_NS = 1_000_000_000          # observers' on_tick period
+# The sink writes each frame's record into a ring of this run (drop-oldest: the sink never waits on us)
+# that the loop empties at every wake (<= heartbeat_ms): 4096 records are minutes at the 80 ms pace and
+# still a good second of an unpaced pcm/echo run.
+RECORDS_RING = "records"
+RECORDS_RING_SLOTS = 4096
 SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
 EXIT_GRACE_S = 2.0               # after "stop", how long a stage may take to exit before SIGKILL
 
@@ -112,6 +117,7 @@ class Supervisor:
         self.edge_names = [e.name for e in config.edges]
         self.stages = {s.name: StageProcess(spec=s) for s in config.stages}
         self.rings: dict[str, Any] = {}
+        self.records_ring = self.records_in = None  # the sink's frame records, written as frames leave
         self.ring_names: dict[str, str] = {}
         self.observers: list = []
         self.records: list[np.ndarray] = []
@@ -202,6 +208,14 @@ class Supervisor:
                 self.error = f'edges."{edge.name}": cannot create its ring: {e}'
                 return False
             self.ring_names[edge.name] = name
+        try:
+            spec = RingSpec(slots=RECORDS_RING_SLOTS, dtype="uint8", shape=(FRAME_RECORD_DTYPE.itemsize,),
+                            policy=EdgePolicy.DROP_OLDEST)
+            self.records_ring = Ring.create(segment_name(self.run_id, RECORDS_RING), spec)
+        except (RingError, OSError) as e:
+            self.error = f"cannot create the frame records' ring: {e}"
+            return False
+        self.records_in = self.records_ring.consumer()
         return True
 
     def _edge_for_host(self, edge_name: str | None) -> dict | None:
@@ -210,6 +224,11 @@ class Supervisor:
         edge = next(e for e in self.config.edges if e.name == edge_name)
         return {"name": self.ring_names[edge_name], "slots": edge.slots, "dtype": edge.payload.dtype,
                 "shape": list(edge.payload.shape), "policy": edge.policy, "spin_us": edge.spin_us}
+
+    def _records_for_sink(self) -> dict:
+        spec = self.records_ring.spec
+        return {"name": self.records_ring.name, "slots": spec.slots, "dtype": spec.dtype,
+                "shape": list(spec.shape), "policy": spec.policy.value}
 
     def _start(self, sp: StageProcess) -> None:
         spec = sp.spec
@@ -220,6 +239,7 @@ class Supervisor:
             "cores": spec.cores, "threads": spec.threads, "device": spec.device, "priority": spec.priority,
             "input": self._edge_for_host(self.edge_names[index - 1] if index > 0 else None),
             "output": self._edge_for_host(self.edge_names[index] if index < n - 1 else None),
+            "records": self._records_for_sink() if index == n - 1 else None,
             "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),
             "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
             "liveness": self.settings.liveness, "sys_path": [p for p in sys.path if p],
@@ -253,6 +273,7 @@ class Supervisor:
             wait_ms = max(0, min(next_heartbeat, next_tick if started else next_heartbeat) - now) // 1_000_000
             if self.socket.poll(min(int(wait_ms) + 1, self.settings.heartbeat_ms)):
                 self._drain_messages()
+            self._drain_records()
             while not self.commands.empty():
                 self._send(*self.commands.get())
             now = time.monotonic_ns()
@@ -348,8 +369,6 @@ class Supervisor:
             sp.ever_ready = True
             if sp.incarnation > 0:
                 log.warning("rtpipe: stage %s restarted (restart %d)", name, sp.restarts)
-        elif kind == "frames":
-            self._on_records(message["records"])
         elif kind == "events":
             for event in message["events"]:
                 if isinstance(event.get("text_token"), int):
@@ -371,11 +390,19 @@ class Supervisor:
             sp.last_error = message["error"]
             log.error("rtpipe: stage %s failed: %s", name, message["error"])
 
-    def _on_records(self, data: bytes) -> None:
-        if len(data) % FRAME_RECORD_DTYPE.itemsize:
-            raise control.ProtocolError(f"frames.records: {len(data)} bytes is not a whole number of "
-                                        f"{FRAME_RECORD_DTYPE.itemsize}-byte records")
-        records = np.frombuffer(data, dtype=FRAME_RECORD_DTYPE).copy()
+    def _drain_records(self) -> None:
+        """Takes the frame records the sink has written since the last call."""
+        consumer = self.records_in
+        if consumer is None:
+            return
+        taken = []
+        while (slot := consumer.acquire(timeout_s=0)) is not None:
+            taken.append(slot.payload.tobytes())
+            slot.release()
+        if taken:
+            self._on_records(np.frombuffer(b"".join(taken), dtype=FRAME_RECORD_DTYPE))
+
+    def _on_records(self, records: np.ndarray) -> None:
         self.records.append(records)
         self.recent.append(records)
         _call_observers(self.observers, "on_frames", records)
@@ -462,7 +489,7 @@ class Supervisor:
         while time.monotonic() < deadline and any(
                 sp.process is not None and sp.process.poll() is None for sp in self.stages.values()):
             if self.socket.poll(20):
-                self._drain_messages()  # the sink's last records and stats
+                self._drain_messages()  # the sink's last stats
         for sp in self.stages.values():
             if sp.process is not None and sp.process.poll() is None:
                 log.warning("rtpipe: stage %s did not exit; killing it", sp.spec.name)
@@ -470,6 +497,7 @@ class Supervisor:
                 sp.process.wait()
         while self.socket.poll(0):
             self._drain_messages()
+        self._drain_records()
 
     def _counters(self) -> RunCounters:
         counters = RunCounters(stage_names=list(self.stage_names), edge_names=list(self.edge_names),
@@ -490,7 +518,7 @@ class Supervisor:
         counters.overflows = int(sink_stats.get("overflows", 0))
         seqs = np.concatenate([r["seq"] for r in self.records]) if self.records else np.zeros(0)
         # every sequence gap at the sink is a frame some ring dropped by policy or one a crash lost
-        counters.frames_lost = max(0, count_lost(np.sort(seqs)) - dropped)
+        counters.frames_lost = max(0, count_lost(seqs) - dropped)
         counters.text = list(self.text)
         counters.text_tokens = list(self.text_tokens)
         return counters
@@ -509,7 +537,9 @@ class Supervisor:
                             device_latency_ms=round(latency_ns / 1e6, 3) if latency_ns else None)
 
     def _release(self) -> None:
-        for ring in self.rings.values():
+        if self.records_in is not None:
+            self.records_in.close()
+        for ring in [*self.rings.values(), *([self.records_ring] if self.records_ring else [])]:
             for action in (ring.close, ring.unlink):
                 try:
                     action()

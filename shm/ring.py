@@ -470,6 +470,16 @@ class Producer:
         slot = self._claimed = self._write_slots[index]
         return slot
 
+    def last_published(self) -> np.ndarray | None:
+        """A read-only view of the payload published last, by this producer or the one it replaced (a
+        restarted process learns what its predecessor sent); None if nothing was. Valid until that
+        slot is claimed again."""
+        w = self._w
+        index = (w - 1) % self._slots
+        if not w or self._words[self._stamp_words[index]] != 2 * w:  # 2(w-1)+2: frame w-1, complete
+            return None
+        return _readonly(self._write_slots[index].payload)
+
     def has_room(self) -> bool:
         """Would claim() find a free slot now, without waiting, dropping or counting anything?"""
         return self._claimed is None and self._w - self._words[L.R] < self._slots

@@ -35,7 +35,7 @@ def test_every_message_type_round_trips(type_):
     ({"type": "heartbeat", "stage": "lm", "frames": "1", "paused": False}, "heartbeat.frames = '1': expected int"),
     ({"type": "heartbeat", "stage": "lm", "frames": True, "paused": False}, "heartbeat.frames = True"),
     ({"type": "stop", "now": True}, "stop.now: unknown field"),
-    ({"type": "frames", "stage": "playback", "records": "not bytes"}, "frames.records"),
+    ({"type": "hello", "stage": "lm", "pid": 1.5, "incarnation": 0}, "hello.pid = 1.5: expected int"),
     ({"type": "events", "stage": "lm", "events": [1, 2]}, "events.events"),
 ])
 def test_wrong_schemas_are_protocol_errors_naming_the_field(message, complaint):
@@ -113,7 +113,7 @@ def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
             {"type": "heartbeat", "stage": "lm", "frames": 1, "paused": False},     # not its own name
             {"type": "heartbeat", "stage": "nosuch", "frames": 1, "paused": False},  # not a stage
             {"type": "stop"},                                                       # wrong direction
-            {"type": "frames", "stage": "intruder", "records": b"\x01\x02\x03"},
+            {"type": "frames", "stage": "playback", "records": b"\x01\x02\x03"},  # records go by shm
             {"type": 42},
             "just a string",
         ]

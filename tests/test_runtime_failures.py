@@ -5,6 +5,7 @@ supervisor itself is SIGKILLed, every stage exits."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -25,10 +26,10 @@ PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 NOISE_4S = {"kind": "capture.tone", "params": {"signal": "noise", "seconds": 4.0}}
 
 
-def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S):
+def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S, then_s: float = 0.0):
     """Runs `source` (4 s of paced noise) through PASS_THROUGH into `out` (playback.file) and SIGKILLs
-    `stage` once `after_frames` frames reached the sink; returns the supervisor, its result and the
-    victim's pid."""
+    `stage` once `after_frames` frames reached the sink (and `then_s` more seconds passed); returns
+    the supervisor, its result and the victim's pid."""
     raw = chain_config(source, PASS_THROUGH,
                        {"kind": "playback.file", "params": {"path": str(out)}},
                        supervisor={"restart_backoff_ms": 50})
@@ -36,6 +37,7 @@ def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S):
     thread, results = start_in_thread(supervisor)
     assert supervisor.ready_event.wait(60), "pipeline did not start"
     wait_until(lambda: frames_at_sink(supervisor) >= after_frames, 30, "frames at the sink")
+    time.sleep(then_s)
     victim = supervisor.stages[stage].pid
     os.kill(victim, signal.SIGKILL)
     thread.join(120)
@@ -81,15 +83,17 @@ def test_a_file_source_sigkilled_mid_run_carries_on_where_it_stopped(tmp_path):
 def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
     out = tmp_path / "out.wav"
     sink = "playback"
-    supervisor, result, _ = kill_mid_run(out, sink, after_frames=5)
+    # killed between two of the supervisor's wakes, with frames written since it last looked
+    supervisor, result, _ = kill_mid_run(out, sink, after_frames=5, then_s=0.15)
     report = result.report
     assert report["stages"][sink]["restarts"] == 1
     samples = len(sf.read(str(out), dtype="float32")[0])
-    assert samples % 1920 == 0
-    # Every frame the report counts went into the file, those before the kill included (a sink that
-    # started its file over would hold only the frames after its restart); frames whose records died
-    # with the sink may be in it too.
-    assert report["frames"] <= samples // 1920 <= 50
+    # Every frame went into the file once, those before the kill included (a sink that started its file
+    # over would hold only the frames after its restart), and the report counts each: the dead sink's
+    # records were in shared memory, not in its process.
+    assert samples == 50 * 1920
+    assert report["frames"] == 50 and report["frames_lost"] == 0
+    assert report["samples"]["seq"] == list(range(50))
     assert run_segments(supervisor.run_id) == []
 
 
@@ -137,12 +141,13 @@ def test_a_stage_that_opens_too_slowly_stops_the_run_without_restarts(tmp_path):
                        [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
                                                 "params": {"marker": str(tmp_path / "m"), "seconds": 60.0}},
                         {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, supervisor={"start_timeout_s": 1.0})
+                       {"kind": "playback.null"}, supervisor={"start_timeout_s": 3.0})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     result = supervisor.run()
     assert result.exit_code == EXIT_FAILED
-    assert result.error == "stages.lm: could not start: did not open within 1 s (start_timeout_s)"
-    assert supervisor.stages["lm"].restarts == 0
+    # lm, unless a loaded machine kept another stage from even importing within the 3 s
+    assert re.fullmatch(r"stages\.\w+: could not start: did not open within 3 s \(start_timeout_s\)", result.error)
+    assert all(sp.restarts == 0 for sp in supervisor.stages.values())
 
 
 def test_hung_stage_is_killed_and_restarted(tmp_path):
@@ -204,7 +209,7 @@ def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
         from shm.cleanup import remove_orphaned_segments, segment_owner
 
         segments = [n for n in os.listdir("/dev/shm") if (segment_owner(n) or (0,))[0] == proc.pid]
-        assert len(segments) == 4
+        assert len(segments) == 5  # a ring per edge, and the sink's records
         proc.kill()
         proc.wait(10)
         wait_until(lambda: all(gone(p) for p in stages), 10, "every stage to exit after the supervisor died")

@@ -40,7 +40,9 @@ def test_summaries_are_percentiles_in_ms():
 
 def test_lost_frames_are_the_gaps_in_sequence_numbers():
     assert count_lost([0, 1, 2, 5, 6, 9]) == 4
-    assert count_lost([3]) == 0
+    assert count_lost([3]) == 3  # 0, 1 and 2 never came
+    assert count_lost([]) == 0
+    assert count_lost([2, 0, 2, 1]) == 0
 
 
 def test_report_columns_per_stage_per_hop_and_end_to_end():

@@ -169,6 +169,25 @@ def test_restarted_producer_flags_discontinuity(ring_name):
     assert flags == [0, FLAG_DISCONTINUITY]
 
 
+@pytest.mark.parametrize("slots", [1, 4])
+def test_a_restarted_producer_sees_what_its_predecessor_published_last(ring_name, slots):
+    spec = RingSpec(slots, "float32", (1920,), EdgePolicy.DROP_OLDEST)
+    ring = make(ring_name, spec)
+    first = ring.producer()
+    assert first.last_published() is None
+    put(first, 0)
+    put(first, 1)
+    first.close()
+    again = Ring.attach(ring_name, spec).producer()
+    last = again.last_published()
+    assert last[0] == 1 and not last.flags.writeable
+    again.claim(timeout_s=0)  # claimed, never published (as by a process killed while writing)
+    again.close()
+    newest = Ring.attach(ring_name, spec).producer().last_published()
+    # frame 1 stays readable unless its own slot is the one being rewritten
+    assert (newest is None) if slots == 1 else (newest[0] == 1)
+
+
 @pytest.mark.parametrize(
     "other, words",
     [
