@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline import config as pipeline_config
@@ -112,6 +114,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """SIGINT and SIGTERM ignored inside (in the main thread; elsewhere signals do not arrive anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -139,10 +155,11 @@ def main(argv: list[str]) -> int:
 
     with logs:
         result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
-    print(format_table(result.report))
-    if args.report:
-        Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n", encoding="utf-8")
-        print(f"rtpipe: report written to {args.report}")
+    with ctrl_c_ignored():  # the run is over: a Ctrl-C pressed late must not cut the report short
+        print(format_table(result.report))
+        if args.report:
+            Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n", encoding="utf-8")
+            print(f"rtpipe: report written to {args.report}")
     if result.error:
         print(f"rtpipe: run failed: {result.error}", file=sys.stderr)
     elif result.exit_code == EXIT_DEGRADED:

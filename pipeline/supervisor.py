@@ -484,7 +484,10 @@ class Supervisor:
             return
         for name, sp in self.stages.items():
             if sp.process is not None and sp.process.poll() is None:
-                self._send(name, "stop")
+                if sp.state is StageState.STARTING:
+                    sp.process.kill()  # still opening: it reads no messages yet and has nothing to finish
+                else:
+                    self._send(name, "stop")
         deadline = time.monotonic() + EXIT_GRACE_S
         while time.monotonic() < deadline and any(
                 sp.process is not None and sp.process.poll() is None for sp in self.stages.values()):

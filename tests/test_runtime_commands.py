@@ -123,3 +123,13 @@ def test_an_unwritable_output_path_fails_before_any_stage_starts(tmp_path, flag,
                    f"no such directory {tmp_path / 'missing'}"]
     assert not (tmp_path / "out.wav").exists()  # nothing ran
     assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_a_late_ctrl_c_does_not_cut_the_report_short():
+    from pipeline.cmd_run import ctrl_c_ignored
+
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_ignored():
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt here
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is before

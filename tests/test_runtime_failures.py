@@ -122,6 +122,23 @@ def test_a_stage_killed_while_it_opens_is_restarted_and_the_run_completes(tmp_pa
     assert run_segments(supervisor.run_id) == []
 
 
+def test_a_stop_while_a_stage_still_opens_ends_the_run_without_waiting_for_it(tmp_path):
+    marker = tmp_path / "opening"
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
+                       [{"kind": "codec.pcm"},
+                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 600.0}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    wait_until(marker.exists, 60, "lm to begin opening")
+    supervisor.request_stop("test")
+    thread.join(60)  # far less than the 600 s open
+    assert not thread.is_alive()
+    assert supervisor.stages["lm"].process.returncode == -signal.SIGKILL  # not asked: it reads no messages yet
+    assert results[0].error is None and run_segments(supervisor.run_id) == []
+
+
 def test_a_stage_whose_open_fails_stops_the_run_without_restarts(tmp_path):
     raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
                        [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
