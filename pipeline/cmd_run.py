@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import os
 import signal
 import sys
 import threading
@@ -18,8 +20,19 @@ from pathlib import Path
 from pipeline import config as pipeline_config
 from pipeline import observe
 from pipeline.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
+from stages.errors import ConfigError
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="FILE.wav", help="play into this file instead of the sink")
     parser.add_argument("--no-pace", action="store_true",
                         help="read --input as fast as the pipeline takes it, not at real time")
-    parser.add_argument("--seconds", type=float, metavar="N", help="stop after N seconds")
+    parser.add_argument("--seconds", type=_seconds, metavar="N", help="stop after N seconds")
     parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
     observe.add_observer_arguments(parser)
     return parser
@@ -61,6 +74,7 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         return None
 
     input_path, output_path = args.input, args.output
+    announce = None
     if args.config is None:
         # the built-in config wants a microphone and a speaker: without devices, use the built-in
         # speech sample and rtpipe-out.wav for whichever end was not given
@@ -68,15 +82,11 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         if devices_available is None:
             from stages.audio_io import audio_devices_available as devices_available
         if needs_devices and devices_available():
-            say("rtpipe: audio devices found: "
-                + ("microphone" if input_path is None else str(input_path)) + " -> pipeline -> "
-                + ("speaker" if output_path is None else str(output_path))
-                + (" (Ctrl-C to stop)" if input_path is None else ""))
+            announce = "rtpipe: audio devices found: "
         elif needs_devices:
             input_path = "" if input_path is None else input_path
             output_path = DEFAULT_OUTPUT if output_path is None else output_path
-            say("rtpipe: no audio devices: "
-                + (str(input_path) or "the built-in speech sample") + f" -> pipeline -> {output_path}")
+            announce = "rtpipe: no audio devices: "
     if input_path is not None and source is not None:
         stages[source] = {**stages[source], "kind": "capture.file",
                           "params": {"path": str(input_path), "pace": not args.no_pace}}
@@ -87,7 +97,44 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         stages[source].setdefault("params", {})["pace"] = False
     if output_path is not None and sink is not None:
         stages[sink] = {**stages[sink], "kind": "playback.file", "params": {"path": str(output_path)}}
-    return pipeline_config.apply_overrides(raw, args.overrides)
+    raw = pipeline_config.apply_overrides(raw, args.overrides)
+    if announce:  # what was chosen, as --set left it
+        final = raw.get("stages", {})
+        say(f"{announce}{_end_name(final.get(source))} -> pipeline -> {_end_name(final.get(sink))}"
+            + (" (Ctrl-C to stop)" if _end_name(final.get(source)) == "microphone" else ""))
+    return raw
+
+
+def _end_name(table) -> str:
+    """How the run's source or sink is called in one line: microphone, speaker, a file, or its kind."""
+    table = table if isinstance(table, dict) else {}
+    kind, params = table.get("kind"), table.get("params") or {}
+    names = {"capture.microphone": "microphone", "playback.speaker": "speaker"}
+    if kind == "capture.file":
+        return str(params.get("path") or "the built-in speech sample")
+    if kind == "playback.file":
+        return str(params.get("path") or DEFAULT_OUTPUT)
+    return names.get(kind, str(kind))
+
+
+def check_distinct_files(cfg, args: argparse.Namespace) -> None:
+    """ConfigError when two of the run's files (input, output, --report, --trace) are one file: the
+    output or a report would overwrite the input, or each other, while the run reads or writes them."""
+    source, sink = cfg.stages[0], cfg.stages[-1]
+    files = {}
+    if source.kind == "capture.file" and source.params_raw.get("path"):
+        files["the input"] = source.params_raw["path"]
+    if sink.kind == "playback.file":
+        files["the output"] = sink.params_raw.get("path") or DEFAULT_OUTPUT
+    files.update({"--report": args.report, "--trace": getattr(args, "trace", None)})
+    seen: dict[str, str] = {}
+    for name, path in files.items():
+        if not path:
+            continue
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            raise ConfigError(f"{name} {path} is also {seen[real]}: give each its own file")
+        seen[real] = name
 
 
 def format_table(report: dict) -> str:
@@ -133,6 +180,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     raw = effective_raw(args)
     cfg = pipeline_config.validate(raw)  # ConfigError -> one line, before anything starts
+    check_distinct_files(cfg, args)
     sink = cfg.stages[-1]
     if sink.kind == "playback.file":
         print(f"rtpipe: writing {sink.params_raw.get('path') or DEFAULT_OUTPUT}")

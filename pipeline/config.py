@@ -7,6 +7,7 @@ sink, edge shapes the next stage cannot take. Each error is one line naming the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -20,7 +21,7 @@ import psutil
 
 from pipeline import realtime
 from stages.base import PayloadSpec, Role, Stage, parse_params
-from stages.errors import ConfigError
+from stages.errors import ConfigError, RtpipeError
 from stages.registry import find_stage
 
 MAX_STAGES = 8  # the frame header has enter/exit stamps for 8 stages (shm.frame.MAX_STAGES)
@@ -249,6 +250,19 @@ def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
     return slots, policy, spin_us
 
 
+@contextlib.contextmanager
+def _stage_code(where: str, kind: str, doing: str):
+    """A stage's own code run while validating (anyone's, by import path): whatever it raises becomes one
+    ConfigError naming the stage, not a traceback."""
+    try:
+        yield
+    except RtpipeError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{where}.kind = {kind!r}: {doing} failed: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())}") from e
+
+
 def _chain_order(names: list[str], edge_pairs: dict[str, tuple[str, str]]) -> list[str]:
     """Stage names from source to sink; ConfigError when the edges do not make one chain."""
     outgoing: dict[str, str] = {}
@@ -299,7 +313,7 @@ def validate(raw: dict) -> PipelineConfig:
         raise ConfigError("stages: no stages (a pipeline needs at least a source and a sink)")
     for name in stages_raw:
         if not STAGE_NAME.match(name):
-            raise ConfigError(f"stages.{name}: a stage name is a letter then letters, digits or _ "
+            raise ConfigError(f"stages.{name}: a stage name is an ASCII letter, then ASCII letters, digits or _ "
                               "(at most 32)")
     if len(stages_raw) > MAX_STAGES:
         raise ConfigError(f"stages: {len(stages_raw)} stages; the frame header holds at most {MAX_STAGES}")
@@ -324,7 +338,8 @@ def validate(raw: dict) -> PipelineConfig:
         kind, params, cores, threads, device, priority = fields[name]
         where = f"stages.{name}"
         stage_class = find_stage(kind, f"{where}.kind")
-        stage = stage_class.from_config(params, f"{where}.params")
+        with _stage_code(where, kind, "building it"):
+            stage = stage_class.from_config(params, f"{where}.params")
         role = stage_class.role
         expected = Role.SOURCE if index == 0 else Role.SINK if index == len(order) - 1 else Role.PROCESSOR
         if role is not expected:
@@ -333,7 +348,9 @@ def validate(raw: dict) -> PipelineConfig:
             raise ConfigError(f"{where}.kind = {kind!r}: {position} must be a {expected.value}; "
                               f"{kind} is a {role.value}")
         try:
-            out = stage.output_spec(spec)
+            with _stage_code(where, kind, "its output_spec()"):
+                out = stage.output_spec(spec)
+                delay_frames = int(stage.delay_frames)
         except ConfigError as e:
             message = e.args[0] if e.args else str(e)
             raise ConfigError(message if message.startswith(where) else
@@ -344,7 +361,7 @@ def validate(raw: dict) -> PipelineConfig:
             name=name, kind=kind, index=index, stage_class=stage_class, params_raw=params, cores=cores,
             threads=threads, device=device, priority=priority,
             output_spec=out if role is not Role.SINK else None,
-            delay_frames=int(stage.delay_frames), live=bool(getattr(stage_class, "live", False))))
+            delay_frames=delay_frames, live=bool(getattr(stage_class, "live", False))))
         spec = out
 
     edges: list[EdgeSpec] = []

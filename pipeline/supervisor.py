@@ -2,8 +2,8 @@
 
 It creates one ring per edge (and one for the sink's frame records), starts one `pipeline.host` process
 per stage, watches them over the control channel (heartbeats, liveness counters), restarts what dies or
-hangs (with backoff, up to a limit), gathers frame records for the observers and the report, and on SIGINT/SIGTERM, --seconds or the end of
-the input stops everything and unlinks every segment. `rtpipe run` and the tests use `Supervisor.run()`.
+hangs (with backoff, up to a limit), gathers frame records for the observers and the report, and on
+SIGINT/SIGTERM, --seconds or the end of the input stops everything and unlinks every segment. `rtpipe run` and the tests use `Supervisor.run()`.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def _check_watchdog(where: str, watchdog_s: float) -> None:
 
 
 def _check_seconds(where: str, seconds: float | None) -> None:
-    if seconds is not None and not seconds > 0:
+    if seconds is not None and not 0 < seconds < math.inf:
         raise ConfigError(f"{where}.seconds = {seconds}: expected a positive number of seconds (or leave it out)")
 
 
@@ -310,9 +310,9 @@ class PacedState:
 
 class _ComputedSource(Stage):
     """A source whose frame k is known in advance. Paced, frame k is handed out at t0 + k * 80 ms (t0:
-    the first read, frame 0's time; a restart's first frame is due at once) and that is its capture_ns: a file has no moment of capture before it is read, so
-    unlike a microphone's frames these carry no 80 ms of framing (the report counts that only for a
-    live source). Unpaced, frames come as fast as read() is called; capture_ns is the time of the read."""
+    frame 0's time, from the first read; a restarted process's first frame is due at once) and that is
+    its capture_ns: a file has no moment of capture before it is read, so unlike a microphone's frames
+    these carry no 80 ms of framing (the report counts that only for a live source). Unpaced, frames come as fast as read() is called; capture_ns is the time of the read."""
 
     role = Role.SOURCE
 
@@ -374,6 +374,8 @@ def _check_readable_audio(where: str, path: Path):
         raise AudioError(f"{where} = '{path}': no such file")
     if path.is_dir():
         raise AudioError(f"{where} = '{path}': is a directory, not an audio file")
+    if not os.access(path, os.R_OK):  # else libsndfile says only "System error."
+        raise AudioError(f"{where} = '{path}': cannot be read (permission denied)")
     try:
         info = soundfile.info(str(path))
     except Exception as e:
@@ -460,6 +462,8 @@ class ToneParams:
             raise ConfigError(f"{where}.amplitude = {self.amplitude}: expected 0.0..1.0 of full scale")
         if not 0.0 < self.frequency_hz < SAMPLE_RATE / 2:
             raise ConfigError(f"{where}.frequency_hz = {self.frequency_hz}: expected 0 < f < {SAMPLE_RATE // 2} Hz")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"{where}.seed = {self.seed}: expected 0 to 2**63 - 1")
 
 
 class ToneCapture(_ComputedSource):
@@ -642,13 +646,27 @@ class SpeakerPlayback(Stage):
         self._stream = None
 
 
+WAV_FORMATS = ("WAV", "WAVEX", "RF64")  # soundfile's names for what a .wav may hold
+
+
 @dataclass
 class FilePlaybackParams:
     path: str = "rtpipe-out.wav"
     subtype: Literal["FLOAT", "PCM_16", "PCM_24"] = "FLOAT"   # FLOAT keeps the samples bit-exact
 
     def validate(self, where: str) -> None:
-        parent = Path(self.path).expanduser().resolve().parent
+        import soundfile
+
+        if not self.path:
+            raise ConfigError(f"{where}.path = '': expected the path of the WAV file to write")
+        path = Path(self.path).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{where}.path = '{self.path}': is a directory")
+        other_format = path.suffix[1:].upper()
+        if other_format in soundfile.available_formats() and other_format not in WAV_FORMATS:
+            raise ConfigError(f"{where}.path = '{self.path}': this stage writes WAV, not {other_format}: "
+                              "name it .wav")
+        parent = path.resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"{where}.path = '{self.path}': directory {parent} does not exist")
         if not os.access(parent, os.W_OK):

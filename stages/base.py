@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # one real option (X | None): its own complaint says more
+            raise errors[0]
         raise ConfigError(f"{where} = {value!r}: expected {_type_name(hint)}")
     if origin is typing.Literal:
         if value not in args:
@@ -209,6 +212,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: expected a number")
+        if not math.isfinite(value):  # TOML has nan and inf; no setting here means either
+            raise ConfigError(f"{where} = {value!r}: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -54,10 +54,15 @@ def find_stage(kind: str, where: str = "kind") -> type[Stage]:
 
 def _load(path: str, kind: str, where: str) -> type[Stage]:
     module_name, _, class_name = path.partition(":")
+    if not module_name or module_name.startswith(".") or not class_name:
+        raise ConfigError(f"{where} = {kind!r}: expected package.module:Class (an absolute module name)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{where} = {kind!r}: cannot import {module_name}: {e}") from e
+    except Exception as e:  # the module itself is broken (a SyntaxError, an error raised on import)
+        raise ConfigError(f"{where} = {kind!r}: importing {module_name} failed: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())}") from e
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"{where} = {kind!r}: {module_name} has no {class_name}")

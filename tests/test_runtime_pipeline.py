@@ -151,3 +151,38 @@ def test_built_in_config_without_devices_fills_in_only_the_end_not_given(tmp_pat
     said.clear()
     effective_raw(args, devices_available=lambda: pytest.fail("no device needed"), say=said.append)
     assert said == []
+
+
+def test_what_a_run_says_it_chose_is_what_set_left(tmp_path):
+    from pipeline.cmd_run import build_parser, effective_raw
+
+    said = []
+    args = build_parser().parse_args(["--set", "stages.playback.params.path=X.wav"])
+    effective_raw(args, devices_available=lambda: False, say=said.append)
+    assert said == ["rtpipe: no audio devices: the built-in speech sample -> pipeline -> X.wav"]
+
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--output", "{wav}"], "the output {wav} is also the input"),
+    (["--output", "{link}"], "the output {link} is also the input"),
+    (["--output", "out.wav", "--report", "{wav}"], "--report {wav} is also the input"),
+    (["--output", "out.wav", "--report", "out.wav"], "--report out.wav is also the output"),
+    (["--output", "out.wav", "--report", "r.json", "--trace", "r.json"], "--trace r.json is also --report"),
+])
+def test_a_run_refuses_to_write_over_its_own_input_or_outputs(tmp_path, flags, complaint):
+    wav, link = tmp_path / "in.wav", tmp_path / "link.wav"
+    sf.write(str(wav), np.full(4000, 0.25, np.float32), 24_000)
+    link.symlink_to(wav)
+    before = wav.read_bytes()
+    flags = [f.format(wav=wav, link=link) for f in flags]
+    result = run_cli(["--input", str(wav), *flags, "--no-live"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert complaint.format(wav=wav, link=link) in result.stderr
+    assert wav.read_bytes() == before  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0", "-1", "x"])
+def test_run_seconds_must_be_a_positive_number(tmp_path, seconds):
+    result = run_cli(["--seconds", seconds], cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"argument --seconds: '{seconds}': expected a positive number of seconds" in result.stderr
