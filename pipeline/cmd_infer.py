@@ -1,6 +1,7 @@
 """`rtpipe infer IN.wav OUT.wav`: offline replay, like Kyutai's moshi-inference. Runs mimi.encode ->
 moshi.step -> mimi.decode frame by frame in this one process and writes the model's side of the
-conversation; `--codes-out` keeps its codes (`audio` int [8, frames]) and text tokens (`text` [frames]).
+conversation, as many whole frames as the input has (what the live pipeline plays for the same input);
+`--codes-out` keeps its codes (`audio` int [8, frames]) and text tokens (`text` [frames]).
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE
 from stages.errors import AudioError, ConfigError
+from stages.mimi.stage import CODEBOOK_BINS
 from stages.registry import find_stage
 
 
@@ -45,6 +48,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.greedy and args.top_k is not None:
         raise ConfigError("--top-k: cannot be combined with --greedy")
+    _check_outputs(args)  # before the models load and run: not a traceback after the whole inference
+    encode, lm, decode = _build_stages(args)
     from pipeline.cmd_mimi import read_audio_24k
 
     samples = read_audio_24k(args.input)
@@ -52,6 +57,44 @@ def main(argv: list[str]) -> int:
     padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
     padded[:samples.size] = samples
 
+    for stage in (encode, lm, decode):
+        stage.open("cpu")
+    start = time.perf_counter()
+    try:
+        audio, codes, text, words = _replay(encode, lm, decode, padded, frames)
+    finally:
+        for stage in (encode, lm, decode):
+            stage.close()
+    seconds = time.perf_counter() - start
+
+    _write_wav(args.output, audio)
+    if args.codes_out:
+        np.savez(args.codes_out, audio=codes, text=text)
+    audio_s = frames * FRAME_SAMPLES / SAMPLE_RATE
+    print(f"rtpipe infer: {frames} frames ({audio_s:.2f} s) in {seconds:.2f} s "
+          f"(real-time factor {seconds / audio_s:.2f}); wrote {args.output}"
+          + (f" and {args.codes_out}" if args.codes_out else ""), file=sys.stderr)
+    if words:
+        print("".join(words).strip())
+    return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """ConfigError naming the argument when OUT.wav or --codes-out cannot be written."""
+    from pipeline.observe import check_output_path
+
+    if Path(args.output).suffix.lower() != ".wav":
+        raise ConfigError(f"OUT.wav {args.output}: rtpipe infer writes WAV: name it .wav")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(f"OUT.wav {args.output}: is the input; it would be overwritten")
+    check_output_path(args.output, "OUT.wav")
+    if args.codes_out:
+        check_output_path(args.codes_out, "--codes-out")
+
+
+def _build_stages(args: argparse.Namespace):
+    """mimi.encode, moshi.step and mimi.decode from the arguments, their params validated (paths,
+    numbers, whether the model fits in memory) and their edges checked; nothing is loaded yet."""
     lm_params: dict = {"size": args.size, "dtype": args.dtype}
     for key, value in (("config", args.lm_config), ("weights", args.lm_weights),
                        ("tokenizer", args.tokenizer), ("seed", args.seed),
@@ -61,46 +104,35 @@ def main(argv: list[str]) -> int:
     if args.greedy:
         lm_params["greedy"] = True
     mimi_params = {"weights": args.mimi_weights} if args.mimi_weights else {}
-    encode = find_stage("mimi.encode").from_config(dict(mimi_params), "--mimi-weights")
-    lm = find_stage("moshi.step").from_config(lm_params, "infer")
-    decode = find_stage("mimi.decode").from_config(dict(mimi_params), "--mimi-weights")
-    codes_spec = encode.output_spec(AUDIO_FRAME)
-    decode.output_spec(lm.output_spec(codes_spec))
+    encode = find_stage("mimi.encode").from_config(dict(mimi_params), "mimi")
+    lm = find_stage("moshi.step").from_config(lm_params, "lm")
+    decode = find_stage("mimi.decode").from_config(dict(mimi_params), "mimi")
+    decode.output_spec(lm.output_spec(encode.output_spec(AUDIO_FRAME)))
+    if lm.config.card != CODEBOOK_BINS:  # else the first frame's codes are out of range, mid-run
+        raise ConfigError(f"lm.card = {lm.config.card}: the LM reads and writes Mimi's codes, "
+                          f"0..{CODEBOOK_BINS - 1}: expected card = {CODEBOOK_BINS}")
+    return encode, lm, decode
 
-    for stage in (encode, lm, decode):
-        stage.open("cpu")
-    delay = lm.delay_frames
-    audio_out, codes_out, text_out, words = [], [], [], []
-    start = time.perf_counter()
-    try:
-        for k in range(frames):
-            user_codes = encode.process(padded[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES])
-            model_codes = lm.process(np.asarray(user_codes, dtype=np.int32))
-            for event in lm.events():
-                text_out.append(event["text_token"])
-                if event.get("text"):
-                    words.append(event["text"])
-            if k < delay:
-                continue  # the model's warm-up frame(s): nothing of its own to say yet
-            codes_out.append(np.asarray(model_codes, dtype=np.int32))
-            audio_out.append(np.asarray(decode.process(model_codes), dtype=np.float32))
-    finally:
-        for stage in (encode, lm, decode):
-            stage.close()
-    seconds = time.perf_counter() - start
 
-    audio = np.concatenate(audio_out) if audio_out else np.zeros(0, dtype=np.float32)
-    _write_wav(args.output, audio)
-    if args.codes_out:
-        audio_codes = np.stack(codes_out, axis=1) if codes_out else np.zeros((8, 0), np.int32)
-        np.savez(args.codes_out, audio=audio_codes, text=np.asarray(text_out, dtype=np.int64))
-    audio_s = frames * FRAME_SAMPLES / SAMPLE_RATE
-    print(f"rtpipe infer: {frames} frames ({audio_s:.2f} s) in {seconds:.2f} s "
-          f"(real-time factor {seconds / audio_s:.2f}); wrote {args.output}"
-          + (f" and {args.codes_out}" if args.codes_out else ""), file=sys.stderr)
-    if words:
-        print("".join(words).strip())
-    return 0
+def _replay(encode, lm, decode, padded: np.ndarray, frames: int):
+    """Every frame through encode -> step -> decode: (audio float32 [frames * 1920], codes int32
+    [dep_q, frames], text tokens int64 [frames], words).
+
+    Every frame the step emits is decoded, its warm-up frame(s) of zero codes included (delay_frames:
+    it has nothing of its own to say before it has heard a frame): that is what the live pipeline
+    plays, sample for sample, and it keeps the output as long as the input, frame k answering input
+    frame k - delay. Skipping the warm-up frame made the output a frame shorter than the input."""
+    padding_id = lm.config.existing_text_padding_id  # "nothing said" for the warm-up frames' text
+    audio, codes, text, words = [], [], [], []
+    for k in range(frames):
+        user_codes = encode.process(padded[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES])
+        model_codes = np.asarray(lm.process(np.asarray(user_codes, dtype=np.int32)), dtype=np.int32)
+        events = lm.events()
+        text.append(events[0]["text_token"] if events else padding_id)
+        words.extend(event["text"] for event in events if event.get("text"))
+        codes.append(model_codes)
+        audio.append(np.asarray(decode.process(model_codes), dtype=np.float32))
+    return (np.concatenate(audio), np.stack(codes, axis=1), np.asarray(text, dtype=np.int64), words)
 
 
 def _write_wav(path: str, audio: np.ndarray) -> None:

@@ -1,8 +1,11 @@
 """Reads a model's weights from a safetensors file and checks them against what the model expects.
 
 Shared by the model stages (Mimi, Moshi): every way a checkpoint can be wrong (not a file, not
-safetensors, missing or unexpected keys, wrong shapes or dtypes) becomes one CheckpointError naming the
-file and the first few keys. `hf://owner/repo/file` paths go through huggingface_hub when installed.
+safetensors, missing or unexpected keys, wrong shapes or dtypes, NaN or infinite values) becomes one
+CheckpointError naming the file and the first few keys. `hf://owner/repo/file` paths go through
+huggingface_hub when installed. The checks a stage's params can make before any process starts (a path
+that is not a readable file, a model too big for this machine's memory) live here too; torch is imported
+only when tensors are read, so the supervisor can run those cheaply.
 """
 
 from __future__ import annotations
@@ -12,21 +15,87 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import psutil
 
-from stages.errors import CheckpointError
+from stages.errors import CheckpointError, ConfigError
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+if TYPE_CHECKING:
+    import torch
+
+HF_PREFIX = "hf://"
+FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# A model needs more than its weights (activations, caches, the interpreter, torch itself): refuse one
+# whose weights alone would take more than 1 / MEMORY_MARGIN of the memory available.
+MEMORY_MARGIN = 1.25
+# torch.Generator.manual_seed takes a seed modulo 2**63 (2**63 gives seed 0's numbers; past 2**64 - 1 it
+# raises): a seed above this would quietly repeat another's
+MAX_SEED = 2**63 - 1
 _SHOWN_KEYS = 3  # keys an error message names before "(and N more)"
+
+
+def local_file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file ("no such file", "is a directory", ...), or None when it can."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory"
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return "is not readable"
+    return None
+
+
+def check_local_file(path: str | None, where: str) -> None:
+    """For a params' validate(): ConfigError `where = 'path': why` when a local file cannot be read.
+
+    None (no file) and hf:// paths pass: a download can only be checked when it happens."""
+    if path is None or path.startswith(HF_PREFIX):
+        return
+    problem = local_file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{where} = {path!r}: {problem}")
+
+
+def check_seed(seed: int | None, where: str) -> None:
+    """For a params' validate(): ConfigError when a seed (of random weights or of sampling) is one
+    torch.Generator cannot take; None (no seed) passes."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{where} = {seed}: expected 0 to 2**63 - 1")
+
+
+def check_memory_fits(need_bytes: int, what: str, where: str) -> None:
+    """ConfigError naming `what`, its need and the memory available now (psutil) when `need_bytes`
+    times MEMORY_MARGIN do not fit: refused before anything is allocated, not OOM-killed minutes later."""
+    available = psutil.virtual_memory().available
+    if need_bytes * MEMORY_MARGIN > available:
+        raise ConfigError(
+            f"{where}: {what} needs {_gib(need_bytes)} of memory (and {MEMORY_MARGIN - 1:.0%} to spare); "
+            f"this machine has {_gib(available)} available")
+
+
+def checkpoint_load_bytes(weights: str | None) -> int:
+    """Bytes a local weights file adds while the model loads (it is read whole, then copied into the
+    model); 0 without weights or for hf:// (its size is unknown until it is downloaded)."""
+    if weights is None or weights.startswith(HF_PREFIX) or local_file_problem(weights) is not None:
+        return 0
+    return os.path.getsize(weights)
+
+
+def _gib(size_bytes: float) -> str:
+    return f"{size_bytes / 2**30:.1f} GiB"
 
 
 def resolve_weights_path(weights: str) -> Path:
     """A local path for `weights`: a file path, or `hf://owner/repo/path/in/repo` (downloaded and cached).
 
-    Raises CheckpointError when the file does not exist or the download cannot happen."""
-    if weights.startswith("hf://"):
-        parts = weights[len("hf://"):].split("/")
+    Raises CheckpointError when the file cannot be read or the download cannot happen."""
+    if weights.startswith(HF_PREFIX):
+        parts = weights[len(HF_PREFIX):].split("/")
         if len(parts) < 3 or not all(parts):
             raise CheckpointError(f"{weights}: expected hf://owner/repo/file")
         try:
@@ -38,10 +107,10 @@ def resolve_weights_path(weights: str) -> Path:
             return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
         except Exception as e:  # network, auth, missing file: one line either way
             raise CheckpointError(f"{weights}: download failed: {type(e).__name__}: {e}") from e
-    path = Path(weights)
-    if not path.is_file():
-        raise CheckpointError(f"{weights}: no such file")
-    return path
+    problem = local_file_problem(weights)
+    if problem is not None:
+        raise CheckpointError(f"{weights}: {problem}")
+    return Path(weights)
 
 
 def read_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
@@ -88,12 +157,17 @@ def check_tensors(
     expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     source: str,
     model_name: str,
-    allowed_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    allowed_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> None:
-    """Checks keys, shapes and dtypes of `tensors` against `expected` ({key: (shape, dtype)}).
+    """Checks keys, shapes, dtypes and values of `tensors` against `expected` ({key: (shape, dtype)}).
 
-    A stored tensor may have any dtype in `allowed_dtypes` when the expected one is among them too (a
-    bf16 checkpoint loads into a float32 model); otherwise dtypes must match. Raises CheckpointError."""
+    A stored tensor may have any dtype in `allowed_dtypes` (default: the float dtypes) when the expected
+    one is among them too (a bf16 checkpoint loads into a float32 model); otherwise dtypes must match.
+    Every float tensor must be finite. Raises CheckpointError."""
+    import torch
+
+    if allowed_dtypes is None:
+        allowed_dtypes = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(
@@ -119,6 +193,18 @@ def check_tensors(
         raise CheckpointError(
             f"{source}: key {_name_keys(bad_dtypes)} has dtype {str(tensors[k].dtype).replace('torch.', '')}, "
             f"expected one of {names}")
+    check_finite(tensors, source)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the first float tensor holding a NaN or an infinity: such weights would
+    load and run, and every output would be NaN (one pass over the weights, no copy kept)."""
+    import torch
+
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: key {key} holds NaN or infinite values; "
+                                  "the checkpoint is damaged")
 
 
 def load_checkpoint(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
+HOST_MEMORY_BYTES = 64 << 30  # a host the 7B fits on (it needs about 21 GiB free)
 
 
 def readme_quick_start() -> list[list[str]]:
@@ -40,8 +42,10 @@ def readme_commands() -> tuple[list[str], list[str]]:
 
 
 def validated_config(toml_text: str, tmp_path: Path):
-    """pipeline.config.validate on a deploy config; files the host would provide (a tokenizer) are
-    stand-ins under tmp_path and a GPU becomes the CPU (this machine has none) after being recorded."""
+    """pipeline.config.validate on a deploy config, as on the host it is written for: the files the host
+    provides (weights, tokenizer) are empty stand-ins under tmp_path, the host's memory is taken to be
+    ample (the 7B needs ~21 GiB free), and a GPU becomes the CPU (this machine has none) after being
+    recorded."""
     from pipeline import config as pipeline_config
 
     raw = tomllib.loads(toml_text)
@@ -49,11 +53,14 @@ def validated_config(toml_text: str, tmp_path: Path):
     for name, stage in raw["stages"].items():
         devices[name] = stage.pop("device", "cpu")
         params = stage.get("params", {})
-        if "tokenizer" in params:
-            stand_in = tmp_path / Path(params["tokenizer"]).name
-            stand_in.write_bytes(b"")
-            params["tokenizer"] = str(stand_in)
-    return pipeline_config.validate(raw), devices
+        for field in ("weights", "tokenizer"):
+            if field in params and not params[field].startswith("hf://"):
+                stand_in = tmp_path / Path(params[field]).name
+                stand_in.write_bytes(b"")
+                params[field] = str(stand_in)
+    host_memory = mock.Mock(available=HOST_MEMORY_BYTES)
+    with mock.patch("psutil.virtual_memory", return_value=host_memory):
+        return pipeline_config.validate(raw), devices
 
 
 def ring_bytes(config) -> int:

@@ -1,5 +1,6 @@
-"""Loading Mimi checkpoints: each way a file can be wrong gives one CheckpointError naming the file and
-the first keys; both spellings of the attention weights and a bfloat16 file load."""
+"""Loading Mimi checkpoints: each way a file can be wrong (keys, shapes, dtypes, NaN or infinite values,
+not safetensors, truncated, a directory) gives one CheckpointError naming the file and the first keys;
+both spellings of the attention weights and a bfloat16 file load."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 
 from stages.errors import CheckpointError
 from stages.mimi.checkpoint import expected_tensors, load_mimi, random_state_dict
+from stages.mimi.stage import STATE_ELEMENTS
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,33 @@ def test_wrong_dtype_is_named(tmp_path, tensors):
     path = _write(tmp_path, {**tensors, "encoder.model.0.conv.conv.bias": bad})
     with pytest.raises(CheckpointError, match="encoder.model.0.conv.conv.bias has dtype int32"):
         load_mimi(path)
+
+
+def test_nan_weights_name_the_first_bad_key(tmp_path, tensors):
+    bad = tensors["decoder.model.0.conv.conv.bias"].clone()
+    bad[7] = float("nan")
+    path = _write(tmp_path, {**tensors, "decoder.model.0.conv.conv.bias": bad})
+    with pytest.raises(CheckpointError, match=r"mimi\.safetensors: key decoder\.model\.0\.conv\.conv\.bias "
+                                              "holds NaN or infinite values"):
+        load_mimi(path)
+
+
+def test_a_truncated_file_is_refused(tmp_path, tensors):
+    path = tmp_path / "cut.safetensors"
+    whole = _write(tmp_path, tensors)
+    with open(whole, "rb") as f:
+        path.write_bytes(f.read(10_000_000))
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
+        load_mimi(str(path))
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: is a directory"):
+        load_mimi(str(tmp_path))
+
+
+def test_state_elements_known_without_torch_match_the_model():
+    assert STATE_ELEMENTS == sum(torch.Size(shape).numel() for shape, _ in expected_tensors().values())
 
 
 def test_a_file_that_is_not_safetensors_is_refused(tmp_path):

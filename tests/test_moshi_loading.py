@@ -1,5 +1,6 @@
 """What a person gets wrong when pointing moshi.step at a model: checkpoints (missing, unexpected,
-misshapen or integer tensors, not safetensors, no file) and config.json keys we do not support."""
+misshapen or integer tensors, NaN or infinite weights, not safetensors, truncated, no file, a directory)
+and config.json keys we do not support or that are missing; the model's size known from its config."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_con
 
 from stages.errors import CheckpointError, ConfigError
 from stages.moshi.checkpoint import load_lm_weights
-from stages.moshi.config import SIZES, from_kyutai_dict, load_config_file
+from stages.moshi.config import SIZE_KEYS, SIZES, from_kyutai_dict, load_config_file
 from stages.moshi.lm import LmModel
 
 MOSHIKO_CONFIG = {  # the LM part of Kyutai's moshiko config.json, plus its file names
@@ -72,6 +73,34 @@ def test_integer_tensor_is_a_dtype_error(tmp_path, state):
         load(tmp_path, state)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_infinite_weights_name_the_key(tmp_path, state, bad):
+    state["depformer.layers.1.gating.3.linear_out.weight"][2, 5] = bad
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: key depformer\.layers\.1\.gating\.3\."
+                                              r"linear_out\.weight holds NaN or infinite values"):
+        load(tmp_path, state)
+
+
+def test_int8_weights_are_a_dtype_error(tmp_path, state):
+    state["text_emb.weight"] = state["text_emb.weight"].to(torch.int8)
+    with pytest.raises(CheckpointError, match=r"text_emb\.weight has dtype int8"):
+        load(tmp_path, state)
+
+
+def test_truncated_file_is_refused_in_one_line(tmp_path, state):
+    whole = (tmp_path / "ok.safetensors").read_bytes()
+    for size in (len(whole) // 2, 40):  # tensors cut off; the header itself cut off
+        (tmp_path / "cut.safetensors").write_bytes(whole[:size])
+        with pytest.raises(CheckpointError, match="cut.safetensors: not a.* safetensors file") as info:
+            load_lm_weights(LmModel(REDUCED), str(tmp_path / "cut.safetensors"))
+        assert "\n" not in str(info.value)
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: is a directory"):
+        load_lm_weights(LmModel(REDUCED), str(tmp_path))
+
+
 def test_not_safetensors_and_no_file(tmp_path):
     junk = tmp_path / "model.safetensors"
     junk.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 10)
@@ -122,6 +151,40 @@ def test_config_file_errors(tmp_path):
         load_config_file(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         from_kyutai_dict([1, 2])
+
+
+def test_an_empty_config_names_the_size_keys_it_lacks_instead_of_meaning_the_7b(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="missing keys " + ", ".join(SIZE_KEYS)):
+        load_config_file(path)
+
+
+def test_a_config_without_some_size_keys_names_just_those(tmp_path):
+    raw = {k: v for k, v in MOSHIKO_CONFIG.items() if k not in ("num_layers", "depformer_dim")}
+    with pytest.raises(ConfigError, match=r"c\.json: missing keys num_layers, depformer_dim: "):
+        from_kyutai_dict(raw, "c.json")
+    del raw["dim"]
+    with pytest.raises(ConfigError, match=r"missing key dim: "):
+        from_kyutai_dict(dict(raw, num_layers=2, depformer_dim=64), "c.json")
+
+
+def test_no_depformer_feedforward_means_hidden_scale_times_depformer_dim_as_for_kyutai():
+    raw = {k: v for k, v in MOSHIKO_CONFIG.items() if k != "depformer_dim_feedforward"}
+    config = from_kyutai_dict(dict(raw, depformer_dim=512, depformer_num_heads=8))
+    assert config.depformer_feedforward == int(4.125 * 512)
+
+
+@pytest.mark.parametrize("config", [
+    REDUCED, SIZES["tiny"], SIZES["7b"],
+    REDUCED.replace(norm="layer_norm", layer_scale=0.1, depformer_layer_scale=0.2),
+    REDUCED.replace(norm="layer_norm_f32", gating="none", depformer_multi_linear=False),
+    REDUCED.replace(depformer_gating="none", depformer_weights_per_step=False, hidden_scale=4.0,
+                    depformer_dim_feedforward=None),
+], ids=["reduced", "tiny", "7b", "layer-norm-and-scales", "ungated", "shared-depformer-weights"])
+def test_parameter_count_from_the_config_is_the_built_models(config):
+    model = LmModel(config, device="meta")  # no memory: the 7B is built as shapes only
+    assert config.parameter_count() == sum(p.numel() for p in model.state_dict().values())
 
 
 def test_reduced_config_round_trips_through_config_json(tmp_path):

@@ -1,11 +1,16 @@
-"""The moshi.step stage through the stage interface: config errors, edge shapes, the warm-up frame
-it declares, greedy outputs equal to Kyutai's LMGen, text events (words with a sentencepiece model
-trained here), reset."""
+"""The moshi.step stage through the stage interface: config errors (paths, seeds, a context, a model
+too big for this machine's memory, all found in the params before any process starts), edge shapes,
+the warm-up frame it declares, greedy outputs equal to Kyutai's LMGen, text events (words with a
+sentencepiece model trained here), reset."""
 
 from __future__ import annotations
 
+import os
+import types
+
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 
 from moshi_support import (REDUCED, one_torch_thread, user_codes, write_checkpoint,  # noqa: F401
                            write_config)
@@ -156,3 +161,68 @@ def test_no_weights_runs_random_weights_and_says_so(capfd):
     assert stage.state.lm.step == 2
     stage.reset()
     assert stage.state.lm.step == 0
+
+
+@pytest.mark.parametrize("field", ["weights", "config", "tokenizer"])
+def test_paths_are_checked_in_the_params_before_any_process_starts(tmp_path, field):
+    cls = find_stage("moshi.step")
+    with pytest.raises(ConfigError, match=rf"stages\.lm\.params\.{field} = .*absent\.x': no such file"):
+        cls.from_config({field: str(tmp_path / "absent.x")}, "stages.lm.params")
+    with pytest.raises(ConfigError, match=rf"stages\.lm\.params\.{field} = .*: is a directory"):
+        cls.from_config({field: str(tmp_path)}, "stages.lm.params")
+
+
+def test_an_unreadable_weights_file_is_named(model_files, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root reads every file: pretend
+    with pytest.raises(ConfigError, match=r"params\.weights = .*lm\.safetensors': is not readable"):
+        find_stage("moshi.step").from_config({"weights": str(model_files / "lm.safetensors")})
+
+
+def test_hf_paths_are_left_for_the_download(model_files):
+    stage = make_stage(model_files, weights="hf://kyutai/moshiko-pytorch-bf16/model.safetensors",
+                       tokenizer="hf://kyutai/moshiko-pytorch-bf16/tokenizer_spm_32k_3.model")
+    assert stage.params.weights.startswith("hf://")
+
+
+def test_a_config_without_a_context_needs_one_in_the_params(model_files, tmp_path):
+    config = write_config(tmp_path / "c.json", context=None)
+    with pytest.raises(ConfigError, match=r"params\.context: the model's config says context = null"):
+        find_stage("moshi.step").from_config({"config": str(config)})
+    assert find_stage("moshi.step").from_config({"config": str(config), "context": 10}).params.context == 10
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_a_seed_torch_would_refuse_or_repeat_is_a_config_error(seed):
+    with pytest.raises(ConfigError, match=rf"params\.seed = {seed}: expected 0 to 2\*\*63 - 1"):
+        find_stage("moshi.step").from_config({"seed": seed})
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_it_is_built(tmp_path):
+    huge = REDUCED.replace(dim=65536, num_heads=64, num_layers=1000)  # about 52 T parameters
+    config = write_config(tmp_path / "huge.json", huge)
+    with pytest.raises(ConfigError, match=r"stages\.lm\.params: a \d+\.\d\d B-parameter Moshi LM in float32 "
+                                          r"needs \d+\.\d GiB of memory .*; this machine has \d+\.\d GiB "
+                                          r"available"):
+        find_stage("moshi.step").from_config({"config": str(config)}, "stages.lm.params")
+
+
+def test_open_checks_memory_again_before_building_the_model(model_files, monkeypatch):
+    import psutil
+
+    stage = make_stage(model_files)  # validated while memory was plentiful
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=0))
+    with pytest.raises(ConfigError, match=r"moshi\.step: a 0\.4 M-parameter Moshi LM in float32 needs .*"
+                                          r"this machine has 0\.0 GiB available"):
+        stage.open("cpu")
+
+
+def test_a_bad_tokenizer_is_refused_before_the_weights_load(model_files, tmp_path):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    damaged = tmp_path / "nan.safetensors"
+    state = write_checkpoint(damaged)
+    state["out_norm.alpha"][0, 0, 0] = float("nan")
+    save_file(state, str(damaged))
+    stage = make_stage(model_files, weights=str(damaged), tokenizer=str(junk))
+    with pytest.raises(ConfigError, match="junk.model.*not a sentencepiece model"):
+        stage.open("cpu")

@@ -14,37 +14,50 @@ from typing import Literal
 import numpy as np
 
 from stages.base import AUDIO_FRAME, FRAME_SAMPLES, NoState, PayloadSpec, Role, Stage
+from stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
+                               checkpoint_load_bytes)
 from stages.errors import ConfigError
 
 TOTAL_CODEBOOKS = 32
 CODEBOOK_BINS = 2048
-
-
-@dataclass
-class MimiParams:
-    weights: str | None = None  # safetensors path or hf://owner/repo/file; None: random weights
-    codebooks: int = 8  # how many of the 32 codebooks to emit (Moshi uses 8)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0  # random weights only
-
-    def validate(self, where: str) -> None:
-        if not 1 <= self.codebooks <= TOTAL_CODEBOOKS:
-            raise ConfigError(f"{where}.codebooks = {self.codebooks}: expected 1 to {TOTAL_CODEBOOKS}")
+# Numbers a Mimi holds: 79.3 M parameters and the codebooks' buffers (the sum over
+# stages.mimi.checkpoint.expected_tensors(), kept here so that params are checked without torch).
+STATE_ELEMENTS = 96_151_393
 
 
 @dataclass
 class MimiDecodeParams:
-    weights: str | None = None
+    weights: str | None = None  # safetensors path or hf://owner/repo/file; None: random weights
     dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0
+    seed: int = 0  # random weights only
 
     def validate(self, where: str) -> None:
-        pass
+        check_local_file(self.weights, f"{where}.weights")
+        check_seed(self.seed, f"{where}.seed")
+        check_mimi_memory(self.weights, where)
+
+
+@dataclass
+class MimiParams(MimiDecodeParams):
+    codebooks: int = 8  # how many of the 32 codebooks to emit (Moshi uses 8)
+
+    def validate(self, where: str) -> None:
+        if not 1 <= self.codebooks <= TOTAL_CODEBOOKS:
+            raise ConfigError(f"{where}.codebooks = {self.codebooks}: expected 1 to {TOTAL_CODEBOOKS}")
+        super().validate(where)
+
+
+def check_mimi_memory(weights: str | None, where: str) -> None:
+    """ConfigError when a Mimi (built in float32 whatever its dtype, plus the checkpoint file read whole
+    while it loads) would not fit in the memory available now."""
+    need = STATE_ELEMENTS * DTYPE_BYTES["float32"] + checkpoint_load_bytes(weights)
+    check_memory_fits(need, "a Mimi codec", where)
 
 
 def _load_model(kind: str, weights: str | None, dtype_name: str, seed: int, device: str):
     if device != "cpu":
         raise ConfigError(f"{kind}: device {device!r}: this Mimi runs on the CPU only")
+    check_mimi_memory(weights, kind)  # again: a stage built from params directly never validated them
     import torch  # only when a model stage is opened
 
     from stages.mimi.checkpoint import load_mimi

@@ -77,6 +77,32 @@ class LmConfig:
     def max_delay(self) -> int:
         return max(self.delays)
 
+    @property
+    def depformer_steps(self) -> int:
+        """Sets of depformer weights: one per codebook step, or one shared."""
+        return self.dep_q if self.depformer_weights_per_step else 1
+
+    def parameter_count(self) -> int:
+        """Parameters LmModel(self) holds, counted from the sizes alone (no torch): what the model will
+        cost in memory is known before anything is allocated. tests/test_moshi_loading.py checks it
+        against the built model."""
+        text_rows, audio_rows = self.text_card + 1, self.card + 1
+        temporal = (self.n_q * audio_rows * self.dim + text_rows * self.dim + self.text_card * self.dim
+                    + _norm_parameters(self.norm, self.dim)
+                    + self.num_layers * _layer_parameters(self.dim, self.dim_feedforward, self.norm,
+                                                          self.gating, 1, self.layer_scale))
+        depformer_in = (self.dep_q if self.depformer_multi_linear else 1) * self.dim * self.depformer_dim
+        depformer = (depformer_in + (self.dep_q - 1) * audio_rows * self.depformer_dim
+                     + text_rows * self.depformer_dim + self.dep_q * self.depformer_dim * self.card
+                     + self.depformer_num_layers * _layer_parameters(
+                         self.depformer_dim, self.depformer_feedforward, self.norm,
+                         self.depformer_gating, self.depformer_steps, self.depformer_layer_scale))
+        return temporal + depformer
+
+    def kv_cache_elements(self, context: int | None = None) -> int:
+        """Elements of one conversation's temporal KV cache (keys and values of every layer)."""
+        return 2 * self.num_layers * (context or self.context or 0) * self.dim
+
     def replace(self, **changes: Any) -> "LmConfig":
         return dataclasses.replace(self, **changes)
 
@@ -122,6 +148,35 @@ class LmConfig:
 NORMS = ("rms_norm_f32", "rms_norm", "layer_norm", "layer_norm_f32")
 ACTIVATIONS = ("silu", "gelu", "relu", "sigmoid", "tanh")
 
+
+def gated_hidden_size(dim: int, dim_feedforward: int) -> int:
+    """Hidden width of a gated feed-forward, as Kyutai sizes it (keeps parameters near 8 d^2)."""
+    if dim_feedforward == 4 * dim:
+        return (21 * dim) // 8
+    return (2 * dim_feedforward) // 3
+
+
+def _norm_parameters(norm: str, dim: int) -> int:
+    return dim if norm.startswith("rms_norm") else 2 * dim  # a LayerNorm has a bias too
+
+
+def _layer_parameters(dim: int, dim_feedforward: int, norm: str, gating: str, steps: int,
+                      layer_scale: float | None) -> int:
+    """Parameters of one TransformerLayer (stages/moshi/transformer.py) with `steps` sets of weights."""
+    attention = steps * 4 * dim * dim  # in_proj 3 d^2 + out_proj d^2
+    if gating == "none":
+        feed_forward = 2 * dim * dim_feedforward  # one ungated feed-forward, whatever the steps
+    else:
+        feed_forward = steps * 3 * dim * gated_hidden_size(dim, dim_feedforward)
+    scales = 2 * dim if layer_scale is not None else 0
+    return attention + feed_forward + 2 * _norm_parameters(norm, dim) + scales
+
+
+# Keys a config.json must give: they set the size of every weight. A default here would quietly build
+# another model (ours are the 7B's sizes, the reference's a toy's): a `{}` config was a 7B in float32.
+SIZE_KEYS = ("dim", "num_heads", "num_layers", "hidden_scale", "text_card", "card", "n_q", "dep_q",
+             "depformer_dim", "depformer_num_heads", "depformer_num_layers")
+
 # Keys of a Kyutai config.json that describe files or generation defaults, not the LM's shape.
 _METADATA_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_id",
                   "lm_gen_config", "model_type"}
@@ -146,8 +201,13 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
     Raises ConfigError naming the key for unknown keys, unsupported values and wrong types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    missing = [key for key in SIZE_KEYS if key not in raw]
+    if missing:
+        raise ConfigError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+                          "a Moshi LM config.json gives the model's sizes")
     fields = {f.name: f for f in dataclasses.fields(LmConfig)}
-    values: dict[str, Any] = {}
+    # absent, it means what it means to Kyutai's LMModel: hidden_scale x depformer_dim (not our 4224)
+    values: dict[str, Any] = {"depformer_dim_feedforward": None}
     for key, value in raw.items():
         if key in _METADATA_KEYS:
             if key == "model_type" and value not in ("moshi", None):

@@ -14,8 +14,11 @@ from typing import Literal
 import numpy as np
 
 from stages.base import PayloadSpec, Role, Stage
+from stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
+                               checkpoint_load_bytes, resolve_weights_path)
 from stages.errors import ConfigError
 from stages.moshi.config import LmConfig, config_for_size, load_config_file
+from stages.moshi.tokenizer import TextTokenizer
 
 WARM_UP_STEPS = 3
 
@@ -45,10 +48,14 @@ class MoshiStepParams:
                 raise ConfigError(f"{where}.{name} = {getattr(self, name)}: expected >= 0")
         if self.context is not None and self.context <= 0:
             raise ConfigError(f"{where}.context = {self.context}: expected a positive number of steps")
-        if (self.tokenizer is not None and not self.tokenizer.startswith("hf://")
-                and not os.path.isfile(self.tokenizer)):
-            raise ConfigError(f"{where}.tokenizer = {self.tokenizer!r}: no such file")
-        lm_config(self, where)  # a bad size or config.json is a config error now, not at open()
+        check_seed(self.seed, f"{where}.seed")
+        for name in ("config", "weights", "tokenizer"):
+            check_local_file(getattr(self, name), f"{where}.{name}")
+        config = lm_config(self, where)  # a bad size or config.json is a config error now, not at open()
+        if self.context is None and config.context is None:
+            raise ConfigError(f"{where}.context: the model's config says context = null; give the KV "
+                              "cache's size in steps")
+        check_lm_memory(config, self, where)
 
 
 def lm_config(params: MoshiStepParams, where: str = "params") -> LmConfig:
@@ -56,6 +63,19 @@ def lm_config(params: MoshiStepParams, where: str = "params") -> LmConfig:
     if params.config is not None:
         return load_config_file(params.config)
     return config_for_size(params.size, f"{where}.size")
+
+
+def check_lm_memory(config: LmConfig, params: MoshiStepParams, where: str) -> None:
+    """ConfigError when the model (its parameters and one conversation's KV cache in params.dtype, plus
+    the checkpoint file read whole while it loads) would not fit in the memory available now."""
+    elements = config.parameter_count() + config.kv_cache_elements(params.context)
+    need = elements * DTYPE_BYTES[params.dtype] + checkpoint_load_bytes(params.weights)
+    what = f"a {_parameters_text(config.parameter_count())} Moshi LM in {params.dtype}"
+    check_memory_fits(need, what, where)
+
+
+def _parameters_text(count: int) -> str:
+    return f"{count / 1e9:.2f} B-parameter" if count >= 1e9 else f"{count / 1e6:.1f} M-parameter"
 
 
 @dataclass
@@ -104,6 +124,12 @@ class MoshiStep(Stage):
         from stages.moshi.streaming import LmStreamer
 
         p = self.params
+        # before the model: a bad tokenizer is said at once, not after a minute of loading weights
+        self._tokenizer = self._open_tokenizer()
+        if device == "cpu":
+            # again here: other stages may have taken memory since validate(), and a stage built from
+            # params directly never ran it
+            check_lm_memory(self.config, p, "moshi.step")
         dtype = torch.bfloat16 if p.dtype == "bfloat16" else torch.float32
         model = LmModel(self.config, dtype=dtype, device=device)
         if p.weights is None:
@@ -126,13 +152,14 @@ class MoshiStep(Stage):
         for _ in range(WARM_UP_STEPS):
             self._streamer.step(scratch, [0] * self.config.user_q)
         del scratch
-        if p.tokenizer is not None:
-            from stages.checkpoint import resolve_weights_path
-            from stages.moshi.tokenizer import TextTokenizer
-            self._tokenizer = TextTokenizer(resolve_weights_path(p.tokenizer),
-                                            (self.config.existing_text_padding_id,
-                                             self.config.existing_text_end_padding_id))
         self.reset()
+
+    def _open_tokenizer(self) -> TextTokenizer | None:
+        if self.params.tokenizer is None:
+            return None
+        return TextTokenizer(resolve_weights_path(self.params.tokenizer),
+                             (self.config.existing_text_padding_id,
+                              self.config.existing_text_end_padding_id))
 
     def reset(self) -> None:
         seed = self.params.seed

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.moshi.config import gated_hidden_size
+
 ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid,
                   "tanh": torch.tanh}
 
@@ -52,13 +54,6 @@ def make_norm(kind: str, dim: int, dtype=None, device=None) -> nn.Module:
     if kind == "layer_norm_f32":
         return LayerNormF32(dim, eps=1e-8, device=device)
     raise ValueError(f"unknown norm {kind!r}")
-
-
-def gated_hidden_size(dim: int, dim_feedforward: int) -> int:
-    """Hidden width of a gated feed-forward, as Kyutai sizes it (keeps parameters near 8 d^2)."""
-    if dim_feedforward == 4 * dim:
-        return (21 * dim) // 8
-    return (2 * dim_feedforward) // 3
 
 
 class ActivationGating(nn.Module):
