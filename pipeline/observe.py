@@ -71,7 +71,6 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
     Raises ConfigError naming the flag and what is wrong. (The observers themselves start later, once every
     stage is up; this only saves a model's loading time when a flag is wrong.)
     """
-    import os
     import socket
 
     from stages.errors import ConfigError
