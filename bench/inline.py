@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from bench.arguments import check_frames, check_thread_counts, one_line_errors
 from pipeline.metrics import summarize_ms
 from stages.base import FRAME_MS, FRAME_SAMPLES
 from stages.registry import find_stage
@@ -72,6 +73,7 @@ def measure(threads: int, frames: int, warmup: int) -> dict:
     }
 
 
+@one_line_errors("rtpipe bench inline")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtpipe bench inline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200, help="timed frames per run (default 200)")
@@ -79,8 +81,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads to try")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.warmup < 0:
-        parser.error("--frames must be at least 1 and --warmup not negative")
+    check_frames(args.frames, args.warmup)  # the speech is held whole: 7.7 kB a frame
+    check_thread_counts(args.threads)
 
     runs = []
     for threads in args.threads:

@@ -13,10 +13,15 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
 import time
 
 import numpy as np
+
+from bench.arguments import DEFAULT_THREADS, MAX_FRAMES, one_line_errors, parse_thread_counts
+from pipeline.arguments import check_range
+from stages.errors import ConfigError
 
 # Kyutai's RMSNorm is wrapped in torch.compile; without this its first step takes seconds.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -26,13 +31,15 @@ DEFAULT_FRAMES = {"tiny": (200, 20), "small": (100, 10), "medium": (30, 5), "lar
                   "7b": (50, 5)}
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 SHARE_LIMIT_BYTES = 4 << 30  # above this, the reference runs alone and is freed before ours
+MAX_CONTEXT = 100_000  # KV window in steps: 33x Moshi's 3000; the 7B's cache is 1 MB a step in fp32
+MAX_START_STEP = 10**9  # 2.5 years of 80 ms frames
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtpipe bench lm", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,small,medium,large",
                    help="comma-separated built-in sizes (tiny, small, medium, large, 7b)")
-    p.add_argument("--threads", default="1,2", help="torch thread counts to time, e.g. 1,2")
+    p.add_argument("--threads", default=DEFAULT_THREADS, help="torch thread counts to time, e.g. 1,2")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
     p.add_argument("--frames", type=int, default=None, help="timed frames per case (default: by size)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: by size)")
@@ -216,19 +223,77 @@ def print_table(report: dict) -> None:
     print("x = ours / reference in this run (below 1: ours is faster)")
 
 
+def _dtypes(text: str) -> list[str]:
+    names = [d for d in text.split(",") if d]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown or not names:
+        raise ConfigError(f"--dtypes: unknown dtype {unknown[0] if unknown else text!r} (fp32, bf16)")
+    return [DTYPES[d] for d in names]
+
+
+def _core_list(text: str) -> list[int]:
+    """'0,1' -> [0, 1]; ConfigError unless this process may run on each of them."""
+    from pipeline.config import available_cores
+
+    try:
+        cores = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--cores {text!r}: expected core numbers like 0 or 0,1") from None
+    allowed = available_cores()
+    if any(c not in allowed for c in cores):
+        raise ConfigError(f"--cores {text}: this process may run on cores {','.join(map(str, allowed))}")
+    return cores
+
+
+def _check_device(device: str) -> None:
+    from pipeline.config import _check_cuda
+
+    if not re.fullmatch(r"cpu|cuda:\d+", device):
+        raise ConfigError(f"--device {device!r}: expected cpu or cuda:N")
+    if device != "cpu":
+        _check_cuda(device, "--device")
+
+
+def _check_sizes(sizes: list[str], dtypes: list[str], context: int | None, device: str) -> None:
+    """ConfigError for an unknown size, or (on the CPU) a model that would not fit in memory: what the
+    moshi.step stage checks of the same size, before anything is built."""
+    from stages.moshi.config import config_for_size
+    from stages.registry import find_stage
+
+    if not sizes:
+        raise ConfigError("--sizes: expected sizes like tiny,small")
+    for size in sizes:
+        config_for_size(size, "--sizes")
+        for dtype in dtypes:
+            if device == "cpu":
+                params = {"size": size, "dtype": dtype, **({"context": context} if context else {})}
+                find_stage("moshi.step").from_config(params, f"--sizes {size} --dtypes {dtype}")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.frames is not None:
+        check_range("--frames", args.frames, 1, MAX_FRAMES)
+    if args.warmup is not None:
+        check_range("--warmup", args.warmup, 0, MAX_FRAMES)
+    if args.context is not None:
+        check_range("--context", args.context, 1, MAX_CONTEXT)
+    check_range("--start-step", args.start_step, 0, MAX_START_STEP)
+    _check_device(args.device)
+
+
+@one_line_errors("rtpipe bench lm")
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
-    threads = [int(n) for n in args.threads.split(",") if n]
-    try:
-        dtypes = [DTYPES[d] for d in args.dtypes.split(",") if d]
-    except KeyError as e:
-        print(f"rtpipe bench lm: --dtypes: unknown dtype {e.args[0]!r} (fp32, bf16)", file=sys.stderr)
-        return 2
-    if args.cores:
+    threads = parse_thread_counts(args.threads)
+    dtypes = _dtypes(args.dtypes)
+    _check_arguments(args)
+    cores = _core_list(args.cores) if args.cores else None
+    _check_sizes(sizes, dtypes, args.context, args.device)
+    if cores:
         import psutil
 
-        psutil.Process().cpu_affinity([int(c) for c in args.cores.split(",")])
+        psutil.Process().cpu_affinity(cores)
     with_reference = not args.no_reference
     if with_reference:
         try:

@@ -17,6 +17,11 @@ import time
 
 import numpy as np
 
+from bench.arguments import DEFAULT_THREADS, MAX_FRAMES, check_frames, one_line_errors, parse_thread_counts
+from pipeline.arguments import check_range
+from pipeline.cmd_mimi import check_weights
+from stages.errors import ConfigError
+
 FRAME_SAMPLES = 1920
 FRAME_MS = 80.0
 
@@ -117,29 +122,35 @@ def run_config(torch, impls, signal, frames, warmup) -> dict[str, dict[str, list
     return times
 
 
-def main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpipe bench mimi", description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=200, help="timed frames per configuration")
+    parser.add_argument("--frames", type=int, default=200,
+                        help=f"timed frames per configuration, 1 to {MAX_FRAMES}")
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames first")
-    parser.add_argument("--threads", default="1,2", help="torch thread counts, comma separated")
+    parser.add_argument("--threads", default=DEFAULT_THREADS, help="torch thread counts, comma separated")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
-    parser.add_argument("--codebooks", type=int, default=8)
+    parser.add_argument("--codebooks", type=int, default=8, help="1 to 32 (default 8)")
     parser.add_argument("--weights", default=None, help="Mimi safetensors (default: seeded random)")
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
-    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in dtype_names if d not in ("float32", "bfloat16")]
-    if bad or not dtype_names:
-        print(f"rtpipe: bench mimi: --dtypes {args.dtypes!r}: expected float32 and/or bfloat16", file=sys.stderr)
-        return 2
-    try:
-        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
-        if not thread_counts or min(thread_counts) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"rtpipe: bench mimi: --threads {args.threads!r}: expected counts like 1,2", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _dtype_names(text: str) -> list[str]:
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names or any(d not in ("float32", "bfloat16") for d in names):
+        raise ConfigError(f"--dtypes {text!r}: expected float32 and/or bfloat16")
+    return names
+
+
+@one_line_errors("rtpipe bench mimi")
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    dtype_names = _dtype_names(args.dtypes)
+    thread_counts = parse_thread_counts(args.threads)
+    check_frames(args.frames, args.warmup)
+    check_range("--codebooks", args.codebooks, 1, 32)
+    check_weights(args.weights)
 
     import torch
 

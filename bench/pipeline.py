@@ -16,6 +16,7 @@ import time
 import numpy as np
 import psutil
 
+from bench.arguments import MAX_SPIN_US
 from pipeline import realtime
 from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
 from stages.base import EndOfStream
@@ -277,6 +278,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.frames <= WARMUP_FRAMES + 10:
         parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
+    if not 0 <= args.spin_us <= MAX_SPIN_US:
+        parser.error(f"--spin-us {args.spin_us}: expected 0 to {MAX_SPIN_US}")
     n_cores = psutil.cpu_count() or 1
     cores = (args.cores or default_placement(n_cores)) if args.pin else None
     if cores and max(cores) >= n_cores:

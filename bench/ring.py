@@ -22,8 +22,11 @@ import time
 
 import numpy as np
 
+from bench.arguments import MAX_SPIN_US, one_line_errors
+from pipeline.arguments import check_range
 from shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
 from shm.segment import Segment
+from stages.errors import ConfigError
 
 FRAME_SAMPLES = 1920
 FRAME_BYTES = FRAME_SAMPLES * 4
@@ -33,6 +36,8 @@ RING_SLOTS = 4
 PIPELINE_SPIN_US = 500  # what pipeline rings use: spin around a frame's due time, at most this long
 TRANSPORTS = ["rtpipe", "mp_queue", "mp_pipe", "zmq_ipc", "busy_poll_floor", "eventfd_floor"]
 TIMEOUT_S = 30.0
+MAX_PACED_FRAMES = 100_000  # 2.2 hours per transport and placement
+MAX_FULL_FRAMES = 10_000_000  # the receiver keeps each latency: 80 MB
 CTX = mp.get_context("fork")  # fork: the eventfd floor's descriptor is inherited, nothing to pass
 
 _now_ns = time.monotonic_ns
@@ -394,6 +399,29 @@ def table(title: str, transports: dict) -> str:
     return "\n".join(lines)
 
 
+def _transport_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TRANSPORTS]
+    if unknown or not names:
+        raise ConfigError(f"--transports {text!r}: choose from {','.join(TRANSPORTS)}")
+    return names
+
+
+def _check_nice_allowed(nice: int) -> None:
+    """ConfigError when the measuring processes could not take niceness `nice` (a negative change needs
+    root or CAP_SYS_NICE): tried on this process and undone, before anything forks."""
+    if nice >= 0:
+        return
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, before + nice)
+    except PermissionError:
+        raise ConfigError(f"--nice {nice}: not permitted (a negative change needs root or "
+                          "CAP_SYS_NICE)") from None
+    os.setpriority(os.PRIO_PROCESS, 0, before)  # raising it back is always allowed
+
+
+@one_line_errors("rtpipe bench ring")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtpipe bench ring", description=__doc__)
     parser.add_argument("--frames", type=int, default=100, help="paced frames per transport (80 ms apart; default 100)")
@@ -404,10 +432,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-same-core", action="store_true", help="skip the same-core placement")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.transports.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TRANSPORTS]
-    if unknown or args.frames < 1 or args.full_frames < 2:
-        parser.error(f"unknown transports {unknown}; choose from {TRANSPORTS}" if unknown else "need --frames >= 1 and --full-frames >= 2")
+    names = _transport_names(args.transports)
+    check_range("--frames", args.frames, 1, MAX_PACED_FRAMES)
+    check_range("--full-frames", args.full_frames, 2, MAX_FULL_FRAMES)
+    check_range("--spin-us", args.spin_us, 0, MAX_SPIN_US)
+    check_range("--nice", args.nice, -20, 19)
+    _check_nice_allowed(args.nice)
     NICE[0] = args.nice
     cores = sorted(os.sched_getaffinity(0))
     separate = (cores[0], cores[-1]) if len(cores) > 1 else (None, None)

@@ -9,7 +9,9 @@ import argparse
 import os
 import sys
 
-from pipeline.plot import ReportError, load_report, plot_report
+from pipeline.observe import check_output_path
+from pipeline.plot import load_report, plot_report
+from stages.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +25,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_image_path(path: str) -> None:
+    """ConfigError naming -o unless an image can be written at `path` in a format matplotlib knows
+    (it picks the format from the extension, and adds .png to a name without one)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    check_output_path(path, "-o")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        what = f".{extension}" if extension else "a file without an extension"
+        known = ", ".join(f".{name}" for name in sorted(formats))
+        raise ConfigError(f"-o {path}: matplotlib cannot write {what} (it writes {known})")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     report = load_report(args.report)
     output = args.output or os.path.splitext(args.report)[0] + ".png"
-    try:
-        plot_report(report, output, title=args.title)
-    except OSError as e:
-        raise ReportError(f"{output}: cannot write the plot ({e.strerror or e})") from None
+    check_image_path(output)
+    plot_report(report, output, title=args.title)
     print(f"rtpipe: wrote {output}", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ distribution, and a stacked bar of the median budget (capture, each stage, each 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -76,8 +77,8 @@ def load_report(path: str | os.PathLike) -> dict:
         if bad is not None:
             raise ReportError(f"{path}: samples.{key}[{bad}] = {values[bad]!r}: not a number")
     frame_ms = report.get("frame_ms", 80.0)
-    if not isinstance(frame_ms, (int, float)) or frame_ms <= 0:
-        raise ReportError(f"{path}: frame_ms = {frame_ms!r}: not a positive number")
+    if isinstance(frame_ms, bool) or not isinstance(frame_ms, (int, float)) or not 0 < frame_ms < math.inf:
+        raise ReportError(f"{path}: frame_ms = {frame_ms!r}: not a finite positive number")
     return report
 
 
@@ -178,5 +179,17 @@ def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, t
 
     fig.tight_layout()
     if output_path is not None:
-        fig.savefig(os.fspath(output_path), dpi=100)
+        save_plot(fig, output_path)
     return fig
+
+
+def save_plot(fig, path: str | os.PathLike) -> None:
+    """Writes `fig` at `path` in the format its extension names. Raises ReportError naming the file
+    when it cannot: a directory, a full disk, or a format whose tool is missing (pgf needs xelatex)."""
+    path = os.fspath(path)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise ReportError(f"{path}: cannot write the plot ({e.strerror or e})") from None
+    except RuntimeError as e:  # matplotlib's word for a missing external tool
+        raise ReportError(f"{path}: cannot write the plot ({' '.join(str(e).split())})") from None

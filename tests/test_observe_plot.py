@@ -75,3 +75,58 @@ def test_report_with_a_non_number_sample_names_it(tmp_path):
     path.write_text(json.dumps(report))
     with pytest.raises(ReportError, match=r"samples.wait_ms.encode->lm\[3\] = 'slow': not a number"):
         load_report(path)
+
+
+@pytest.fixture
+def no_drawing(monkeypatch):
+    """Drawing fails the test: a bad output must be refused before the plot is drawn."""
+    def draw(*args, **kwargs):
+        raise AssertionError("the plot was drawn before the bad output was refused")
+
+    monkeypatch.setattr(cmd_plot, "plot_report", draw)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("latency.txt", "matplotlib cannot write .txt (it writes "),
+    ("latency", "matplotlib cannot write a file without an extension"),  # it would write latency.png
+    ("nodir/latency.png", "no such directory"),
+])
+def test_an_output_matplotlib_cannot_write_is_one_line_before_drawing(tmp_path, capsys, no_drawing,
+                                                                      output, message):
+    path, _ = _report_file(tmp_path, n=5)
+    assert rtpipe(["plot", str(path), "-o", str(tmp_path / output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtpipe: config error: -o ") and message in err and "\n" not in err
+
+
+def test_the_formats_offered_are_matplotlibs_own(tmp_path, capsys):
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path, _ = _report_file(tmp_path, n=5)
+    assert rtpipe(["plot", str(path), "-o", str(tmp_path / "x.txt")]) == 2
+    offered = capsys.readouterr().err.split("(it writes ")[1].rstrip(")\n").split(", ")
+    assert offered == sorted(f".{name}" for name in FigureCanvasBase.get_supported_filetypes())
+    assert rtpipe(["plot", str(path), "-o", str(tmp_path / "latency.SVG")]) == 0
+    assert (tmp_path / "latency.SVG").read_text().lstrip().startswith("<?xml")
+
+
+def test_a_format_whose_tool_is_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def savefig(self, *args, **kwargs):  # what the pgf backend raises without xelatex
+        raise RuntimeError("'xelatex' not found; install it or change rcParams['pgf.texsystem']\nto one")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    path, _ = _report_file(tmp_path, n=5)
+    assert rtpipe(["plot", str(path), "-o", str(tmp_path / "latency.pgf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtpipe: report error: ") and "'xelatex' not found" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("frame_ms", [float("inf"), float("nan"), True])
+def test_a_frame_length_that_is_not_a_finite_positive_number_is_refused(tmp_path, frame_ms):
+    path, report = _report_file(tmp_path, n=5)
+    report["frame_ms"] = frame_ms
+    path.write_text(json.dumps(report))
+    with pytest.raises(ReportError, match="frame_ms = .*: not a finite positive number"):
+        load_report(path)
