@@ -127,14 +127,25 @@ def check_distinct_files(cfg, args: argparse.Namespace) -> None:
     if sink.kind == "playback.file":
         files["the output"] = sink.params_raw.get("path") or DEFAULT_OUTPUT
     files.update({"--report": args.report, "--trace": getattr(args, "trace", None)})
-    seen: dict[str, str] = {}
+    seen: dict[object, str] = {}
     for name, path in files.items():
         if not path:
             continue
-        real = os.path.realpath(os.path.expanduser(path))
-        if real in seen:
-            raise ConfigError(f"{name} {path} is also {seen[real]}: give each its own file")
-        seen[real] = name
+        key = _file_identity(path)
+        if key in seen:
+            raise ConfigError(f"{name} {path} is also {seen[key]}: give each its own file")
+        seen[key] = name
+
+
+def _file_identity(path: str) -> object:
+    """What makes two paths one file: device and inode when it exists (hard links too), else the
+    resolved path (a file still to be written)."""
+    path = os.path.expanduser(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 def format_table(report: dict) -> str:

@@ -244,7 +244,8 @@ class Supervisor:
             "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
             "liveness": self.settings.liveness, "sys_path": [p for p in sys.path if p],
             # the source waits until every stage is up, so the first frames do not queue behind loading
-            "start_paused": index == 0 and sp.incarnation == 0,
+            # (also one restarted before then: it would block behind the loading, then burst)
+            "start_paused": index == 0 and not self.ready_event.is_set(),
         }
         env = dict(os.environ, **self.extra_env)
         env[STAGE_SPEC_ENV] = json.dumps(host_spec)

@@ -122,6 +122,27 @@ def test_a_stage_killed_while_it_opens_is_restarted_and_the_run_completes(tmp_pa
     assert run_segments(supervisor.run_id) == []
 
 
+def test_a_source_restarted_while_others_still_open_waits_for_them_too(tmp_path):
+    # the first source process waits, paused, until every stage is up; one restarted before then must
+    # as well, or its frames queue behind the loading model and burst out late
+    marker = tmp_path / "opening"
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
+                       [{"kind": "codec.pcm"},
+                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 3.0}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"}, supervisor={"restart_backoff_ms": 50})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    thread, results = start_in_thread(supervisor)
+    wait_until(marker.exists, 60, "lm to begin opening")
+    os.kill(supervisor.stages["capture"].pid, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    report = results[0].report
+    assert report["stages"]["capture"]["restarts"] == 1
+    assert report["frames"] == 25 and report["frames_lost"] == 0
+    assert all(edge["blocked"] == 0 for edge in report["edges"].values()), report["edges"]
+
+
 def test_a_stop_while_a_stage_still_opens_ends_the_run_without_waiting_for_it(tmp_path):
     marker = tmp_path / "opening"
     raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},

@@ -165,19 +165,23 @@ def test_what_a_run_says_it_chose_is_what_set_left(tmp_path):
 @pytest.mark.parametrize("flags, complaint", [
     (["--output", "{wav}"], "the output {wav} is also the input"),
     (["--output", "{link}"], "the output {link} is also the input"),
+    (["--output", "{hard}"], "the output {hard} is also the input"),
+    (["--output", "out.wav", "--report", "{hard}"], "--report {hard} is also the input"),
     (["--output", "out.wav", "--report", "{wav}"], "--report {wav} is also the input"),
     (["--output", "out.wav", "--report", "out.wav"], "--report out.wav is also the output"),
     (["--output", "out.wav", "--report", "r.json", "--trace", "r.json"], "--trace r.json is also --report"),
 ])
 def test_a_run_refuses_to_write_over_its_own_input_or_outputs(tmp_path, flags, complaint):
-    wav, link = tmp_path / "in.wav", tmp_path / "link.wav"
+    wav, link, hard = tmp_path / "in.wav", tmp_path / "link.wav", tmp_path / "hard.wav"
     sf.write(str(wav), np.full(4000, 0.25, np.float32), 24_000)
     link.symlink_to(wav)
+    os.link(wav, hard)
     before = wav.read_bytes()
-    flags = [f.format(wav=wav, link=link) for f in flags]
+    names = {"wav": wav, "link": link, "hard": hard}
+    flags = [f.format(**names) for f in flags]
     result = run_cli(["--input", str(wav), *flags, "--no-live"], cwd=tmp_path)
     assert result.returncode == 2
-    assert complaint.format(wav=wav, link=link) in result.stderr
+    assert complaint.format(**names) in result.stderr
     assert wav.read_bytes() == before  # nothing started, nothing written
 
 
