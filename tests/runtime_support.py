@@ -5,6 +5,7 @@ configs for real multi-process runs, and waiting on processes without sleeping b
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -171,3 +172,29 @@ class SlowOpen(Stage):
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         return frame
+
+
+def read_line_with(proc, text: str, timeout_s: float) -> str:
+    """The first line of a subprocess's stdout (text mode) holding `text`; fails the test after timeout_s
+    or when the process ends first, showing what it printed."""
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if text in line:
+                return line
+    raise AssertionError(f"no line with {text!r} in {timeout_s} s; got {seen}")
+
+
+def gone(process) -> bool:
+    """Has this psutil.Process exited (a zombie counts: only its parent's wait is missing)?"""
+    import psutil
+
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

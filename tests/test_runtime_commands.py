@@ -14,9 +14,9 @@ import pytest
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
+from runtime_support import (TESTS_DIR, chain_config, frames_at_sink, read_line_with, run_segments, start_in_thread,
+                             wait_until)
 from shm.frame import FLAG_DISCONTINUITY
-from test_runtime_failures import read_line_with
 
 
 def fill(supervisor: Supervisor, edge: str) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ import soundfile as sf
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, Supervisor
-from runtime_support import TESTS_DIR, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
+from runtime_support import (TESTS_DIR, chain_config, frames_at_sink, gone, read_line_with, run_segments,
+                             start_in_thread, wait_until)
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
@@ -97,16 +97,22 @@ def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
     assert run_segments(supervisor.run_id) == []
 
 
+def slow_open_chain(marker, open_s: float, pace: bool = True, **supervisor) -> Supervisor:
+    """2 s of tone through an lm that takes `open_s` to open (writing `marker` when it begins), as a
+    model loading does: for what happens to stages before every one is up."""
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0, "pace": pace}},
+                       [{"kind": "codec.pcm"},
+                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": open_s}},
+                        {"kind": "codec.pcm"}],
+                       {"kind": "playback.null"}, supervisor=supervisor or None)
+    return Supervisor(pipeline_config.validate(raw), handle_signals=False)
+
+
 def test_a_stage_killed_while_it_opens_is_restarted_and_the_run_completes(tmp_path):
     # a model loading for seconds is a wide window for a SIGKILL or the OOM killer: that is a death
     # like any other, not a stage that cannot start
     marker = tmp_path / "opening"
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0, "pace": False}},
-                       [{"kind": "codec.pcm"},
-                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 1.0}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, supervisor={"restart_backoff_ms": 50})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    supervisor = slow_open_chain(marker, 1.0, pace=False, restart_backoff_ms=50)
     thread, results = start_in_thread(supervisor)
     victim = int(wait_until(lambda: marker.exists() and marker.read_text(), 60, "lm to begin opening"))
     marker.unlink()
@@ -126,12 +132,7 @@ def test_a_source_restarted_while_others_still_open_waits_for_them_too(tmp_path)
     # the first source process waits, paused, until every stage is up; one restarted before then must
     # as well, or its frames queue behind the loading model and burst out late
     marker = tmp_path / "opening"
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
-                       [{"kind": "codec.pcm"},
-                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 3.0}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, supervisor={"restart_backoff_ms": 50})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    supervisor = slow_open_chain(marker, 3.0, restart_backoff_ms=50)
     thread, results = start_in_thread(supervisor)
     wait_until(marker.exists, 60, "lm to begin opening")
     os.kill(supervisor.stages["capture"].pid, signal.SIGKILL)
@@ -145,12 +146,7 @@ def test_a_source_restarted_while_others_still_open_waits_for_them_too(tmp_path)
 
 def test_a_stop_while_a_stage_still_opens_ends_the_run_without_waiting_for_it(tmp_path):
     marker = tmp_path / "opening"
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
-                       [{"kind": "codec.pcm"},
-                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": 600.0}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    supervisor = slow_open_chain(marker, 600.0)
     thread, results = start_in_thread(supervisor)
     wait_until(marker.exists, 60, "lm to begin opening")
     supervisor.request_stop("test")
@@ -161,12 +157,7 @@ def test_a_stop_while_a_stage_still_opens_ends_the_run_without_waiting_for_it(tm
 
 
 def test_a_stage_whose_open_fails_stops_the_run_without_restarts(tmp_path):
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
-                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
-                                                "params": {"marker": str(tmp_path / "no-such-dir" / "m")}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    supervisor = slow_open_chain(tmp_path / "no-such-dir" / "m", 2.0)  # open() cannot write its marker
     result = supervisor.run()
     assert result.exit_code == EXIT_FAILED
     assert result.error.startswith("stages.lm: could not start: FileNotFoundError")
@@ -175,12 +166,7 @@ def test_a_stage_whose_open_fails_stops_the_run_without_restarts(tmp_path):
 
 
 def test_a_stage_that_opens_too_slowly_stops_the_run_without_restarts(tmp_path):
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
-                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:SlowOpen",
-                                                "params": {"marker": str(tmp_path / "m"), "seconds": 60.0}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, supervisor={"start_timeout_s": 3.0})
-    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    supervisor = slow_open_chain(tmp_path / "m", 60.0, start_timeout_s=3.0)
     result = supervisor.run()
     assert result.exit_code == EXIT_FAILED
     # lm, unless a loaded machine kept another stage from even importing within the 3 s
@@ -205,28 +191,6 @@ def test_hung_stage_is_killed_and_restarted(tmp_path):
     assert report["stages"]["lm"]["restarts"] == 1
     assert report["frames"] + report["frames_lost"] == 38  # ceil(3 s / 80 ms)
     assert run_segments(supervisor.run_id) == []
-
-
-def read_line_with(proc: subprocess.Popen, text: str, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if text in line:
-                return line
-    raise AssertionError(f"no line with {text!r} in {timeout_s} s; got {seen}")
-
-
-def gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):

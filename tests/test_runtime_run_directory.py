@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 from pipeline import config as pipeline_config
 from pipeline import control
 from pipeline.supervisor import Supervisor
-from runtime_support import REPO, TESTS_DIR, chain_config, wait_until
+from runtime_support import REPO, TESTS_DIR, chain_config, gone, read_line_with, wait_until
 from shm.owner import process_start_ticks
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
@@ -160,25 +158,6 @@ def test_directory_that_is_not_plainly_a_dead_run_of_ours_is_kept(base, disguise
             shutil.rmtree(kept.parent)
 
 
-def read_line_with(proc: subprocess.Popen, text: str, timeout_s: float) -> str:
-    """The first line of the process's stdout holding `text`; fails the test after timeout_s or at EOF."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.2)[0]:
-            line = proc.stdout.readline()
-            assert line, f"the process exited before printing {text!r}"
-            if text in line:
-                return line
-    raise AssertionError(f"no line with {text!r} in {timeout_s} s")
-
-
-def stage_gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_starts(base, tmp_path,
                                                                                       monkeypatch):
     raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH,
@@ -195,7 +174,7 @@ def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_st
         [left] = [p for p in base.iterdir() if (control.run_directory_owner(p) or (0,))[0] == proc.pid]
         proc.kill()
         proc.wait(10)
-        wait_until(lambda: all(stage_gone(p) for p in stages), 10, "every stage to exit after the supervisor died")
+        wait_until(lambda: all(gone(p) for p in stages), 10, "every stage to exit after the supervisor died")
     finally:
         if proc.poll() is None:
             proc.kill()
