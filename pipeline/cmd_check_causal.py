@@ -306,8 +306,9 @@ def main(argv: list[str]) -> int:
     spec = _parse_spec(args.input_spec) if args.input_spec else None
     result = check_causal(args.stage, args.frames, _parse_set(args.set), spec, args.seed)
     result["ok"] = _verdict(result, args.tolerance, args.max_differing)
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # strict JSON (jq and others refuse Infinity): an unmatched NaN's infinite difference is null
+        infinite = result["max_abs_diff"] == float("inf")
+        print(json.dumps({**result, "max_abs_diff": None if infinite else result["max_abs_diff"]}, allow_nan=False))
     else:
         _print_result(result)
     return 0 if result["ok"] else 1
