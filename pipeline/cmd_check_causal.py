@@ -18,14 +18,13 @@ import argparse
 import json
 import math
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 
 from pipeline.arguments import check_range
 from stages.checkpoint import MAX_SEED
 from stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec, Role, Stage
-from stages.errors import ConfigError, RtpipeError
+from stages.errors import ConfigError, RtpipeError, raised_as
 from stages.registry import find_stage
 
 CODE_CARDINALITY = 2048  # random codes are drawn below this (Mimi's codebook size)
@@ -40,20 +39,9 @@ class StageFailed(RtpipeError):
     kind = "stage error"
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or "(no message)"
-
-
-@contextmanager
 def _stage_code(kind: str, call: str):
-    """Runs the stage's own code: what it raises becomes one StageFailed line naming the stage and call
-    (project errors pass as they are: they already say what is wrong)."""
-    try:
-        yield
-    except RtpipeError:
-        raise
-    except Exception as e:
-        raise StageFailed(f"{kind}: {call} raised {type(e).__name__}: {_one_line(e)}") from e
+    """Runs the stage's own code: what it raises becomes one StageFailed line naming the stage and call."""
+    return raised_as(StageFailed, f"{kind}: {call}")
 
 
 def _parse_spec(text: str) -> PayloadSpec:

@@ -7,7 +7,6 @@ sink, edge shapes the next stage cannot take. Each error is one line naming the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import re
@@ -21,7 +20,7 @@ import psutil
 
 from pipeline import realtime
 from stages.base import PayloadSpec, Role, Stage, parse_params
-from stages.errors import ConfigError, RtpipeError
+from stages.errors import ConfigError, raised_as
 from stages.registry import find_stage
 
 MAX_STAGES = 8  # the frame header has enter/exit stamps for 8 stages (shm.frame.MAX_STAGES)
@@ -250,19 +249,6 @@ def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
     return slots, policy, spin_us
 
 
-@contextlib.contextmanager
-def _stage_code(where: str, kind: str, doing: str):
-    """A stage's own code run while validating (anyone's, by import path): whatever it raises becomes one
-    ConfigError naming the stage, not a traceback."""
-    try:
-        yield
-    except RtpipeError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"{where}.kind = {kind!r}: {doing} failed: {type(e).__name__}: "
-                          f"{' '.join(str(e).split())}") from e
-
-
 def _chain_order(names: list[str], edge_pairs: dict[str, tuple[str, str]]) -> list[str]:
     """Stage names from source to sink; ConfigError when the edges do not make one chain."""
     outgoing: dict[str, str] = {}
@@ -338,7 +324,7 @@ def validate(raw: dict) -> PipelineConfig:
         kind, params, cores, threads, device, priority = fields[name]
         where = f"stages.{name}"
         stage_class = find_stage(kind, f"{where}.kind")
-        with _stage_code(where, kind, "building it"):
+        with raised_as(ConfigError, f"{where}.kind = {kind!r}: building it failed"):
             stage = stage_class.from_config(params, f"{where}.params")
         role = stage_class.role
         expected = Role.SOURCE if index == 0 else Role.SINK if index == len(order) - 1 else Role.PROCESSOR
@@ -348,7 +334,7 @@ def validate(raw: dict) -> PipelineConfig:
             raise ConfigError(f"{where}.kind = {kind!r}: {position} must be a {expected.value}; "
                               f"{kind} is a {role.value}")
         try:
-            with _stage_code(where, kind, "its output_spec()"):
+            with raised_as(ConfigError, f"{where}.kind = {kind!r}: its output_spec() failed"):
                 out = stage.output_spec(spec)
                 delay_frames = int(stage.delay_frames)
         except ConfigError as e:

@@ -4,6 +4,8 @@ Every error carries the path to what is wrong (a config field, a file, a key) in
 command line prints it in one line without a traceback. `pipeline/` re-exports these and adds its own.
 """
 
+from contextlib import contextmanager
+
 
 class RtpipeError(Exception):
     """Base of every error rtpipe reports to a person; `kind` prefixes the one-line message."""
@@ -30,3 +32,15 @@ class AudioError(RtpipeError):
     """An audio file or device cannot be read, written or opened."""
 
     kind = "audio error"
+
+
+@contextmanager
+def raised_as(error_class: type[RtpipeError], prefix: str):
+    """Runs code that is not ours (a user's stage): whatever it raises becomes one `error_class` line,
+    `prefix: ExceptionType: message`. Our own errors pass as they are: they already say what is wrong."""
+    try:
+        yield
+    except RtpipeError:
+        raise
+    except Exception as e:
+        raise error_class(f"{prefix}: {type(e).__name__}: {' '.join(str(e).split()) or '(no message)'}") from e

@@ -54,7 +54,7 @@ def test_the_abstract_base_stage_is_refused(capsys):
 def test_a_stage_that_raises_is_one_line_naming_the_stage_the_call_and_the_exception(capsys):
     assert rtpipe(["check-causal", f"{__name__}:RaisesOnThirdFrame", "--frames", "5"]) == 2
     assert _one_line_error(capsys) == (f"rtpipe: stage error: {__name__}:RaisesOnThirdFrame: process() of "
-                                       "frame 2 raised ValueError: no third frame, ever")
+                                       "frame 2: ValueError: no third frame, ever")
 
 
 def test_an_offline_path_of_the_wrong_length_is_one_line(capsys):
