@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.arguments import check_range
 from pipeline.observe import check_output_path
 from stages.base import FRAME_SAMPLES, SAMPLE_RATE
-from stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem
+from stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available
 from stages.errors import AudioError, CheckpointError, ConfigError
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -77,11 +77,9 @@ def check_wav_output(path: str) -> None:
 
 def check_offline_memory(frames: int) -> None:
     """ConfigError when --offline on `frames` frames would need more memory than is available now."""
-    import psutil
-
     seconds = frames * FRAME_SAMPLES / SAMPLE_RATE
     need_bytes = OFFLINE_BASE_BYTES + OFFLINE_BYTES_PER_SECOND * seconds
-    available_bytes = psutil.virtual_memory().available
+    available_bytes = memory_available()
     if need_bytes > available_bytes:
         raise ConfigError(
             f"--offline: {seconds:.0f} s of audio needs about {need_bytes / 1e9:.1f} GB of memory, "

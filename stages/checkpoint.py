@@ -33,6 +33,7 @@ MEMORY_MARGIN = 1.25
 # torch.Generator.manual_seed takes a seed modulo 2**63 (2**63 gives seed 0's numbers; past 2**64 - 1 it
 # raises): a seed above this would quietly repeat another's
 MAX_SEED = 2**63 - 1
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 _SHOWN_KEYS = 3  # keys an error message names before "(and N more)"
 
 
@@ -68,10 +69,57 @@ def check_seed(seed: int | None, where: str) -> None:
         raise ConfigError(f"{where} = {seed}: expected 0 to 2**63 - 1")
 
 
-def check_memory_fits(need_bytes: int, what: str, where: str) -> None:
-    """ConfigError naming `what`, its need and the memory available now (psutil) when `need_bytes`
-    times MEMORY_MARGIN do not fit: refused before anything is allocated, not OOM-killed minutes later."""
+def memory_available(cgroup_root: Path = CGROUP_ROOT, cgroups_of_process: str = "/proc/self/cgroup") -> int:
+    """Bytes this process may still take: what the machine has available (psutil), or less where a
+    cgroup caps it (a systemd MemoryMax, a container's or pod's limit, which psutil does not see): the
+    smallest limit minus usage from this process's cgroup up to the root."""
     available = psutil.virtual_memory().available
+    for limit, usage in _cgroup_memory(cgroup_root, cgroups_of_process):
+        available = min(available, max(0, limit - usage))
+    return available
+
+
+def _cgroup_memory(root: Path, cgroups_of_process: str) -> list[tuple[int, int]]:
+    """(limit, usage) of every cgroup with a memory limit from this process's up to the root, cgroup v2
+    (memory.max, memory.current) or v1 (memory/…/memory.limit_in_bytes, memory.usage_in_bytes)."""
+    try:
+        lines = Path(cgroups_of_process).read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            base, limit_file, usage_file = root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_file, usage_file = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        directory = base / path.lstrip("/")
+        while True:
+            limit, usage = _read_count(directory / limit_file), _read_count(directory / usage_file)
+            if limit is not None and usage is not None:
+                found.append((limit, usage))
+            if directory == base or base not in directory.parents:
+                break
+            directory = directory.parent
+    return found
+
+
+def _read_count(path: Path) -> int | None:
+    """A cgroup file's number; None when it is missing or says "max" (no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_memory_fits(need_bytes: int, what: str, where: str) -> None:
+    """ConfigError naming `what`, its need and the memory available now (memory_available) when
+    `need_bytes` times MEMORY_MARGIN do not fit: refused before anything is allocated, not OOM-killed
+    minutes later."""
+    available = memory_available()
     if need_bytes * MEMORY_MARGIN > available:
         raise ConfigError(
             f"{where}: {what} needs {_gib(need_bytes)} of memory (and {MEMORY_MARGIN - 1:.0%} to spare); "

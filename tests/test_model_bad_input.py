@@ -10,6 +10,7 @@ import sys
 import types
 
 import numpy as np
+import psutil
 import pytest
 import soundfile
 import torch
@@ -118,8 +119,6 @@ def test_a_float64_checkpoint_is_a_dtype_error_not_a_silent_cast(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mimi.encode", "mimi.decode"])
 def test_a_mimi_that_cannot_fit_in_memory_is_refused_in_its_params(monkeypatch, kind):
-    import psutil
-
     from stages.errors import ConfigError
     from stages.registry import find_stage
 
@@ -127,3 +126,25 @@ def test_a_mimi_that_cannot_fit_in_memory_is_refused_in_its_params(monkeypatch, 
     with pytest.raises(ConfigError, match=r"stages\.x\.params: a Mimi codec needs 0\.4 GiB of memory "
                                           r"\(and 25% to spare\); this machine has 0\.1 GiB available"):
         find_stage(kind).from_config({}, "stages.x.params")
+
+
+def test_memory_available_is_capped_by_the_tightest_cgroup_limit_psutil_does_not_see(tmp_path, monkeypatch):
+    from stages.checkpoint import memory_available
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=8 * 2**30))
+    v2 = tmp_path / "v2"
+    (v2 / "pod" / "app").mkdir(parents=True)
+    (v2 / "pod" / "memory.max").write_text(f"{2**30}\n")       # the pod: 1 GiB, 600 MiB used
+    (v2 / "pod" / "memory.current").write_text(f"{600 * 2**20}\n")
+    (v2 / "pod" / "app" / "memory.max").write_text("max\n")    # the service itself: no limit of its own
+    (v2 / "pod" / "app" / "memory.current").write_text(f"{500 * 2**20}\n")
+    cgroups = tmp_path / "cgroup"
+    cgroups.write_text("0::/pod/app\n")
+    assert memory_available(v2, str(cgroups)) == 424 * 2**20
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "svc").mkdir(parents=True)
+    (v1 / "memory" / "svc" / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+    (v1 / "memory" / "svc" / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    cgroups.write_text("5:cpu,cpuacct:/svc\n4:memory:/svc\n0::/\n")
+    assert memory_available(v1, str(cgroups)) == 2 * 2**30
+    assert memory_available(v1, str(tmp_path / "no-such-file")) == 8 * 2**30  # not Linux: psutil alone
