@@ -3,7 +3,8 @@
 It creates one ring per edge (and one for the sink's frame records), starts one `pipeline.host` process
 per stage, watches them over the control channel (heartbeats, liveness counters), restarts what dies or
 hangs (with backoff, up to a limit), gathers frame records for the observers and the report, and on
-SIGINT/SIGTERM, --seconds or the end of the input stops everything and unlinks every segment. `rtpipe run` and the tests use `Supervisor.run()`.
+SIGINT/SIGTERM, --seconds or the end of the input stops everything and unlinks every segment. `rtpipe run`
+and the tests use `Supervisor.run()`.
 """
 
 from __future__ import annotations
@@ -118,7 +119,6 @@ class Supervisor:
         self.stages = {s.name: StageProcess(spec=s) for s in config.stages}
         self.rings: dict[str, Any] = {}
         self.records_ring = self.records_in = None  # the sink's frame records, written as frames leave
-        self.ring_names: dict[str, str] = {}
         self.observers: list = []
         self.records: list[np.ndarray] = []
         self.recent: deque[np.ndarray] = deque()
@@ -207,7 +207,6 @@ class Supervisor:
             except (RingError, ValueError, OSError) as e:
                 self.error = f'edges."{edge.name}": cannot create its ring: {e}'
                 return False
-            self.ring_names[edge.name] = name
         try:
             spec = RingSpec(slots=RECORDS_RING_SLOTS, dtype="uint8", shape=(FRAME_RECORD_DTYPE.itemsize,),
                             policy=EdgePolicy.DROP_OLDEST)
@@ -218,17 +217,14 @@ class Supervisor:
         self.records_in = self.records_ring.consumer()
         return True
 
-    def _edge_for_host(self, edge_name: str | None) -> dict | None:
-        if edge_name is None:
+    @staticmethod
+    def _ring_for_host(ring) -> dict | None:
+        """What a stage process needs to attach `ring` (None: no such ring), as plain JSON data."""
+        if ring is None:
             return None
-        edge = next(e for e in self.config.edges if e.name == edge_name)
-        return {"name": self.ring_names[edge_name], "slots": edge.slots, "dtype": edge.payload.dtype,
-                "shape": list(edge.payload.shape), "policy": edge.policy, "spin_us": edge.spin_us}
-
-    def _records_for_sink(self) -> dict:
-        spec = self.records_ring.spec
-        return {"name": self.records_ring.name, "slots": spec.slots, "dtype": spec.dtype,
-                "shape": list(spec.shape), "policy": spec.policy.value}
+        spec = ring.spec
+        return {"name": ring.name, "slots": spec.slots, "dtype": spec.dtype, "shape": list(spec.shape),
+                "policy": spec.policy.value, "spin_us": spec.spin_us}
 
     def _start(self, sp: StageProcess) -> None:
         spec = sp.spec
@@ -237,9 +233,9 @@ class Supervisor:
         host_spec = {
             "stage": spec.name, "kind": spec.kind, "index": index, "params": spec.params_raw,
             "cores": spec.cores, "threads": spec.threads, "device": spec.device, "priority": spec.priority,
-            "input": self._edge_for_host(self.edge_names[index - 1] if index > 0 else None),
-            "output": self._edge_for_host(self.edge_names[index] if index < n - 1 else None),
-            "records": self._records_for_sink() if index == n - 1 else None,
+            "input": self._ring_for_host(self.rings[self.edge_names[index - 1]] if index > 0 else None),
+            "output": self._ring_for_host(self.rings[self.edge_names[index]] if index < n - 1 else None),
+            "records": self._ring_for_host(self.records_ring if index == n - 1 else None),
             "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),
             "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
             "liveness": self.settings.liveness, "sys_path": [p for p in sys.path if p],
