@@ -100,8 +100,9 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
     raw = pipeline_config.apply_overrides(raw, args.overrides)
     if announce:  # what was chosen, as --set left it
         final = raw.get("stages", {})
-        say(f"{announce}{_end_name(final.get(source))} -> pipeline -> {_end_name(final.get(sink))}"
-            + (" (Ctrl-C to stop)" if _end_name(final.get(source)) == "microphone" else ""))
+        source_name = _end_name(final.get(source))
+        say(f"{announce}{source_name} -> pipeline -> {_end_name(final.get(sink))}"
+            + (" (Ctrl-C to stop)" if source_name == "microphone" else ""))
     return raw
 
 

@@ -299,8 +299,8 @@ def validate(raw: dict) -> PipelineConfig:
         raise ConfigError("stages: no stages (a pipeline needs at least a source and a sink)")
     for name in stages_raw:
         if not STAGE_NAME.match(name):
-            raise ConfigError(f"stages.{name}: a stage name is an ASCII letter, then ASCII letters, digits or _ "
-                              "(at most 32)")
+            raise ConfigError(f"stages.{name}: a stage name is an ASCII letter, then ASCII letters, "
+                              "digits or _ (at most 32)")
     if len(stages_raw) > MAX_STAGES:
         raise ConfigError(f"stages: {len(stages_raw)} stages; the frame header holds at most {MAX_STAGES}")
     edges_raw = _check_table(raw.get("edges", {}), "edges")

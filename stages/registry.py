@@ -10,7 +10,7 @@ import importlib
 from importlib.metadata import entry_points
 
 from stages.base import Stage
-from stages.errors import ConfigError
+from stages.errors import ConfigError, raised_as
 
 ENTRY_POINT_GROUP = "rtpipe.stages"
 
@@ -56,13 +56,12 @@ def _load(path: str, kind: str, where: str) -> type[Stage]:
     module_name, _, class_name = path.partition(":")
     if not module_name or module_name.startswith(".") or not class_name:
         raise ConfigError(f"{where} = {kind!r}: expected package.module:Class (an absolute module name)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{where} = {kind!r}: cannot import {module_name}: {e}") from e
-    except Exception as e:  # the module itself is broken (a SyntaxError, an error raised on import)
-        raise ConfigError(f"{where} = {kind!r}: importing {module_name} failed: "
-                          f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    # a module that is there but broken (a SyntaxError, an error raised on import) is one line too
+    with raised_as(ConfigError, f"{where} = {kind!r}: importing {module_name} failed"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ConfigError(f"{where} = {kind!r}: cannot import {module_name}: {e}") from e
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"{where} = {kind!r}: {module_name} has no {class_name}")
