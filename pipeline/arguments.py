@@ -4,6 +4,7 @@ failure is a ConfigError naming the flag, printed as one line with exit code 2."
 from __future__ import annotations
 
 import math
+import os
 
 from stages.errors import ConfigError
 
@@ -16,3 +17,14 @@ def check_range(flag: str, value: float, low: float, high: float | None = None) 
         return
     expected = f"at least {low}" if high is None else f"{low} to {high}"
     raise ConfigError(f"{flag} {value}: expected {expected}")
+
+
+def file_identity(path: str) -> object:
+    """What makes two paths one file: device and inode when it exists (symlinks and hard links too),
+    else the resolved path (a file still to be written)."""
+    path = os.path.expanduser(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)

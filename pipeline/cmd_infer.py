@@ -81,11 +81,12 @@ def main(argv: list[str]) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """ConfigError naming the argument when OUT.wav or --codes-out cannot be written."""
+    from pipeline.arguments import file_identity
     from pipeline.observe import check_output_path
 
     if Path(args.output).suffix.lower() != ".wav":
         raise ConfigError(f"OUT.wav {args.output}: rtpipe infer writes WAV: name it .wav")
-    if Path(args.output).resolve() == Path(args.input).resolve():
+    if file_identity(args.output) == file_identity(args.input):
         raise ConfigError(f"OUT.wav {args.output}: is the input; it would be overwritten")
     check_output_path(args.output, "OUT.wav")
     if args.codes_out:

@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 
-from pipeline.arguments import check_range
+from pipeline.arguments import check_range, file_identity
 from pipeline.observe import check_output_path
 from stages.base import FRAME_SAMPLES, SAMPLE_RATE
-from stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available
-from stages.errors import AudioError, CheckpointError, ConfigError
+from stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available, resolve_weights_path
+from stages.errors import AudioError, ConfigError
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 # torch seeds are taken modulo 2**63 (2**63 gives seed 0's weights) and above 2**64 - 1 overflow
@@ -56,11 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 def check_weights(weights: str | None) -> None:
     """The CheckpointError loading would raise for a local --weights path that is not a readable file,
     before the work starts (an hf:// path is checked when it downloads)."""
-    if weights is None or weights.startswith(HF_PREFIX):
-        return
-    problem = local_file_problem(weights)
-    if problem:
-        raise CheckpointError(f"{weights}: {problem}")
+    if weights is not None and not weights.startswith(HF_PREFIX):
+        resolve_weights_path(weights)
 
 
 def check_wav_output(path: str) -> None:
@@ -98,7 +95,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_range("--codebooks", args.codebooks, 1, 32)
     out_flag = "OUT.npy" if args.action == "encode" else "OUT.wav"
     check_output_path(args.output, out_flag)
-    if os.path.realpath(args.output) == os.path.realpath(args.input):
+    if file_identity(args.output) == file_identity(args.input):
         raise ConfigError(f"{out_flag} {args.output}: is the input file; give another path")
     if args.action == "decode":
         check_wav_output(args.output)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from pipeline import config as pipeline_config
 from pipeline import observe
+from pipeline.arguments import file_identity
 from pipeline.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
 from stages.errors import ConfigError
 
@@ -132,21 +132,10 @@ def check_distinct_files(cfg, args: argparse.Namespace) -> None:
     for name, path in files.items():
         if not path:
             continue
-        key = _file_identity(path)
+        key = file_identity(path)
         if key in seen:
             raise ConfigError(f"{name} {path} is also {seen[key]}: give each its own file")
         seen[key] = name
-
-
-def _file_identity(path: str) -> object:
-    """What makes two paths one file: device and inode when it exists (hard links too), else the
-    resolved path (a file still to be written)."""
-    path = os.path.expanduser(path)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino)
 
 
 def format_table(report: dict) -> str:

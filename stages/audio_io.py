@@ -25,6 +25,7 @@ import numpy as np
 
 from stages.base import (AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec, Role,
                          SourceFrame, Stage)
+from stages.checkpoint import check_seed
 from stages.errors import AudioError, ConfigError
 from stages.jitter_buffer import JitterBuffer
 
@@ -312,7 +313,8 @@ class _ComputedSource(Stage):
     """A source whose frame k is known in advance. Paced, frame k is handed out at t0 + k * 80 ms (t0:
     frame 0's time, from the first read; a restarted process's first frame is due at once) and that is
     its capture_ns: a file has no moment of capture before it is read, so unlike a microphone's frames
-    these carry no 80 ms of framing (the report counts that only for a live source). Unpaced, frames come as fast as read() is called; capture_ns is the time of the read."""
+    these carry no 80 ms of framing (the report counts that only for a live source). Unpaced, frames
+    come as fast as read() is called; capture_ns is the time of the read."""
 
     role = Role.SOURCE
 
@@ -462,8 +464,7 @@ class ToneParams:
             raise ConfigError(f"{where}.amplitude = {self.amplitude}: expected 0.0..1.0 of full scale")
         if not 0.0 < self.frequency_hz < SAMPLE_RATE / 2:
             raise ConfigError(f"{where}.frequency_hz = {self.frequency_hz}: expected 0 < f < {SAMPLE_RATE // 2} Hz")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"{where}.seed = {self.seed}: expected 0 to 2**63 - 1")
+        check_seed(self.seed, f"{where}.seed")
 
 
 class ToneCapture(_ComputedSource):
