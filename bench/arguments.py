@@ -14,7 +14,6 @@ from stages.errors import ConfigError, RtpipeError
 MAX_FRAMES = 10_000  # timed frames per case: 13 minutes of 80 ms frames, hours for a big model
 # torch thread counts timed by default: 1 and 2, as far as this machine has cores
 DEFAULT_THREADS = ",".join(str(n) for n in (1, 2) if n <= (os.cpu_count() or 1))
-MAX_SPIN_US = 1_000_000  # what a ring's spin_us may be (shm.RingSpec, an edge's spin_us)
 
 
 def one_line_errors(prog: str):

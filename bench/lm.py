@@ -246,12 +246,12 @@ def _core_list(text: str) -> list[int]:
 
 
 def _check_device(device: str) -> None:
-    from pipeline.config import _check_cuda
+    from pipeline.config import check_cuda
 
     if not re.fullmatch(r"cpu|cuda:\d+", device):
         raise ConfigError(f"--device {device!r}: expected cpu or cuda:N")
     if device != "cpu":
-        _check_cuda(device, "--device")
+        check_cuda(device, "--device")
 
 
 def _check_sizes(sizes: list[str], dtypes: list[str], context: int | None, device: str) -> None:

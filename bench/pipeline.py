@@ -16,8 +16,8 @@ import time
 import numpy as np
 import psutil
 
-from bench.arguments import MAX_SPIN_US
 from pipeline import realtime
+from shm.ring import MAX_SPIN_US
 from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
 from stages.base import EndOfStream
 

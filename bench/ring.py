@@ -22,9 +22,10 @@ import time
 
 import numpy as np
 
-from bench.arguments import MAX_SPIN_US, one_line_errors
+from bench.arguments import one_line_errors
 from pipeline.arguments import check_range
 from shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
+from shm.ring import MAX_SPIN_US
 from shm.segment import Segment
 from stages.errors import ConfigError
 

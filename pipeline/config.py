@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from pipeline import realtime
+from shm.ring import MAX_SPIN_US
 from stages.base import PayloadSpec, Role, Stage, parse_params
 from stages.errors import ConfigError, raised_as
 from stages.registry import find_stage
@@ -210,7 +211,7 @@ def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, 
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda:\d+", device):
         raise ConfigError(f"{where}.device = {device!r}: expected \"cpu\" or \"cuda:N\"")
     if device.startswith("cuda:"):
-        _check_cuda(device, f"{where}.device")
+        check_cuda(device, f"{where}.device")
     priority = table.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= realtime.MAX_PRIORITY:
         raise ConfigError(f"{where}.priority = {priority!r}: expected 0 (the normal scheduler) or "
@@ -222,7 +223,7 @@ def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, 
     return kind, params, cores, threads, device, priority
 
 
-def _check_cuda(device: str, where: str) -> None:
+def check_cuda(device: str, where: str) -> None:
     index = int(device.split(":")[1])
     try:
         import torch  # only a config that asks for a GPU pays for importing torch here
@@ -244,8 +245,8 @@ def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
     if policy not in EDGE_POLICIES:
         raise ConfigError(f"{where}.policy = {policy!r}: expected one of {', '.join(EDGE_POLICIES)}")
     spin_us = table.get("spin_us", 0)
-    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 1_000_000:
-        raise ConfigError(f"{where}.spin_us = {spin_us!r}: expected an integer from 0 to 1000000")
+    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= MAX_SPIN_US:
+        raise ConfigError(f"{where}.spin_us = {spin_us!r}: expected an integer from 0 to {MAX_SPIN_US}")
     return slots, policy, spin_us
 
 

@@ -65,6 +65,7 @@ _sched_yield = os.sched_yield
 # followed by a load of another word needs a fence there. Elsewhere (aarch64) every ordering fence runs.
 _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64")
 _FOREVER_NS = 1 << 62
+MAX_SPIN_US = 1_000_000  # the longest a consumer may spin around a frame's due time (a second)
 _ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
 
 
@@ -124,8 +125,8 @@ class RingSpec:
             raise RingError(f"ring {name}: shape = {self.shape!r}: need up to {L.MAX_NDIM} positive integers")
         if not isinstance(self.policy, EdgePolicy):
             raise RingError(f"ring {name}: policy = {self.policy!r}: need an EdgePolicy")
-        if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= 1_000_000:
-            raise RingError(f"ring {name}: spin_us = {self.spin_us!r}: need an integer from 0 to 1000000")
+        if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= MAX_SPIN_US:
+            raise RingError(f"ring {name}: spin_us = {self.spin_us!r}: need an integer from 0 to {MAX_SPIN_US}")
         return dtype
 
     def payload_bytes(self) -> int:
