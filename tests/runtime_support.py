@@ -83,6 +83,12 @@ def frames_at_sink(supervisor) -> int:
     return sum(r.size for r in list(supervisor.records))
 
 
+def wait_for_frames(supervisor, frames: int = 2) -> None:
+    """Fails the test unless every stage comes up and `frames` frames then reach the sink."""
+    assert supervisor.ready_event.wait(60), "pipeline did not start"
+    wait_until(lambda: frames_at_sink(supervisor) >= frames, 30, "frames at the sink")
+
+
 def run_segments(run_id: str) -> list[str]:
     """Names in /dev/shm that belong to a run."""
     return sorted(n for n in os.listdir("/dev/shm") if run_id and run_id in n)

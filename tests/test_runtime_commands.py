@@ -14,8 +14,8 @@ import pytest
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import (TESTS_DIR, chain_config, frames_at_sink, read_line_with, run_segments, start_in_thread,
-                             wait_until)
+from runtime_support import (TESTS_DIR, chain_config, read_line_with, run_segments, start_in_thread,
+                             wait_for_frames, wait_until)
 from shm.frame import FLAG_DISCONTINUITY
 
 
@@ -30,9 +30,8 @@ def test_pause_resume_reset_and_stats_reach_a_running_stage():
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     try:
-        assert supervisor.ready_event.wait(60)
+        wait_for_frames(supervisor)
         lm = supervisor.stages["lm"]
-        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
 
         supervisor.command("lm", "pause")
         wait_until(lambda: lm.paused, 30, "lm to say it is paused")

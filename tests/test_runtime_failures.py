@@ -17,8 +17,8 @@ import soundfile as sf
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, Supervisor
-from runtime_support import (TESTS_DIR, chain_config, frames_at_sink, gone, read_line_with, run_segments,
-                             start_in_thread, wait_until)
+from runtime_support import (TESTS_DIR, chain_config, gone, read_line_with, run_segments,
+                             start_in_thread, wait_for_frames, wait_until)
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
@@ -35,8 +35,7 @@ def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S, th
                        supervisor={"restart_backoff_ms": 50})
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
-    assert supervisor.ready_event.wait(60), "pipeline did not start"
-    wait_until(lambda: frames_at_sink(supervisor) >= after_frames, 30, "frames at the sink")
+    wait_for_frames(supervisor, after_frames)
     time.sleep(then_s)
     victim = supervisor.stages[stage].pid
     os.kill(victim, signal.SIGKILL)

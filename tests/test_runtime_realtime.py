@@ -15,7 +15,8 @@ import pytest
 from pipeline import config as pipeline_config
 from pipeline import realtime
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import REPO, chain_config, frames_at_sink, run_segments, start_in_thread, wait_until
+from runtime_support import (REPO, chain_config, frames_at_sink, run_segments, start_in_thread, wait_for_frames,
+                             wait_until)
 from stages.errors import ConfigError
 
 
@@ -32,8 +33,7 @@ def test_a_stage_with_a_priority_runs_under_sched_fifo_and_the_others_do_not():
                             handle_signals=False)
     thread, results = start_in_thread(supervisor)
     try:
-        assert supervisor.ready_event.wait(60)
-        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
+        wait_for_frames(supervisor)
         policies = {name: os.sched_getscheduler(sp.process.pid) for name, sp in supervisor.stages.items()}
         lm_priority = os.sched_getparam(supervisor.stages["lm"].process.pid).sched_priority
     finally:
@@ -54,9 +54,8 @@ def test_a_stage_restarted_after_sigkill_comes_back_at_its_priority():
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     try:
-        assert supervisor.ready_event.wait(60)
+        wait_for_frames(supervisor)
         lm = supervisor.stages["lm"]
-        wait_until(lambda: frames_at_sink(supervisor) >= 2, 30, "frames at the sink")
         victim = lm.pid
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: lm.restarts == 1 and lm.pid != victim, 30, "lm to be restarted")
