@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -17,7 +18,12 @@ NULL_SINK_FORMAT = "rate=24000 channels=1 format=float32le"
 
 
 def _pulse_running() -> bool:
-    return subprocess.run(["pulseaudio", "--check"], capture_output=True).returncode == 0
+    # a server that answers, not `pulseaudio --check`: where pid 1 reaps no zombies (containers) a
+    # dead daemon stays a zombie, and --check takes it for alive
+    try:
+        return subprocess.run(["pactl", "info"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _sinks() -> list[str]:
@@ -55,24 +61,55 @@ class PulseSession:
         self._modules.clear()
 
 
-@pytest.fixture(scope="session")
-def pulse_null_sink():
-    """A PulseAudio null sink (24 kHz float32 mono) that is the default sink, its monitor the default
-    source. Skips only when PulseAudio is not installed."""
-    if shutil.which("pulseaudio") is None or shutil.which("pactl") is None:
-        pytest.skip("live audio needs PulseAudio (apt-get install pulseaudio pulseaudio-utils)")
-    started = False
-    if not _pulse_running():
+class PulseDaemon:
+    """The user PulseAudio these tests start when none runs, in a runtime directory of its own (socket,
+    pid file) that PULSE_RUNTIME_PATH shows every client. Not real-time: as root PulseAudio runs its
+    sink thread SCHED_RR with a 200 ms RLIMIT_RTTIME, and the kernel SIGKILLs it when that thread is
+    charged 200 ms without blocking, which a stalled VM can do. Its log goes to a file, so a death
+    leaves a trace."""
+
+    def __init__(self, directory):
+        self.runtime_dir = directory / "runtime"
+        self.log_path = directory / "pulseaudio.log"
+
+    def start(self) -> None:
+        self.runtime_dir.mkdir(exist_ok=True)
+        # a dead daemon's pid file: where pid 1 reaps no zombies its pid still "runs", and a new
+        # daemon would refuse to start beside it
+        (self.runtime_dir / "pid").unlink(missing_ok=True)
+        os.environ["PULSE_RUNTIME_PATH"] = str(self.runtime_dir)
         subprocess.run(
-            ["pulseaudio", "-D", "--exit-idle-time=-1", "-n",
+            ["pulseaudio", "-D", "--exit-idle-time=-1", "-n", "--realtime=no", "--high-priority=no",
+             f"--log-target=file:{self.log_path}", "--log-level=notice",
              f"--load=module-null-sink sink_name=null {NULL_SINK_FORMAT}", "--load=module-native-protocol-unix"],
             capture_output=True, timeout=30)
         deadline = time.monotonic() + 20
         while not _pulse_running():  # clients never autostart it as root: poll
             if time.monotonic() > deadline:
-                pytest.fail("started PulseAudio but `pulseaudio --check` never succeeded")
+                pytest.fail(f"started PulseAudio but it never answered `pactl info`; log:\n{self.log_tail()}")
             time.sleep(0.2)
-        started = True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def stop(self) -> None:
+        subprocess.run(["pulseaudio", "-k"], capture_output=True, timeout=30)
+        os.environ.pop("PULSE_RUNTIME_PATH", None)
+
+
+@pytest.fixture(scope="session")
+def _pulse_session(tmp_path_factory):
+    """Session-wide: PulseAudio (started here when none runs) and the null sink the tests play into."""
+    if shutil.which("pulseaudio") is None or shutil.which("pactl") is None:
+        pytest.skip("live audio needs PulseAudio (apt-get install pulseaudio pulseaudio-utils)")
+    daemon = None
+    if not _pulse_running():
+        daemon = PulseDaemon(tmp_path_factory.mktemp("pulse"))
+        daemon.start()
     session = PulseSession("null")
     if not any("float32le 1ch 24000Hz" in line and line.split()[1] == "null" for line in _sinks()):
         # a PulseAudio someone else started: add our sink and point this session's streams at it
@@ -83,8 +120,24 @@ def pulse_null_sink():
         os.environ["PULSE_SOURCE"] = session.source
     _refresh_portaudio()
     try:
-        yield session
+        yield session, daemon
     finally:
         session.unload_all()
-        if started:
-            subprocess.run(["pulseaudio", "-k"], capture_output=True, timeout=30)
+        if daemon is not None:
+            daemon.stop()
+
+
+@pytest.fixture
+def pulse_null_sink(_pulse_session):
+    """A PulseAudio null sink (24 kHz float32 mono) that is the default sink, its monitor the default
+    source. Skips only when PulseAudio is not installed. A PulseAudio these tests started and that has
+    died since is started again, with a warning that carries its log: the daemon is the test bench,
+    not the code under test."""
+    session, daemon = _pulse_session
+    if not _pulse_running():
+        if daemon is None:
+            pytest.fail("the PulseAudio that was running when the tests started has gone away")
+        warnings.warn(f"PulseAudio died during the tests; restarting it. Its log:\n{daemon.log_tail()}")
+        daemon.start()
+        _refresh_portaudio()
+    return session
