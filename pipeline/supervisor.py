@@ -42,6 +42,7 @@ TICK_NS = 1_000_000_000          # observers' on_tick period
 RECORDS_RING = "records"
 RECORDS_RING_SLOTS = 4096
 SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
+BYE_GRACE_S = 0.2                # how long a stage's last words may take to arrive after it has exited
 EXIT_GRACE_S = 2.0               # after "stop", how long a stage may take to exit before SIGKILL
 
 EXIT_HEALTHY = 0     # ran to the end, nothing restarted, nothing lost
@@ -329,6 +330,14 @@ class Supervisor:
     def _send(self, stage: str, type_: str, **fields: Any) -> None:
         control.send_to(self.socket, stage.encode(), type_, **fields)
 
+    def _await_last_words(self, sp: StageProcess) -> None:
+        """Reads control messages until the exited stage `sp` has said it was leaving, for at most
+        BYE_GRACE_S."""
+        end = time.monotonic() + BYE_GRACE_S
+        while not sp.leaving and (left_ms := int((end - time.monotonic()) * 1000)) > 0:
+            if self.socket.poll(left_ms):
+                self._drain_messages()
+
     def _drain_messages(self) -> None:
         while self.socket.poll(0):
             try:
@@ -436,6 +445,10 @@ class Supervisor:
             code = sp.process.poll()
             if code is None:
                 continue
+            if code == 0 and not sp.leaving:
+                # A stage exits 0 only after saying "bye" (or "eos"), which may still be on its way
+                # through ZeroMQ: read it before taking the exit for a death and restarting the stage.
+                self._await_last_words(sp)
             if sp.leaving:
                 sp.state = StageState.DONE
                 continue

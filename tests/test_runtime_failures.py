@@ -16,7 +16,7 @@ import psutil
 import soundfile as sf
 
 from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, Supervisor
+from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, StageState, Supervisor
 from runtime_support import (TESTS_DIR, chain_config, gone, read_line_with, run_segments,
                              start_in_thread, wait_for_frames, wait_until)
 
@@ -226,3 +226,40 @@ def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class _ExitedCleanly:
+    """A stage's process that has already exited 0."""
+
+    pid = 4242
+
+    def poll(self):
+        return 0
+
+
+class _LateByeSocket:
+    """The supervisor's control socket, with the exited stage's "bye" arriving only on the third look."""
+
+    def __init__(self, stage: str):
+        from pipeline import control
+
+        self.looks = 0
+        self.frames = [[stage.encode(), control.encode("bye", stage=stage, reason="end of stream")]]
+
+    def poll(self, timeout_ms=0):
+        self.looks += 1
+        return self.looks >= 3 and bool(self.frames)
+
+    def recv_multipart(self, flags=0):
+        return self.frames.pop(0)
+
+
+def test_a_stage_that_exits_cleanly_before_its_bye_arrives_is_not_restarted():
+    # The stage said "bye" and exited 0; ZeroMQ delivers the bye a moment after the exit is seen.
+    raw = chain_config(NOISE_4S, PASS_THROUGH, {"kind": "playback.null"})
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    stage = supervisor.stages["lm"]
+    stage.process, stage.state, stage.ever_ready = _ExitedCleanly(), StageState.RUNNING, True
+    supervisor.socket = _LateByeSocket("lm")
+    supervisor._watch_processes(time.monotonic_ns())
+    assert stage.state is StageState.DONE and stage.restarts == 0 and supervisor.error is None
