@@ -10,10 +10,14 @@ with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
 # PortAudio for sounddevice; PulseAudio gives a virtual speaker/microphone where there is no sound card;
-# espeak-ng and sox make test speech.
+# espeak-ng and sox make test speech; a C compiler and Python's headers build the rings' futex calls
+# (shm/_futex.c; without them the rings make the same calls through ctypes, slower).
 if command -v apt-get >/dev/null 2>&1; then
+  packages="libportaudio2 pulseaudio pulseaudio-utils espeak-ng sox gcc"
+  python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || packages="$packages python3-dev"
   missing=""
-  for pkg in libportaudio2 pulseaudio pulseaudio-utils espeak-ng sox; do
+  for pkg in $packages; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
   done
   if [ -n "$missing" ]; then
@@ -36,4 +40,5 @@ if [ "$with_tests" = 1 ]; then
 else
   .venv/bin/pip install -q -e .
 fi
-echo "rtpipe: set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+echo "rtpipe: set up in .venv ($(.venv/bin/python -c 'import torch; from shm import wakeup
+print("torch", torch.__version__ + ", futex calls through the", wakeup.IMPLEMENTATION)'))"

@@ -6,7 +6,7 @@ Consumer end. Writing is claim -> fill the numpy view -> publish; reading is acq
 Why a consumer never sees a half-written slot
 ---------------------------------------------
 Python has no atomics, so the protocol relies only on single aligned 8-byte loads and stores (memoryview
-'Q' items, which CPython performs as one machine load or store) and on explicit fences (shm/wakeup.Fence).
+'Q' items, which CPython performs as one machine load or store) and on explicit fences (shm/wakeup.new_fence).
 Each slot starts with a stamp: 2k+1 while frame k is being written into it, 2k+2 once it is complete.
 - Producer: stamp <- 2k+1, fence, write header and payload, stamp <- 2k+2, fence, W <- k+1.
 - Consumer: read W, fence, then read the slot. Frame k is visible only once W > k, and the fence orders
@@ -57,7 +57,7 @@ from shm.beat import Beat
 from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
 from shm.owner import process_alive, process_start_ticks
 from shm.segment import Segment, SegmentError
-from shm.wakeup import Fence, FutexWord
+from shm.wakeup import FutexWord, new_fence
 
 _monotonic_ns = time.monotonic_ns
 _sched_yield = os.sched_yield
@@ -206,7 +206,7 @@ class Ring:
             size,
         )
         segment.mmap[: L.DESCRIPTION.size] = description
-        Fence()()  # the description is complete before the magic says so
+        new_fence()()  # the description is complete before the magic says so
         segment.mmap[:8] = L.MAGIC
         return cls(name, spec, segment, owner=True)
 
@@ -426,7 +426,7 @@ class Producer:
         self._words = ring._words
         self._slots = ring.spec.slots
         self._policy = ring.spec.policy
-        self._fence = Fence()
+        self._fence = new_fence()
         self._closed = False
         self._claimed: WriteSlot | None = None
         self._w = self._words[L.W]
@@ -630,7 +630,7 @@ class Consumer:
         self._slots = ring.spec.slots
         self._copying = ring.spec.policy is EdgePolicy.DROP_OLDEST
         self._spin_ns = ring.spec.spin_us * 1000
-        self._fence = Fence()
+        self._fence = new_fence()
         self._closed = False
         self._held: ReadSlot | None = None
         self._r = self._words[L.R]

@@ -2,6 +2,10 @@
 
 Used by shm/ring.py. Futexes (not eventfd) because a ring is attached by name: any process that maps the
 segment can wait on or wake a word inside it, with no file descriptor to pass around.
+
+The calls go through shm/_futex.c, which pip builds with the package. Where it could not be built (no C
+compiler) they go through ctypes: the same system calls, at a higher cost per call on a cold cache.
+`IMPLEMENTATION` says which one this process uses; RTPIPE_FUTEX=ctypes forces the fallback (tests).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Callable
 
 # Syscall numbers differ per architecture; both are little-endian, so a futex on the address of a u64
 # counter watches its low 32 bits.
@@ -26,6 +31,14 @@ _machine = platform.machine().lower()
 if _machine not in _SYS_FUTEX:  # pragma: no cover
     raise ImportError(f"shm.wakeup: no futex syscall number known for {platform.machine()}")
 _NR_FUTEX = _SYS_FUTEX[_machine]
+
+try:
+    from shm import _futex
+except ImportError:  # not built here
+    _futex = None
+if os.environ.get("RTPIPE_FUTEX") == "ctypes":
+    _futex = None
+IMPLEMENTATION = "ctypes" if _futex is None else "C extension"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -64,9 +77,12 @@ class FutexWord:
         """Sleep while the word still equals `expected` (low 32 bits), for at most timeout_ns.
 
         Returns on a wake, on a timeout, at once if the word differs, or on a signal: the caller always
-        re-reads its counter, so it never needs to know which.
+        re-reads its counter, so it never needs to know which. OSError for any other failure.
         """
         if timeout_ns <= 0:
+            return
+        if _futex is not None:
+            _futex.wait(self.address, expected & 0xFFFFFFFF, timeout_ns)
             return
         self._timeout.tv_sec, self._timeout.tv_nsec = divmod(timeout_ns, 1_000_000_000)
         if _syscall(_NR_FUTEX, self.address, _FUTEX_WAIT, expected & 0xFFFFFFFF, self._timeout_ref, None, 0) < 0:
@@ -76,6 +92,8 @@ class FutexWord:
 
     def wake(self, count: int = 1) -> int:
         """Wake up to `count` processes sleeping on the word; returns how many were woken."""
+        if _futex is not None:
+            return _futex.wake(self.address, count)
         woken = _syscall(_NR_FUTEX, self.address, _FUTEX_WAKE, count, None, None, 0)
         if woken < 0:
             err = ctypes.get_errno()
@@ -83,21 +101,21 @@ class FutexWord:
         return woken
 
 
-class Fence:
-    """A full memory barrier for plain loads and stores made through numpy or memoryview.
+def new_fence() -> Callable[[], None]:
+    """A full memory barrier for plain loads and stores made through numpy or memoryview: call it.
 
-    Python has no atomics, but releasing and re-taking a process-local lock runs glibc's semaphore
-    atomics: `lock`-prefixed instructions on x86-64, a store-release followed by a load-acquire on
-    aarch64 (which ARMv8 keeps in order). Nothing before the fence moves after it or the reverse.
-    One Fence per thread: it keeps its lock held between calls.
+    With shm/_futex.c it is one sequentially consistent atomic fence. Without it (Python has no atomics),
+    releasing and re-taking a process-local lock runs glibc's semaphore atomics: `lock`-prefixed
+    instructions on x86-64, a store-release followed by a load-acquire on aarch64 (which ARMv8 keeps in
+    order). Either way nothing before the fence moves after it or the reverse. One per thread.
     """
+    if _futex is not None:
+        return _futex.fence
+    lock = threading.Lock()
+    lock.acquire()
 
-    __slots__ = ("_lock",)
+    def lock_fence() -> None:
+        lock.release()
+        lock.acquire()
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def __call__(self) -> None:
-        self._lock.release()
-        self._lock.acquire()
+    return lock_fence
