@@ -44,10 +44,12 @@ otherwise the woken consumer would wait for whatever the producer does next.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,7 @@ _WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64")
 _FOREVER_NS = 1 << 62
 MAX_SPIN_US = 1_000_000  # the longest a consumer may spin around a frame's due time (a second)
 _ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
+_WAITING, _WAITING_FOR_NUDGE = 1, 2  # CONSUMER_WAITING: asleep; asleep and to be woken by a nudge too
 
 
 class RingError(Exception):
@@ -481,6 +484,26 @@ class Producer:
             return None
         return _readonly(self._write_slots[index].payload)
 
+    def nudge(self) -> bool:
+        """Says that a frame is on its way (this end is up and working on it), so that a consumer waiting
+        for the news (acquire's nudges_seen) can get ready; wakes it if it sleeps for that, and if it is
+        pinned to this core, yields to it: what it does to get ready is done before this end goes on.
+        True if it woke one. Costs one store and, only then, a system call or two."""
+        words = self._words
+        words[L.NUDGES] += 1
+        self._fence()  # the count is visible before we look at the consumer's waiting flag
+        if words[L.CONSUMER_WAITING] != _WAITING_FOR_NUDGE or not self._data_word.wake():
+            return False
+        if self._shares_core_with_consumer():
+            _sched_yield()
+        return True
+
+    def next_due_ns(self) -> int:
+        """When this producer's beat says its next publish will be (time.monotonic_ns()); 0 while it has
+        no steady beat (too few publishes, a burst, or jitter too large to plan by)."""
+        beat = self._beat
+        return beat.next_due_ns if beat.steady() else 0
+
     def has_room(self) -> bool:
         """Would claim() find a free slot now, without waiting, dropping or counting anything?"""
         return self._claimed is None and self._w - self._words[L.R] < self._slots
@@ -528,11 +551,11 @@ class Producer:
         self._w = w + 1
         self._fence()  # W is visible before we look at the consumer's waiting flag
         woke = words[L.CONSUMER_WAITING] and self._data_word.wake()
-        self._learn_beat(w + 1)
         if words[L.CONSUMER_YIELDING] or (woke and self._shares_core_with_consumer()):
             # It spins, or now waits to run, on this core: let it take the frame now; what we do
-            # next (the caller's bookkeeping) can wait, the frame cannot.
+            # next (learning the beat, the caller's bookkeeping) can wait, the frame cannot.
             _sched_yield()
+        self._learn_beat(w + 1)
 
     def consumer_alive(self) -> bool:
         """Is a consumer attached and its process alive? (False: nobody will free slots for now.)"""
@@ -651,14 +674,19 @@ class Consumer:
         self._data_word = ring._futex(L.W)
         self._space_word = ring._futex(L.R)
         self._oversleep_ns = 100_000  # learned: how late a timed kernel sleep returns on this machine
+        self._recent_lateness_ns: collections.deque[int] = collections.deque(maxlen=32)
         # How each acquire found its frame: already there, caught spinning, or woken by the kernel
         # (during the sleep before a planned spin, after a spin that missed it, or with no spin at all).
         self.wake_counts = {"ready": 0, "spin": 0, "woken_before_spin": 0, "woken_after_spin": 0, "woken": 0}
         self._shares_core_with_producer = _SameCore(self._words, L.PRODUCER_PID)
+        # Called when a spinning consumer wakes for a paced frame, before it spins: a stage warms up here.
+        # Its time counts as lateness of the wake, so the plan makes room for it before the frame.
+        self.before_spin: Callable[[], None] | None = None
 
-    def acquire(self, timeout_s: float | None = None) -> ReadSlot | None:
+    def acquire(self, timeout_s: float | None = None, nudges_seen: int | None = None) -> ReadSlot | None:
         """The oldest unread frame, or None if none arrives within timeout_s (None: no limit, 0: poll).
-        Zero-copy views into the slot, except under drop-oldest (a validated private copy)."""
+        Zero-copy views into the slot, except under drop-oldest (a validated private copy). With
+        nudges_seen (an earlier nudges()), also None as soon as the producer has nudged since."""
         if self._held is not None:
             raise RingError(f"ring {self._name}: acquire() while holding a frame; release() it first")
         if self._closed:
@@ -675,7 +703,7 @@ class Consumer:
                     return None
                 if not deadline_ns:
                     deadline_ns = _monotonic_ns() + (_FOREVER_NS if timeout_s is None else int(timeout_s * 1e9))
-                w = self._wait_for_data(r, deadline_ns)
+                w = self._wait_for_data(r, deadline_ns, nudges_seen)
                 if w == r:
                     return None
             if _WEAK_ORDER:
@@ -731,33 +759,38 @@ class Consumer:
         words[L.CONSUMED] += 1
         return self._copy_slot
 
-    def _wait_for_data(self, r: int, deadline_ns: int) -> int:
-        """Waits until W moves past r or the deadline; returns W."""
+    def _wait_for_data(self, r: int, deadline_ns: int, nudges_seen: int | None = None) -> int:
+        """Waits until W moves past r, the deadline, or (with nudges_seen) a nudge; returns W."""
         words = self._words
+        if nudges_seen is not None and words[L.NUDGES] != nudges_seen:
+            return words[L.W]
         now_ns = _monotonic_ns()
         if self._spin_ns:
-            due_ns = self._due_ns(r)
-            jitter_ns = words[L.JITTER_NS]
-            if due_ns and jitter_ns * 4 < words[L.INTERVAL_NS]:
+            spin_start_ns = self._spin_start_ns(r)
+            if spin_start_ns:
                 # Steady beat: sleep in the kernel until just before the next frame is due, then spin on
                 # a window [due - lead, due - lead + spin] that brackets where it will land.
-                lead_ns = min(2 * jitter_ns + self._GUARD_NS, self._spin_ns // 2)
-                spin_start_ns = due_ns - lead_ns
-                wake_ns = min(spin_start_ns - self._oversleep_ns, deadline_ns)
+                wake_ns = spin_start_ns - self._oversleep_ns
+                cut_short = deadline_ns < wake_ns  # the caller wants to be back before the window
+                if cut_short:
+                    wake_ns = deadline_ns
                 if wake_ns - now_ns > self._MIN_PLANNED_SLEEP_NS:
                     w = self._sleep(r, wake_ns - now_ns)
                     now_ns = _monotonic_ns()
                     if w != r:
-                        if words[L.LAST_PUBLISH_NS] >= wake_ns:
-                            # It came after we meant to be up: the kernel wakes us later than we
-                            # thought, so plan earlier next time. (Before that: the beat was off.)
-                            self._oversleep_ns = min(self._oversleep_ns + 20_000, self._spin_ns // 2)
+                        late_ns = words[L.LAST_PUBLISH_NS] - wake_ns
+                        if late_ns >= 0 and not cut_short:
+                            # It came after we meant to be up: the kernel wakes us later than that,
+                            # so plan earlier next time. (Before that: the beat was off.)
+                            self._learn_lateness(late_ns + 20_000)
                         self.wake_counts["woken_before_spin"] += 1
                         return w
-                    if now_ns >= wake_ns:  # timed out: learn how late the kernel wakes us
-                        # (clipped: a stalled machine says nothing about the usual wake-up)
-                        oversleep_ns = min(now_ns - wake_ns, self._spin_ns // 2)
-                        self._oversleep_ns += (oversleep_ns - self._oversleep_ns) >> 2
+                    if not cut_short:
+                        if self.before_spin is not None:
+                            self.before_spin()
+                            now_ns = _monotonic_ns()
+                        if now_ns >= wake_ns:  # timed out: learn how late we are up (kernel, hook)
+                            self._learn_lateness(now_ns - wake_ns)
                 # Woken earlier than planned (the kernel was quicker than learned): still spin through
                 # the whole window, which is placed around the due time, not around our wake-up.
                 spin_end_ns = min(max(now_ns, spin_start_ns) + self._spin_ns, deadline_ns)
@@ -785,11 +818,32 @@ class Consumer:
             remaining_ns = deadline_ns - now_ns
             if remaining_ns <= 0:
                 return words[L.W]
-            w = self._sleep(r, remaining_ns)
+            w = self._sleep(r, remaining_ns, nudges_seen)
             if w != r:
                 self.wake_counts["woken_after_spin" if self._spin_ns else "woken"] += 1
                 return w
+            if nudges_seen is not None and words[L.NUDGES] != nudges_seen:
+                return w
             now_ns = _monotonic_ns()
+
+    def _spin_start_ns(self, r: int) -> int:
+        """Where the spin window for frame r opens: 2 jitters and a guard before it is due; 0 without a
+        steady beat to plan by."""
+        words = self._words
+        due_ns = self._due_ns(r)
+        jitter_ns = words[L.JITTER_NS]
+        if not due_ns or jitter_ns * 4 >= words[L.INTERVAL_NS]:
+            return 0
+        return due_ns - min(2 * jitter_ns + self._GUARD_NS, self._spin_ns // 2)
+
+    def _learn_lateness(self, late_ns: int) -> None:
+        # A planned wake must come before the frame nearly every time, and on a shared core the kernel's
+        # lateness is lumpy (another task may hold the core when the timer fires): plan by a high
+        # percentile of recent lateness, not by its mean. Clipped: a stalled machine says nothing about
+        # the usual wake-up, and spin_us bounds what a consumer may spend.
+        recent = self._recent_lateness_ns
+        recent.append(min(late_ns, self._spin_ns))
+        self._oversleep_ns = sorted(recent)[len(recent) * 9 // 10]
 
     def _due_ns(self, r: int) -> int:
         """When frame r should be published, by the producer's beat; 0 if there is no telling."""
@@ -813,13 +867,16 @@ class Consumer:
             return due_ns + words[L.INTERVAL_NS]
         return 0
 
-    def _sleep(self, r: int, timeout_ns: int) -> int:
+    def _sleep(self, r: int, timeout_ns: int, nudges_seen: int | None = None) -> int:
+        # With nudges_seen, a nudge wakes us too. It does not change W, so a nudge that lands between
+        # the re-check below and the kernel queueing us is missed: that frame is not warmed up for,
+        # nothing worse, and a paced consumer is long asleep by the time its next nudge comes.
         words = self._words
-        words[L.CONSUMER_WAITING] = 1
+        words[L.CONSUMER_WAITING] = _WAITING if nudges_seen is None else _WAITING_FOR_NUDGE
         try:
             self._fence()  # flag up before re-reading W (the producer fences the other way)
             w = words[L.W]
-            if w == r:
+            if w == r and (nudges_seen is None or words[L.NUDGES] == nudges_seen):
                 self._data_word.wait(r, timeout_ns)
                 w = words[L.W]
         finally:  # a signal (Ctrl-C) must not leave the producer waking nobody on every publish
@@ -841,6 +898,37 @@ class Consumer:
         self._fence()  # R is visible before we look at the producer's waiting flag
         if words[L.PRODUCER_WAITING]:
             self._space_word.wake()
+
+    def next_due_ns(self) -> int:
+        """When the producer's beat says the next unread frame will be published (time.monotonic_ns());
+        0 when it is already here or there is no steady beat to tell by."""
+        words = self._words
+        r = self._r
+        if words[L.W] != r or 4 * words[L.JITTER_NS] >= words[L.INTERVAL_NS]:
+            return 0
+        return self._due_ns(r)
+
+    def nudges(self) -> int:
+        """How many times the producer has nudged (Producer.nudge): pass it to acquire as nudges_seen."""
+        return self._words[L.NUDGES]
+
+    def shares_core_with_producer(self) -> bool:
+        """Are both ends pinned to the same one core? (Re-checked every 64 asks: a process may move.)"""
+        return self._shares_core_with_producer()
+
+    def planned_wake_ns(self) -> int:
+        """When acquire() means to be awake for the next frame (time.monotonic_ns()): the start of its
+        spin window less how late the kernel's wake-ups come here; 0 when it would not plan one (no
+        spin_us, no steady beat, or the frame is here)."""
+        if not self._spin_ns or self._words[L.W] != self._r:
+            return 0
+        spin_start_ns = self._spin_start_ns(self._r)
+        return spin_start_ns - self._oversleep_ns if spin_start_ns else 0
+
+    def upcoming_slot(self) -> ReadSlot:
+        """Read-only views of the slot the next frame will be written into, for warming caches before it
+        comes: what they show means nothing until acquire() returns that frame."""
+        return self._read_slots[self._r % self._slots]
 
     def producer_alive(self) -> bool:
         """Is a producer attached and its process alive? (False: no frame is coming for now.)"""

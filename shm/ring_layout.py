@@ -17,7 +17,7 @@ import struct
 from shm.frame import HEADER_BYTES
 
 MAGIC = b"RTPRING1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAX_NDIM = 8
 CACHE_LINE = 64
 
@@ -47,11 +47,12 @@ PRODUCER_START_TICKS = 41
 PRODUCER_WAITING = 42  # 1 while the producer sleeps on a full ring (block policy)
 NEXT_DUE_NS = 43  # when the producer's beat says the next frame will be published (0: no beat yet)
 NEXT_DUE_FRAME = 44  # which frame NEXT_DUE_NS is for (the published count when it was made); written after it
+NUDGES = 45  # times the producer said a frame is on its way (Producer.nudge)
 
 R = 48  # frames taken by the consumer (the futex word a blocked producer waits on)
 CONSUMED = 49
 DROPPED_OLDEST = 50  # frames the consumer found overwritten and skipped (drop-oldest)
-CONSUMER_WAITING = 51  # 1 while the consumer sleeps on an empty ring
+CONSUMER_WAITING = 51  # 1 while the consumer sleeps on an empty ring; 2: and wants to be woken by a nudge
 CONSUMER_YIELDING = 52  # 1 while the consumer spins yielding on the producer's core: publish yields to it
 CONSUMER_PID = 56
 CONSUMER_START_TICKS = 57
