@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import resource
 import signal
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -113,3 +116,32 @@ def test_refusal_leaves_the_calling_thread_on_the_normal_scheduler():
     before = os.sched_getscheduler(0)
     realtime.refusal(2)
     assert os.sched_getscheduler(0) == before
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        version = tuple(int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return version >= (major, minor)
+
+
+@pytest.mark.skipif(not _kernel_at_least(6, 12), reason="a fair task's own slice needs Linux 6.12")
+def test_a_stage_on_the_normal_scheduler_asks_for_a_short_slice_and_keeps_its_nice_value():
+    getattr_number = {"x86_64": 315, "aarch64": 275}[platform.machine()]
+    seen = {}
+
+    def in_a_thread():  # scheduling attributes are per thread: leave the test runner's own alone
+        os.setpriority(os.PRIO_PROCESS, 0, 3)
+        seen["took"] = realtime.short_slice()
+        attr = ctypes.create_string_buffer(48)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(ctypes.c_long(getattr_number), ctypes.c_long(0), attr, ctypes.c_uint(48),
+                            ctypes.c_uint(0)) == 0
+        _size, policy, _flags, nice, _prio, runtime_ns, _deadline, _period = struct.unpack("<IIQiIQQQ", attr.raw)
+        seen.update(policy=policy, nice=nice, runtime_ns=runtime_ns)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"took": True, "policy": 0, "nice": 3, "runtime_ns": realtime.FAIR_SLICE_NS}
