@@ -20,7 +20,7 @@ import psutil
 
 from pipeline import realtime
 from shm.ring import MAX_SPIN_US
-from stages.base import PayloadSpec, Role, Stage, parse_params
+from stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
 from stages.errors import ConfigError, raised_as
 from stages.registry import find_stage
 
@@ -36,17 +36,22 @@ TOP_LEVEL = ("supervisor", "stages", "edges")
 class SupervisorSettings:
     """How the supervisor watches its stages (the `[supervisor]` table)."""
 
-    heartbeat_ms: int = 250
-    liveness: int = 12            # heartbeats missed before a running stage counts as hung
+    heartbeat_ms: int = 1000      # as in the ZeroMQ guide's Paranoid Pirate: 1 s, 3 missed = gone
+    liveness: int = 3             # heartbeats missed before a running stage counts as hung
     start_timeout_s: float = 120.0  # time a stage may take to open (a model loads here)
     restart_limit: int = 3        # restarts per stage before the run fails
     restart_backoff_ms: int = 200  # doubled at each restart of the same stage
     stop_timeout_s: float = 5.0   # time the end-of-stream flag may take to reach the sink
+    # how long before its next frame is due each stage warms its frame path up (pipeline/host.py); 0: never
+    warm_up_us: int = 500
 
     def validate(self, where: str) -> None:
         for name in ("heartbeat_ms", "liveness", "restart_backoff_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} = {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.warm_up_us <= FRAME_NS // 2000:
+            raise ConfigError(f"{where}.warm_up_us = {self.warm_up_us}: expected 0 (off) to {FRAME_NS // 2000}"
+                              " (half a frame)")
         if self.restart_limit < 0:
             raise ConfigError(f"{where}.restart_limit = {self.restart_limit}: must be 0 or more")
         for name in ("start_timeout_s", "stop_timeout_s"):

@@ -63,8 +63,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "ready": {"stage": "str"},
     "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
     # counters since the process started (a reply to "get_stats", and sent about once a second)
+    # (warm_ups: frames whose path the stage warmed up before they came, see pipeline/host.py)
     "stats": {"stage": "str", "frames": "int", "seq_gaps": "int", "duplicates": "int",
-              "underruns": "int", "overflows": "int", "output_latency_ns": "int", "device_latency_ns": "int"},
+              "underruns": "int", "overflows": "int", "output_latency_ns": "int", "device_latency_ns": "int",
+              "warm_ups": "int"},
     # side outputs of a stage (e.g. text tokens): msgpack-able maps
     "events": {"stage": "str", "events": "list[map]"},
     # the end-of-stream frame went past this stage (for the sink: the run's output is complete)

@@ -35,6 +35,9 @@ STATS_EVERY_NS = 1_000_000_000
 # Control and housekeeping cost a stage about 100 us of CPU on a cache gone cold in the 80 ms between
 # frames: while frames flow they run every other frame or so, not after each (replies wait <= 0.1 s).
 CONTROL_EVERY_NS = 100_000_000
+# A warm-up (with the one it nudges on this core) takes about this long on a cold cache: one that would
+# still run when the frame is due is skipped, not let to delay it.
+WARM_UP_TAKES_NS = 60_000
 MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
@@ -51,6 +54,7 @@ _monotonic_ns = time.monotonic_ns
 _SEQ_W = HEADER_DTYPE.fields["seq"][1] // 8
 _CAPTURE_W = HEADER_DTYPE.fields["capture_ns"][1] // 8
 _ENTER_W = HEADER_DTYPE.fields["enter_ns"][1] // 8
+_EXIT_W = HEADER_DTYPE.fields["exit_ns"][1] // 8
 _FLAGS_W = HEADER_DTYPE.fields["flags"][1] // 8  # flags in the low half, checksum in the high half
 _U32_MASK = 0xFFFFFFFF
 # a frame record starts with the header's seq, capture_ns, enter_ns and exit_ns, at the same offsets
@@ -171,6 +175,11 @@ class StageHost:
         self.ready_slot = None  # an output slot claimed while waiting for input (block edges only)
         self.on_device = False
         self.header_views: dict[Any, tuple[memoryview, memoryview]] = {}  # per ring slot, made once
+        self.warm_up_ns = int(spec.get("warm_up_us", 0)) * 1000
+        self.warmed_for = -1  # self.frames when the frame path was last warmed up
+        self.warm_ups = 0
+        self.nudges_seen = 0  # the producer's nudges acted on (see listens_for_nudges)
+        self.upstream_age_ns = 0  # EWMA: how long after its capture stamp a frame reaches our input
         self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
         self.FLAG_END_OF_STREAM = FLAG_END_OF_STREAM
         if int(spec.get("incarnation", 0)) > 0:
@@ -205,10 +214,10 @@ class StageHost:
         kind = message["type"]
         if kind == "stop":
             self.stop_requested = True
-        elif kind == "pause":
-            self.paused = True
-        elif kind == "resume":
-            self.paused = False
+        elif kind in ("pause", "resume"):
+            self.paused = kind == "pause"
+            # said at once: the periodic stats stand in for heartbeats, so the next one may be far off
+            self.send("heartbeat", frames=self.frames, paused=self.paused)
         elif kind == "reset" and self.stage is not None:
             self.stage.reset()
             self.pending_flags |= self.FLAG_DISCONTINUITY
@@ -222,6 +231,7 @@ class StageHost:
         counters = getattr(stage, "counters", None)
         counts = counters() if callable(counters) else {}
         self.send("stats", frames=self.frames, seq_gaps=self.seq_gaps, duplicates=self.duplicates,
+                  warm_ups=self.warm_ups,
                   underruns=int(counts.get("underruns", 0) or 0),
                   overflows=int(counts.get("overflows", 0) or 0),
                   output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
@@ -229,12 +239,14 @@ class StageHost:
 
     def housekeeping(self) -> None:
         now = time.monotonic_ns()
-        if now >= self.next_heartbeat_ns:
-            self.send("heartbeat", frames=self.frames, paused=self.paused)
-            self.next_heartbeat_ns = now + self.heartbeat_ns
         if now >= self.next_stats_ns:
             self.send_stats()
             self.next_stats_ns = now + STATS_EVERY_NS
+            # any message tells the supervisor we are alive: each one costs both ends a wake-up
+            self.next_heartbeat_ns = now + self.heartbeat_ns
+        if now >= self.next_heartbeat_ns:
+            self.send("heartbeat", frames=self.frames, paused=self.paused)
+            self.next_heartbeat_ns = now + self.heartbeat_ns
         self.send_events()
 
     def send_events(self) -> None:
@@ -258,6 +270,8 @@ class StageHost:
         if spec.get("input"):
             self.in_ring = Ring.attach(spec["input"]["name"], ring_spec(spec["input"]))
             self.consumer = self.in_ring.consumer()
+            self.nudges_seen = self.consumer.nudges()
+            self.consumer.before_spin = self.warm_up_before_spinning
         if spec.get("output"):
             self.out_ring = Ring.attach(spec["output"]["name"], ring_spec(spec["output"]))
             self.producer = self.out_ring.producer()
@@ -282,7 +296,10 @@ class StageHost:
             self.stage.open(spec.get("device", "cpu"))
         pin(None, spec.get("threads"))  # open() may have imported torch
         # Only now, after loading: a model loaded at real-time priority would hold its core for seconds.
-        realtime.apply(int(spec.get("priority", 0)))
+        if int(spec.get("priority", 0)):
+            realtime.apply(int(spec["priority"]))
+        else:
+            realtime.short_slice()
         # What opening made (a model's many Python objects) is never scanned by the collector again: a
         # full collection between two frames would otherwise walk all of it.
         gc.collect()
@@ -375,7 +392,7 @@ class StageHost:
 
     def step_source(self, timeout_s: float) -> bool:
         try:
-            frame = self.stage.read(timeout_s)
+            frame = self.stage.read(self.until_warm_up_s(timeout_s))
         except EndOfStream:
             self.source_end()
             return True
@@ -394,16 +411,105 @@ class StageHost:
         now = time.monotonic_ns()
         self.end_of_stream_out(self.next_seq, now, 0, None, now)
 
+    # --- warming up -------------------------------------------------------------------------------
+    # After 80 ms asleep a stage finds its code and data gone from the caches: on the development VM a
+    # hand-over then costs 3-5x what it costs warm (README.md, the pipeline bench). So shortly before
+    # the next frame comes each stage runs the memory side of its frame path once: the upcoming input
+    # slot's header, the claimed output slot. Nothing is published. When:
+    # - a source, or a consumer with no core of its own to share: by the beat its ring has learned,
+    #   warm_up_us before the frame starts at the source;
+    # - a consumer that spins for its frames: in the wake it makes for that, just before spinning;
+    # - a consumer on its producer's core: when the producer, warming up itself, nudges it. The core is
+    #   awake then, and waking on an awake core costs a third of waking an idle one on the VM.
+    def listens_for_nudges(self) -> bool:
+        consumer = self.consumer
+        return (bool(self.warm_up_ns) and consumer is not None and consumer.shares_core_with_producer()
+                and not consumer.planned_wake_ns())
+
+    def warm_up_at_ns(self) -> tuple[int, int]:
+        """(when to warm up for the next frame, when that frame is due) in time.monotonic_ns(); (0, 0)
+        when not by the clock: warm-ups off, done already, no steady beat, or nudged instead."""
+        if not self.warm_up_ns or self.warmed_for == self.frames:
+            return 0, 0
+        if self.consumer is None:  # a source: before it is due to hand out its next frame
+            due_ns = self.producer.next_due_ns() if self.producer is not None else 0
+            return (due_ns - self.warm_up_ns, due_ns) if due_ns else (0, 0)
+        due_ns = self.consumer.next_due_ns()
+        if not due_ns:
+            return 0, 0
+        if self.consumer.planned_wake_ns() or self.consumer.shares_core_with_producer():
+            return 0, 0  # it warms up when it wakes to spin, or when nudged
+        # Ahead of the frame's start at the source (its age when it reaches us, learned), so that stages
+        # sharing a core warm up before the frame passes through it, not while it does; at most twice
+        # warm_up_us ahead of our own input, where earlier would be cold again by then.
+        return due_ns - min(self.upstream_age_ns, self.warm_up_ns) - self.warm_up_ns, due_ns
+
+    def until_warm_up_s(self, timeout_s: float) -> float:
+        """How long to wait for the next frame: until it is time to warm up for it by the clock, warming
+        up first when that time has come (and the frame is not about to arrive); else timeout_s."""
+        warm_at_ns, due_ns = self.warm_up_at_ns()
+        if not warm_at_ns:
+            return timeout_s
+        now = _monotonic_ns()
+        if warm_at_ns > now:
+            return min(timeout_s, (warm_at_ns - now) / 1e9)
+        self.warmed_for = self.frames
+        if due_ns - now > WARM_UP_TAKES_NS:
+            self.warm_up_and_pass_it_on()
+        return timeout_s
+
+    def warm_up_before_spinning(self) -> None:
+        """The input ring's hook for a consumer that spins: called when it wakes to spin for a frame."""
+        due_ns = self.consumer.next_due_ns()
+        if self.warm_up_ns and self.warmed_for != self.frames and due_ns - _monotonic_ns() > WARM_UP_TAKES_NS:
+            self.warm_up_and_pass_it_on()
+
+    def warm_up_and_pass_it_on(self) -> None:
+        self.warmed_for = self.frames
+        self.warm_up()
+        self.warm_ups += 1
+        if self.producer is not None:
+            self.producer.nudge()  # wakes the next stage only if it shares our core and listens
+
+    def warm_up(self) -> None:
+        """The frame path's reads and writes, on the slots the next frame will use: the upcoming input
+        slot (read only) and the claimed output slot, which the real frame then overwrites whole."""
+        out = self.ready_slot
+        if self.consumer is not None:
+            upcoming = self.consumer.upcoming_slot()
+            upstream, words = self.views(upcoming)
+            seq = words[_SEQ_W] + words[_CAPTURE_W] + words[_FLAGS_W]
+            if out is not None:
+                raw, out_words = self.views(out)
+                raw[:] = upstream
+                out_words[_SEQ_W] = seq
+                payload = out.payload
+                if payload.shape == upcoming.payload.shape and payload.dtype == upcoming.payload.dtype:
+                    payload[...] = upcoming.payload  # the copy a pass-through stage makes
+                else:  # a stage that changes the payload (a codec): each side on its own
+                    payload[...] = payload
+                    upcoming.payload.any()
+        elif out is not None:  # a source: its own header words and payload
+            raw, out_words = self.views(out)
+            out_words[_SEQ_W] = out_words[_CAPTURE_W]
+            out.payload[...] = out.payload
+
     def step_through(self, timeout_s: float) -> bool:
         """A processor or the sink: one frame from the input ring, if one comes within timeout_s."""
-        slot = self.consumer.acquire(timeout_s=timeout_s)
+        nudges_seen = self.nudges_seen if self.listens_for_nudges() else None
+        slot = self.consumer.acquire(timeout_s=self.until_warm_up_s(timeout_s), nudges_seen=nudges_seen)
         if slot is None:
+            if nudges_seen is not None and self.consumer.nudges() != nudges_seen:
+                self.nudges_seen = self.consumer.nudges()
+                if self.warmed_for != self.frames:
+                    self.warm_up_and_pass_it_on()
             return False
         enter = _monotonic_ns()
         upstream, words = self.views(slot)
         seq = words[_SEQ_W]
         flags = (words[_FLAGS_W] & _U32_MASK) | self.pending_flags
         capture_ns = words[_CAPTURE_W]
+        self.upstream_age_ns += (words[_EXIT_W + self.index - 1] - capture_ns - self.upstream_age_ns) >> 3
         try:
             if flags & self.FLAG_END_OF_STREAM:
                 self.end_of_stream_out(seq, capture_ns, flags, upstream, enter)

@@ -239,7 +239,8 @@ class Supervisor:
             "records": self._ring_for_host(self.records_ring if index == n - 1 else None),
             "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),
             "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
-            "liveness": self.settings.liveness, "sys_path": [p for p in sys.path if p],
+            "liveness": self.settings.liveness, "warm_up_us": self.settings.warm_up_us,
+            "sys_path": [p for p in sys.path if p],
             # the source waits until every stage is up, so the first frames do not queue behind loading
             # (also one restarted before then: it would block behind the loading, then burst)
             "start_paused": index == 0 and not self.ready_event.is_set(),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
 from stages.errors import ConfigError
@@ -44,6 +45,19 @@ class CodesOut(Stage):
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         return np.zeros(8, np.int32)
+
+
+def noise_wav(path: Path, seconds: float, seed: int = 1) -> np.ndarray:
+    """Writes `seconds` of uniform noise as a 24 kHz float WAV at `path`; returns the samples."""
+    samples = np.random.default_rng(seed).uniform(-0.5, 0.5, int(seconds * 24_000)).astype(np.float32)
+    sf.write(str(path), samples, 24_000, subtype="FLOAT")
+    return samples
+
+
+def delayed(samples: np.ndarray, delay_frames: int, length: int, frame: int = 1920) -> np.ndarray:
+    """`samples` after delay_frames frames of silence, cut or zero-padded to `length`."""
+    return np.concatenate([np.zeros(delay_frames * frame, np.float32), samples,
+                           np.zeros(length, np.float32)])[:length]
 
 
 def chain_config(source: dict, middle: list[dict], sink: dict, *, policy: str = "block", slots: int = 8,

@@ -15,23 +15,12 @@ import soundfile as sf
 
 from pipeline import config as pipeline_config
 from pipeline.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import TESTS_DIR, chain_config, run_segments
+from runtime_support import TESTS_DIR, chain_config, delayed, noise_wav, run_segments
 
 FRAME = 1920
 REPORT_KEYS = {"frames", "seconds", "frame_ms", "end_to_end_ms", "stages", "edges", "playback",
                "frames_lost", "samples", "text", "text_tokens", "delay_frames", "config", "device_latency_ms"}
 SUMMARY_KEYS = {"p50", "p95", "p99", "max", "mean"}
-
-
-def noise_wav(path: Path, seconds: float, seed: int = 1) -> np.ndarray:
-    samples = np.random.default_rng(seed).uniform(-0.5, 0.5, int(seconds * 24_000)).astype(np.float32)
-    sf.write(str(path), samples, 24_000, subtype="FLOAT")
-    return samples
-
-
-def delayed(samples: np.ndarray, delay_frames: int, length: int) -> np.ndarray:
-    return np.concatenate([np.zeros(delay_frames * FRAME, np.float32), samples,
-                           np.zeros(length, np.float32)])[:length]
 
 
 def test_wav_through_five_processes_comes_out_delayed_by_exactly_the_declared_delay(tmp_path):
