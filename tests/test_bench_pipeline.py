@@ -46,15 +46,19 @@ def test_bad_cores_are_refused_by_name(cores, message, capsys):
 def test_short_run_reports_both_chains_in_the_documented_shape(capsys):
     assert main(["--frames", "24", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"rtpipe", "mp_queue"}
-    for chain in report.values():
+    assert {"rtpipe", "mp_queue", "priority", "futex"} <= set(report)
+    assert report["priority"] == (0 if realtime.refusal(10) else 10)  # auto: FIFO where it may be had
+    assert set(report["warm_ups"]) == {"source", "a", "b", "c", "sink"}
+    assert all(0 <= count <= 24 for count in report["warm_ups"].values())
+    for chain in (report["rtpipe"], report["mp_queue"]):
         assert set(chain) == {"p50_us", "p99_us", "max_us", "cpu_pct"}
         assert 0 < chain["p50_us"] <= chain["p99_us"] <= chain["max_us"]
         assert chain["cpu_pct"] >= 0
 
 
 @pytest.mark.parametrize("priority, message", [("100", "--priority 100: expected 0-99"),
-                                               ("-1", "--priority -1: expected 0-99")])
+                                               ("-1", "--priority -1: expected 0-99"),
+                                               ("high", "'high': expected a priority 0-99 or auto")])
 def test_a_priority_outside_0_to_99_is_refused(priority, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--frames", "30", "--priority", priority])
@@ -78,3 +82,10 @@ def test_short_run_at_real_time_priority_puts_both_chains_under_it(capsys):
     out = capsys.readouterr().out
     assert "at SCHED_FIFO priority 2" in out
     assert "rtpipe (shm rings)" in out and "multiprocessing.Queue" in out
+
+
+def test_where_real_time_priority_is_refused_auto_falls_back_to_the_normal_scheduler(monkeypatch, capsys):
+    monkeypatch.setattr(realtime, "refusal", lambda priority: "not permitted here (test)")
+    assert main(["--frames", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "normal scheduler (SCHED_FIFO is not permitted here (test))" in out
