@@ -93,16 +93,32 @@ class CpuSampler:
         return round(100.0 * (self.last - self.start) / wall, 2) if wall > 0 else 0.0
 
 
+class StolenTime:
+    """How much of all cores' time the hypervisor gave to other guests between start and stop (steal, in
+    /proc/stat), %. On a shared VM a frame late by milliseconds is often here, not in the pipeline."""
+
+    def __init__(self):
+        self.start_steal = getattr(psutil.cpu_times(), "steal", 0.0)
+        self.start_wall = time.monotonic()
+
+    def percent(self) -> float:
+        wall = (time.monotonic() - self.start_wall) * (psutil.cpu_count() or 1)
+        steal = getattr(psutil.cpu_times(), "steal", 0.0) - self.start_steal
+        return round(100.0 * steal / wall, 2) if wall > 0 else 0.0
+
+
 # --- rtpipe: the real supervisor and stage hosts ---------------------------------------------------
 
 class _CpuObserver:
     def __init__(self):
         self.sampler: CpuSampler | None = None
         self.supervisor_sampler: CpuSampler | None = None
+        self.stolen: StolenTime | None = None
 
     def on_start(self, run_info):
         self.sampler = CpuSampler(list(run_info["pids"].values()))
         self.supervisor_sampler = CpuSampler([os.getpid()])
+        self.stolen = StolenTime()
 
     def on_frames(self, records):
         pass
@@ -150,6 +166,7 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     supervisor = Supervisor(pipeline_config.validate(raw), observer_factory=lambda info: [observer],
                             handle_signals=False)
     result = supervisor.run()
+    steal_pct = observer.stolen.percent()
     if result.error:
         raise SystemExit(f"rtpipe bench pipeline: the rtpipe run failed: {result.error}")
     records = np.concatenate(supervisor.records)[WARMUP_FRAMES:]
@@ -159,7 +176,7 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     stage_us = {name: summary_us(records["exit_ns"][:, i] - records["enter_ns"][:, i])
                 for i, name in enumerate(names[1:-1], start=1)}
     warm_ups = {name: int(supervisor.stages[name].stats.get("warm_ups", 0)) for name in names}
-    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "stage_us": stage_us, "warm_ups": warm_ups,
+    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "stage_us": stage_us, "warm_ups": warm_ups, "steal_pct": steal_pct,
             "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "hops": hops, "frames": len(records)}
 
 
@@ -219,6 +236,7 @@ def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dic
     time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
     ready.set()
     sampler = CpuSampler([p.pid for p in procs])
+    stolen = StolenTime()
     go.set()
     stop = threading.Event()
 
@@ -229,12 +247,13 @@ def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dic
     thread = threading.Thread(target=sample_every_second, daemon=True)
     thread.start()
     latencies = result_q.get()
+    steal_pct = stolen.percent()
     stop.set()
     thread.join()
     for p in procs:
         p.join(10)
     added = np.asarray(latencies[WARMUP_FRAMES:], dtype=np.int64)
-    return {**summary_us(added), "cpu_pct": sampler.percent(), "frames": len(added)}
+    return {**summary_us(added), "cpu_pct": sampler.percent(), "steal_pct": steal_pct, "frames": len(added)}
 
 
 def _core_list(text: str) -> list[int]:
@@ -317,7 +336,8 @@ def main(argv: list[str]) -> int:
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys},
-                          "priority": args.priority, "futex": wakeup.IMPLEMENTATION, "warm_ups": rtpipe["warm_ups"]}))
+                          "priority": args.priority, "futex": wakeup.IMPLEMENTATION, "warm_ups": rtpipe["warm_ups"],
+                          "steal_pct": {"rtpipe": rtpipe["steal_pct"], "mp_queue": baseline["steal_pct"]}}))
         return 0
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
           f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
@@ -327,11 +347,11 @@ def main(argv: list[str]) -> int:
           + (f" (SCHED_FIFO is {auto_refused})" if auto_refused else ""))
     print(f"machine: {machine_line()}; futex calls through {wakeup.IMPLEMENTATION}")
     print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
-          "% of one core")
-    print(f"{'chain':<22} {'p50 us':>8} {'p95 us':>8} {'p99 us':>8} {'max us':>9} {'cpu %':>7}")
+          "% of one core; steal % = the hypervisor's, % of all cores, while the chain ran")
+    print(f"{'chain':<22} {'p50 us':>8} {'p95 us':>8} {'p99 us':>8} {'max us':>9} {'cpu %':>7} {'steal %':>8}")
     for name, r in (("rtpipe (shm rings)", rtpipe), ("multiprocessing.Queue", baseline)):
         print(f"{name:<22} {r['p50_us']:8.1f} {r['p95_us']:8.1f} {r['p99_us']:8.1f} {r['max_us']:9.1f} "
-              f"{r['cpu_pct']:7.2f}")
+              f"{r['cpu_pct']:7.2f} {r['steal_pct']:8.2f}")
     ratio = {k: baseline[k] / rtpipe[k] if rtpipe[k] else float("inf") for k in ("p50_us", "p99_us", "max_us")}
     print(f"{'Queue / rtpipe':<22} {ratio['p50_us']:7.2f}x {'':>8} {ratio['p99_us']:7.2f}x "
           f"{ratio['max_us']:8.2f}x")

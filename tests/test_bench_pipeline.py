@@ -49,6 +49,8 @@ def test_short_run_reports_both_chains_in_the_documented_shape(capsys):
     assert {"rtpipe", "mp_queue", "priority", "futex"} <= set(report)
     assert report["priority"] == (0 if realtime.refusal(10) else 10)  # auto: FIFO where it may be had
     assert set(report["warm_ups"]) == {"source", "a", "b", "c", "sink"}
+    assert set(report["steal_pct"]) == {"rtpipe", "mp_queue"}
+    assert all(0 <= pct <= 100 for pct in report["steal_pct"].values())
     assert all(0 <= count <= 24 for count in report["warm_ups"].values())
     for chain in (report["rtpipe"], report["mp_queue"]):
         assert set(chain) == {"p50_us", "p99_us", "max_us", "cpu_pct"}
