@@ -22,8 +22,13 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint32_t *word_at(PyObject *address) {
-    unsigned long long value = PyLong_AsUnsignedLongLong(address);
+/* The word at args[0], once the call has `wanted` arguments; NULL with an exception set otherwise. */
+static uint32_t *word_arg(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t wanted) {
+    if (nargs != wanted) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, wanted, nargs);
+        return NULL;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(args[0]);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -35,11 +40,7 @@ static uint32_t *word_at(PyObject *address) {
 }
 
 static PyObject *futex_wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "wait() takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    uint32_t *word = word_at(args[0]);
+    uint32_t *word = word_arg("wait", args, nargs, 3);
     if (word == NULL) {
         return NULL;
     }
@@ -67,11 +68,7 @@ static PyObject *futex_wait(PyObject *module, PyObject *const *args, Py_ssize_t 
 }
 
 static PyObject *futex_wake(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "wake() takes 2 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    uint32_t *word = word_at(args[0]);
+    uint32_t *word = word_arg("wake", args, nargs, 2);
     if (word == NULL) {
         return NULL;
     }
