@@ -176,8 +176,9 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     stage_us = {name: summary_us(records["exit_ns"][:, i] - records["enter_ns"][:, i])
                 for i, name in enumerate(names[1:-1], start=1)}
     warm_ups = {name: int(supervisor.stages[name].stats.get("warm_ups", 0)) for name in names}
-    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "stage_us": stage_us, "warm_ups": warm_ups, "steal_pct": steal_pct,
-            "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "hops": hops, "frames": len(records)}
+    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "steal_pct": steal_pct,
+            "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "stage_us": stage_us, "hops": hops,
+            "warm_ups": warm_ups, "frames": len(records)}
 
 
 # --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
@@ -336,7 +337,8 @@ def main(argv: list[str]) -> int:
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys},
-                          "priority": args.priority, "futex": wakeup.IMPLEMENTATION, "warm_ups": rtpipe["warm_ups"],
+                          "priority": args.priority, "futex": wakeup.IMPLEMENTATION,
+                          "warm_ups": rtpipe["warm_ups"],
                           "steal_pct": {"rtpipe": rtpipe["steal_pct"], "mp_queue": baseline["steal_pct"]}}))
         return 0
     print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "

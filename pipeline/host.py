@@ -217,7 +217,7 @@ class StageHost:
         elif kind in ("pause", "resume"):
             self.paused = kind == "pause"
             # said at once: the periodic stats stand in for heartbeats, so the next one may be far off
-            self.send("heartbeat", frames=self.frames, paused=self.paused)
+            self.send_heartbeat(time.monotonic_ns())
         elif kind == "reset" and self.stage is not None:
             self.stage.reset()
             self.pending_flags |= self.FLAG_DISCONTINUITY
@@ -245,9 +245,12 @@ class StageHost:
             # any message tells the supervisor we are alive: each one costs both ends a wake-up
             self.next_heartbeat_ns = now + self.heartbeat_ns
         if now >= self.next_heartbeat_ns:
-            self.send("heartbeat", frames=self.frames, paused=self.paused)
-            self.next_heartbeat_ns = now + self.heartbeat_ns
+            self.send_heartbeat(now)
         self.send_events()
+
+    def send_heartbeat(self, now: int) -> None:
+        self.send("heartbeat", frames=self.frames, paused=self.paused)
+        self.next_heartbeat_ns = now + self.heartbeat_ns
 
     def send_events(self) -> None:
         events = self.stage.events() if self.stage is not None else []
@@ -453,19 +456,21 @@ class StageHost:
         now = _monotonic_ns()
         if warm_at_ns > now:
             return min(timeout_s, (warm_at_ns - now) / 1e9)
-        self.warmed_for = self.frames
-        if due_ns - now > WARM_UP_TAKES_NS:
-            self.warm_up_and_pass_it_on()
+        self.warm_up_and_pass_it_on(due_ns)
         return timeout_s
 
     def warm_up_before_spinning(self) -> None:
         """The input ring's hook for a consumer that spins: called when it wakes to spin for a frame."""
-        due_ns = self.consumer.next_due_ns()
-        if self.warm_up_ns and self.warmed_for != self.frames and due_ns - _monotonic_ns() > WARM_UP_TAKES_NS:
-            self.warm_up_and_pass_it_on()
+        if self.warm_up_ns:
+            self.warm_up_and_pass_it_on(self.consumer.next_due_ns())
 
-    def warm_up_and_pass_it_on(self) -> None:
+    def warm_up_and_pass_it_on(self, due_ns: int | None = None) -> None:
+        """Warms up for the next frame, once; not when it is due (time.monotonic_ns()) too soon for that."""
+        if self.warmed_for == self.frames:
+            return
         self.warmed_for = self.frames
+        if due_ns is not None and due_ns - _monotonic_ns() <= WARM_UP_TAKES_NS:
+            return  # it would still run when the frame comes: skipped, not let to delay it
         self.warm_up()
         self.warm_ups += 1
         if self.producer is not None:
@@ -490,7 +495,7 @@ class StageHost:
                     payload[...] = payload
                     upcoming.payload.any()
         elif out is not None:  # a source: its own header words and payload
-            raw, out_words = self.views(out)
+            _, out_words = self.views(out)
             out_words[_SEQ_W] = out_words[_CAPTURE_W]
             out.payload[...] = out.payload
 
@@ -501,8 +506,7 @@ class StageHost:
         if slot is None:
             if nudges_seen is not None and self.consumer.nudges() != nudges_seen:
                 self.nudges_seen = self.consumer.nudges()
-                if self.warmed_for != self.frames:
-                    self.warm_up_and_pass_it_on()
+                self.warm_up_and_pass_it_on()
             return False
         enter = _monotonic_ns()
         upstream, words = self.views(slot)
