@@ -6,4 +6,4 @@ same futex calls through ctypes (slower on a cold cache, see shm/_futex.c).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("shm._futex", sources=["shm/_futex.c"], optional=True)])
+setup(ext_modules=[Extension("rtpipe.shm._futex", sources=["shm/_futex.c"], optional=True)])

@@ -8,8 +8,8 @@ import functools
 import os
 import sys
 
-from pipeline.arguments import check_range
-from stages.errors import ConfigError, RtpipeError
+from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.stages.errors import ConfigError, RtpipeError
 
 MAX_FRAMES = 10_000  # timed frames per case: 13 minutes of 80 ms frames, hours for a big model
 # torch thread counts timed by default: 1 and 2, as far as this machine has cores

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         for name, help_ in BENCHMARKS.items():
             print(f"  {name:<9} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(f"bench.{argv[0]}")
+    module = importlib.import_module(f"{__package__}.{argv[0]}")
     return int(module.main(argv[1:]) or 0)
 
 

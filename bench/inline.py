@@ -17,17 +17,17 @@ import time
 
 import numpy as np
 
-from bench.arguments import check_frames, check_thread_counts, one_line_errors
-from pipeline.metrics import summarize_ms
-from stages.base import FRAME_MS, FRAME_SAMPLES
-from stages.registry import find_stage
+from rtpipe.bench.arguments import check_frames, check_thread_counts, one_line_errors
+from rtpipe.pipeline.observe.report import summarize_ms
+from rtpipe.stages.base import FRAME_MS, FRAME_SAMPLES
+from rtpipe.stages.registry import find_stage
 
 STAGES = (("encode", "mimi.encode"), ("lm", "moshi.step"), ("decode", "mimi.decode"))
 
 
 def speech_frames(frames: int) -> np.ndarray:
     """`frames` frames of the built-in speech sample, looped: float32 [frames, 1920]."""
-    from stages.audio_io import FileCapture
+    from rtpipe.stages.audio_io import FileCapture
 
     source = FileCapture.from_config({"path": "", "pace": False, "loop": True})
     source.open()

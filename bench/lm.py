@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from bench.arguments import DEFAULT_THREADS, MAX_FRAMES, one_line_errors, parse_thread_counts
-from pipeline.arguments import check_range
-from stages.errors import ConfigError
+from rtpipe.bench.arguments import DEFAULT_THREADS, MAX_FRAMES, one_line_errors, parse_thread_counts
+from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.stages.errors import ConfigError
 
 # Kyutai's RMSNorm is wrapped in torch.compile; without this its first step takes seconds.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -141,9 +141,9 @@ def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup
              context, device: str, with_reference: bool, start_step: int = 0) -> list[dict]:
     import torch
 
-    from stages.moshi.config import config_for_size
-    from stages.moshi.lm import LmModel
-    from stages.moshi.streaming import LmStreamer
+    from rtpipe.stages.moshi.config import config_for_size
+    from rtpipe.stages.moshi.lm import LmModel
+    from rtpipe.stages.moshi.streaming import LmStreamer
 
     config = config_for_size(size)
     if context is not None:
@@ -233,7 +233,7 @@ def _dtypes(text: str) -> list[str]:
 
 def _core_list(text: str) -> list[int]:
     """'0,1' -> [0, 1]; ConfigError unless this process may run on each of them."""
-    from pipeline.config import available_cores
+    from rtpipe.pipeline.runtime.config import available_cores
 
     try:
         cores = [int(c) for c in text.split(",")]
@@ -246,7 +246,7 @@ def _core_list(text: str) -> list[int]:
 
 
 def _check_device(device: str) -> None:
-    from pipeline.config import check_cuda
+    from rtpipe.pipeline.runtime.config import check_cuda
 
     if not re.fullmatch(r"cpu|cuda:\d+", device):
         raise ConfigError(f"--device {device!r}: expected cpu or cuda:N")
@@ -257,8 +257,8 @@ def _check_device(device: str) -> None:
 def _check_sizes(sizes: list[str], dtypes: list[str], context: int | None, device: str) -> None:
     """ConfigError for an unknown size, or (on the CPU) a model that would not fit in memory: what the
     moshi.step stage checks of the same size, before anything is built."""
-    from stages.moshi.config import config_for_size
-    from stages.registry import find_stage
+    from rtpipe.stages.moshi.config import config_for_size
+    from rtpipe.stages.registry import find_stage
 
     if not sizes:
         raise ConfigError("--sizes: expected sizes like tiny,small")

@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from bench.arguments import DEFAULT_THREADS, MAX_FRAMES, check_frames, one_line_errors, parse_thread_counts
-from pipeline.arguments import check_range
-from pipeline.cmd_mimi import check_weights
-from stages.errors import ConfigError
+from rtpipe.bench.arguments import DEFAULT_THREADS, MAX_FRAMES, check_frames, one_line_errors, parse_thread_counts
+from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.pipeline.cli.mimi import check_weights
+from rtpipe.stages.errors import ConfigError
 
 FRAME_SAMPLES = 1920
 FRAME_MS = 80.0
@@ -61,7 +61,7 @@ class _Ours:
     name = "ours"
 
     def __init__(self, tensors, dtype, codebooks):
-        from stages.mimi.checkpoint import mimi_from_state_dict
+        from rtpipe.stages.mimi.checkpoint import mimi_from_state_dict
 
         self.model = mimi_from_state_dict(tensors, dtype)
         self.codebooks = codebooks
@@ -154,8 +154,8 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from stages.checkpoint import load_checkpoint
-    from stages.mimi.checkpoint import MODEL_NAME, canonical_key, expected_tensors, random_state_dict
+    from rtpipe.stages.checkpoint import load_checkpoint
+    from rtpipe.stages.mimi.checkpoint import MODEL_NAME, canonical_key, expected_tensors, random_state_dict
 
     if args.weights:
         tensors = load_checkpoint(args.weights, expected_tensors(), MODEL_NAME, rename=canonical_key)

@@ -16,11 +16,12 @@ import time
 import numpy as np
 import psutil
 
-from pipeline import realtime
-from shm import wakeup
-from shm.ring import MAX_SPIN_US
-from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
-from stages.base import EndOfStream
+
+from rtpipe.pipeline.runtime import realtime
+from rtpipe.shm import wakeup
+from rtpipe.shm.ring import MAX_SPIN_US
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
+from rtpipe.stages.base import EndOfStream
 
 WARMUP_FRAMES = 10  # first frames pay for page faults and imports; both chains skip the same number
 
@@ -151,11 +152,11 @@ def edge_spins(cores: list[int] | None, spin_us: int) -> list[int]:
 
 
 def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int = 0) -> dict:
-    from pipeline import config as pipeline_config
-    from pipeline.supervisor import Supervisor
+    from rtpipe.pipeline.runtime import config as pipeline_config
+    from rtpipe.pipeline.runtime.supervisor import Supervisor
 
     names = STAGE_NAMES
-    kinds = ["bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
+    kinds = ["rtpipe.bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
     spins = edge_spins(cores, spin_us)
     raw = {"stages": {n: {"kind": k, "priority": priority, **({"cores": [cores[i]]} if cores else {})}
                       for i, (n, k) in enumerate(zip(names, kinds))},
@@ -184,7 +185,7 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
 # --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
 
 def _mp_source(out_q, frames: int, ready, go):
-    from pipeline.host import precise_timers
+    from rtpipe.pipeline.runtime.host import precise_timers
 
     precise_timers()  # as rtpipe's stage processes do: both sources keep the same pace
     payload = np.zeros(FRAME_SAMPLES, np.float32)

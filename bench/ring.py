@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 
-from bench.arguments import one_line_errors
-from pipeline.arguments import check_range
-from shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
-from shm.ring import MAX_SPIN_US
-from shm.segment import Segment
-from stages.errors import ConfigError
+from rtpipe.bench.arguments import one_line_errors
+from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
+from rtpipe.shm.ring import MAX_SPIN_US
+from rtpipe.shm.segment import Segment
+from rtpipe.stages.errors import ConfigError
 
 FRAME_SAMPLES = 1920
 FRAME_BYTES = FRAME_SAMPLES * 4

@@ -40,5 +40,5 @@ if [ "$with_tests" = 1 ]; then
 else
   .venv/bin/pip install -q -e .
 fi
-echo "rtpipe: set up in .venv ($(.venv/bin/python -c 'import torch; from shm import wakeup
+echo "rtpipe: set up in .venv ($(.venv/bin/python -c 'import torch; from rtpipe.shm import wakeup
 print("torch", torch.__version__ + ", futex calls through the", wakeup.IMPLEMENTATION)'))"

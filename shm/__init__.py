@@ -3,8 +3,8 @@
 Knows nothing of audio, stages or the supervisor: numpy and the standard library only.
 """
 
-from shm.cleanup import new_run_id, remove_orphaned_segments, remove_run_segments, segment_name
-from shm.frame import (
+from rtpipe.shm.cleanup import new_run_id, remove_orphaned_segments, remove_run_segments, segment_name
+from rtpipe.shm.frame import (
     FLAG_DISCONTINUITY,
     FLAG_END_OF_STREAM,
     HEADER_DTYPE,
@@ -12,7 +12,7 @@ from shm.frame import (
     new_header,
     payload_checksum,
 )
-from shm.ring import (
+from rtpipe.shm.ring import (
     Consumer,
     EdgePolicy,
     Producer,

@@ -11,9 +11,9 @@ import re
 import secrets
 import time
 
-from shm import ring_layout as L
-from shm.owner import process_alive
-from shm.segment import SHM_DIR
+from rtpipe.shm import ring_layout as L
+from rtpipe.shm.owner import process_alive
+from rtpipe.shm.segment import SHM_DIR
 
 PREFIX = "rtpipe-"
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9]{1,32}")

@@ -54,12 +54,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shm import ring_layout as L
-from shm.beat import Beat
-from shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
-from shm.owner import process_alive, process_start_ticks
-from shm.segment import Segment, SegmentError
-from shm.wakeup import FutexWord, new_fence
+from rtpipe.shm import ring_layout as L
+from rtpipe.shm.beat import Beat
+from rtpipe.shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
+from rtpipe.shm.owner import process_alive, process_start_ticks
+from rtpipe.shm.segment import Segment, SegmentError
+from rtpipe.shm.wakeup import FutexWord, new_fence
 
 _monotonic_ns = time.monotonic_ns
 _sched_yield = os.sched_yield

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from shm.frame import HEADER_BYTES
+from rtpipe.shm.frame import HEADER_BYTES
 
 MAGIC = b"RTPRING1"
 LAYOUT_VERSION = 2

@@ -33,7 +33,7 @@ if _machine not in _SYS_FUTEX:  # pragma: no cover
 _NR_FUTEX = _SYS_FUTEX[_machine]
 
 try:
-    from shm import _futex
+    from rtpipe.shm import _futex
 except ImportError:  # not built here
     _futex = None
 if os.environ.get("RTPIPE_FUTEX") == "ctypes":

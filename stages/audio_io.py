@@ -23,11 +23,11 @@ from typing import Literal
 
 import numpy as np
 
-from stages.base import (AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec, Role,
+from rtpipe.stages.base import (AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec, Role,
                          SourceFrame, Stage)
-from stages.checkpoint import check_seed
-from stages.errors import AudioError, ConfigError
-from stages.jitter_buffer import JitterBuffer
+from rtpipe.stages.checkpoint import check_seed
+from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.jitter_buffer import JitterBuffer
 
 # The built-in speech sample: a few sentences from espeak-ng, 24 kHz mono (stages/data/make_speech.sh).
 SPEECH_SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "speech.wav"

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one frame = 80 ms at 24 kHz

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from stages.errors import CheckpointError, ConfigError
+from rtpipe.stages.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     import torch

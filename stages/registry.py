@@ -9,25 +9,25 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from stages.base import Stage
-from stages.errors import ConfigError, raised_as
+from rtpipe.stages.base import Stage
+from rtpipe.stages.errors import ConfigError, raised_as
 
 ENTRY_POINT_GROUP = "rtpipe.stages"
 
 # Built-in names -> where the class lives. Imported only when named, so a config that uses no model
 # never imports torch.
 BUILTIN_STAGES: dict[str, str] = {
-    "capture.microphone": "stages.audio_io:MicrophoneCapture",
-    "capture.file": "stages.audio_io:FileCapture",
-    "capture.tone": "stages.audio_io:ToneCapture",
-    "playback.speaker": "stages.audio_io:SpeakerPlayback",
-    "playback.file": "stages.audio_io:FilePlayback",
-    "playback.null": "stages.audio_io:NullPlayback",
-    "echo": "stages.standins:Echo",
-    "codec.pcm": "stages.standins:PcmCodec",
-    "mimi.encode": "stages.mimi.stage:MimiEncode",
-    "mimi.decode": "stages.mimi.stage:MimiDecode",
-    "moshi.step": "stages.moshi.stage:MoshiStep",
+    "capture.microphone": "rtpipe.stages.audio_io:MicrophoneCapture",
+    "capture.file": "rtpipe.stages.audio_io:FileCapture",
+    "capture.tone": "rtpipe.stages.audio_io:ToneCapture",
+    "playback.speaker": "rtpipe.stages.audio_io:SpeakerPlayback",
+    "playback.file": "rtpipe.stages.audio_io:FilePlayback",
+    "playback.null": "rtpipe.stages.audio_io:NullPlayback",
+    "echo": "rtpipe.stages.standins:Echo",
+    "codec.pcm": "rtpipe.stages.standins:PcmCodec",
+    "mimi.encode": "rtpipe.stages.mimi.stage:MimiEncode",
+    "mimi.decode": "rtpipe.stages.mimi.stage:MimiDecode",
+    "moshi.step": "rtpipe.stages.moshi.stage:MoshiStep",
 }
 
 

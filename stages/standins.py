@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
-from stages.errors import ConfigError
+from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
+from rtpipe.stages.errors import ConfigError
 
 
 class PcmCodec(Stage):

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
-from stages.audio_io import (FileCapture, FileParams, MicrophoneCapture, MicrophoneParams, SpeakerParams,
+from rtpipe.stages.audio_io import (FileCapture, FileParams, MicrophoneCapture, MicrophoneParams, SpeakerParams,
                              SpeakerPlayback)
-from stages.base import EndOfStream
+from rtpipe.stages.base import EndOfStream
 
 
 def find_lag(recording: np.ndarray, played: np.ndarray) -> tuple[int, float]:

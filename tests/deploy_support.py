@@ -42,11 +42,11 @@ def readme_commands() -> tuple[list[str], list[str]]:
 
 
 def validated_config(toml_text: str, tmp_path: Path):
-    """pipeline.config.validate on a deploy config, as on the host it is written for: the files the host
+    """rtpipe.pipeline.runtime.config.validate on a deploy config, as on the host it is written for: the files the host
     provides (weights, tokenizer) are empty stand-ins under tmp_path, the host's memory is taken to be
     ample (the 7B needs ~21 GiB free), and a GPU becomes the CPU (this machine has none) after being
     recorded."""
-    from pipeline import config as pipeline_config
+    from rtpipe.pipeline.runtime import config as pipeline_config
 
     raw = tomllib.loads(toml_text)
     devices = {}
@@ -65,7 +65,7 @@ def validated_config(toml_text: str, tmp_path: Path):
 
 def ring_bytes(config) -> int:
     """Bytes of /dev/shm the config's rings take (shm's own layout arithmetic)."""
-    from shm.ring_layout import segment_bytes
+    from rtpipe.shm.ring_layout import segment_bytes
 
     total = 0
     for edge in config.edges:
@@ -76,7 +76,7 @@ def ring_bytes(config) -> int:
 
 def run_arguments(argv: list[str]):
     """Parse `rtpipe run` arguments with its own parser (SystemExit if a flag does not exist)."""
-    from pipeline.cmd_run import build_parser
+    from rtpipe.pipeline.cli.run import build_parser
 
     return build_parser().parse_args(argv)
 

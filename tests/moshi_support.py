@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # the reference compiles its RMSNorm otherwise (slow)
 
-from stages.moshi.config import LmConfig  # noqa: E402
-from stages.moshi.lm import LmModel  # noqa: E402
+from rtpipe.stages.moshi.config import LmConfig  # noqa: E402
+from rtpipe.stages.moshi.lm import LmModel  # noqa: E402
 
 # Small enough for CI, same structure as the 7B: 16 streams, 8 the model's, Kyutai's delays,
 # weights per depformer step; a context of 20 so a few hundred steps wrap the KV window many times.

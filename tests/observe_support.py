@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from pipeline.metrics import FRAME_RECORD_DTYPE
+    from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
 except ImportError:  # the contract's dtype, verbatim
     FRAME_RECORD_DTYPE = np.dtype([("seq", "<u8"), ("capture_ns", "<i8"), ("enter_ns", "<i8", (8,)),
                                    ("exit_ns", "<i8", (8,)), ("flags", "<u4"), ("handoff_ns", "<i8")])
@@ -198,7 +198,7 @@ def check_latency_png(png_path, report):
 
     image = matplotlib.image.imread(str(png_path))
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
-    from pipeline.plot import TITLE_BUDGET, TITLE_COMPUTE, TITLE_END_TO_END, plot_report
+    from rtpipe.pipeline.observe.plot import TITLE_BUDGET, TITLE_COMPUTE, TITLE_END_TO_END, plot_report
 
     fig = plot_report(report)
     titles = [ax.get_title() for ax in fig.axes]

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
-from stages.errors import ConfigError
+from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
+from rtpipe.stages.errors import ConfigError
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent

@@ -15,7 +15,7 @@ import traceback
 
 import numpy as np
 
-from shm import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, EdgePolicy, Ring, RingSpec, payload_checksum
+from rtpipe.shm import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, EdgePolicy, Ring, RingSpec, payload_checksum
 
 SPAWN = mp.get_context("spawn")
 REPLY_TIMEOUT_S = 120.0  # generous: a loaded 2-core box may stall a process for seconds

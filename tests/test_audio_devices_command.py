@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pipeline.cmd_devices as cmd_devices
-from stages.errors import AudioError
+import rtpipe.pipeline.cli.devices as cmd_devices
+from rtpipe.stages.errors import AudioError
 
 ROWS = [{"index": 0, "name": "pulse", "hostapi": "ALSA", "inputs": 32, "outputs": 32,
          "default_samplerate": 44100.0, "default_input": False, "default_output": False},

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.jitter_buffer import JitterBuffer
+from rtpipe.stages.jitter_buffer import JitterBuffer
 
 FRAME = 1920
 BLOCK = 240

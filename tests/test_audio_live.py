@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from audio_support import chunk_lags, play_speech, record_microphone, speech
-from stages.audio_io import (MicrophoneCapture, MicrophoneParams, SpeakerParams, SpeakerPlayback,
+from rtpipe.stages.audio_io import (MicrophoneCapture, MicrophoneParams, SpeakerParams, SpeakerPlayback,
                              audio_devices_available)
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE
-from stages.errors import AudioError
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.errors import AudioError
 
 SPEECH_SECONDS = 6.0
 CHUNK_SAMPLES = SAMPLE_RATE // 2

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from audio_support import chunk_lags, play_speech, record_microphone, speech
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_SECONDS = 5.0
@@ -36,7 +36,7 @@ class PipelineRun:
         self.lines: list[str] = []
         self.running = threading.Event()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", *args], cwd=REPO, env={**os.environ, **env},
+            [sys.executable, "-m", "rtpipe.pipeline.cli", "run", *args], cwd=REPO, env={**os.environ, **env},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import soundfile
 
-import stages.audio_io as audio_io
-from stages.audio_io import (SPEECH_SAMPLE_PATH, FileCapture, FilePlayback, MicrophoneCapture, NullPlayback,
+import rtpipe.stages.audio_io as audio_io
+from rtpipe.stages.audio_io import (SPEECH_SAMPLE_PATH, FileCapture, FilePlayback, MicrophoneCapture, NullPlayback,
                              SpeakerPlayback, ToneCapture, audio_devices_available)
-from stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec
-from stages.errors import AudioError, ConfigError
-from stages.registry import find_stage
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec
+from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.registry import find_stage
 
 CODES = PayloadSpec("int32", (8,))
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.base import AUDIO_FRAME, FRAME_SAMPLES, PayloadSpec
-from stages.errors import ConfigError
-from stages.registry import find_stage
-from stages.standins import Echo, PcmCodec
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, PayloadSpec
+from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.registry import find_stage
+from rtpipe.stages.standins import Echo, PcmCodec
 
 CODES = PayloadSpec("int32", (8,))
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench import inline, lm, mimi, pipeline, ring
+from rtpipe.bench import inline, lm, mimi, pipeline, ring
 
 MEASURING = {ring: "measure", mimi: "run_config", lm: "run_case", inline: "measure",
              pipeline: "run_rtpipe"}

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench.pipeline import default_placement, edge_spins, main
-from pipeline import realtime
+from rtpipe.bench.pipeline import default_placement, edge_spins, main
+from rtpipe.pipeline.runtime import realtime
 
 
 def test_placement_gives_a_core_each_where_there_are_enough():

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cli import main as rtpipe
-from stages.base import Stage
+from rtpipe.pipeline.cli.main import main as rtpipe
+from rtpipe.stages.base import Stage
 
 
 def _one_line_error(capsys) -> str:
@@ -47,8 +47,8 @@ def test_a_bad_input_spec_is_one_line(capsys, spec, message):
 
 
 def test_the_abstract_base_stage_is_refused(capsys):
-    assert rtpipe(["check-causal", "stages.base:Stage"]) == 2
-    assert "STAGE = 'stages.base:Stage': does not implement process()" in _one_line_error(capsys)
+    assert rtpipe(["check-causal", "rtpipe.stages.base:Stage"]) == 2
+    assert "STAGE = 'rtpipe.stages.base:Stage': does not implement process()" in _one_line_error(capsys)
 
 
 def test_a_stage_that_raises_is_one_line_naming_the_stage_the_call_and_the_exception(capsys):

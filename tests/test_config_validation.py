@@ -10,8 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import config as cfg
-from stages.errors import ConfigError
+
+from rtpipe.pipeline.runtime import config as cfg
+from rtpipe.stages.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +194,7 @@ def test_edge_shape_the_next_stage_cannot_take_is_refused():
 def test_unreadable_input_file_is_a_config_or_audio_error(tmp_path):
     bad = tmp_path / "not-audio.wav"
     bad.write_bytes(b"this is not a wav file")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(bad),
+    result = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "run", "--input", str(bad),
                              "--output", str(tmp_path / "out.wav")], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -211,16 +212,16 @@ def test_toml_written_by_rtpipe_config_reads_back_the_same():
 def test_rtpipe_config_prints_the_effective_config_or_the_error(tmp_path):
     path = tmp_path / "pipe.toml"
     path.write_text(cfg.to_toml(GOOD))
-    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", str(path), "--set",
+    ok = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set",
                          "stages.lm.params.delay_frames=4"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "delay_frames = 4" in ok.stdout and "declared delay 4 frames" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", str(path), "--set",
+    bad = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set",
                           "stages.lm.params.delay_frames=x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("rtpipe: config error: stages.lm.params.delay_frames = 'x': "
                                   "expected an integer")
     path.write_text("[stages\nbroken")
-    broken = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", str(path)],
+    broken = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path)],
                             capture_output=True, text=True, timeout=60)
     assert broken.returncode == 2 and f"{path}: not valid TOML" in broken.stderr

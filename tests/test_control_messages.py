@@ -12,9 +12,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import config as pipeline_config
-from pipeline import control
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime import control
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import chain_config, run_segments, start_in_thread, wait_until
 
 EXAMPLE_VALUES = {"str": "lm", "int": 7, "number": 1.5, "bool": True, "bytes": b"\x00\x01", "list": [1],

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages.errors import CheckpointError
-from stages.mimi.checkpoint import expected_tensors, load_mimi, random_state_dict
-from stages.mimi.stage import STATE_ELEMENTS
+from rtpipe.stages.errors import CheckpointError
+from rtpipe.stages.mimi.checkpoint import expected_tensors, load_mimi, random_state_dict
+from rtpipe.stages.mimi.stage import STATE_ELEMENTS
 
 
 @pytest.fixture(scope="module")

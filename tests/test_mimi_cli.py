@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from pipeline import cli
+
+from rtpipe.pipeline.cli import main as cli
 
 
 @pytest.fixture

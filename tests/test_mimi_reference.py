@@ -18,8 +18,8 @@ moshi_loaders = pytest.importorskip("moshi.models.loaders")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from stages.mimi.checkpoint import load_mimi, random_state_dict  # noqa: E402
-from stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
+from rtpipe.stages.mimi.checkpoint import load_mimi, random_state_dict  # noqa: E402
+from rtpipe.stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 
 CODEBOOKS = 8
 SIGNAL_S = 42.0

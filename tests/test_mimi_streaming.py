@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cmd_check_causal
-from stages.base import AUDIO_FRAME, PayloadSpec
-from stages.errors import ConfigError
-from stages.mimi.checkpoint import mimi_from_state_dict, random_state_dict
-from stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE
-from stages.mimi.stage import MimiDecode, MimiEncode
-from stages.registry import find_stage
+
+from rtpipe.pipeline.cli import check_causal as cmd_check_causal
+from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec
+from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.mimi.checkpoint import mimi_from_state_dict, random_state_dict
+from rtpipe.stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.mimi.stage import MimiDecode, MimiEncode
+from rtpipe.stages.registry import find_stage
 
 FRAMES_10S = 10 * SAMPLE_RATE // FRAME_SAMPLES  # 125
 
@@ -126,7 +127,7 @@ def test_check_causal_on_a_stage_without_offline_path_replays_it(capsys):
     assert code == 0 and result["method"].startswith("replay")
 
 
-from stages.base import Stage  # noqa: E402  (test stages below, found by check-causal by import path)
+from rtpipe.stages.base import Stage  # noqa: E402  (test stages below, found by check-causal by import path)
 
 
 class PeekingStage(Stage):

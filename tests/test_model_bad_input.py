@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 
 from moshi_support import REDUCED, one_torch_thread, write_config  # noqa: F401
 
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
 
 def rtpipe(tmp_path, *args: str) -> str:
     """Runs `rtpipe ARGS` in tmp_path; asserts exit 2 with a one-line message and returns it."""
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli.main", *args], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -70,7 +70,7 @@ def test_run_with_a_bad_checkpoint_path_fails_before_starting(tmp_path, speech, 
 
 
 def test_mimi_decode_with_nan_weights_names_the_key_and_writes_no_wav(tmp_path):
-    from stages.mimi.checkpoint import random_state_dict
+    from rtpipe.stages.mimi.checkpoint import random_state_dict
 
     tensors = random_state_dict(seed=2)
     tensors["decoder.model.0.conv.conv.bias"][3] = float("inf")
@@ -106,9 +106,9 @@ def test_infer_with_a_bad_number_is_one_line(tmp_path, speech, flag, value):
 
 
 def test_a_float64_checkpoint_is_a_dtype_error_not_a_silent_cast(tmp_path):
-    from stages.errors import CheckpointError
-    from stages.moshi.checkpoint import load_lm_weights
-    from stages.moshi.lm import LmModel
+    from rtpipe.stages.errors import CheckpointError
+    from rtpipe.stages.moshi.checkpoint import load_lm_weights
+    from rtpipe.stages.moshi.lm import LmModel
 
     model = LmModel(REDUCED)
     save_file({k: v.to(torch.float64).contiguous() for k, v in model.state_dict().items()},
@@ -119,8 +119,8 @@ def test_a_float64_checkpoint_is_a_dtype_error_not_a_silent_cast(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mimi.encode", "mimi.decode"])
 def test_a_mimi_that_cannot_fit_in_memory_is_refused_in_its_params(monkeypatch, kind):
-    from stages.errors import ConfigError
-    from stages.registry import find_stage
+    from rtpipe.stages.errors import ConfigError
+    from rtpipe.stages.registry import find_stage
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=100 * 2**20))
     with pytest.raises(ConfigError, match=r"stages\.x\.params: a Mimi codec needs 0\.4 GiB of memory "
@@ -129,7 +129,7 @@ def test_a_mimi_that_cannot_fit_in_memory_is_refused_in_its_params(monkeypatch, 
 
 
 def test_memory_available_is_capped_by_the_tightest_cgroup_limit_psutil_does_not_see(tmp_path, monkeypatch):
-    from stages.checkpoint import memory_available
+    from rtpipe.stages.checkpoint import memory_available
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=8 * 2**30))
     v2 = tmp_path / "v2"

@@ -9,7 +9,7 @@ import pytest
 
 from moshi_support import one_torch_thread  # noqa: F401
 
-from bench.lm import main
+from rtpipe.bench.lm import main
 
 
 def test_bench_lm_json_has_ours_reference_and_ratios(capsys):

@@ -10,13 +10,14 @@ import soundfile
 
 from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_config  # noqa: F401
 
-from pipeline import config as pipeline_config
-from pipeline.cmd_infer import main
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.cli.infer import main
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import chain_config
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE
-from stages.errors import AudioError, ConfigError
-from stages.moshi.stage import MoshiStep
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.moshi.stage import MoshiStep
 
 FRAMES = 6
 

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 
 from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_config  # noqa: F401
 
-from stages.errors import CheckpointError, ConfigError
-from stages.moshi.checkpoint import load_lm_weights
-from stages.moshi.config import SIZE_KEYS, SIZES, from_kyutai_dict, load_config_file
-from stages.moshi.lm import LmModel
+from rtpipe.stages.errors import CheckpointError, ConfigError
+from rtpipe.stages.moshi.checkpoint import load_lm_weights
+from rtpipe.stages.moshi.config import SIZE_KEYS, SIZES, from_kyutai_dict, load_config_file
+from rtpipe.stages.moshi.lm import LmModel
 
 MOSHIKO_CONFIG = {  # the LM part of Kyutai's moshiko config.json, plus its file names
     "moshi_name": "model.safetensors", "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",

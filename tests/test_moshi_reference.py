@@ -11,11 +11,11 @@ pytest.importorskip("moshi.models.lm")
 from moshi_support import (REDUCED, one_torch_thread, reference_greedy, user_codes,  # noqa: E402,F401
                            write_checkpoint)
 
-from stages.moshi.checkpoint import load_lm_weights  # noqa: E402
-from stages.moshi.config import SIZES  # noqa: E402
-from stages.moshi.lm import LmModel  # noqa: E402
-from stages.moshi.sampling import SamplingParams  # noqa: E402
-from stages.moshi.streaming import LmStreamer  # noqa: E402
+from rtpipe.stages.moshi.checkpoint import load_lm_weights  # noqa: E402
+from rtpipe.stages.moshi.config import SIZES  # noqa: E402
+from rtpipe.stages.moshi.lm import LmModel  # noqa: E402
+from rtpipe.stages.moshi.sampling import SamplingParams  # noqa: E402
+from rtpipe.stages.moshi.streaming import LmStreamer  # noqa: E402
 
 STEPS = 320  # 16 times the reduced context of 20
 

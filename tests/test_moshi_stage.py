@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from moshi_support import (REDUCED, one_torch_thread, user_codes, write_checkpoint,  # noqa: F401
                            write_config)
 
-from stages.base import PayloadSpec
-from stages.errors import ConfigError
-from stages.registry import find_stage
+from rtpipe.stages.base import PayloadSpec
+from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.registry import find_stage
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -123,7 +123,7 @@ def test_bad_frames_are_refused_with_the_reason(model_files):
 
 def test_text_tokens_come_out_as_words_with_a_sentencepiece_model(model_files, tokenizer_path,
                                                                    tmp_path):
-    from stages.moshi.tokenizer import TextTokenizer
+    from rtpipe.stages.moshi.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(tokenizer_path)
     ids = tokenizer.encode("the quick brown fox")

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from moshi_support import REDUCED, one_torch_thread, user_codes  # noqa: F401
 
-from stages.moshi.lm import LmModel
-from stages.moshi.sampling import SamplingParams
-from stages.moshi.streaming import LmStreamer
+from rtpipe.stages.moshi.lm import LmModel
+from rtpipe.stages.moshi.sampling import SamplingParams
+from rtpipe.stages.moshi.streaming import LmStreamer
 
 
 def stream_then_replay(config, steps: int, seed: int, sampling: SamplingParams):

@@ -11,7 +11,7 @@ import sys
 
 from rich.console import Console
 
-from pipeline.console_logs import StderrThroughConsole
+from rtpipe.pipeline.observe.console_logs import StderrThroughConsole
 
 
 def test_our_logs_and_a_child_process_stderr_go_through_the_console(capfd):

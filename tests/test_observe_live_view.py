@@ -10,8 +10,8 @@ import observe_support as support  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 
-from pipeline.live_view import LiveView, render_snapshot  # noqa: E402
-from pipeline.observe import add_observer_arguments, make_observers  # noqa: E402
+from rtpipe.pipeline.observe.live_view import LiveView, render_snapshot  # noqa: E402
+from rtpipe.pipeline.observe.observers import add_observer_arguments, make_observers  # noqa: E402
 
 
 def _console() -> Console:
@@ -99,8 +99,8 @@ def test_wrong_trace_path_or_taken_port_fails_before_the_run(tmp_path):
 
     import pytest
 
-    from pipeline.observe import check_observer_arguments
-    from stages.errors import ConfigError
+    from rtpipe.pipeline.observe.observers import check_observer_arguments
+    from rtpipe.stages.errors import ConfigError
 
     check_observer_arguments(_args("--trace", str(tmp_path / "run.json"), "--metrics-port", "0"))
     with pytest.raises(ConfigError, match="--trace .*no such directory"):

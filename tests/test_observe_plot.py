@@ -9,9 +9,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import observe_support as support  # noqa: E402
 
-from pipeline import cmd_plot  # noqa: E402
-from pipeline.cli import main as rtpipe  # noqa: E402
-from pipeline.plot import ReportError, budget_segments_ms, load_report  # noqa: E402
+from rtpipe.pipeline.cli import plot as cmd_plot  # noqa: E402
+from rtpipe.pipeline.cli.main import main as rtpipe  # noqa: E402
+from rtpipe.pipeline.observe.plot import ReportError, budget_segments_ms, load_report  # noqa: E402
 
 
 def _report_file(tmp_path, n=80):

@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import observe_support as support  # noqa: E402
 
-from pipeline.prometheus import PrometheusExporter  # noqa: E402
-from stages.errors import ConfigError  # noqa: E402
+from rtpipe.pipeline.observe.prometheus import PrometheusExporter  # noqa: E402
+from rtpipe.stages.errors import ConfigError  # noqa: E402
 
 
 def _scrape(url: str) -> dict:

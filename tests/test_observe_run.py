@@ -16,10 +16,11 @@ from rich.console import Console
 sys.path.insert(0, os.path.dirname(__file__))
 import observe_support as support  # noqa: E402
 
-import pipeline.observe as observe  # noqa: E402
-from pipeline import cmd_plot, cmd_run  # noqa: E402
-from pipeline.live_view import LiveView  # noqa: E402
-from pipeline.prometheus import PrometheusExporter  # noqa: E402
+import rtpipe.pipeline.observe.observers as observe  # noqa: E402
+from rtpipe.pipeline.cli import plot as cmd_plot  # noqa: E402
+from rtpipe.pipeline.cli import run as cmd_run  # noqa: E402
+from rtpipe.pipeline.observe.live_view import LiveView  # noqa: E402
+from rtpipe.pipeline.observe.prometheus import PrometheusExporter  # noqa: E402
 
 RUN_SECONDS = 2.0
 
@@ -148,7 +149,7 @@ def test_rtpipe_run_in_a_pipe_prints_status_lines_serves_metrics_and_exits(tmp_p
     # threads must not keep the finished process alive
     import subprocess
 
-    rtpipe = [sys.executable, "-m", "pipeline.cli"]
+    rtpipe = [sys.executable, "-m", "rtpipe.pipeline.cli.main"]
     result = subprocess.run(
         rtpipe + ["run", "--input", "", "--output", str(tmp_path / "out.wav"), "--seconds", "1.5",
                   "--trace", str(tmp_path / "trace.json"), "--metrics-port", "0"],

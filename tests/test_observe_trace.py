@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import observe_support as support  # noqa: E402
 
-from pipeline.trace import TraceWriter  # noqa: E402
-from stages.errors import ConfigError  # noqa: E402
+from rtpipe.pipeline.observe.trace import TraceWriter  # noqa: E402
+from rtpipe.stages.errors import ConfigError  # noqa: E402
 
 
 def _write_trace(path, recs, *, ticks=3, stop=True):

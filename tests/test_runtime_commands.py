@@ -12,11 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import (TESTS_DIR, chain_config, read_line_with, run_segments, start_in_thread,
                              wait_for_frames, wait_until)
-from shm.frame import FLAG_DISCONTINUITY
+from rtpipe.shm.frame import FLAG_DISCONTINUITY
 
 
 def fill(supervisor: Supervisor, edge: str) -> int:
@@ -74,7 +75,7 @@ def test_a_signal_to_the_process_group_stops_rtpipe_run_cleanly_with_its_table(t
     config = tmp_path / "forever.toml"
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live",
+    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live",
                              "--report", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
     try:
@@ -94,7 +95,7 @@ def test_a_signal_to_the_process_group_stops_rtpipe_run_cleanly_with_its_table(t
 
 
 def _owned_by(name: str, pid: int) -> bool:
-    from shm.cleanup import segment_owner
+    from rtpipe.shm.cleanup import segment_owner
 
     owner = segment_owner(name)
     return bool(owner) and owner[0] == pid
@@ -111,7 +112,7 @@ def test_stage_runs_on_the_cores_and_threads_its_config_gives():
 
 @pytest.mark.parametrize("flag", ["--report", "--trace"])
 def test_an_unwritable_output_path_fails_before_any_stage_starts(tmp_path, flag, capsys):
-    from pipeline.cli import main
+    from rtpipe.pipeline.cli.main import main
 
     before = set(os.listdir("/dev/shm"))
     code = main(["run", "--input", str(TESTS_DIR.parent / "stages" / "data" / "speech.wav"),
@@ -125,7 +126,7 @@ def test_an_unwritable_output_path_fails_before_any_stage_starts(tmp_path, flag,
 
 
 def test_a_late_ctrl_c_does_not_cut_the_report_short():
-    from pipeline.cmd_run import ctrl_c_ignored
+    from rtpipe.pipeline.cli.run import ctrl_c_ignored
 
     before = signal.getsignal(signal.SIGINT)
     with ctrl_c_ignored():

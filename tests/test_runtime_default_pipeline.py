@@ -9,8 +9,9 @@ import os
 import numpy as np
 import soundfile as sf
 
-from pipeline import cmd_run
-from pipeline import config as pipeline_config
+
+from rtpipe.pipeline.cli import run as cmd_run
+from rtpipe.pipeline.runtime import config as pipeline_config
 from runtime_support import TESTS_DIR
 
 SPEECH = TESTS_DIR.parent / "stages" / "data" / "speech.wav"

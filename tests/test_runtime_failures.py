@@ -15,8 +15,9 @@ import numpy as np
 import psutil
 import soundfile as sf
 
-from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_DEGRADED, EXIT_FAILED, StageState, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime.supervisor import EXIT_DEGRADED, EXIT_FAILED, StageState, Supervisor
 from runtime_support import (TESTS_DIR, chain_config, gone, read_line_with, run_segments,
                              start_in_thread, wait_for_frames, wait_until)
 
@@ -200,14 +201,14 @@ def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     stderr = open(tmp_path / "stderr.txt", "w")  # the stages', too: they inherit it
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live"],
+    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
                             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
     stderr.close()
     try:
         read_line_with(proc, "rtpipe: running", 60)
         stages = psutil.Process(proc.pid).children()
         assert len(stages) == 5
-        from shm.cleanup import remove_orphaned_segments, segment_owner
+        from rtpipe.shm.cleanup import remove_orphaned_segments, segment_owner
 
         segments = [n for n in os.listdir("/dev/shm") if (segment_owner(n) or (0,))[0] == proc.pid]
         assert len(segments) == 5  # a ring per edge, and the sink's records
@@ -241,7 +242,7 @@ class _LateByeSocket:
     """The supervisor's control socket, with the exited stage's "bye" arriving only on the third look."""
 
     def __init__(self, stage: str):
-        from pipeline import control
+        from rtpipe.pipeline.runtime import control
 
         self.looks = 0
         self.frames = [[stage.encode(), control.encode("bye", stage=stage, reason="end of stream")]]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.metrics import (FRAME_RECORD_DTYPE, EdgeCounters, RunCounters, build_report, build_snapshot,
+from rtpipe.pipeline.observe.report import (FRAME_RECORD_DTYPE, EdgeCounters, RunCounters, build_report, build_snapshot,
                               count_lost, summarize_ms)
-from pipeline.status_line import StatusLine, format_status
+from rtpipe.pipeline.observe.status_line import StatusLine, format_status
 
 STAGES = ["capture", "encode", "lm", "decode", "playback"]
 EDGES = ["capture->encode", "encode->lm", "lm->decode", "decode->playback"]

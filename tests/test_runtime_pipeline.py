@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import TESTS_DIR, chain_config, delayed, noise_wav, run_segments
 
 FRAME = 1920
@@ -63,7 +64,7 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *(env_extra or {}).pop("PYTHONPATH", "").split(os.pathsep),
                                          env.get("PYTHONPATH", "")]).strip(os.pathsep)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -110,7 +111,7 @@ def test_stage_swapped_by_entry_point_name(tmp_path):
 
 
 def test_run_with_no_arguments_and_no_devices_plays_the_speech_sample_to_rtpipe_out(tmp_path):
-    from pipeline.cmd_run import build_parser, effective_raw
+    from rtpipe.pipeline.cli.run import build_parser, effective_raw
 
     said = []
     raw = effective_raw(build_parser().parse_args([]), devices_available=lambda: False, say=said.append)
@@ -128,7 +129,7 @@ def test_run_with_no_arguments_and_no_devices_plays_the_speech_sample_to_rtpipe_
 
 
 def test_built_in_config_without_devices_fills_in_only_the_end_not_given(tmp_path):
-    from pipeline.cmd_run import build_parser, effective_raw
+    from rtpipe.pipeline.cli.run import build_parser, effective_raw
 
     said = []
     args = build_parser().parse_args(["--input", "x.wav"])
@@ -143,7 +144,7 @@ def test_built_in_config_without_devices_fills_in_only_the_end_not_given(tmp_pat
 
 
 def test_what_a_run_says_it_chose_is_what_set_left(tmp_path):
-    from pipeline.cmd_run import build_parser, effective_raw
+    from rtpipe.pipeline.cli.run import build_parser, effective_raw
 
     said = []
     args = build_parser().parse_args(["--set", "stages.playback.params.path=X.wav"])

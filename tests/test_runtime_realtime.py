@@ -15,12 +15,13 @@ import threading
 
 import pytest
 
-from pipeline import config as pipeline_config
-from pipeline import realtime
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime import realtime
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import (REPO, chain_config, frames_at_sink, run_segments, start_in_thread, wait_for_frames,
                              wait_until)
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 
 def tone_chain(lm: dict) -> dict:
@@ -105,7 +106,7 @@ def _without_realtime_rights() -> None:
 
 
 def test_refusal_is_found_by_trying_for_real_without_the_right():
-    probe = "from pipeline.realtime import refusal; print(refusal(5))"
+    probe = "from rtpipe.pipeline.runtime.realtime import refusal; print(refusal(5))"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                             timeout=60, preexec_fn=_without_realtime_rights)
     assert result.returncode == 0, result.stderr

@@ -18,18 +18,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import config as pipeline_config
-from pipeline import control
-from pipeline.supervisor import Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime import control
+from rtpipe.pipeline.runtime.supervisor import Supervisor
 from runtime_support import REPO, TESTS_DIR, chain_config, gone, read_line_with, wait_until
-from shm.owner import process_start_ticks
+from rtpipe.shm.owner import process_start_ticks
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
 # A stand-in supervisor: makes its run directory, binds the control socket, and holds both until killed.
 OWNER_SCRIPT = """
 import sys, zmq
-from pipeline import control
+from rtpipe.pipeline.runtime import control
 run_dir = control.RunDirectory.create("abc123")
 socket = control.supervisor_socket(zmq.Context(), run_dir.control_endpoint)
 print(run_dir.path, flush=True)
@@ -166,7 +167,7 @@ def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_st
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, XDG_RUNTIME_DIR=str(base),
                PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-live"],
+    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
     try:
         read_line_with(proc, "rtpipe: running", 60)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import soundfile as sf
 
-from pipeline import config as pipeline_config
-from pipeline.supervisor import EXIT_HEALTHY, Supervisor
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from runtime_support import chain_config, delayed, noise_wav
 
 FRAME = 1920

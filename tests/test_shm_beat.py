@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shm.beat import Beat
+from rtpipe.shm.beat import Beat
 
 T0_NS = 10**12
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-import shm.ring as ring_module
-from shm import EdgePolicy, Ring, RingSpec, new_run_id, remove_run_segments, segment_name
+import rtpipe.shm.ring as ring_module
+from rtpipe.shm import EdgePolicy, Ring, RingSpec, new_run_id, remove_run_segments, segment_name
 
 
 @pytest.fixture

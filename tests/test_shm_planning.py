@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import shm.ring as ring_module
-from shm import EdgePolicy, Ring, RingSpec, new_run_id, remove_run_segments, segment_name
+import rtpipe.shm.ring as ring_module
+from rtpipe.shm import EdgePolicy, Ring, RingSpec, new_run_id, remove_run_segments, segment_name
 
 FRAME_NS = 80_000_000
 SPIN_US = 300

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from shm import (
+from rtpipe.shm import (
     FLAG_DISCONTINUITY,
     HEADER_DTYPE,
     MAX_STAGES,

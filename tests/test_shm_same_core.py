@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from shm import Ring, RingSpec, new_run_id, remove_run_segments, segment_name
+from rtpipe.shm import Ring, RingSpec, new_run_id, remove_run_segments, segment_name
 from shm_support import REPLY_TIMEOUT_S, SPAWN, consume_on_core
 
 FRAMES = 12

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from shm import (
+from rtpipe.shm import (
     FLAG_DISCONTINUITY,
     EdgePolicy,
     Ring,
@@ -20,8 +20,8 @@ from shm import (
     remove_run_segments,
     segment_name,
 )
-from shm import ring_layout
-from shm.cleanup import segment_owner
+from rtpipe.shm import ring_layout
+from rtpipe.shm.cleanup import segment_owner
 from shm_support import (
     REPLY_TIMEOUT_S,
     SPAWN,

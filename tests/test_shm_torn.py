@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
+from rtpipe.shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
 from shm_support import Worker
 
 SHAPES = st.sampled_from([(1,), (9,), (1920,), (3, 5), (2, 4096)])

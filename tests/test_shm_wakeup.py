@@ -14,14 +14,14 @@ import time
 
 import pytest
 
-from shm import wakeup
+from rtpipe.shm import wakeup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in a fresh interpreter so that RTPIPE_FUTEX picks the implementation at import.
 SCENARIO = r"""
 import ctypes, mmap, threading, time
-from shm import wakeup
+from rtpipe.shm import wakeup
 page = mmap.mmap(-1, 4096)
 word = ctypes.c_uint32.from_buffer(page)
 futex = wakeup.FutexWord(ctypes.addressof(word))

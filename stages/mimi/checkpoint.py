@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from stages.checkpoint import load_checkpoint
-from stages.mimi.model import Mimi
+from rtpipe.stages.checkpoint import load_checkpoint
+from rtpipe.stages.mimi.model import Mimi
 
 MODEL_NAME = "Mimi"
 # How large random codebook entries are: near the scale of the projected latents of random weights, so

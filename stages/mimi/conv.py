@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.mimi.matmul import Linear
+from rtpipe.stages.mimi.matmul import Linear
 
 
 class _Inner(nn.Module):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stages.mimi.conv import ConvTrOverlap, ConvWindow
-from stages.mimi.quantization import SplitResidualVectorQuantizer
-from stages.mimi.resample import ConvDownsample1d, ConvTrUpsample1d
-from stages.mimi.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, SEANetState
-from stages.mimi.transformer import KVWindow, ProjectedTransformer, TransformerConfig
+from rtpipe.stages.mimi.conv import ConvTrOverlap, ConvWindow
+from rtpipe.stages.mimi.quantization import SplitResidualVectorQuantizer
+from rtpipe.stages.mimi.resample import ConvDownsample1d, ConvTrUpsample1d
+from rtpipe.stages.mimi.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, SEANetState
+from rtpipe.stages.mimi.transformer import KVWindow, ProjectedTransformer, TransformerConfig
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # one code frame: 80 ms

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from stages.mimi.conv import CausalConv1d, CausalConvTranspose1d
+from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d
 
 
 class ConvDownsample1d(nn.Module):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvWindow
+from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvWindow
 
 
 @dataclass

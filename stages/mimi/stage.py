@@ -13,10 +13,10 @@ from typing import Literal
 
 import numpy as np
 
-from stages.base import AUDIO_FRAME, FRAME_SAMPLES, NoState, PayloadSpec, Role, Stage
-from stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, NoState, PayloadSpec, Role, Stage
+from rtpipe.stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
                                checkpoint_load_bytes)
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 TOTAL_CODEBOOKS = 32
 CODEBOOK_BINS = 2048
@@ -60,7 +60,7 @@ def _load_model(kind: str, weights: str | None, dtype_name: str, seed: int, devi
     check_mimi_memory(weights, kind)  # again: a stage built from params directly never validated them
     import torch  # only when a model stage is opened
 
-    from stages.mimi.checkpoint import load_mimi
+    from rtpipe.stages.mimi.checkpoint import load_mimi
 
     if weights is None:
         print(f"rtpipe: WARNING: {kind} has no weights: running on random weights (seed {seed}); "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stages.mimi.matmul import Linear
+from rtpipe.stages.mimi.matmul import Linear
 
 
 @dataclass

@@ -11,8 +11,8 @@ import re
 
 import torch
 
-from stages.checkpoint import check_tensors, read_safetensors, resolve_weights_path
-from stages.moshi.lm import LmModel
+from rtpipe.stages.checkpoint import check_tensors, read_safetensors, resolve_weights_path
+from rtpipe.stages.moshi.lm import LmModel
 
 MODEL_NAME = "Moshi LM"
 _LEGACY = re.compile(r"^(.*\.self_attn\.)(in_proj_weight|in_proj\.weight|out_proj\.weight)$")

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from stages.moshi.config import LmConfig
-from stages.moshi.transformer import Transformer, make_norm, sin_embedding
+from rtpipe.stages.moshi.config import LmConfig
+from rtpipe.stages.moshi.transformer import Transformer, make_norm, sin_embedding
 
 ZERO_TOKEN = -1  # an input token that contributes nothing (a zero embedding)
 

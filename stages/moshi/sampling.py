@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 
 @dataclass(frozen=True)

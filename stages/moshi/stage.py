@@ -13,12 +13,12 @@ from typing import Literal
 
 import numpy as np
 
-from stages.base import PayloadSpec, Role, Stage
-from stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
+from rtpipe.stages.base import PayloadSpec, Role, Stage
+from rtpipe.stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
                                checkpoint_load_bytes, resolve_weights_path)
-from stages.errors import ConfigError
-from stages.moshi.config import LmConfig, config_for_size, load_config_file
-from stages.moshi.tokenizer import TextTokenizer
+from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.moshi.config import LmConfig, config_for_size, load_config_file
+from rtpipe.stages.moshi.tokenizer import TextTokenizer
 
 WARM_UP_STEPS = 3
 
@@ -119,9 +119,9 @@ class MoshiStep(Stage):
     def open(self, device: str = "cpu") -> None:
         import torch
 
-        from stages.moshi.lm import LmModel
-        from stages.moshi.sampling import SamplingParams
-        from stages.moshi.streaming import LmStreamer
+        from rtpipe.stages.moshi.lm import LmModel
+        from rtpipe.stages.moshi.sampling import SamplingParams
+        from rtpipe.stages.moshi.streaming import LmStreamer
 
         p = self.params
         # before the model: a bad tokenizer is said at once, not after a minute of loading weights
@@ -138,7 +138,7 @@ class MoshiStep(Stage):
                   file=sys.stderr, flush=True)
             model.init_random(p.seed or 0)
         else:
-            from stages.moshi.checkpoint import load_lm_weights
+            from rtpipe.stages.moshi.checkpoint import load_lm_weights
             load_lm_weights(model, p.weights)
         model.eval()
         if p.greedy:

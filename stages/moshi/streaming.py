@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from stages.moshi.lm import LmModel
-from stages.moshi.sampling import SamplingParams, sample_token
-from stages.moshi.transformer import ACTIVATION_FNS, RmsNorm, rope_frequencies, sin_embedding
+from rtpipe.stages.moshi.lm import LmModel
+from rtpipe.stages.moshi.sampling import SamplingParams, sample_token
+from rtpipe.stages.moshi.transformer import ACTIVATION_FNS, RmsNorm, rope_frequencies, sin_embedding
 
 UNGENERATED = -2  # a delay-buffer slot no token has been written to yet
 

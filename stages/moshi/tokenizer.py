@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 WORD_START = "\u2581"  # sentencepiece's mark for "a new word starts here"
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.moshi.config import gated_hidden_size
+from rtpipe.stages.moshi.config import gated_hidden_size
 
 ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid,
                   "tanh": torch.tanh}

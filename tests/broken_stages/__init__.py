@@ -1,7 +1,7 @@
 """Stages broken in the ways a user's own stage can be, for the config tests: each must give one line
 naming the stage, never a traceback. (The submodules fail on import; this one imports fine.)"""
 
-from stages.base import Role, Stage
+from rtpipe.stages.base import Role, Stage
 
 
 class FailsToBuild(Stage):

@@ -14,8 +14,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.observe import Observer
-from stages.errors import ConfigError
+from rtpipe.pipeline.observe.observers import Observer
+from rtpipe.stages.errors import ConfigError
 
 MAX_LANES = 8  # slices of one stage that overlap in time (a source's 80 ms capture windows) go on lanes
 SUPERVISOR_TID = 1

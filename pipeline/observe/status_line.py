@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.metrics import worst_stage
+from rtpipe.pipeline.observe.report import worst_stage
 
 
 class StatusLine:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import RtpipeError
+from rtpipe.stages.errors import RtpipeError
 
 SAMPLE_KEYS = ("t_s", "end_to_end_ms", "capture_ms", "stage_ms", "wait_ms", "playback_ms")
 TITLE_END_TO_END = "End-to-end latency per frame"

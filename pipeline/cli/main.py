@@ -9,18 +9,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-from stages.errors import RtpipeError
+from rtpipe.stages.errors import RtpipeError
 
 # subcommand -> (module, one line of help). Imported only when used, so `rtpipe --help` is fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("pipeline.cmd_run", "run the pipeline (default config: microphone or built-in speech)"),
-    "config": ("pipeline.cmd_config", "print the effective config, or what is wrong with it"),
-    "devices": ("pipeline.cmd_devices", "list audio devices"),
-    "bench": ("bench.cli", "benchmarks: ring, pipeline, mimi, lm"),
-    "mimi": ("pipeline.cmd_mimi", "offline Mimi: encode WAV -> codes, decode codes -> WAV"),
-    "infer": ("pipeline.cmd_infer", "offline replay: encode -> Moshi step -> decode, in one process"),
-    "check-causal": ("pipeline.cmd_check_causal", "does a stage give the same frame by frame as offline?"),
-    "plot": ("pipeline.cmd_plot", "plot a run report's latency"),
+    "run": ("rtpipe.pipeline.cli.run", "run the pipeline (default config: microphone or built-in speech)"),
+    "config": ("rtpipe.pipeline.cli.config", "print the effective config, or what is wrong with it"),
+    "devices": ("rtpipe.pipeline.cli.devices", "list audio devices"),
+    "bench": ("rtpipe.bench.cli", "benchmarks: ring, pipeline, mimi, lm"),
+    "mimi": ("rtpipe.pipeline.cli.mimi", "offline Mimi: encode WAV -> codes, decode codes -> WAV"),
+    "infer": ("rtpipe.pipeline.cli.infer", "offline replay: encode -> Moshi step -> decode, in one process"),
+    "check-causal": ("rtpipe.pipeline.cli.check_causal", "does a stage give the same frame by frame as offline?"),
+    "plot": ("rtpipe.pipeline.cli.plot", "plot a run report's latency"),
 }
 
 

@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 
-from pipeline.arguments import check_range, file_identity
-from pipeline.observe import check_output_path
-from stages.base import FRAME_SAMPLES, SAMPLE_RATE
-from stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available, resolve_weights_path
-from stages.errors import AudioError, ConfigError
+from rtpipe.pipeline.cli.arguments import check_range, file_identity
+from rtpipe.pipeline.observe.observers import check_output_path
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available, resolve_weights_path
+from rtpipe.stages.errors import AudioError, ConfigError
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 # torch seeds are taken modulo 2**63 (2**63 gives seed 0's weights) and above 2**64 - 1 overflow
@@ -157,7 +157,7 @@ def read_codes(path: str) -> np.ndarray:
 
 
 def encode_file(args: argparse.Namespace) -> int:
-    from stages.mimi.stage import MimiEncode, MimiParams
+    from rtpipe.stages.mimi.stage import MimiEncode, MimiParams
 
     samples = read_audio_24k(args.input)
     frames = -(-samples.size // FRAME_SAMPLES)
@@ -194,7 +194,7 @@ def write_codes(path: str, codes: np.ndarray) -> None:
 def decode_file(args: argparse.Namespace) -> int:
     import soundfile
 
-    from stages.mimi.stage import MimiDecode, MimiDecodeParams
+    from rtpipe.stages.mimi.stage import MimiDecode, MimiDecodeParams
 
     codes = read_codes(args.input)
     if args.offline:

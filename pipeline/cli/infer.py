@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE
-from stages.errors import AudioError, ConfigError
-from stages.mimi.stage import CODEBOOK_BINS
-from stages.registry import find_stage
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.mimi.stage import CODEBOOK_BINS
+from rtpipe.stages.registry import find_stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--top-k: cannot be combined with --greedy")
     _check_outputs(args)  # before the models load and run: not a traceback after the whole inference
     encode, lm, decode = _build_stages(args)
-    from pipeline.cmd_mimi import read_audio_24k
+    from rtpipe.pipeline.cli.mimi import read_audio_24k
 
     samples = read_audio_24k(args.input)
     frames = -(-samples.size // FRAME_SAMPLES)
@@ -81,8 +81,8 @@ def main(argv: list[str]) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """ConfigError naming the argument when OUT.wav or --codes-out cannot be written."""
-    from pipeline.arguments import file_identity
-    from pipeline.observe import check_output_path
+    from rtpipe.pipeline.cli.arguments import file_identity
+    from rtpipe.pipeline.observe.observers import check_output_path
 
     if Path(args.output).suffix.lower() != ".wav":
         raise ConfigError(f"OUT.wav {args.output}: rtpipe infer writes WAV: name it .wav")

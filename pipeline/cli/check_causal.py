@@ -21,11 +21,11 @@ import sys
 
 import numpy as np
 
-from pipeline.arguments import check_range
-from stages.checkpoint import MAX_SEED
-from stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec, Role, Stage
-from stages.errors import ConfigError, RtpipeError, raised_as
-from stages.registry import find_stage
+from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.stages.checkpoint import MAX_SEED
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec, Role, Stage
+from rtpipe.stages.errors import ConfigError, RtpipeError, raised_as
+from rtpipe.stages.registry import find_stage
 
 CODE_CARDINALITY = 2048  # random codes are drawn below this (Mimi's codebook size)
 MAX_FRAMES = 10_000  # 800 s of audio: more takes many minutes per stage and says nothing new

@@ -16,11 +16,12 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline import config as pipeline_config
-from pipeline import observe
-from pipeline.arguments import file_identity
-from pipeline.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
-from stages.errors import ConfigError
+
+from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.pipeline.observe import observers as observe
+from rtpipe.pipeline.cli.arguments import file_identity
+from rtpipe.pipeline.runtime.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
+from rtpipe.stages.errors import ConfigError
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
 
@@ -80,7 +81,7 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         # speech sample and rtpipe-out.wav for whichever end was not given
         needs_devices = input_path is None or output_path is None
         if devices_available is None:
-            from stages.audio_io import audio_devices_available as devices_available
+            from rtpipe.stages.audio_io import audio_devices_available as devices_available
         if needs_devices and devices_available():
             announce = "rtpipe: audio devices found: "
         elif needs_devices:
@@ -194,7 +195,7 @@ def main(argv: list[str]) -> int:
     if observe.wants_live_view(args):  # every log line, ours and the stages', goes above the view
         from rich.console import Console
 
-        from pipeline.console_logs import StderrThroughConsole
+        from rtpipe.pipeline.observe.console_logs import StderrThroughConsole
 
         console = Console()
         logs = StderrThroughConsole(console)

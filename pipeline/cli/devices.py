@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from stages.audio_io import list_audio_devices
-from stages.errors import AudioError
+from rtpipe.stages.audio_io import list_audio_devices
+from rtpipe.stages.errors import AudioError
 
 NO_DEVICES_HINT = ("no audio devices: PortAudio found no sound card or sound server. On a machine without "
                    "one, start PulseAudio with a 24 kHz float32 mono null sink (see README) to get a "

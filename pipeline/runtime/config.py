@@ -18,11 +18,12 @@ from typing import Any
 
 import psutil
 
-from pipeline import realtime
-from shm.ring import MAX_SPIN_US
-from stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
-from stages.errors import ConfigError, raised_as
-from stages.registry import find_stage
+
+from rtpipe.pipeline.runtime import realtime
+from rtpipe.shm.ring import MAX_SPIN_US
+from rtpipe.stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
+from rtpipe.stages.errors import ConfigError, raised_as
+from rtpipe.stages.registry import find_stage
 
 MAX_STAGES = 8  # the frame header has enter/exit stamps for 8 stages (shm.frame.MAX_STAGES)
 EDGE_POLICIES = ("block", "drop-oldest", "drop-newest")
@@ -112,7 +113,7 @@ class PipelineConfig:
 
 def default_config_text() -> str:
     """The built-in default config (pipeline/default.toml, shipped as package data)."""
-    return resources.files("pipeline").joinpath("default.toml").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("default.toml").read_text(encoding="utf-8")
 
 
 def load_raw(path: str | Path | None = None) -> dict:
@@ -372,7 +373,7 @@ def validate(raw: dict) -> PipelineConfig:
 
 def _check_ring_layout(label: str, slots: int, policy: str, spin_us: int, payload: PayloadSpec) -> None:
     """What the ring itself will refuse (a payload dtype or shape it cannot carry), said now."""
-    from shm.ring import RingError, RingSpec
+    from rtpipe.shm.ring import RingError, RingSpec
 
     try:
         RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy,

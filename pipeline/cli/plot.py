@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 
-from pipeline.observe import check_output_path
-from pipeline.plot import load_report, plot_report
-from stages.errors import ConfigError
+from rtpipe.pipeline.observe.observers import check_output_path
+from rtpipe.pipeline.observe.plot import load_report, plot_report
+from rtpipe.stages.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

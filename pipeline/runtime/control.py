@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from shm.owner import process_alive, process_start_ticks
-from stages.errors import RtpipeError
+from rtpipe.shm.owner import process_alive, process_start_ticks
+from rtpipe.stages.errors import RtpipeError
 
 log = logging.getLogger("rtpipe.control")
 MAX_MESSAGE_BYTES = 4 << 20  # a batch of events is far smaller; anything bigger is not ours

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from stages.errors import ConfigError
+from rtpipe.stages.errors import ConfigError
 
 
 def check_range(flag: str, value: float, low: float, high: float | None = None) -> None:

@@ -1,6 +1,6 @@
 """The supervisor: owns a run's rings and stage processes from start to the last unlinked segment.
 
-It creates one ring per edge (and one for the sink's frame records), starts one `pipeline.host` process
+It creates one ring per edge (and one for the sink's frame records), starts one `rtpipe.pipeline.runtime.host` process
 per stage, watches them over the control channel (heartbeats, liveness counters), restarts what dies or
 hangs (with backoff, up to a limit), gathers frame records for the observers and the report, and on
 SIGINT/SIGTERM, --seconds or the end of the input stops everything and unlinks every segment. `rtpipe run`
@@ -26,14 +26,14 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pipeline import control
-from pipeline.config import PipelineConfig, StageSpec
-from pipeline.host import STAGE_SPEC_ENV
-from pipeline.metrics import (FRAME_RECORD_DTYPE, FRAME_MS, EdgeCounters, RunCounters, build_report,
+
+from rtpipe.pipeline.runtime import control
+from rtpipe.pipeline.runtime.config import PipelineConfig, StageSpec
+from rtpipe.pipeline.runtime.host import STAGE_SPEC_ENV
+from rtpipe.pipeline.observe.report import (FRAME_RECORD_DTYPE, FRAME_MS, EdgeCounters, RunCounters, build_report,
                               build_snapshot, count_lost)
 
 log = logging.getLogger("rtpipe.supervisor")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TICK_NS = 1_000_000_000          # observers' on_tick period
 # The sink writes each frame's record into a ring of this run (drop-oldest: the sink never waits on us)
@@ -142,7 +142,7 @@ class Supervisor:
     # --- lifecycle --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Runs the pipeline to its end; always stops every process and unlinks every segment."""
-        from shm.cleanup import new_run_id, remove_orphaned_segments
+        from rtpipe.shm.cleanup import new_run_id, remove_orphaned_segments
 
         for name in remove_orphaned_segments():
             log.info("rtpipe: removed %s, left by a run whose supervisor died", name)
@@ -196,8 +196,8 @@ class Supervisor:
 
     def _create_rings(self) -> bool:
         """One ring per edge; False (and self.error) when one cannot be made, e.g. /dev/shm is full."""
-        from shm.cleanup import segment_name
-        from shm.ring import EdgePolicy, Ring, RingError, RingSpec
+        from rtpipe.shm.cleanup import segment_name
+        from rtpipe.shm.ring import EdgePolicy, Ring, RingError, RingSpec
 
         for edge in self.config.edges:
             try:
@@ -247,11 +247,9 @@ class Supervisor:
         }
         env = dict(os.environ, **self.extra_env)
         env[STAGE_SPEC_ENV] = json.dumps(host_spec)
-        # `python -m pipeline.host` must find this package even when it is not installed
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         if spec.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
-        sp.process = subprocess.Popen([sys.executable, "-m", "pipeline.host", spec.name], env=env,
+        sp.process = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.runtime.host", spec.name], env=env,
                                       stdin=subprocess.DEVNULL)
         sp.state = StageState.STARTING
         sp.started_ns = time.monotonic_ns()
@@ -560,7 +558,7 @@ class Supervisor:
                 except Exception as e:
                     log.warning("rtpipe: ring %s: %s", ring.name, e)
         if self.run_id:
-            from shm.cleanup import remove_run_segments
+            from rtpipe.shm.cleanup import remove_run_segments
 
             remove_run_segments(self.run_id)
         if hasattr(self, "socket"):

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.observe import Observer
-from stages.errors import ConfigError
+from rtpipe.pipeline.observe.observers import Observer
+from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it
 COMPUTE_BUCKETS_FRAMES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0, 1.25,
@@ -118,7 +118,7 @@ def _is_live_source(run_info: dict) -> bool:
     if not stages:
         return False
     try:
-        from stages.registry import find_stage
+        from rtpipe.stages.registry import find_stage
 
         return bool(find_stage((run_info.get("kinds") or {}).get(stages[0], "")).live)
     except Exception:  # an unknown kind here only costs the source's histogram its adjustment

@@ -54,7 +54,7 @@ def check_output_path(path: str, flag: str) -> None:
     """Raises ConfigError naming `flag` when a file cannot be written at `path`."""
     import os
 
-    from stages.errors import ConfigError
+    from rtpipe.stages.errors import ConfigError
 
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -73,7 +73,7 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
     """
     import socket
 
-    from stages.errors import ConfigError
+    from rtpipe.stages.errors import ConfigError
 
     trace_path = getattr(args, "trace", None)
     if trace_path:
@@ -93,7 +93,7 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
 
 def _status_line(run_info: dict) -> list:
     """The runtime's plain one-line-a-second printer, for pipes, CI and --no-live."""
-    from pipeline.status_line import StatusLine
+    from rtpipe.pipeline.observe.status_line import StatusLine
 
     return [StatusLine(run_info)]
 
@@ -113,19 +113,19 @@ def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None, con
     """
     observers: list = []
     if wants_live_view(args, stdout):
-        from pipeline.live_view import LiveView
+        from rtpipe.pipeline.observe.live_view import LiveView
 
         observers.append(LiveView(run_info, console=console))
     else:
         observers += _status_line(run_info)
     trace_path = getattr(args, "trace", None)
     if trace_path:
-        from pipeline.trace import TraceWriter
+        from rtpipe.pipeline.observe.trace import TraceWriter
 
         observers.append(TraceWriter(trace_path, run_info))
     port = getattr(args, "metrics_port", None)
     if port is not None:
-        from pipeline.prometheus import PrometheusExporter
+        from rtpipe.pipeline.observe.prometheus import PrometheusExporter
 
         observers.append(PrometheusExporter(run_info, port=port,
                                             host=getattr(args, "metrics_host", "127.0.0.1")))

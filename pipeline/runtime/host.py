@@ -1,4 +1,4 @@
-"""The stage process: one per stage, started by the supervisor as `python -m pipeline.host`.
+"""The stage process: one per stage, started by the supervisor as `python -m rtpipe.pipeline.runtime.host`.
 
 It attaches the rings on either side, builds and opens its stage, then moves frames: take one from the
 input ring, stamp enter/exit times at its chain index, publish to the output ring. It heartbeats, reports
@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import control, realtime
-from pipeline.metrics import FRAME_RECORD_DTYPE
-from shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
-from stages.base import EndOfStream, Role, Stage
+
+from rtpipe.pipeline.runtime import control, realtime
+from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
+from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
+from rtpipe.stages.base import EndOfStream, Role, Stage
 
 STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)
 WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (each wake costs CPU)
@@ -69,7 +70,7 @@ if (sys.byteorder != "little" or any(HEADER_DTYPE.fields[f][1] % 8 for f in ("se
         or HEADER_DTYPE.fields["checksum"][1] != HEADER_DTYPE.fields["flags"][1] + 4
         or any(FRAME_RECORD_DTYPE.fields[f][:2] != HEADER_DTYPE.fields[f][:2]
                for f in ("seq", "capture_ns", "enter_ns", "exit_ns"))):
-    raise ImportError("pipeline.host: the frame header or record layout is not the one its fast path reads")
+    raise ImportError("rtpipe.pipeline.runtime.host: the frame header or record layout is not the one its fast path reads")
 
 
 def _header_words(slot) -> tuple[memoryview, memoryview]:
@@ -129,7 +130,7 @@ def device_context(device: str):
 
 
 def ring_spec(edge: dict):
-    from shm.ring import EdgePolicy, RingSpec
+    from rtpipe.shm.ring import EdgePolicy, RingSpec
 
     return RingSpec(slots=int(edge["slots"]), dtype=edge["dtype"], shape=tuple(edge["shape"]),
                     policy=EdgePolicy(edge["policy"]), spin_us=int(edge.get("spin_us", 0)))
@@ -263,8 +264,8 @@ class StageHost:
 
     # --- setup ------------------------------------------------------------------------------------
     def open(self) -> None:
-        from shm.ring import Ring
-        from stages.registry import find_stage
+        from rtpipe.shm.ring import Ring
+        from rtpipe.stages.registry import find_stage
 
         spec = self.spec
         stage_class = find_stage(spec["kind"], f"stages.{self.name}.kind")
@@ -632,7 +633,7 @@ class StageHost:
 
 
 def _one_line(e: BaseException) -> str:
-    from stages.errors import RtpipeError
+    from rtpipe.stages.errors import RtpipeError
 
     text = str(e).strip().splitlines()
     first = text[0] if text else ""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import config as pipeline_config
+
+from rtpipe.pipeline.runtime import config as pipeline_config
 
 
 def main(argv: list[str]) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str]) -> int:
                         help="override one field, e.g. --set stages.lm.kind=echo (repeatable)")
     args = parser.parse_args(argv)
     raw = pipeline_config.apply_overrides(pipeline_config.load_raw(args.config), args.overrides)
-    cfg = pipeline_config.validate(raw)  # ConfigError -> one line from pipeline.cli
+    cfg = pipeline_config.validate(raw)  # ConfigError -> one line from rtpipe.pipeline.cli.main
     print(f"# {args.config or 'built-in default'}; chain: "
           + " -> ".join(f"{s.name} ({s.kind})" for s in cfg.stages)
           + f"; declared delay {cfg.delay_frames} frames")
