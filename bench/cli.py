@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline"
+
 BENCHMARKS = {
     "ring": "shared-memory ring vs multiprocessing / zmq, one hop",
     "pipeline": "five no-op stage processes vs a multiprocessing.Queue chain",

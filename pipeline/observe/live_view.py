@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from rtpipe.pipeline.observe.observers import Observer
+from rtpipe.pipeline.observe.observer import Observer
 
 TEXT_CHARS = 100  # the tail of the transcript that fits on one line
 

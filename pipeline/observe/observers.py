@@ -1,7 +1,6 @@
-"""Observers of a running pipeline: what `rtpipe run` shows, writes and serves while frames flow.
-
-The supervisor builds them with `make_observers(args, run_info)` and calls, on every one, `on_start(run_info)`,
-`on_frames(records)` (FRAME_RECORD_DTYPE array), `on_tick(snapshot)` (about once a second), `on_stop(report)`.
+"""Which observers a run gets: `rtpipe run`'s observer flags, checked before anything starts, and
+`make_observers(args, run_info)`, which builds the live view or status line, the trace writer and the
+Prometheus exporter they ask for (each an `observer.Observer`).
 """
 
 from __future__ import annotations
@@ -9,22 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
-
-
-class Observer:
-    """Base of every observer: each hook does nothing unless a subclass cares about it."""
-
-    def on_start(self, run_info: dict) -> None:
-        pass
-
-    def on_frames(self, records: Any) -> None:
-        pass
-
-    def on_tick(self, snapshot: dict) -> None:
-        pass
-
-    def on_stop(self, report: dict) -> None:
-        pass
 
 
 def _port(text: str) -> int:
@@ -132,4 +115,4 @@ def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None, con
     return observers
 
 
-__all__ = ["Observer", "add_observer_arguments", "check_observer_arguments", "make_observers", "wants_live_view"]
+__all__ = ["add_observer_arguments", "check_observer_arguments", "make_observers", "wants_live_view"]

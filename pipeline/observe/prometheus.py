@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from rtpipe.pipeline.observe.observers import Observer
+from rtpipe.pipeline.observe.observer import Observer
 from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from rtpipe.pipeline.observe.observers import Observer
+from rtpipe.pipeline.observe.observer import Observer
 from rtpipe.stages.errors import ConfigError
 
 MAX_LANES = 8  # slices of one stage that overlap in time (a source's 80 ms capture windows) go on lanes
