@@ -19,6 +19,7 @@ DEFAULT_THREADS = ",".join(str(n) for n in (1, 2) if n <= (os.cpu_count() or 1))
 def one_line_errors(prog: str):
     """Decorates a benchmark's main(argv): an RtpipeError becomes `prog: <what is wrong>` on stderr
     and exit code 2, as `rtpipe` itself prints it."""
+
     def decorate(main):
         @functools.wraps(main)
         def checked_main(argv: list[str]) -> int:

@@ -88,21 +88,27 @@ def main(argv: list[str]) -> int:
     for threads in args.threads:
         print(f"bench inline: {threads} thread(s), {args.frames} frames ...", file=sys.stderr)
         runs.append(measure(threads, args.frames, args.warmup))
-    result = {"frame_ms": FRAME_MS, "frame_samples": FRAME_SAMPLES, "cores": os.cpu_count(),
-              "frames": args.frames, "stages": [kind for _, kind in STAGES], "runs": runs}
+    result = {
+        "frame_ms": FRAME_MS,
+        "frame_samples": FRAME_SAMPLES,
+        "cores": os.cpu_count(),
+        "frames": args.frames,
+        "stages": [kind for _, kind in STAGES],
+        "runs": runs,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"encode -> step -> decode in one process, {args.frames} frames of speech, "
-          f"{os.cpu_count()} cores (ms per 80 ms frame)")
+    print(
+        f"encode -> step -> decode in one process, {args.frames} frames of speech, "
+        f"{os.cpu_count()} cores (ms per 80 ms frame)"
+    )
     print(f"{'threads':>7} {'part':<12} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     for run in runs:
-        rows = list(run["stages"].items()) + [("all three", run["one_process_ms"])]
+        rows = [*list(run["stages"].items()), ("all three", run["one_process_ms"])]
         for part, s in rows:
-            print(f"{run['threads']:>7} {part:<12} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} "
-                  f"{s['max']:>8.2f}")
-        print(f"{'':>7} deadline misses {run['deadline_misses']} of {args.frames}, "
-              f"RTF at P50 {run['rtf_p50']:.2f}")
+            print(f"{run['threads']:>7} {part:<12} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} {s['max']:>8.2f}")
+        print(f"{'':>7} deadline misses {run['deadline_misses']} of {args.frames}, RTF at P50 {run['rtf_p50']:.2f}")
     return 0
 
 

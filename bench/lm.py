@@ -27,8 +27,7 @@ from rtpipe.stages.errors import ConfigError
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 # frames timed / warm-up frames per size: the big ones take up to a second per step on 2 cores
-DEFAULT_FRAMES = {"tiny": (200, 20), "small": (100, 10), "medium": (30, 5), "large": (12, 3),
-                  "7b": (50, 5)}
+DEFAULT_FRAMES = {"tiny": (200, 20), "small": (100, 10), "medium": (30, 5), "large": (12, 3), "7b": (50, 5)}
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 SHARE_LIMIT_BYTES = 4 << 30  # above this, the reference runs alone and is freed before ours
 MAX_CONTEXT = 100_000  # KV window in steps: 33x Moshi's 3000; the 7B's cache is 1 MB a step in fp32
@@ -37,16 +36,23 @@ MAX_START_STEP = 10**9  # 2.5 years of 80 ms frames
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtpipe bench lm", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="tiny,small,medium,large",
-                   help="comma-separated built-in sizes (tiny, small, medium, large, 7b)")
+    p.add_argument(
+        "--sizes",
+        default="tiny,small,medium,large",
+        help="comma-separated built-in sizes (tiny, small, medium, large, 7b)",
+    )
     p.add_argument("--threads", default=DEFAULT_THREADS, help="torch thread counts to time, e.g. 1,2")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
     p.add_argument("--frames", type=int, default=None, help="timed frames per case (default: by size)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first (default: by size)")
     p.add_argument("--context", type=int, default=None, help="KV window in steps (default: the size's)")
-    p.add_argument("--start-step", type=int, default=0,
-                   help="time ours as if this many frames had passed (a fuller KV cache: what ours "
-                   "attends over grows to the context, the reference's is always the whole context)")
+    p.add_argument(
+        "--start-step",
+        type=int,
+        default=0,
+        help="time ours as if this many frames had passed (a fuller KV cache: what ours "
+        "attends over grows to the context, the reference's is always the whole context)",
+    )
     p.add_argument("--no-reference", action="store_true", help="time rtpipe's engine only")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--cores", default=None, help="pin this process to these CPU cores, e.g. 0 or 0,1")
@@ -56,13 +62,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def percentiles(samples_ms: list[float]) -> dict:
     a = np.asarray(samples_ms)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max()), "mean": float(a.mean())}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+    }
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
+
         torch.cuda.synchronize()
 
 
@@ -73,8 +85,7 @@ def _start_at(streamer, start_step: int):
     return state
 
 
-def time_ours(streamer, frames: int, warmup: int, device: str, codes: np.ndarray,
-              start_step: int = 0) -> list[float]:
+def time_ours(streamer, frames: int, warmup: int, device: str, codes: np.ndarray, start_step: int = 0) -> list[float]:
     state = _start_at(streamer, start_step)
     out = []
     for k in range(warmup + frames):
@@ -103,8 +114,9 @@ def time_reference(ref_model, frames: int, warmup: int, device: str, codes: np.n
     return out
 
 
-def time_interleaved(streamer, ref_model, frames: int, warmup: int, device: str,
-                     codes: np.ndarray, start_step: int = 0) -> tuple[list[float], list[float]]:
+def time_interleaved(
+    streamer, ref_model, frames: int, warmup: int, device: str, codes: np.ndarray, start_step: int = 0
+) -> tuple[list[float], list[float]]:
     """Ours and the reference one frame each in turn (order swapped every frame), so that both see
     the same moments of a shared machine's load. Returns (ours_ms, reference_ms)."""
     import torch
@@ -116,7 +128,7 @@ def time_interleaved(streamer, ref_model, frames: int, warmup: int, device: str,
     with torch.inference_mode(), gen.streaming(1):
         for k in range(warmup + frames):
             user = torch.as_tensor(codes[k], dtype=torch.long, device=device).view(1, -1, 1)
-            for which in ((0, 1) if k % 2 else (1, 0)):
+            for which in (0, 1) if k % 2 else (1, 0):
                 start = time.perf_counter_ns()
                 if which == 0:
                     streamer.step(state, codes[k].tolist())
@@ -137,8 +149,17 @@ def build_reference(model, device: str):
     return ref.to(device).eval()
 
 
-def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup: int,
-             context, device: str, with_reference: bool, start_step: int = 0) -> list[dict]:
+def run_case(
+    size: str,
+    dtype_name: str,
+    threads: list[int],
+    frames: int,
+    warmup: int,
+    context,
+    device: str,
+    with_reference: bool,
+    start_step: int = 0,
+) -> list[dict]:
     import torch
 
     from rtpipe.stages.moshi.config import config_for_size
@@ -154,9 +175,19 @@ def run_case(size: str, dtype_name: str, threads: list[int], frames: int, warmup
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     codes = np.random.default_rng(0).integers(0, config.card, size=(warmup + frames, config.user_q))
-    results = {n: {"size": size, "params": params, "dtype": dtype_name, "threads": n,
-                   "frames": frames, "context": config.context, "start_step": start_step,
-                   "device": device} for n in threads}
+    results = {
+        n: {
+            "size": size,
+            "params": params,
+            "dtype": dtype_name,
+            "threads": n,
+            "frames": frames,
+            "context": config.context,
+            "start_step": start_step,
+            "device": device,
+        }
+        for n in threads
+    }
 
     ref = None
     if with_reference and params * model.dtype.itemsize * 2 < SHARE_LIMIT_BYTES:
@@ -198,28 +229,40 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-            "torch": torch.__version__,
-            "load_average": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"Moshi LM step, ms per 80 ms frame: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-          f"load average {m['load_average'][0]:.1f} at start")
-    head = (f"{'size':<7}{'params':>8} {'dtype':<5}{'thr':>4} {'frames':>6}  "
-            f"{'ours P50/P95/P99/max':<26}{'reference P50/P95/P99/max':<28}{'P50 x':>7}{'P99 x':>7}")
+    print(
+        f"Moshi LM step, ms per 80 ms frame: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"load average {m['load_average'][0]:.1f} at start"
+    )
+    head = (
+        f"{'size':<7}{'params':>8} {'dtype':<5}{'thr':>4} {'frames':>6}  "
+        f"{'ours P50/P95/P99/max':<26}{'reference P50/P95/P99/max':<28}{'P50 x':>7}{'P99 x':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in report["results"]:
+
         def fmt(s):
             return "/".join(f"{s[k]:.1f}" for k in ("p50", "p95", "p99", "max")) if s else "-"
+
         short = "fp32" if r["dtype"] == "float32" else "bf16"
         ratio50 = f"{r['ratio_p50']:.2f}" if "ratio_p50" in r else "-"
         ratio99 = f"{r['ratio_p99']:.2f}" if "ratio_p99" in r else "-"
-        print(f"{r['size']:<7}{r['params'] / 1e6:>7.0f}M {short:<5}{r['threads']:>4} "
-              f"{r['frames']:>6}  {fmt(r.get('ours')):<26}{fmt(r.get('reference')):<28}"
-              f"{ratio50:>7}{ratio99:>7}")
+        print(
+            f"{r['size']:<7}{r['params'] / 1e6:>7.0f}M {short:<5}{r['threads']:>4} "
+            f"{r['frames']:>6}  {fmt(r.get('ours')):<26}{fmt(r.get('reference')):<28}"
+            f"{ratio50:>7}{ratio99:>7}"
+        )
     print("x = ours / reference in this run (below 1: ours is faster)")
 
 
@@ -299,8 +342,11 @@ def main(argv: list[str]) -> int:
         try:
             import moshi.models.lm  # noqa: F401
         except ImportError:
-            print("rtpipe bench lm: the reference (pip install --no-deps moshi==0.2.13) is not "
-                  "installed; timing ours only", file=sys.stderr)
+            print(
+                "rtpipe bench lm: the reference (pip install --no-deps moshi==0.2.13) is not "
+                "installed; timing ours only",
+                file=sys.stderr,
+            )
             with_reference = False
     report = {"benchmark": "lm", "machine": machine(), "results": []}
     for size in sizes:
@@ -308,10 +354,14 @@ def main(argv: list[str]) -> int:
         frames = args.frames or frames
         warmup = args.warmup if args.warmup is not None else warmup
         for dtype in dtypes:
-            print(f"rtpipe bench lm: {size} {dtype}, {frames} frames after {warmup} of warm-up, "
-                  f"threads {args.threads}", file=sys.stderr, flush=True)
-            report["results"] += run_case(size, dtype, threads, frames, warmup, args.context,
-                                          args.device, with_reference, args.start_step)
+            print(
+                f"rtpipe bench lm: {size} {dtype}, {frames} frames after {warmup} of warm-up, threads {args.threads}",
+                file=sys.stderr,
+                flush=True,
+            )
+            report["results"] += run_case(
+                size, dtype, threads, frames, warmup, args.context, args.device, with_reference, args.start_step
+            )
     report["machine"]["load_average_end"] = list(os.getloadavg())
     if args.json:
         print(json.dumps(report, indent=2))

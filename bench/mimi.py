@@ -28,9 +28,13 @@ FRAME_MS = 80.0
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms)
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2),
-            "mean": round(float(a.mean()), 2)}
+    return {
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p95": round(float(np.percentile(a, 95)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+        "max": round(float(a.max()), 2),
+        "mean": round(float(a.mean()), 2),
+    }
 
 
 def machine_info(torch) -> dict:
@@ -47,8 +51,13 @@ def machine_info(torch) -> dict:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "load_avg_1min": load,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_avg_1min": load,
+        "python": platform.python_version(),
+    }
 
 
 def _test_signal(frames: int) -> np.ndarray:
@@ -106,7 +115,7 @@ def run_config(torch, impls, signal, frames, warmup) -> dict[str, dict[str, list
     times = {impl.name: {"encode": [], "decode": [], "total": []} for impl in impls}
     x_all = torch.from_numpy(signal)
     for k in range(warmup + frames):
-        x = x_all[(k % (len(signal) // FRAME_SAMPLES)) * FRAME_SAMPLES:][:FRAME_SAMPLES]
+        x = x_all[(k % (len(signal) // FRAME_SAMPLES)) * FRAME_SAMPLES :][:FRAME_SAMPLES]
         for impl in impls:
             t0 = time.perf_counter_ns()
             codes = impl.encode(x)
@@ -124,8 +133,7 @@ def run_config(torch, impls, signal, frames, warmup) -> dict[str, dict[str, list
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpipe bench mimi", description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=200,
-                        help=f"timed frames per configuration, 1 to {MAX_FRAMES}")
+    parser.add_argument("--frames", type=int, default=200, help=f"timed frames per configuration, 1 to {MAX_FRAMES}")
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames first")
     parser.add_argument("--threads", default=DEFAULT_THREADS, help="torch thread counts, comma separated")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
@@ -166,8 +174,7 @@ def main(argv: list[str]) -> int:
         try:
             import moshi.models.loaders  # noqa: F401
         except ImportError:
-            print("rtpipe: bench mimi: the reference `moshi` is not installed; timing ours only",
-                  file=sys.stderr)
+            print("rtpipe: bench mimi: the reference `moshi` is not installed; timing ours only", file=sys.stderr)
             reference_ok = False
     tmp = None
     weights_path = args.weights
@@ -181,9 +188,16 @@ def main(argv: list[str]) -> int:
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     signal = _test_signal(50)
-    report = {"benchmark": "mimi streaming, ms per 80 ms frame", "frames": args.frames,
-              "warmup": args.warmup, "codebooks": args.codebooks, "machine": machine_info(torch),
-              "weights": args.weights or "random", "results": [], "ratios": []}
+    report = {
+        "benchmark": "mimi streaming, ms per 80 ms frame",
+        "frames": args.frames,
+        "warmup": args.warmup,
+        "codebooks": args.codebooks,
+        "machine": machine_info(torch),
+        "weights": args.weights or "random",
+        "results": [],
+        "ratios": [],
+    }
     try:
         for dtype_name in dtype_names:
             for threads in thread_counts:
@@ -196,15 +210,27 @@ def main(argv: list[str]) -> int:
                     for impl in impls:
                         impl.close()
                 for name, series in times.items():
-                    report["results"].append({
-                        "impl": name, "dtype": dtype_name, "threads": threads,
-                        **{f"{part}_ms": _percentiles(values) for part, values in series.items()}})
+                    report["results"].append(
+                        {
+                            "impl": name,
+                            "dtype": dtype_name,
+                            "threads": threads,
+                            **{f"{part}_ms": _percentiles(values) for part, values in series.items()},
+                        }
+                    )
                 if reference_ok:
                     ours, ref = report["results"][-2], report["results"][-1]
-                    report["ratios"].append({
-                        "dtype": dtype_name, "threads": threads,
-                        **{f"{part}_{q}": round(ours[f"{part}_ms"][q] / ref[f"{part}_ms"][q], 3)
-                           for part in ("encode", "decode", "total") for q in ("p50", "p99")}})
+                    report["ratios"].append(
+                        {
+                            "dtype": dtype_name,
+                            "threads": threads,
+                            **{
+                                f"{part}_{q}": round(ours[f"{part}_ms"][q] / ref[f"{part}_ms"][q], 3)
+                                for part in ("encode", "decode", "total")
+                                for q in ("p50", "p99")
+                            },
+                        }
+                    )
     finally:
         if tmp is not None:
             os.unlink(tmp.name)
@@ -218,11 +244,15 @@ def main(argv: list[str]) -> int:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"Mimi streaming, ms per {FRAME_MS:.0f} ms frame: {report['frames']} frames after "
-          f"{report['warmup']} warm-up, {report['codebooks']} codebooks, weights {report['weights']}")
+    print(
+        f"Mimi streaming, ms per {FRAME_MS:.0f} ms frame: {report['frames']} frames after "
+        f"{report['warmup']} warm-up, {report['codebooks']} codebooks, weights {report['weights']}"
+    )
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average {m['load_avg_1min']}")
-    header = (f"{'dtype':<9} {'thr':>3} {'impl':<9} {'encode P50/P95/P99/max':>26} "
-              f"{'decode P50/P95/P99/max':>26} {'enc+dec P50/P99':>16}")
+    header = (
+        f"{'dtype':<9} {'thr':>3} {'impl':<9} {'encode P50/P95/P99/max':>26} "
+        f"{'decode P50/P95/P99/max':>26} {'enc+dec P50/P99':>16}"
+    )
     print(header)
     print("-" * len(header))
 
@@ -230,14 +260,18 @@ def print_table(report: dict) -> None:
         return f"{d['p50']:.1f}/{d['p95']:.1f}/{d['p99']:.1f}/{d['max']:.1f}"
 
     for r in report["results"]:
-        print(f"{r['dtype']:<9} {r['threads']:>3} {r['impl']:<9} {q4(r['encode_ms']):>26} "
-              f"{q4(r['decode_ms']):>26} {r['total_ms']['p50']:>7.1f}/{r['total_ms']['p99']:<8.1f}")
+        print(
+            f"{r['dtype']:<9} {r['threads']:>3} {r['impl']:<9} {q4(r['encode_ms']):>26} "
+            f"{q4(r['decode_ms']):>26} {r['total_ms']['p50']:>7.1f}/{r['total_ms']['p99']:<8.1f}"
+        )
     if report["ratios"]:
         print("\nratio ours / reference (lower is faster):")
         for q in report["ratios"]:
-            print(f"  {q['dtype']:<9} {q['threads']} thread(s): encode P50 {q['encode_p50']:.2f} "
-                  f"P99 {q['encode_p99']:.2f}; decode P50 {q['decode_p50']:.2f} P99 {q['decode_p99']:.2f}; "
-                  f"enc+dec P50 {q['total_p50']:.2f} P99 {q['total_p99']:.2f}")
+            print(
+                f"  {q['dtype']:<9} {q['threads']} thread(s): encode P50 {q['encode_p50']:.2f} "
+                f"P99 {q['encode_p99']:.2f}; decode P50 {q['decode_p50']:.2f} P99 {q['decode_p99']:.2f}; "
+                f"enc+dec P50 {q['total_p50']:.2f} P99 {q['total_p99']:.2f}"
+            )
 
 
 if __name__ == "__main__":

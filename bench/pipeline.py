@@ -6,6 +6,7 @@ multiprocessing.Queue, measured in the same run. Added latency = sink receipt - 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -16,12 +17,10 @@ import time
 import numpy as np
 import psutil
 
-
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm import wakeup
 from rtpipe.shm.ring import MAX_SPIN_US
-from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, PayloadSpec, Role, SourceFrame, Stage
-from rtpipe.stages.base import EndOfStream
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, EndOfStream, PayloadSpec, Role, SourceFrame, Stage
 
 WARMUP_FRAMES = 10  # first frames pay for page faults and imports; both chains skip the same number
 
@@ -62,8 +61,12 @@ class PacedNoopSource(Stage):
 def summary_us(values_ns: np.ndarray) -> dict:
     values = np.asarray(values_ns, dtype=np.float64) / 1000.0
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"p50_us": round(float(p50), 1), "p95_us": round(float(p95), 1), "p99_us": round(float(p99), 1),
-            "max_us": round(float(values.max()), 1)}
+    return {
+        "p50_us": round(float(p50), 1),
+        "p95_us": round(float(p95), 1),
+        "p99_us": round(float(p99), 1),
+        "max_us": round(float(values.max()), 1),
+    }
 
 
 class CpuSampler:
@@ -110,6 +113,7 @@ class StolenTime:
 
 # --- rtpipe: the real supervisor and stage hosts ---------------------------------------------------
 
+
 class _CpuObserver:
     def __init__(self):
         self.sampler: CpuSampler | None = None
@@ -148,7 +152,7 @@ def edge_spins(cores: list[int] | None, spin_us: int) -> list[int]:
     for an idle core to wake (~100 us here); on one core the producer's publish yields to it."""
     if cores is None:
         return [spin_us] * (len(STAGE_NAMES) - 1)
-    return [spin_us if x != y else 0 for x, y in zip(cores, cores[1:])]
+    return [spin_us if x != y else 0 for x, y in itertools.pairwise(cores)]
 
 
 def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int = 0) -> dict:
@@ -158,31 +162,50 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     names = STAGE_NAMES
     kinds = ["rtpipe.bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
     spins = edge_spins(cores, spin_us)
-    raw = {"stages": {n: {"kind": k, "priority": priority, **({"cores": [cores[i]]} if cores else {})}
-                      for i, (n, k) in enumerate(zip(names, kinds))},
-           "edges": {f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spins[i]}
-                     for i, (x, y) in enumerate(zip(names, names[1:]))}}
+    raw = {
+        "stages": {
+            n: {"kind": k, "priority": priority, **({"cores": [cores[i]]} if cores else {})}
+            for i, (n, k) in enumerate(zip(names, kinds))
+        },
+        "edges": {
+            f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spins[i]}
+            for i, (x, y) in enumerate(itertools.pairwise(names))
+        },
+    }
     os.environ["RTPIPE_BENCH_FRAMES"] = str(frames)
     observer = _CpuObserver()
-    supervisor = Supervisor(pipeline_config.validate(raw), observer_factory=lambda info: [observer],
-                            handle_signals=False)
+    supervisor = Supervisor(
+        pipeline_config.validate(raw), observer_factory=lambda info: [observer], handle_signals=False
+    )
     result = supervisor.run()
     steal_pct = observer.stolen.percent()
     if result.error:
         raise SystemExit(f"rtpipe bench pipeline: the rtpipe run failed: {result.error}")
     records = np.concatenate(supervisor.records)[WARMUP_FRAMES:]
     added = records["enter_ns"][:, 4] - records["capture_ns"]
-    hops = {f"{x}->{y}": summary_us(records["enter_ns"][:, i + 1] - records["exit_ns"][:, i])
-            for i, (x, y) in enumerate(zip(names, names[1:]))}
-    stage_us = {name: summary_us(records["exit_ns"][:, i] - records["enter_ns"][:, i])
-                for i, name in enumerate(names[1:-1], start=1)}
+    hops = {
+        f"{x}->{y}": summary_us(records["enter_ns"][:, i + 1] - records["exit_ns"][:, i])
+        for i, (x, y) in enumerate(itertools.pairwise(names))
+    }
+    stage_us = {
+        name: summary_us(records["exit_ns"][:, i] - records["enter_ns"][:, i])
+        for i, name in enumerate(names[1:-1], start=1)
+    }
     warm_ups = {name: int(supervisor.stages[name].stats.get("warm_ups", 0)) for name in names}
-    return {**summary_us(added), "cpu_pct": observer.sampler.percent(), "steal_pct": steal_pct,
-            "supervisor_cpu_pct": observer.supervisor_sampler.percent(), "stage_us": stage_us, "hops": hops,
-            "warm_ups": warm_ups, "frames": len(records)}
+    return {
+        **summary_us(added),
+        "cpu_pct": observer.sampler.percent(),
+        "steal_pct": steal_pct,
+        "supervisor_cpu_pct": observer.supervisor_sampler.percent(),
+        "stage_us": stage_us,
+        "hops": hops,
+        "warm_ups": warm_ups,
+        "frames": len(records),
+    }
 
 
 # --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
+
 
 def _mp_source(out_q, frames: int, ready, go):
     from rtpipe.pipeline.runtime.host import precise_timers
@@ -225,9 +248,11 @@ def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dic
     queues = [ctx.Queue() for _ in range(4)]
     result_q = ctx.Queue()
     ready, go = ctx.Event(), ctx.Event()
-    procs = [ctx.Process(target=_mp_source, args=(queues[0], frames, ready, go)),
-             *[ctx.Process(target=_mp_middle, args=(queues[i], queues[i + 1])) for i in range(3)],
-             ctx.Process(target=_mp_sink, args=(queues[3], result_q))]
+    procs = [
+        ctx.Process(target=_mp_source, args=(queues[0], frames, ready, go)),
+        *[ctx.Process(target=_mp_middle, args=(queues[i], queues[i + 1])) for i in range(3)],
+        ctx.Process(target=_mp_sink, args=(queues[3], result_q)),
+    ]
     for p in procs:
         p.start()
     if cores:  # the same placement as rtpipe's stages, so the comparison is of transports only
@@ -299,20 +324,33 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--frames", type=int, default=900, help="frames per chain (80 ms each; default 900)")
     # measured on the 2-core machine: the source alone and neighbours in pairs on a core, with a
     # 300 us spin on the two hops that cross cores, gave the lowest P99 at about 2 % of a core
-    parser.add_argument("--spin-us", type=int, default=300,
-                        help="spin_us of the edges whose ends are on different cores: wake this much "
-                             "before a paced frame is due and spin for it (default 300; same-core "
-                             "edges get 0)")
-    parser.add_argument("--cores", type=_core_list, default=None,
-                        help="comma-separated core of each of the 5 stages, source first (default: "
-                             "one each, or on fewer cores the source alone and neighbours in pairs, "
-                             "e.g. 0,1,1,0,0)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin the stages (every edge then spins --spin-us)")
-    parser.add_argument("--priority", type=_priority, default="auto",
-                        help="run both chains' stages under SCHED_FIFO at this priority (1-99; needs root, "
-                             "CAP_SYS_NICE or ulimit -r; 0: the normal scheduler; default auto: "
-                             f"{AUTO_PRIORITY} where this process may, else 0)")
+    parser.add_argument(
+        "--spin-us",
+        type=int,
+        default=300,
+        help="spin_us of the edges whose ends are on different cores: wake this much "
+        "before a paced frame is due and spin for it (default 300; same-core "
+        "edges get 0)",
+    )
+    parser.add_argument(
+        "--cores",
+        type=_core_list,
+        default=None,
+        help="comma-separated core of each of the 5 stages, source first (default: "
+        "one each, or on fewer cores the source alone and neighbours in pairs, "
+        "e.g. 0,1,1,0,0)",
+    )
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="do not pin the stages (every edge then spins --spin-us)"
+    )
+    parser.add_argument(
+        "--priority",
+        type=_priority,
+        default="auto",
+        help="run both chains' stages under SCHED_FIFO at this priority (1-99; needs root, "
+        "CAP_SYS_NICE or ulimit -r; 0: the normal scheduler; default auto: "
+        f"{AUTO_PRIORITY} where this process may, else 0)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
     args = parser.parse_args(argv)
     if args.frames <= WARMUP_FRAMES + 10:
@@ -337,32 +375,51 @@ def main(argv: list[str]) -> int:
     baseline = run_mp_queue(args.frames, cores, args.priority)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
-        print(json.dumps({"rtpipe": {k: rtpipe[k] for k in keys}, "mp_queue": {k: baseline[k] for k in keys},
-                          "priority": args.priority, "futex": wakeup.IMPLEMENTATION,
-                          "warm_ups": rtpipe["warm_ups"],
-                          "steal_pct": {"rtpipe": rtpipe["steal_pct"], "mp_queue": baseline["steal_pct"]}}))
+        print(
+            json.dumps(
+                {
+                    "rtpipe": {k: rtpipe[k] for k in keys},
+                    "mp_queue": {k: baseline[k] for k in keys},
+                    "priority": args.priority,
+                    "futex": wakeup.IMPLEMENTATION,
+                    "warm_ups": rtpipe["warm_ups"],
+                    "steal_pct": {"rtpipe": rtpipe["steal_pct"], "mp_queue": baseline["steal_pct"]},
+                }
+            )
+        )
         return 0
-    print(f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
-          f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
-          f"{','.join(map(str, edge_spins(cores, args.spin_us)))}"
-          + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned")
-          + (f", at SCHED_FIFO priority {args.priority}" if args.priority else ", normal scheduler")
-          + (f" (SCHED_FIFO is {auto_refused})" if auto_refused else ""))
+    print(
+        f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
+        f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
+        f"{','.join(map(str, edge_spins(cores, args.spin_us)))}"
+        + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned")
+        + (f", at SCHED_FIFO priority {args.priority}" if args.priority else ", normal scheduler")
+        + (f" (SCHED_FIFO is {auto_refused})" if auto_refused else "")
+    )
     print(f"machine: {machine_line()}; futex calls through {wakeup.IMPLEMENTATION}")
-    print("added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
-          "% of one core; steal % = the hypervisor's, % of all cores, while the chain ran")
+    print(
+        "added latency = sink receipt - source stamp; cpu % = the 5 stage processes together, "
+        "% of one core; steal % = the hypervisor's, % of all cores, while the chain ran"
+    )
     print(f"{'chain':<22} {'p50 us':>8} {'p95 us':>8} {'p99 us':>8} {'max us':>9} {'cpu %':>7} {'steal %':>8}")
     for name, r in (("rtpipe (shm rings)", rtpipe), ("multiprocessing.Queue", baseline)):
-        print(f"{name:<22} {r['p50_us']:8.1f} {r['p95_us']:8.1f} {r['p99_us']:8.1f} {r['max_us']:9.1f} "
-              f"{r['cpu_pct']:7.2f} {r['steal_pct']:8.2f}")
+        print(
+            f"{name:<22} {r['p50_us']:8.1f} {r['p95_us']:8.1f} {r['p99_us']:8.1f} {r['max_us']:9.1f} "
+            f"{r['cpu_pct']:7.2f} {r['steal_pct']:8.2f}"
+        )
     ratio = {k: baseline[k] / rtpipe[k] if rtpipe[k] else float("inf") for k in ("p50_us", "p99_us", "max_us")}
-    print(f"{'Queue / rtpipe':<22} {ratio['p50_us']:7.2f}x {'':>8} {ratio['p99_us']:7.2f}x "
-          f"{ratio['max_us']:8.2f}x")
+    print(f"{'Queue / rtpipe':<22} {ratio['p50_us']:7.2f}x {'':>8} {ratio['p99_us']:7.2f}x {ratio['max_us']:8.2f}x")
     print(f"rtpipe supervisor process: {rtpipe['supervisor_cpu_pct']:.2f} % of a core")
-    print("rtpipe per-hop wait (us):  " + "  ".join(
-        f"{hop} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for hop, h in rtpipe["hops"].items()))
-    print("rtpipe middle stages, enter to publish (us): " + "  ".join(
-        f"{name} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for name, h in rtpipe["stage_us"].items()))
-    print(f"rtpipe warm-ups (of {args.frames} frames): "
-          + "  ".join(f"{name} {count}" for name, count in rtpipe["warm_ups"].items()))
+    print(
+        "rtpipe per-hop wait (us):  "
+        + "  ".join(f"{hop} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for hop, h in rtpipe["hops"].items())
+    )
+    print(
+        "rtpipe middle stages, enter to publish (us): "
+        + "  ".join(f"{name} p50 {h['p50_us']:.0f} / p99 {h['p99_us']:.0f}" for name, h in rtpipe["stage_us"].items())
+    )
+    print(
+        f"rtpipe warm-ups (of {args.frames} frames): "
+        + "  ".join(f"{name} {count}" for name, count in rtpipe["warm_ups"].items())
+    )
     return 0

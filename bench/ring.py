@@ -174,10 +174,14 @@ class BusyPollTransport:
 
     def _words(self):
         segment = Segment.attach(self.name)
-        return segment, memoryview(segment.mmap).cast("Q"), np.frombuffer(memoryview(segment.mmap), np.float32, FRAME_SAMPLES, 64)
+        return (
+            segment,
+            memoryview(segment.mmap).cast("Q"),
+            np.frombuffer(memoryview(segment.mmap), np.float32, FRAME_SAMPLES, 64),
+        )
 
     def sender(self):
-        segment, words, slot = self._words()
+        _segment, words, slot = self._words()
 
         def send(payload: np.ndarray) -> None:
             while words[2] != words[0]:
@@ -189,7 +193,7 @@ class BusyPollTransport:
         return send
 
     def receiver(self):
-        segment, words, _ = self._words()
+        _segment, words, _ = self._words()
         seen = [words[0]]
 
         def receive() -> int:
@@ -225,7 +229,7 @@ class EventfdTransport(BusyPollTransport):
         return send
 
     def receiver(self):
-        segment, words, _ = self._words()
+        _segment, words, _ = self._words()
 
         def receive() -> int:
             os.eventfd_read(self.fd)
@@ -307,7 +311,18 @@ def _receiver_main(transport, core, paced: int, full: int, ready, paced_done, re
             full_ns[i] = receive()
         full_wall_ns = _now_ns() - first_ns
         counts = getattr(receive, "wake_counts", None)
-        results.send(("ok", paced_ns, cpu_ns / wall_ns, full_ns, (full - 1) / (full_wall_ns / 1e9), warm_counts, paced_counts, counts))
+        results.send(
+            (
+                "ok",
+                paced_ns,
+                cpu_ns / wall_ns,
+                full_ns,
+                (full - 1) / (full_wall_ns / 1e9),
+                warm_counts,
+                paced_counts,
+                counts,
+            )
+        )
     except BaseException as e:
         results.send(("receiver", repr(e)))
 
@@ -328,8 +343,8 @@ def measure(name: str, cores: tuple[int | None, int | None], paced: int, full: i
     ready, paced_done = CTX.Event(), CTX.Event()
     results_reader, results_writer = CTX.Pipe(duplex=False)
     args = (transport, paced, full, ready, paced_done, results_writer)
-    receiver = CTX.Process(target=_receiver_main, args=(transport, cores[1]) + args[1:], daemon=True)
-    sender = CTX.Process(target=_sender_main, args=(transport, cores[0]) + args[1:], daemon=True)
+    receiver = CTX.Process(target=_receiver_main, args=(transport, cores[1], *args[1:]), daemon=True)
+    sender = CTX.Process(target=_sender_main, args=(transport, cores[0], *args[1:]), daemon=True)
     receiver.start()
     sender.start()
     try:
@@ -385,8 +400,16 @@ def table(title: str, transports: dict) -> str:
     lines = [title, head, "-" * len(head)]
     for name, r in transports.items():
         p, f = r["paced"], r["full_speed"]
-        vs_floor = f"{p['p50_us'] / floor['paced']['p50_us']:.2f}/{p['p99_us'] / floor['paced']['p99_us']:.2f}" if floor else "-"
-        vs_queue = f"{queue['paced']['p50_us'] / p['p50_us']:.1f}/{queue['paced']['p99_us'] / p['p99_us']:.1f}" if queue else "-"
+        vs_floor = (
+            f"{p['p50_us'] / floor['paced']['p50_us']:.2f}/{p['p99_us'] / floor['paced']['p99_us']:.2f}"
+            if floor
+            else "-"
+        )
+        vs_queue = (
+            f"{queue['paced']['p50_us'] / p['p50_us']:.1f}/{queue['paced']['p99_us'] / p['p99_us']:.1f}"
+            if queue
+            else "-"
+        )
         rate = f"{f['frames_per_s'] / queue['full_speed']['frames_per_s']:.1f}" if queue else "-"
         lines.append(
             f"{name:<16} {p['p50_us']:>9.1f} {p['p99_us']:>8.1f} {p['p999_us']:>8.1f} {p['max_us']:>8.1f} "
@@ -417,8 +440,7 @@ def _check_nice_allowed(nice: int) -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, 0, before + nice)
     except PermissionError:
-        raise ConfigError(f"--nice {nice}: not permitted (a negative change needs root or "
-                          "CAP_SYS_NICE)") from None
+        raise ConfigError(f"--nice {nice}: not permitted (a negative change needs root or CAP_SYS_NICE)") from None
     os.setpriority(os.PRIO_PROCESS, 0, before)  # raising it back is always allowed
 
 
@@ -427,9 +449,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtpipe bench ring", description=__doc__)
     parser.add_argument("--frames", type=int, default=100, help="paced frames per transport (80 ms apart; default 100)")
     parser.add_argument("--full-frames", type=int, default=2000, help="full-speed frames per transport (default 2000)")
-    parser.add_argument("--spin-us", type=int, default=PIPELINE_SPIN_US, help=f"ring spin_us (default {PIPELINE_SPIN_US})")
+    parser.add_argument(
+        "--spin-us", type=int, default=PIPELINE_SPIN_US, help=f"ring spin_us (default {PIPELINE_SPIN_US})"
+    )
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset to run")
-    parser.add_argument("--nice", type=int, default=0, help="niceness change for both processes (negative needs privilege)")
+    parser.add_argument(
+        "--nice", type=int, default=0, help="niceness change for both processes (negative needs privilege)"
+    )
     parser.add_argument("--no-same-core", action="store_true", help="skip the same-core placement")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = parser.parse_args(argv)
@@ -503,7 +529,9 @@ def targets(transports: dict) -> list:
         ("paced P99 >= 3x lower than zmq ipc", zmq["paced"]["p99_us"] / p["p99_us"], 3.0, True),
         ("full-speed frames/s >= 5x mp.Queue", f["frames_per_s"] / queue["full_speed"]["frames_per_s"], 5.0, True),
     ]
-    return [(name, value >= bound if at_least else value <= bound, round(value, 2)) for name, value, bound, at_least in rows]
+    return [
+        (name, value >= bound if at_least else value <= bound, round(value, 2)) for name, value, bound, at_least in rows
+    ]
 
 
 if __name__ == "__main__":

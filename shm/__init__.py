@@ -23,3 +23,25 @@ from rtpipe.shm.ring import (
     RingStats,
     WriteSlot,
 )
+
+__all__ = [
+    "FLAG_DISCONTINUITY",
+    "FLAG_END_OF_STREAM",
+    "HEADER_DTYPE",
+    "MAX_STAGES",
+    "Consumer",
+    "EdgePolicy",
+    "Producer",
+    "ReadSlot",
+    "Ring",
+    "RingError",
+    "RingSpec",
+    "RingStats",
+    "WriteSlot",
+    "new_header",
+    "new_run_id",
+    "payload_checksum",
+    "remove_orphaned_segments",
+    "remove_run_segments",
+    "segment_name",
+]

@@ -135,7 +135,7 @@ class RingSpec:
     def payload_bytes(self) -> int:
         return int(np.dtype(self.dtype).itemsize * np.prod(self.shape, dtype=np.int64))
 
-    def same_layout(self, other: "RingSpec") -> bool:
+    def same_layout(self, other: RingSpec) -> bool:
         return (
             self.slots == other.slots
             and np.dtype(self.dtype) == np.dtype(other.dtype)
@@ -182,7 +182,7 @@ class Ring:
     # -- making and finding -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, spec: RingSpec) -> "Ring":
+    def create(cls, name: str, spec: RingSpec) -> Ring:
         """Creates the segment /dev/shm/NAME (mode 0600) and its description. RingError if the spec is
         bad, the name is taken or not a plain file name."""
         dtype = spec.validate(name)
@@ -214,7 +214,7 @@ class Ring:
         return cls(name, spec, segment, owner=True)
 
     @classmethod
-    def attach(cls, name: str, spec: RingSpec | None = None) -> "Ring":
+    def attach(cls, name: str, spec: RingSpec | None = None) -> Ring:
         """Maps an existing ring. With `spec`, checks slots, dtype, shape and policy match (spin_us may
         differ: it is the caller's own setting). RingError if there is no such ring or it differs."""
         try:
@@ -235,7 +235,7 @@ class Ring:
 
     # -- ends ---------------------------------------------------------------------------------------
 
-    def producer(self) -> "Producer":
+    def producer(self) -> Producer:
         """This process's producer end (the same object if asked twice). RingError if another live
         process is the producer: single producer is enforced, not assumed."""
         if self._producer is None or self._producer._closed:
@@ -243,7 +243,7 @@ class Ring:
             self._producer = Producer(self)
         return self._producer
 
-    def consumer(self) -> "Consumer":
+    def consumer(self) -> Consumer:
         """This process's consumer end; RingError if another live process is the consumer."""
         if self._consumer is None or self._consumer._closed:
             self._check_single(L.CONSUMER_PID, L.CONSUMER_START_TICKS, "consumer")
@@ -338,7 +338,7 @@ class Ring:
     def _futex(self, word: int) -> FutexWord:
         return FutexWord(self._segment.address + 8 * word)
 
-    def __enter__(self) -> "Ring":
+    def __enter__(self) -> Ring:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -377,9 +377,9 @@ def read_description(name: str, buf) -> RingSpec:
 class WriteSlot:
     """A claimed slot: fill `header` (0-d structured view) and `payload`, then `publish()`."""
 
-    __slots__ = ("header", "payload", "index", "_producer")
+    __slots__ = ("_producer", "header", "index", "payload")
 
-    def __init__(self, producer: "Producer", index: int, header: np.ndarray, payload: np.ndarray):
+    def __init__(self, producer: Producer, index: int, header: np.ndarray, payload: np.ndarray):
         self._producer = producer
         self.index = index
         self.header = header
@@ -401,9 +401,9 @@ class WriteSlot:
 class ReadSlot:
     """An acquired frame: read-only `header` and `payload` views, valid until `release()`."""
 
-    __slots__ = ("header", "payload", "index", "_consumer")
+    __slots__ = ("_consumer", "header", "index", "payload")
 
-    def __init__(self, consumer: "Consumer", index: int, header: np.ndarray, payload: np.ndarray):
+    def __init__(self, consumer: Consumer, index: int, header: np.ndarray, payload: np.ndarray):
         self._consumer = consumer
         self.index = index
         self.header = header
@@ -436,7 +436,9 @@ class Producer:
         self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
         exit_ns_offset = L.HEADER_OFFSET + HEADER_DTYPE.fields["exit_ns"][1]
         self._exit_ns_words = [(ring._slot_offset(i) + exit_ns_offset) // 8 for i in range(self._slots)]
-        self._write_slots = [WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)]
+        self._write_slots = [
+            WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)
+        ]
         self._memory = ring._memory
         self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
         self._space_word = ring._futex(L.R)

@@ -41,7 +41,7 @@ class Segment:
         self.address = ctypes.addressof(self._anchor)
 
     @classmethod
-    def create(cls, name: str, size: int) -> "Segment":
+    def create(cls, name: str, size: int) -> Segment:
         path = check_segment_name(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -61,7 +61,7 @@ class Segment:
         return cls(name, path, mm, size)
 
     @classmethod
-    def attach(cls, name: str) -> "Segment":
+    def attach(cls, name: str) -> Segment:
         path = check_segment_name(name)
         try:
             fd = os.open(path, os.O_RDWR)

@@ -64,7 +64,7 @@ class FutexWord:
     The caller keeps the mapping alive; the word is the low half of a u64 counter (see shm/ring.py).
     """
 
-    __slots__ = ("address", "_timeout", "_timeout_ref")
+    __slots__ = ("_timeout", "_timeout_ref", "address")
 
     def __init__(self, address: int):
         if address % 4:

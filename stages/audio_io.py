@@ -23,8 +23,17 @@ from typing import Literal
 
 import numpy as np
 
-from rtpipe.stages.base import (AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec, Role,
-                         SourceFrame, Stage)
+from rtpipe.stages.base import (
+    AUDIO_FRAME,
+    FRAME_NS,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    EndOfStream,
+    PayloadSpec,
+    Role,
+    SourceFrame,
+    Stage,
+)
 from rtpipe.stages.checkpoint import check_seed
 from rtpipe.stages.errors import AudioError, ConfigError
 from rtpipe.stages.jitter_buffer import JitterBuffer
@@ -38,6 +47,7 @@ DEVICE_START_ALLOWANCE_S = 10.0
 
 
 # --- devices -------------------------------------------------------------------------------------
+
 
 def _sounddevice():
     """The sounddevice module; AudioError when the PortAudio library is missing."""
@@ -62,16 +72,18 @@ def list_audio_devices() -> list[dict]:
         raise AudioError(f"cannot list audio devices: {e}") from e
     rows = []
     for index, dev in enumerate(devices):
-        rows.append({
-            "index": index,
-            "name": dev["name"],
-            "hostapi": hostapis[dev["hostapi"]]["name"],
-            "inputs": int(dev["max_input_channels"]),
-            "outputs": int(dev["max_output_channels"]),
-            "default_samplerate": float(dev["default_samplerate"]),
-            "default_input": index == default_in,
-            "default_output": index == default_out,
-        })
+        rows.append(
+            {
+                "index": index,
+                "name": dev["name"],
+                "hostapi": hostapis[dev["hostapi"]]["name"],
+                "inputs": int(dev["max_input_channels"]),
+                "outputs": int(dev["max_output_channels"]),
+                "default_samplerate": float(dev["default_samplerate"]),
+                "default_input": index == default_in,
+                "default_output": index == default_out,
+            }
+        )
     return rows
 
 
@@ -142,13 +154,14 @@ def _require_audio_input(kind: str, input_spec: PayloadSpec | None) -> None:
 
 # --- microphone ----------------------------------------------------------------------------------
 
+
 @dataclass
 class MicrophoneParams:
-    device: str = ""               # PortAudio device name (or part of it, or its index); "" = default input
-    block_samples: int = 240       # device block; the device path costs about two of these
-    queue_frames: int = 8          # frames waiting for read(); when full the oldest is dropped and counted
-    watchdog_s: float = 3.0        # read() raises AudioError when no callback came for this long
-    seconds: float | None = None   # EndOfStream after this much audio; None: until stopped
+    device: str = ""  # PortAudio device name (or part of it, or its index); "" = default input
+    block_samples: int = 240  # device block; the device path costs about two of these
+    queue_frames: int = 8  # frames waiting for read(); when full the oldest is dropped and counted
+    watchdog_s: float = 3.0  # read() raises AudioError when no callback came for this long
+    seconds: float | None = None  # EndOfStream after this much audio; None: until stopped
 
     def validate(self, where: str) -> None:
         _check_block(where, self.block_samples)
@@ -221,15 +234,25 @@ class MicrophoneCapture(Stage):
         self._anchor_estimates = collections.deque(maxlen=max(8, int(blocks_per_second)))
 
         def make_stream():
-            stream = sd.InputStream(device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1,
-                                    dtype="float32", blocksize=p.block_samples, latency="low",
-                                    callback=self._on_block)
+            stream = sd.InputStream(
+                device=_device_arg(p.device),
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                dtype="float32",
+                blocksize=p.block_samples,
+                latency="low",
+                callback=self._on_block,
+            )
             self._input_latency_ns = int(stream.latency * NS_PER_S)  # before start: the callback uses it
             return stream
 
-        self._stream = _start_stream(make_stream, self._first_callback, DEVICE_START_ALLOWANCE_S + p.watchdog_s,
-                                     f"capture.microphone: input device {p.device or 'default'!r}",
-                                     "delivered no audio")
+        self._stream = _start_stream(
+            make_stream,
+            self._first_callback,
+            DEVICE_START_ALLOWANCE_S + p.watchdog_s,
+            f"capture.microphone: input device {p.device or 'default'!r}",
+            "delivered no audio",
+        )
 
     def _on_block(self, indata, n_samples, time_info, status) -> None:
         # PortAudio's thread: no waiting, no allocation beyond one frame buffer per 80 ms.
@@ -240,8 +263,7 @@ class MicrophoneCapture(Stage):
             self._input_overflows += 1
             self._anchor_estimates.clear()
         block_end = self._samples_seen + n_samples
-        self._anchor_estimates.append(
-            now_ns - self._input_latency_ns - block_end * NS_PER_S // SAMPLE_RATE)
+        self._anchor_estimates.append(now_ns - self._input_latency_ns - block_end * NS_PER_S // SAMPLE_RATE)
         anchor_ns = min(self._anchor_estimates)
         samples = indata[:, 0]
         pos = 0
@@ -251,7 +273,7 @@ class MicrophoneCapture(Stage):
                 self._frame_fill = 0
                 self._frame_first_index = self._samples_seen + pos
             take = min(n_samples - pos, FRAME_SAMPLES - self._frame_fill)
-            self._frame_buf[self._frame_fill:self._frame_fill + take] = samples[pos:pos + take]
+            self._frame_buf[self._frame_fill : self._frame_fill + take] = samples[pos : pos + take]
             self._frame_fill += take
             pos += take
             if self._frame_fill == FRAME_SAMPLES:
@@ -285,8 +307,9 @@ class MicrophoneCapture(Stage):
             except queue.Empty:
                 silent_s = (time.monotonic_ns() - self._last_callback_ns) / NS_PER_S
                 if silent_s > p.watchdog_s:
-                    raise AudioError(f"capture.microphone: no audio from input device "
-                                     f"{p.device or 'default'!r} for {silent_s:.1f} s") from None
+                    raise AudioError(
+                        f"capture.microphone: no audio from input device {p.device or 'default'!r} for {silent_s:.1f} s"
+                    ) from None
                 if time.monotonic() >= deadline:
                     return None
                 continue
@@ -303,10 +326,11 @@ class MicrophoneCapture(Stage):
 
 # --- sources that compute their frames: a WAV file, a tone ---------------------------------------
 
+
 @dataclass
 class PacedState:
     next_frame: int = 0
-    t0_ns: int | None = None    # when frame 0's first sample was "captured" (set by the first read)
+    t0_ns: int | None = None  # when frame 0's first sample was "captured" (set by the first read)
 
 
 class _ComputedSource(Stage):
@@ -356,10 +380,10 @@ class _ComputedSource(Stage):
 
 @dataclass
 class FileParams:
-    path: str = ""                 # WAV (or anything libsndfile reads); "" = the built-in speech sample
-    pace: bool = True              # real time, like a microphone; false: as fast as the pipeline takes it
-    loop: bool = False             # start over at the end (with `seconds`, to make a long run from a sample)
-    seconds: float | None = None   # stop after this much audio (the last frame is zero-padded)
+    path: str = ""  # WAV (or anything libsndfile reads); "" = the built-in speech sample
+    pace: bool = True  # real time, like a microphone; false: as fast as the pipeline takes it
+    loop: bool = False  # start over at the end (with `seconds`, to make a long run from a sample)
+    seconds: float | None = None  # stop after this much audio (the last frame is zero-padded)
 
     def validate(self, where: str) -> None:
         _check_seconds(where, self.seconds)
@@ -372,6 +396,7 @@ class FileParams:
 def _check_readable_audio(where: str, path: Path):
     """soundfile's info for `path`; AudioError naming the path when missing, unreadable or empty."""
     import soundfile
+
     if not path.exists():
         raise AudioError(f"{where} = '{path}': no such file")
     if path.is_dir():
@@ -420,9 +445,9 @@ class FileCapture(_ComputedSource):
         stop = start + FRAME_SAMPLES if total is None else min(start + FRAME_SAMPLES, total)
         frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
         if self.params.loop:
-            frame[:stop - start] = np.take(self._samples, np.arange(start, stop), mode="wrap")
+            frame[: stop - start] = np.take(self._samples, np.arange(start, stop), mode="wrap")
         else:
-            frame[:stop - start] = self._samples[start:stop]
+            frame[: stop - start] = self._samples[start:stop]
         return frame
 
     def close(self) -> None:
@@ -435,6 +460,7 @@ def load_audio_24k_mono(path: Path | str) -> np.ndarray:
     Raises AudioError naming the file when it is missing, unreadable or holds no samples."""
     import soundfile
     import soxr
+
     path = Path(path)
     _check_readable_audio("capture.file.path", path)
     try:
@@ -453,10 +479,10 @@ def load_audio_24k_mono(path: Path | str) -> np.ndarray:
 class ToneParams:
     signal: Literal["sine", "noise", "silence"] = "sine"
     frequency_hz: float = 440.0
-    amplitude: float = 0.5         # peak, of full scale 1.0
-    seed: int = 0                  # noise: the same seed gives the same frames
+    amplitude: float = 0.5  # peak, of full scale 1.0
+    seed: int = 0  # noise: the same seed gives the same frames
     pace: bool = True
-    seconds: float | None = None   # None: until stopped
+    seconds: float | None = None  # None: until stopped
 
     def validate(self, where: str) -> None:
         _check_seconds(where, self.seconds)
@@ -490,7 +516,7 @@ class ToneCapture(_ComputedSource):
         else:
             frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
         if total is not None and start + FRAME_SAMPLES > total:
-            frame[total - start:] = 0.0
+            frame[total - start :] = 0.0
         return frame
 
 
@@ -501,11 +527,11 @@ NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0}
 
 @dataclass
 class SpeakerParams:
-    device: str = ""                 # PortAudio device name (or part of it, or its index); "" = default output
-    block_samples: int = 240         # device block; the device path costs about two of these
+    device: str = ""  # PortAudio device name (or part of it, or its index); "" = default output
+    block_samples: int = 240  # device block; the device path costs about two of these
     target_latency_ms: float = 120.0  # queue length when a frame lands: one frame plus room for late ones
-    max_latency_ms: float = 320.0    # more than this queued: trim the oldest back to the target
-    watchdog_s: float = 3.0          # write() raises AudioError when no callback came for this long
+    max_latency_ms: float = 320.0  # more than this queued: trim the oldest back to the target
+    watchdog_s: float = 3.0  # write() raises AudioError when no callback came for this long
 
     def validate(self, where: str) -> None:
         _check_block(where, self.block_samples)
@@ -513,8 +539,10 @@ class SpeakerParams:
         if not self.target_latency_ms > 0:
             raise ConfigError(f"{where}.target_latency_ms = {self.target_latency_ms}: expected a positive number")
         if self.max_latency_ms < self.target_latency_ms + 1000.0 * FRAME_SAMPLES / SAMPLE_RATE:
-            raise ConfigError(f"{where}.max_latency_ms = {self.max_latency_ms}: expected at least "
-                              f"target_latency_ms + one frame (80 ms)")
+            raise ConfigError(
+                f"{where}.max_latency_ms = {self.max_latency_ms}: expected at least "
+                f"target_latency_ms + one frame (80 ms)"
+            )
 
 
 @dataclass
@@ -584,20 +612,31 @@ class SpeakerPlayback(Stage):
         p = self.params
         self._buffer = JitterBuffer(
             target_samples=round(p.target_latency_ms * SAMPLE_RATE / 1000.0),
-            max_samples=round(p.max_latency_ms * SAMPLE_RATE / 1000.0))
+            max_samples=round(p.max_latency_ms * SAMPLE_RATE / 1000.0),
+        )
         # A new PulseAudio stream takes its first blocks at once, then may stall for a second or two;
         # wait until callbacks flow so the first frames are not queued behind the stall.
 
         def make_stream():
-            stream = sd.OutputStream(device=_device_arg(p.device), samplerate=SAMPLE_RATE, channels=1,
-                                     dtype="float32", blocksize=p.block_samples, latency="low",
-                                     callback=self._on_block)
+            stream = sd.OutputStream(
+                device=_device_arg(p.device),
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                dtype="float32",
+                blocksize=p.block_samples,
+                latency="low",
+                callback=self._on_block,
+            )
             self._device_latency_ns = int(stream.latency * NS_PER_S)
             return stream
 
-        self._stream = _start_stream(make_stream, self._running, DEVICE_START_ALLOWANCE_S + p.watchdog_s,
-                                     f"playback.speaker: output device {p.device or 'default'!r}",
-                                     "asked for no audio")
+        self._stream = _start_stream(
+            make_stream,
+            self._running,
+            DEVICE_START_ALLOWANCE_S + p.watchdog_s,
+            f"playback.speaker: output device {p.device or 'default'!r}",
+            "asked for no audio",
+        )
 
     def _on_block(self, outdata, n_samples, time_info, status) -> None:
         now_ns = time.monotonic_ns()
@@ -612,8 +651,7 @@ class SpeakerPlayback(Stage):
         while self._pending_starts and self._pending_starts[0][1] < position + took:
             index, start = self._pending_starts.popleft()
             if start >= position:
-                self._handoffs.append(
-                    (index, now_ns + (offset + start - position) * NS_PER_S // SAMPLE_RATE))
+                self._handoffs.append((index, now_ns + (offset + start - position) * NS_PER_S // SAMPLE_RATE))
         if self._callbacks == 16:
             self._running.set()
 
@@ -622,8 +660,10 @@ class SpeakerPlayback(Stage):
             raise AudioError("playback.speaker: write() before open()")
         silent_s = (time.monotonic_ns() - self._last_callback_ns) / NS_PER_S
         if silent_s > self.params.watchdog_s:
-            raise AudioError(f"playback.speaker: output device {self.params.device or 'default'!r} "
-                             f"asked for no audio for {silent_s:.1f} s")
+            raise AudioError(
+                f"playback.speaker: output device {self.params.device or 'default'!r} "
+                f"asked for no audio for {silent_s:.1f} s"
+            )
         start = self._buffer.samples_pushed
         self._pending_starts.append((self.state.frames_written, start))
         ahead = self._buffer.push(frame)
@@ -653,7 +693,7 @@ WAV_FORMATS = ("WAV", "WAVEX", "RF64")  # soundfile's names for what a .wav may 
 @dataclass
 class FilePlaybackParams:
     path: str = "rtpipe-out.wav"
-    subtype: Literal["FLOAT", "PCM_16", "PCM_24"] = "FLOAT"   # FLOAT keeps the samples bit-exact
+    subtype: Literal["FLOAT", "PCM_16", "PCM_24"] = "FLOAT"  # FLOAT keeps the samples bit-exact
 
     def validate(self, where: str) -> None:
         import soundfile
@@ -665,8 +705,7 @@ class FilePlaybackParams:
             raise ConfigError(f"{where}.path = '{self.path}': is a directory")
         other_format = path.suffix[1:].upper()
         if other_format in soundfile.available_formats() and other_format not in WAV_FORMATS:
-            raise ConfigError(f"{where}.path = '{self.path}': this stage writes WAV, not {other_format}: "
-                              "name it .wav")
+            raise ConfigError(f"{where}.path = '{self.path}': this stage writes WAV, not {other_format}: name it .wav")
         parent = path.resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"{where}.path = '{self.path}': directory {parent} does not exist")
@@ -702,6 +741,7 @@ class FilePlayback(Stage):
 
     def open(self, device: str = "cpu") -> None:
         import soundfile
+
         path = Path(self.params.path).expanduser()
         if self.restarted and path.is_file() and path.stat().st_size > 0:
             try:
@@ -715,8 +755,9 @@ class FilePlayback(Stage):
             self._file.seek(self.state.frames_written * FRAME_SAMPLES)  # a torn last frame is overwritten
             return
         try:
-            self._file = soundfile.SoundFile(str(path), "w", samplerate=SAMPLE_RATE, channels=1,
-                                             subtype=self.params.subtype, format="WAV")
+            self._file = soundfile.SoundFile(
+                str(path), "w", samplerate=SAMPLE_RATE, channels=1, subtype=self.params.subtype, format="WAV"
+            )
         except Exception as e:
             raise AudioError(f"playback.file: cannot write {self.params.path}: {_one_line(e)}") from e
 

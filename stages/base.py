@@ -91,7 +91,7 @@ class Stage:
         self.resume_frame = 0
 
     @classmethod
-    def from_config(cls, raw: dict, where: str = "params") -> "Stage":
+    def from_config(cls, raw: dict, where: str = "params") -> Stage:
         """Builds the stage from a config table; raises ConfigError naming `where.<field>` when wrong."""
         return cls(parse_params(cls.Params, raw, where))
 
@@ -147,6 +147,7 @@ class Stage:
 
 # --- parameter validation: a dataclass of simple types, one clear error per bad field ---
 
+
 def parse_params(params_cls: type, raw: dict, where: str) -> Any:
     """Turns a config table into an instance of the dataclass `params_cls`.
 
@@ -157,8 +158,7 @@ def parse_params(params_cls: type, raw: dict, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields)) or 'none'})")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields)) or 'none'})")
     hints = typing.get_type_hints(params_cls)
     values = {}
     for name, field in fields.items():

@@ -123,7 +123,8 @@ def check_memory_fits(need_bytes: int, what: str, where: str) -> None:
     if need_bytes * MEMORY_MARGIN > available:
         raise ConfigError(
             f"{where}: {what} needs {_gib(need_bytes)} of memory (and {MEMORY_MARGIN - 1:.0%} to spare); "
-            f"this machine has {_gib(available)} available")
+            f"this machine has {_gib(available)} available"
+        )
 
 
 def checkpoint_load_bytes(weights: str | None) -> int:
@@ -143,14 +144,13 @@ def resolve_weights_path(weights: str) -> Path:
 
     Raises CheckpointError when the file cannot be read or the download cannot happen."""
     if weights.startswith(HF_PREFIX):
-        parts = weights[len(HF_PREFIX):].split("/")
+        parts = weights[len(HF_PREFIX) :].split("/")
         if len(parts) < 3 or not all(parts):
             raise CheckpointError(f"{weights}: expected hf://owner/repo/file")
         try:
             from huggingface_hub import hf_hub_download
         except ImportError as e:
-            raise CheckpointError(
-                f"{weights}: hf:// paths need huggingface_hub (pip install 'rtpipe[hf]')") from e
+            raise CheckpointError(f"{weights}: hf:// paths need huggingface_hub (pip install 'rtpipe[hf]')") from e
         try:
             return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
         except Exception as e:  # network, auth, missing file: one line either way
@@ -169,6 +169,7 @@ def read_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
     _check_safetensors_header(path)
     try:
         from safetensors.torch import load_file
+
         return load_file(str(path), device="cpu")
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
@@ -218,29 +219,30 @@ def check_tensors(
         allowed_dtypes = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise CheckpointError(
-            f"{source}: missing key {_name_keys(missing)}; is this a {model_name} checkpoint?")
+        raise CheckpointError(f"{source}: missing key {_name_keys(missing)}; is this a {model_name} checkpoint?")
     unexpected = sorted(k for k in tensors if k not in expected)
     if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected key {_name_keys(unexpected)}; is this a {model_name} checkpoint?")
+        raise CheckpointError(f"{source}: unexpected key {_name_keys(unexpected)}; is this a {model_name} checkpoint?")
     bad_shapes = [k for k, (shape, _) in expected.items() if tuple(tensors[k].shape) != tuple(shape)]
     if bad_shapes:
         k = bad_shapes[0]
         more = f" (and {len(bad_shapes) - 1} more keys)" if len(bad_shapes) > 1 else ""
         raise CheckpointError(
             f"{source}: key {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k][0])}"
-            f"{more}; is this a {model_name} checkpoint of the same size?")
+            f"{more}; is this a {model_name} checkpoint of the same size?"
+        )
     bad_dtypes = [
-        k for k, (_, dtype) in expected.items()
-        if tensors[k].dtype != dtype
-        and not (dtype in allowed_dtypes and tensors[k].dtype in allowed_dtypes)]
+        k
+        for k, (_, dtype) in expected.items()
+        if tensors[k].dtype != dtype and not (dtype in allowed_dtypes and tensors[k].dtype in allowed_dtypes)
+    ]
     if bad_dtypes:
         k = bad_dtypes[0]
         names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
         raise CheckpointError(
             f"{source}: key {_name_keys(bad_dtypes)} has dtype {str(tensors[k].dtype).replace('torch.', '')}, "
-            f"expected one of {names}")
+            f"expected one of {names}"
+        )
     check_finite(tensors, source)
 
 
@@ -251,8 +253,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
 
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{source}: key {key} holds NaN or infinite values; "
-                                  "the checkpoint is damaged")
+            raise CheckpointError(f"{source}: key {key} holds NaN or infinite values; the checkpoint is damaged")
 
 
 def load_checkpoint(

@@ -19,10 +19,10 @@ import numpy as np
 class JitterCounters:
     """Cumulative counts since the buffer was made: what the report's "playback" section shows."""
 
-    underruns: int = 0          # times playback ran dry and played silence
-    overflows: int = 0          # times too much was queued and the oldest audio was dropped
-    samples_dropped: int = 0    # samples trimmed by overflows
-    samples_silence: int = 0    # silent samples played while running dry after playback had started
+    underruns: int = 0  # times playback ran dry and played silence
+    overflows: int = 0  # times too much was queued and the oldest audio was dropped
+    samples_dropped: int = 0  # samples trimmed by overflows
+    samples_silence: int = 0  # silent samples played while running dry after playback had started
 
 
 class JitterBuffer:
@@ -33,18 +33,19 @@ class JitterBuffer:
     def __init__(self, target_samples: int, max_samples: int, dtype: str = "float32"):
         if target_samples < 1 or max_samples < target_samples:
             raise ValueError(
-                f"jitter buffer: need 1 <= target_samples ({target_samples}) <= max_samples ({max_samples})")
+                f"jitter buffer: need 1 <= target_samples ({target_samples}) <= max_samples ({max_samples})"
+            )
         self.target_samples = target_samples
         self.max_samples = max_samples
         # Room for the largest allowed fill plus one incoming burst, before a trim brings it back.
         self._capacity = 2 * max_samples + 1
         self._data = np.zeros(self._capacity, dtype=dtype)
-        self._start = 0           # index of the oldest queued sample in _data
-        self._fill = 0            # samples queued now
-        self._playing = False     # False while silent (at start, after an underrun)
-        self._preroll = 0         # silent samples still to play before the queued audio
-        self._draining = False    # end of stream: play out what is left, below the target too
-        self.samples_pushed = 0   # stream positions: every sample ever pushed / pulled or trimmed
+        self._start = 0  # index of the oldest queued sample in _data
+        self._fill = 0  # samples queued now
+        self._playing = False  # False while silent (at start, after an underrun)
+        self._preroll = 0  # silent samples still to play before the queued audio
+        self._draining = False  # end of stream: play out what is left, below the target too
+        self.samples_pushed = 0  # stream positions: every sample ever pushed / pulled or trimmed
         self.samples_consumed = 0
         self.last_pull_position = 0
         self.last_pull_offset = 0
@@ -71,8 +72,8 @@ class JitterBuffer:
             self._draining = False
             end = (self._start + self._fill) % self._capacity
             first = min(n, self._capacity - end)
-            self._data[end:end + first] = samples[:first]
-            self._data[:n - first] = samples[first:]
+            self._data[end : end + first] = samples[:first]
+            self._data[: n - first] = samples[first:]
             fill_before = self._fill
             self._fill += n
             self.samples_pushed += n
@@ -111,9 +112,9 @@ class JitterBuffer:
             want = n - silent
             take = min(want, self._fill)
             first = min(take, self._capacity - self._start)
-            out[silent:silent + first] = self._data[self._start:self._start + first]
-            out[silent + first:silent + take] = self._data[:take - first]
-            out[silent + take:] = 0
+            out[silent : silent + first] = self._data[self._start : self._start + first]
+            out[silent + first : silent + take] = self._data[: take - first]
+            out[silent + take :] = 0
             self._start = (self._start + take) % self._capacity
             self._fill -= take
             self.samples_consumed += take

@@ -48,8 +48,8 @@ def find_stage(kind: str, where: str = "kind") -> type[Stage]:
     if ":" in kind:
         return _load(kind, kind, where)
     raise ConfigError(
-        f"{where} = {kind!r}: unknown stage (known: {', '.join(known_kinds())}; "
-        "or give package.module:Class)")
+        f"{where} = {kind!r}: unknown stage (known: {', '.join(known_kinds())}; or give package.module:Class)"
+    )
 
 
 def _load(path: str, kind: str, where: str) -> type[Stage]:

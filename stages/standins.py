@@ -39,7 +39,7 @@ class PcmCodec(Stage):
 
 @dataclass
 class EchoParams:
-    delay_frames: int = 0   # output frame k is input frame k - delay_frames; zeros before that
+    delay_frames: int = 0  # output frame k is input frame k - delay_frames; zeros before that
 
     def validate(self, where: str) -> None:
         if self.delay_frames < 0:
@@ -48,7 +48,7 @@ class EchoParams:
 
 @dataclass
 class EchoState:
-    held: collections.deque = field(default_factory=collections.deque)   # copies of the last inputs
+    held: collections.deque = field(default_factory=collections.deque)  # copies of the last inputs
 
 
 class Echo(Stage):

@@ -9,8 +9,14 @@ import time
 
 import numpy as np
 
-from rtpipe.stages.audio_io import (FileCapture, FileParams, MicrophoneCapture, MicrophoneParams, SpeakerParams,
-                             SpeakerPlayback)
+from rtpipe.stages.audio_io import (
+    FileCapture,
+    FileParams,
+    MicrophoneCapture,
+    MicrophoneParams,
+    SpeakerParams,
+    SpeakerPlayback,
+)
 from rtpipe.stages.base import EndOfStream
 
 
@@ -23,22 +29,23 @@ def find_lag(recording: np.ndarray, played: np.ndarray) -> tuple[int, float]:
         return 0, 0.0
     n = 1 << int(np.ceil(np.log2(len(recording) + len(played))))
     corr = np.fft.irfft(np.fft.rfft(recording, n) * np.conj(np.fft.rfft(played, n)), n)
-    corr = corr[:len(recording) - len(played) + 1]
+    corr = corr[: len(recording) - len(played) + 1]
     # normalise by each window's energy, so a loud stretch of the recording does not win by loudness
-    energy = np.concatenate([[0.0], np.cumsum(recording ** 2)])
-    window = energy[len(played):] - energy[:-len(played)]
-    score = corr / np.sqrt(np.maximum(window, 1e-20) * np.sum(played ** 2))
+    energy = np.concatenate([[0.0], np.cumsum(recording**2)])
+    window = energy[len(played) :] - energy[: -len(played)]
+    score = corr / np.sqrt(np.maximum(window, 1e-20) * np.sum(played**2))
     lag = int(np.argmax(score))
     return lag, float(score[lag])
 
 
-def chunk_lags(recording: np.ndarray, played: np.ndarray, chunk_samples: int,
-               min_rms: float = 0.02) -> list[tuple[int, int, float]]:
+def chunk_lags(
+    recording: np.ndarray, played: np.ndarray, chunk_samples: int, min_rms: float = 0.02
+) -> list[tuple[int, int, float]]:
     """(start of the chunk in `played`, where it starts in `recording`, correlation) for each chunk of
     `played` loud enough to find; robust to the one-off shift an underrun causes."""
     out = []
     for start in range(0, len(played) - chunk_samples + 1, chunk_samples):
-        chunk = played[start:start + chunk_samples]
+        chunk = played[start : start + chunk_samples]
         if np.sqrt(np.mean(np.asarray(chunk, dtype=np.float64) ** 2)) < min_rms:
             continue
         lag, score = find_lag(recording, chunk)
@@ -62,9 +69,14 @@ def record_microphone(path: str, ready, stop, max_seconds: float, env: dict | No
         capture_ns.append(frame.capture_ns)
         ready.set()
     counters = mic.counters()
-    np.savez(path, samples=np.concatenate(frames), capture_ns=np.array(capture_ns, dtype=np.int64),
-             input_latency_ns=mic.device_latency_ns, frames_dropped=counters["frames_dropped"],
-             input_overflows=counters["input_overflows"])
+    np.savez(
+        path,
+        samples=np.concatenate(frames),
+        capture_ns=np.array(capture_ns, dtype=np.int64),
+        input_latency_ns=mic.device_latency_ns,
+        frames_dropped=counters["frames_dropped"],
+        input_overflows=counters["input_overflows"],
+    )
     mic.close()
 
 
@@ -90,10 +102,16 @@ def play_speech(path: str, seconds: float, env: dict | None = None) -> None:
     speaker.close()
     handoffs = np.array(speaker.pop_handoffs(), dtype=np.int64).reshape(-1, 2)
     counters = speaker.counters()
-    np.savez(path, write_ns=np.array(write_ns), output_latency_ns=np.array(latency_ns),
-             handoff_frame=handoffs[:, 0], handoff_ns=handoffs[:, 1],
-             device_latency_ns=speaker.device_latency_ns, underruns=counters["underruns"],
-             overflows=counters["overflows"])
+    np.savez(
+        path,
+        write_ns=np.array(write_ns),
+        output_latency_ns=np.array(latency_ns),
+        handoff_frame=handoffs[:, 0],
+        handoff_ns=handoffs[:, 1],
+        device_latency_ns=speaker.device_latency_ns,
+        underruns=counters["underruns"],
+        overflows=counters["overflows"],
+    )
 
 
 def speech(seconds: float) -> np.ndarray:

@@ -51,7 +51,11 @@ class PulseSession:
         """Loads another 24 kHz float32 mono null sink; unloaded at the end of the session."""
         module = subprocess.run(
             ["pactl", "load-module", "module-null-sink", f"sink_name={name}", *NULL_SINK_FORMAT.split()],
-            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         self._modules.append(module)
         return name
 
@@ -79,10 +83,21 @@ class PulseDaemon:
         (self.runtime_dir / "pid").unlink(missing_ok=True)
         os.environ["PULSE_RUNTIME_PATH"] = str(self.runtime_dir)
         subprocess.run(
-            ["pulseaudio", "-D", "--exit-idle-time=-1", "-n", "--realtime=no", "--high-priority=no",
-             f"--log-target=file:{self.log_path}", "--log-level=notice",
-             f"--load=module-null-sink sink_name=null {NULL_SINK_FORMAT}", "--load=module-native-protocol-unix"],
-            capture_output=True, timeout=30)
+            [
+                "pulseaudio",
+                "-D",
+                "--exit-idle-time=-1",
+                "-n",
+                "--realtime=no",
+                "--high-priority=no",
+                f"--log-target=file:{self.log_path}",
+                "--log-level=notice",
+                f"--load=module-null-sink sink_name=null {NULL_SINK_FORMAT}",
+                "--load=module-native-protocol-unix",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         deadline = time.monotonic() + 20
         while not _pulse_running():  # clients never autostart it as root: poll
             if time.monotonic() > deadline:
@@ -137,7 +152,7 @@ def pulse_null_sink(_pulse_session):
     if not _pulse_running():
         if daemon is None:
             pytest.fail("the PulseAudio that was running when the tests started has gone away")
-        warnings.warn(f"PulseAudio died during the tests; restarting it. Its log:\n{daemon.log_tail()}")
+        warnings.warn(f"PulseAudio died during the tests; restarting it. Its log:\n{daemon.log_tail()}", stacklevel=2)
         daemon.start()
         _refresh_portaudio()
     return session

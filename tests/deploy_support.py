@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 

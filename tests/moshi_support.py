@@ -17,18 +17,28 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # the reference compiles its RMSNorm otherwise (slow)
 
-from rtpipe.stages.moshi.config import LmConfig  # noqa: E402
-from rtpipe.stages.moshi.lm import LmModel  # noqa: E402
+from rtpipe.stages.moshi.config import LmConfig
+from rtpipe.stages.moshi.lm import LmModel
 
 # Small enough for CI, same structure as the 7B: 16 streams, 8 the model's, Kyutai's delays,
 # weights per depformer step; a context of 20 so a few hundred steps wrap the KV window many times.
-REDUCED = LmConfig(dim=64, num_layers=2, num_heads=4, depformer_dim=32, depformer_num_layers=2,
-                   depformer_num_heads=2, depformer_dim_feedforward=132, card=64, text_card=100,
-                   context=20)
+REDUCED = LmConfig(
+    dim=64,
+    num_layers=2,
+    num_heads=4,
+    depformer_dim=32,
+    depformer_num_layers=2,
+    depformer_num_heads=2,
+    depformer_dim_feedforward=132,
+    card=64,
+    text_card=100,
+    context=20,
+)
 
 
-def write_checkpoint(path: Path, config: LmConfig = REDUCED, seed: int = 1,
-                     kyutai_attention_names: bool = False) -> dict[str, torch.Tensor]:
+def write_checkpoint(
+    path: Path, config: LmConfig = REDUCED, seed: int = 1, kyutai_attention_names: bool = False
+) -> dict[str, torch.Tensor]:
     """Seeded random weights for `config` saved at `path`; with `kyutai_attention_names`, attention
     weights are stacked under the released files' names (`self_attn.in_proj_weight`)."""
     model = LmModel(config)

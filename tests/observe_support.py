@@ -9,21 +9,41 @@ import numpy as np
 try:
     from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
 except ImportError:  # the contract's dtype, verbatim
-    FRAME_RECORD_DTYPE = np.dtype([("seq", "<u8"), ("capture_ns", "<i8"), ("enter_ns", "<i8", (8,)),
-                                   ("exit_ns", "<i8", (8,)), ("flags", "<u4"), ("handoff_ns", "<i8")])
+    FRAME_RECORD_DTYPE = np.dtype(
+        [
+            ("seq", "<u8"),
+            ("capture_ns", "<i8"),
+            ("enter_ns", "<i8", (8,)),
+            ("exit_ns", "<i8", (8,)),
+            ("flags", "<u4"),
+            ("handoff_ns", "<i8"),
+        ]
+    )
 
 FRAME_NS = 80_000_000
 STAGES = ["mic", "encode", "lm", "decode", "speaker"]
-KINDS = {"mic": "capture.tone", "encode": "mimi.encode", "lm": "moshi.step", "decode": "mimi.decode",
-         "speaker": "playback.null"}
+KINDS = {
+    "mic": "capture.tone",
+    "encode": "mimi.encode",
+    "lm": "moshi.step",
+    "decode": "mimi.decode",
+    "speaker": "playback.null",
+}
 EDGES = ["mic->encode", "encode->lm", "lm->decode", "decode->speaker"]
 COMPUTE_MEAN_MS = {"mic": 0.3, "encode": 20.0, "lm": 60.0, "decode": 15.0, "speaker": 0.5}
 
 
 def run_info(t0_ns: int = 10_000_000_000, pids: dict | None = None) -> dict:
-    return {"run_id": "synthetic1", "stages": list(STAGES), "kinds": dict(KINDS), "edges": list(EDGES),
-            "pids": pids if pids is not None else {name: 40_000 + i for i, name in enumerate(STAGES)},
-            "frame_ms": 80.0, "t0_ns": t0_ns, "slots": {edge: 8 for edge in EDGES}}
+    return {
+        "run_id": "synthetic1",
+        "stages": list(STAGES),
+        "kinds": dict(KINDS),
+        "edges": list(EDGES),
+        "pids": pids if pids is not None else {name: 40_000 + i for i, name in enumerate(STAGES)},
+        "frame_ms": 80.0,
+        "t0_ns": t0_ns,
+        "slots": {edge: 8 for edge in EDGES},
+    }
 
 
 def records(n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_seqs=()) -> np.ndarray:
@@ -55,17 +75,26 @@ def records(n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_s
 def _summary(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     p50, p95, p99 = np.percentile(v, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "max": round(float(v.max()), 3), "mean": round(float(v.mean()), 3)}
+    return {
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(v.max()), 3),
+        "mean": round(float(v.mean()), 3),
+    }
 
 
 def counters(step: int = 1) -> dict:
     """Cumulative counters that grow with `step` (ticks), as the supervisor would count them."""
     return {
         "restarts": {"lm": 1 if step >= 2 else 0},
-        "edges": {"mic->encode": {"dropped_oldest": 2 * step, "dropped_newest": 0, "blocked": 0},
-                  "encode->lm": {"dropped_oldest": 0, "dropped_newest": step, "blocked": 3 * step}},
-        "underruns": step, "overflows": 1 if step >= 3 else 0, "frames_lost": 2 * step + step,
+        "edges": {
+            "mic->encode": {"dropped_oldest": 2 * step, "dropped_newest": 0, "blocked": 0},
+            "encode->lm": {"dropped_oldest": 0, "dropped_newest": step, "blocked": 3 * step},
+        },
+        "underruns": step,
+        "overflows": 1 if step >= 3 else 0,
+        "frames_lost": 2 * step + step,
     }
 
 
@@ -81,29 +110,46 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
     stages = {}
     for name in STAGES:
         compute = stage_ms[name]
-        stages[name] = {"compute_ms": _summary(compute), "rtf": round(float(compute.mean()) / frame_ms, 4),
-                        "deadline_misses": int(np.count_nonzero(compute > frame_ms)),
-                        "restarts": int(count["restarts"].get(name, 0))}
+        stages[name] = {
+            "compute_ms": _summary(compute),
+            "rtf": round(float(compute.mean()) / frame_ms, 4),
+            "deadline_misses": int(np.count_nonzero(compute > frame_ms)),
+            "restarts": int(count["restarts"].get(name, 0)),
+        }
     edges = {}
     for i, edge in enumerate(EDGES):
         c = count["edges"].get(edge, {})
-        edges[edge] = {"wait_ms": _summary(wait_ms[edge]), "dropped_oldest": c.get("dropped_oldest", 0),
-                       "dropped_newest": c.get("dropped_newest", 0), "blocked": c.get("blocked", 0)}
+        edges[edge] = {
+            "wait_ms": _summary(wait_ms[edge]),
+            "dropped_oldest": c.get("dropped_oldest", 0),
+            "dropped_newest": c.get("dropped_newest", 0),
+            "blocked": c.get("blocked", 0),
+        }
         if fill:
             edges[edge]["fill"] = (i + step) % 9
-    out = {"frames": int(recs.size), "seconds": round(recs.size * frame_ms / 1000, 3), "frame_ms": frame_ms,
-           "end_to_end_ms": _summary(e2e_ms), "stages": stages, "edges": edges,
-           "playback": {"underruns": count["underruns"], "overflows": count["overflows"]},
-           "frames_lost": count["frames_lost"]}
+    out = {
+        "frames": int(recs.size),
+        "seconds": round(recs.size * frame_ms / 1000, 3),
+        "frame_ms": frame_ms,
+        "end_to_end_ms": _summary(e2e_ms),
+        "stages": stages,
+        "edges": edges,
+        "playback": {"underruns": count["underruns"], "overflows": count["overflows"]},
+        "frames_lost": count["frames_lost"],
+    }
     if fill:
         out["text"] = list(text)
         return out
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731
-    out["samples"] = {"seq": [int(s) for s in recs["seq"]], "t_s": r3((recs["capture_ns"] - t0_ns) / 1e9),
-                      "end_to_end_ms": r3(e2e_ms), "capture_ms": r3((leave[:, 0] - recs["capture_ns"]) / 1e6),
-                      "stage_ms": {k: r3(v) for k, v in stage_ms.items()},
-                      "wait_ms": {k: r3(v) for k, v in wait_ms.items()},
-                      "playback_ms": r3((recs["handoff_ns"] - enter[:, len(STAGES) - 1]) / 1e6)}
+    out["samples"] = {
+        "seq": [int(s) for s in recs["seq"]],
+        "t_s": r3((recs["capture_ns"] - t0_ns) / 1e9),
+        "end_to_end_ms": r3(e2e_ms),
+        "capture_ms": r3((leave[:, 0] - recs["capture_ns"]) / 1e6),
+        "stage_ms": {k: r3(v) for k, v in stage_ms.items()},
+        "wait_ms": {k: r3(v) for k, v in wait_ms.items()},
+        "playback_ms": r3((recs["handoff_ns"] - enter[:, len(STAGES) - 1]) / 1e6),
+    }
     out["text"] = list(text)
     out["delay_frames"] = 0
     out["config"] = {}
@@ -160,8 +206,13 @@ def check_trace(events) -> dict:
         for end in (start, finish):
             spans = slices.get((end["pid"], end["tid"]), [])
             assert any(a <= end["ts"] <= b for a, b in spans), f"flow {key} is bound to no slice"
-    return {"slices": sum(len(v) for v in slices.values()), "flows": len(flows), "counters": counters,
-            "tracks": len(slices), "processes": len(named_pids)}
+    return {
+        "slices": sum(len(v) for v in slices.values()),
+        "flows": len(flows),
+        "counters": counters,
+        "tracks": len(slices),
+        "processes": len(named_pids),
+    }
 
 
 def parse_metrics(text: str) -> dict:

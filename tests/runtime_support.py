@@ -4,6 +4,7 @@ configs for real multi-process runs, and waiting on processes without sleeping b
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import threading
@@ -56,17 +57,25 @@ def noise_wav(path: Path, seconds: float, seed: int = 1) -> np.ndarray:
 
 def delayed(samples: np.ndarray, delay_frames: int, length: int, frame: int = 1920) -> np.ndarray:
     """`samples` after delay_frames frames of silence, cut or zero-padded to `length`."""
-    return np.concatenate([np.zeros(delay_frames * frame, np.float32), samples,
-                           np.zeros(length, np.float32)])[:length]
+    return np.concatenate([np.zeros(delay_frames * frame, np.float32), samples, np.zeros(length, np.float32)])[:length]
 
 
-def chain_config(source: dict, middle: list[dict], sink: dict, *, policy: str = "block", slots: int = 8,
-                 supervisor: dict | None = None) -> dict:
+def chain_config(
+    source: dict,
+    middle: list[dict],
+    sink: dict,
+    *,
+    policy: str = "block",
+    slots: int = 8,
+    supervisor: dict | None = None,
+) -> dict:
     """A raw config: capture -> encode -> lm -> decode -> playback (names fixed, kinds given)."""
     names = ["capture", *["encode", "lm", "decode"][: len(middle)], "playback"]
     tables = [source, *middle, sink]
-    raw = {"stages": {n: t for n, t in zip(names, tables)},
-           "edges": {f"{a}->{b}": {"slots": slots, "policy": policy} for a, b in zip(names, names[1:])}}
+    raw = {
+        "stages": {n: t for n, t in zip(names, tables)},
+        "edges": {f"{a}->{b}": {"slots": slots, "policy": policy} for a, b in itertools.pairwise(names)},
+    }
     if supervisor:
         raw["supervisor"] = supervisor
     return raw
@@ -110,7 +119,7 @@ def run_segments(run_id: str) -> list[str]:
 
 @dataclass
 class HangOnceParams:
-    marker: str                 # a file: absent -> this is the first run, which hangs
+    marker: str  # a file: absent -> this is the first run, which hangs
     after_frames: int = 5
 
 
@@ -175,7 +184,7 @@ class WhereAmI(Stage):
 
 @dataclass
 class SlowOpenParams:
-    marker: str                 # a file: written with the pid when open() begins
+    marker: str  # a file: written with the pid when open() begins
     seconds: float = 2.0
 
 

@@ -214,7 +214,12 @@ def produce_into(name: str, seqs: list[int], done) -> None:
     ring = Ring.attach(name)
     producer = ring.producer()
     for seq in seqs:
-        producer.put(np.full(ring.spec.shape, seq, ring.spec.dtype), seq=seq, capture_ns=time.monotonic_ns(), timeout_s=REPLY_TIMEOUT_S)
+        producer.put(
+            np.full(ring.spec.shape, seq, ring.spec.dtype),
+            seq=seq,
+            capture_ns=time.monotonic_ns(),
+            timeout_s=REPLY_TIMEOUT_S,
+        )
     done.set()
     ring.close()
 
@@ -228,7 +233,9 @@ def put_one_blocking(name: str, seq: int, out) -> None:
     """Producer that puts one frame into a full block ring, waiting far longer than any test runs."""
     ring = Ring.attach(name)
     started = time.monotonic()
-    ok = ring.producer().put(np.full(ring.spec.shape, seq, ring.spec.dtype), seq=seq, capture_ns=0, timeout_s=10 * REPLY_TIMEOUT_S)
+    ok = ring.producer().put(
+        np.full(ring.spec.shape, seq, ring.spec.dtype), seq=seq, capture_ns=0, timeout_s=10 * REPLY_TIMEOUT_S
+    )
     out.put((ok, time.monotonic() - started))
     ring.close()
 

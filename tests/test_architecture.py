@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 # folder in the repository -> the package it installs as (pyproject.toml's package-dir)
 PACKAGE_DIRS = {"shm": "rtpipe.shm", "stages": "rtpipe.stages", "pipeline": "rtpipe.pipeline", "bench": "rtpipe.bench"}
 # lowest first: a module may import its own layer and the ones before it, never one after
-LAYERS = ["rtpipe.shm", "rtpipe.stages", "rtpipe.pipeline.observe", "rtpipe.pipeline.runtime", "rtpipe.pipeline.cli",
-          "rtpipe.bench"]
+LAYERS = [
+    "rtpipe.shm",
+    "rtpipe.stages",
+    "rtpipe.pipeline.observe",
+    "rtpipe.pipeline.runtime",
+    "rtpipe.pipeline.cli",
+    "rtpipe.bench",
+]
 
 
 def discover_modules() -> dict[str, Path]:
@@ -123,29 +129,48 @@ def test_no_module_imports_itself_back_through_others():
 
 
 def test_every_import_points_down_the_layers():
-    upward = [f"{module} -> {name}" for module, names in project_graph().items() for name in sorted(names)
-              if layer_of(name) > layer_of(module)]
+    upward = [
+        f"{module} -> {name}"
+        for module, names in project_graph().items()
+        for name in sorted(names)
+        if layer_of(name) > layer_of(module)
+    ]
     assert upward == [], "imports that point upward:\n" + "\n".join(upward)
 
 
 def test_shm_needs_only_numpy_and_the_standard_library():
     allowed = set(sys.stdlib_module_names) | {"numpy", "rtpipe"}
-    foreign = sorted({f"{module} -> {name}" for module, path in MODULES.items() if module.startswith("rtpipe.shm")
-                      for name in imported_names(path, module) if name and name.split(".")[0] not in allowed})
+    foreign = sorted(
+        {
+            f"{module} -> {name}"
+            for module, path in MODULES.items()
+            if module.startswith("rtpipe.shm")
+            for name in imported_names(path, module)
+            if name and name.split(".")[0] not in allowed
+        }
+    )
     assert foreign == []
 
 
 def test_stages_and_the_pipeline_never_import_the_benchmarks():
-    reach = [f"{module} -> {name}" for module, names in project_graph().items()
-             if not module.startswith("rtpipe.bench") for name in names if name.startswith("rtpipe.bench")]
+    reach = [
+        f"{module} -> {name}"
+        for module, names in project_graph().items()
+        if not module.startswith("rtpipe.bench")
+        for name in names
+        if name.startswith("rtpipe.bench")
+    ]
     assert reach == []
 
 
-@pytest.mark.parametrize("module, imported, layer_above", [
-    ("rtpipe.shm.ring", "rtpipe.stages.base", True),
-    ("rtpipe.pipeline.observe.report", "rtpipe.pipeline.runtime.supervisor", True),
-    ("rtpipe.pipeline.cli.run", "rtpipe.pipeline.runtime.config", False),
-])
+@pytest.mark.parametrize(
+    "module, imported, layer_above",
+    [
+        ("rtpipe.shm.ring", "rtpipe.stages.base", True),
+        ("rtpipe.pipeline.observe.report", "rtpipe.pipeline.runtime.supervisor", True),
+        ("rtpipe.pipeline.cli.run", "rtpipe.pipeline.runtime.config", False),
+    ],
+)
 def test_the_layer_check_itself_sees_an_upward_import(module, imported, layer_above):
     assert (layer_of(imported) > layer_of(module)) is layer_above
 

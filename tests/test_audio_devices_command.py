@@ -7,10 +7,28 @@ import json
 import rtpipe.pipeline.cli.devices as cmd_devices
 from rtpipe.stages.errors import AudioError
 
-ROWS = [{"index": 0, "name": "pulse", "hostapi": "ALSA", "inputs": 32, "outputs": 32,
-         "default_samplerate": 44100.0, "default_input": False, "default_output": False},
-        {"index": 1, "name": "default", "hostapi": "ALSA", "inputs": 32, "outputs": 32,
-         "default_samplerate": 44100.0, "default_input": True, "default_output": True}]
+ROWS = [
+    {
+        "index": 0,
+        "name": "pulse",
+        "hostapi": "ALSA",
+        "inputs": 32,
+        "outputs": 32,
+        "default_samplerate": 44100.0,
+        "default_input": False,
+        "default_output": False,
+    },
+    {
+        "index": 1,
+        "name": "default",
+        "hostapi": "ALSA",
+        "inputs": 32,
+        "outputs": 32,
+        "default_samplerate": 44100.0,
+        "default_input": True,
+        "default_output": True,
+    },
+]
 
 
 def test_devices_are_listed_with_the_defaults_marked(monkeypatch, capsys):

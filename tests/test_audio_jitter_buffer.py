@@ -21,15 +21,15 @@ def frames(n: int, start: int = 0) -> list[np.ndarray]:
 def pull_blocks(buffer: JitterBuffer, n_blocks: int) -> np.ndarray:
     out = np.empty(n_blocks * BLOCK, dtype=np.float32)
     for i in range(n_blocks):
-        buffer.pull(out[i * BLOCK:(i + 1) * BLOCK])
+        buffer.pull(out[i * BLOCK : (i + 1) * BLOCK])
     return out
 
 
 def test_audio_after_silence_plays_behind_a_preroll_that_makes_the_queue_the_target():
     buffer = JitterBuffer(target_samples=2 * FRAME, max_samples=4 * FRAME)
-    assert not np.any(pull_blocks(buffer, 3))   # nothing yet: silence, and not an underrun
-    assert buffer.push(frames(1)[0]) == FRAME   # one frame queued, one frame of pre-roll ahead of it
-    assert not np.any(pull_blocks(buffer, 8))   # the pre-roll
+    assert not np.any(pull_blocks(buffer, 3))  # nothing yet: silence, and not an underrun
+    assert buffer.push(frames(1)[0]) == FRAME  # one frame queued, one frame of pre-roll ahead of it
+    assert not np.any(pull_blocks(buffer, 8))  # the pre-roll
     assert buffer.playing and buffer.fill_samples == FRAME
     assert buffer.push(frames(1, start=1)[0]) == FRAME
     np.testing.assert_array_equal(pull_blocks(buffer, 16), np.concatenate(frames(2)))
@@ -39,7 +39,7 @@ def test_audio_after_silence_plays_behind_a_preroll_that_makes_the_queue_the_tar
 def test_running_dry_plays_silence_and_counts_one_underrun_per_gap():
     buffer = JitterBuffer(target_samples=FRAME, max_samples=3 * FRAME)
     buffer.push(frames(1)[0])
-    pull_blocks(buffer, 8)                     # the whole frame played, nothing left
+    pull_blocks(buffer, 8)  # the whole frame played, nothing left
     assert buffer.counters.underruns == 0
     assert not np.any(pull_blocks(buffer, 5))  # dry: silence, one underrun however long it lasts
     assert buffer.counters.underruns == 1

@@ -11,11 +11,17 @@ import time
 import numpy as np
 import pytest
 
-from audio_support import chunk_lags, play_speech, record_microphone, speech
-from rtpipe.stages.audio_io import (MicrophoneCapture, MicrophoneParams, SpeakerParams, SpeakerPlayback,
-                             audio_devices_available)
+from rtpipe.stages.audio_io import (
+    MicrophoneCapture,
+    MicrophoneParams,
+    SpeakerParams,
+    SpeakerPlayback,
+    audio_devices_available,
+)
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 from rtpipe.stages.errors import AudioError
+
+from audio_support import chunk_lags, play_speech, record_microphone, speech
 
 SPEECH_SECONDS = 6.0
 CHUNK_SAMPLES = SAMPLE_RATE // 2
@@ -63,11 +69,17 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
         recording = rec["samples"]
         chunks = chunk_lags(recording, speech_samples, CHUNK_SAMPLES)
         assert len(chunks) >= 6, "the speech sample should have several loud half-second chunks"
-        found = [(start, lag) for start, lag, score in chunks if score > 0.999
-                 and np.array_equal(recording[lag:lag + CHUNK_SAMPLES], speech_samples[start:start + CHUNK_SAMPLES])]
-        attempts.append(f"take {attempt}: {len(found)}/{len(chunks)} half-second chunks bit-exact, "
-                        f"speaker underruns {int(play['underruns'])} overflows {int(play['overflows'])}, "
-                        f"microphone frames dropped {int(rec['frames_dropped'])}")
+        found = [
+            (start, lag)
+            for start, lag, score in chunks
+            if score > 0.999
+            and np.array_equal(recording[lag : lag + CHUNK_SAMPLES], speech_samples[start : start + CHUNK_SAMPLES])
+        ]
+        attempts.append(
+            f"take {attempt}: {len(found)}/{len(chunks)} half-second chunks bit-exact, "
+            f"speaker underruns {int(play['underruns'])} overflows {int(play['overflows'])}, "
+            f"microphone frames dropped {int(rec['frames_dropped'])}"
+        )
         if len(found) >= 0.75 * len(chunks):
             break
     else:
@@ -99,16 +111,17 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
     # capture_ns is corrected by the latency PortAudio reports; a sample still cannot be captured
     # before the speaker stage was given it
     assert min(write_ms) > 0, f"captured before it was written: {min(write_ms):.1f} ms"
-    print(f"\nlive audio ({attempts[-1]}): device path (handed to device -> captured) "
-          f"P50 {np.median(device_ms):.1f} ms, P99 {np.percentile(device_ms, 99):.1f} ms, "
-          f"max {np.max(device_ms):.1f} ms over {len(device_ms)} frames; write() -> captured "
-          f"P50 {np.median(write_ms):.1f} ms; speaker output_latency_ns P50 "
-          f"{np.median(play['output_latency_ns']) / 1e6:.1f} ms; PortAudio latency out "
-          f"{int(play['device_latency_ns']) / 1e6:.1f} ms, in {int(rec['input_latency_ns']) / 1e6:.1f} ms")
+    print(
+        f"\nlive audio ({attempts[-1]}): device path (handed to device -> captured) "
+        f"P50 {np.median(device_ms):.1f} ms, P99 {np.percentile(device_ms, 99):.1f} ms, "
+        f"max {np.max(device_ms):.1f} ms over {len(device_ms)} frames; write() -> captured "
+        f"P50 {np.median(write_ms):.1f} ms; speaker output_latency_ns P50 "
+        f"{np.median(play['output_latency_ns']) / 1e6:.1f} ms; PortAudio latency out "
+        f"{int(play['device_latency_ns']) / 1e6:.1f} ms, in {int(rec['input_latency_ns']) / 1e6:.1f} ms"
+    )
 
 
-def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_when_they_pile_up(
-        pulse_null_sink):
+def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_when_they_pile_up(pulse_null_sink):
     speaker = SpeakerPlayback(SpeakerParams(target_latency_ms=120.0, max_latency_ms=400.0))
     speaker.open()
     try:
@@ -128,9 +141,13 @@ def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_wh
         speaker.close()
 
 
-@pytest.mark.parametrize("stage", [
-    MicrophoneCapture(MicrophoneParams(device="no-such-device-xyz")),
-    SpeakerPlayback(SpeakerParams(device="no-such-device-xyz"))])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        MicrophoneCapture(MicrophoneParams(device="no-such-device-xyz")),
+        SpeakerPlayback(SpeakerParams(device="no-such-device-xyz")),
+    ],
+)
 def test_a_device_that_cannot_be_opened_is_named_and_nothing_stays_open(pulse_null_sink, stage):
     direction = "input" if isinstance(stage, MicrophoneCapture) else "output"
     with pytest.raises(AudioError, match=f"{direction} device 'no-such-device-xyz': cannot open"):

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audio_support import chunk_lags, play_speech, record_microphone, speech
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+
+from audio_support import chunk_lags, play_speech, record_microphone, speech
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_SECONDS = 5.0
@@ -36,8 +37,13 @@ class PipelineRun:
         self.lines: list[str] = []
         self.running = threading.Event()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rtpipe.pipeline.cli", "run", *args], cwd=REPO, env={**os.environ, **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-m", "rtpipe.pipeline.cli", "run", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -67,14 +73,23 @@ def _one_take(session, out_sink: str, tmp_path: Path, take: int) -> dict:
     report_path = tmp_path / f"report{take}.json"
     rec_path, play_path = str(tmp_path / f"out{take}.npz"), str(tmp_path / f"in{take}.npz")
     ready, stop = ctx.Event(), ctx.Event()
-    recorder = ctx.Process(target=record_microphone,
-                           args=(rec_path, ready, stop, TIMEOUT_S, {"PULSE_SOURCE": f"{out_sink}.monitor"}))
+    recorder = ctx.Process(
+        target=record_microphone, args=(rec_path, ready, stop, TIMEOUT_S, {"PULSE_SOURCE": f"{out_sink}.monitor"})
+    )
     recorder.start()
     # the stand-ins pass audio through bit-exact, so the speech can be found sample for sample
-    stand_ins = ["--set", "stages.encode.kind=codec.pcm", "--set", "stages.lm.kind=echo",
-                 "--set", "stages.decode.kind=codec.pcm"]
-    run = PipelineRun(["--seconds", "60", "--report", str(report_path), *stand_ins],
-                      {"PULSE_SOURCE": session.source, "PULSE_SINK": out_sink})
+    stand_ins = [
+        "--set",
+        "stages.encode.kind=codec.pcm",
+        "--set",
+        "stages.lm.kind=echo",
+        "--set",
+        "stages.decode.kind=codec.pcm",
+    ]
+    run = PipelineRun(
+        ["--seconds", "60", "--report", str(report_path), *stand_ins],
+        {"PULSE_SOURCE": session.source, "PULSE_SINK": out_sink},
+    )
     try:
         assert ready.wait(TIMEOUT_S), "the recording process delivered no frame"
         if not run.running.wait(TIMEOUT_S):
@@ -90,8 +105,13 @@ def _one_take(session, out_sink: str, tmp_path: Path, take: int) -> dict:
         recorder.join(TIMEOUT_S)
     assert recorder.exitcode == 0, f"the recording process failed (exit code {recorder.exitcode})"
     assert report_path.exists(), f"rtpipe run wrote no report (exit {exit_code}):\n" + run.output()
-    return {"report": json.loads(report_path.read_text()), "out": dict(np.load(rec_path)),
-            "in": dict(np.load(play_path)), "exit_code": exit_code, "output": run.output()}
+    return {
+        "report": json.loads(report_path.read_text()),
+        "out": dict(np.load(rec_path)),
+        "in": dict(np.load(play_path)),
+        "exit_code": exit_code,
+        "output": run.output(),
+    }
 
 
 def test_speech_into_the_microphone_comes_out_of_the_pipelines_speaker(pulse_null_sink, tmp_path):
@@ -103,11 +123,17 @@ def test_speech_into_the_microphone_comes_out_of_the_pipelines_speaker(pulse_nul
         recording = result["out"]["samples"]
         chunks = chunk_lags(recording, speech_samples, CHUNK_SAMPLES)
         assert len(chunks) >= 5
-        found = [(start, lag) for start, lag, score in chunks if score > 0.999 and np.array_equal(
-            recording[lag:lag + CHUNK_SAMPLES], speech_samples[start:start + CHUNK_SAMPLES])]
+        found = [
+            (start, lag)
+            for start, lag, score in chunks
+            if score > 0.999
+            and np.array_equal(recording[lag : lag + CHUNK_SAMPLES], speech_samples[start : start + CHUNK_SAMPLES])
+        ]
         report = result["report"]
-        takes.append(f"take {take}: {len(found)}/{len(chunks)} chunks bit-exact, playback {report['playback']}, "
-                     f"frames lost {report['frames_lost']}, exit {result['exit_code']}")
+        takes.append(
+            f"take {take}: {len(found)}/{len(chunks)} chunks bit-exact, playback {report['playback']}, "
+            f"frames lost {report['frames_lost']}, exit {result['exit_code']}"
+        )
         if len(found) >= 0.75 * len(chunks):
             break
     else:
@@ -133,7 +159,9 @@ def test_speech_into_the_microphone_comes_out_of_the_pipelines_speaker(pulse_nul
         total_ms.append((captured - int(handoff_ns)) / 1e6)
     assert total_ms and min(total_ms) > 0, "came out of the pipeline before it went in"
     e2e = report["end_to_end_ms"]
-    print(f"\nlive pipeline ({takes[-1]}): into input sink -> out of output sink P50 {np.median(total_ms):.1f} ms "
-          f"(max {np.max(total_ms):.1f}); report end-to-end P50 {e2e['p50']:.1f} P99 {e2e['p99']:.1f} ms, "
-          f"device latency {report['device_latency_ms']:.1f} ms, capture stage "
-          f"{report['stages']['capture']['compute_ms']['p50']:.1f} ms")
+    print(
+        f"\nlive pipeline ({takes[-1]}): into input sink -> out of output sink P50 {np.median(total_ms):.1f} ms "
+        f"(max {np.max(total_ms):.1f}); report end-to-end P50 {e2e['p50']:.1f} P99 {e2e['p99']:.1f} ms, "
+        f"device latency {report['device_latency_ms']:.1f} ms, capture stage "
+        f"{report['stages']['capture']['compute_ms']['p50']:.1f} ms"
+    )

@@ -14,8 +14,16 @@ import pytest
 import soundfile
 
 import rtpipe.stages.audio_io as audio_io
-from rtpipe.stages.audio_io import (SPEECH_SAMPLE_PATH, FileCapture, FilePlayback, MicrophoneCapture, NullPlayback,
-                             SpeakerPlayback, ToneCapture, audio_devices_available)
+from rtpipe.stages.audio_io import (
+    SPEECH_SAMPLE_PATH,
+    FileCapture,
+    FilePlayback,
+    MicrophoneCapture,
+    NullPlayback,
+    SpeakerPlayback,
+    ToneCapture,
+    audio_devices_available,
+)
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE, EndOfStream, PayloadSpec
 from rtpipe.stages.errors import AudioError, ConfigError
 from rtpipe.stages.registry import find_stage
@@ -52,10 +60,11 @@ class FakeClock:
         return self.now_ns / 1e9
 
     def sleep(self, seconds: float) -> None:
-        self.now_ns += int(round(seconds * 1e9))
+        self.now_ns += round(seconds * 1e9)
 
 
 # --- file capture -----------------------------------------------------------------------------
+
 
 def test_a_44k1_stereo_file_comes_out_24k_mono_with_the_same_sound(tmp_path):
     seconds, rate = 1.0, 44_100
@@ -73,7 +82,7 @@ def test_a_44k1_stereo_file_comes_out_24k_mono_with_the_same_sound(tmp_path):
     assert np.argmax(spectrum) * SAMPLE_RATE / len(body) == pytest.approx(1000.0, abs=2.0)
     # channels averaged: (0.6 + 0.2) / 2
     assert np.max(np.abs(body)) == pytest.approx(0.4, abs=0.01)
-    assert not np.any(mono[SAMPLE_RATE + 50:])  # last frame zero-padded
+    assert not np.any(mono[SAMPLE_RATE + 50 :])  # last frame zero-padded
 
 
 def test_a_24k_mono_file_is_passed_through_sample_for_sample_and_the_last_frame_padded(tmp_path):
@@ -146,6 +155,7 @@ def test_a_directory_is_not_an_audio_file(tmp_path):
 
 # --- pacing ------------------------------------------------------------------------------------
 
+
 def test_paced_frames_come_on_an_80_ms_schedule_and_say_so_in_capture_ns(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(audio_io, "time", clock)
@@ -180,6 +190,7 @@ def test_unpaced_sources_never_wait(monkeypatch):
 
 # --- tone --------------------------------------------------------------------------------------
 
+
 def test_noise_is_the_same_for_the_same_seed_and_differs_for_another():
     a = read_all(opened(ToneCapture, {"signal": "noise", "seed": 3, "pace": False, "seconds": 0.4}))
     b = read_all(opened(ToneCapture, {"signal": "noise", "seed": 3, "pace": False, "seconds": 0.4}))
@@ -200,8 +211,7 @@ def test_a_reset_tone_starts_over_with_the_same_frames():
 
 
 def test_a_sine_is_continuous_across_frames():
-    frames = read_all(opened(ToneCapture, {"frequency_hz": 440.0, "amplitude": 0.25, "pace": False,
-                                           "seconds": 1.0}))
+    frames = read_all(opened(ToneCapture, {"frequency_hz": 440.0, "amplitude": 0.25, "pace": False, "seconds": 1.0}))
     out = np.concatenate([f.payload for f in frames])[:SAMPLE_RATE]
     expected = 0.25 * np.sin(2 * np.pi * 440.0 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)
     np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -212,30 +222,40 @@ def test_silence_is_silent():
     assert not np.any(frame.payload)
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({"amplitude": 1.5}, "amplitude"), ({"frequency_hz": 13000.0}, "frequency_hz"),
-    ({"signal": "square"}, "signal"), ({"seconds": 0}, "seconds"), ({"pace": "yes"}, "pace"),
-])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"amplitude": 1.5}, "amplitude"),
+        ({"frequency_hz": 13000.0}, "frequency_hz"),
+        ({"signal": "square"}, "signal"),
+        ({"seconds": 0}, "seconds"),
+        ({"pace": "yes"}, "pace"),
+    ],
+)
 def test_bad_tone_params_name_the_field(raw, field):
     with pytest.raises(ConfigError, match=rf"stages\.x\.params\.{field}"):
         ToneCapture.from_config(raw, "stages.x.params")
 
 
-@pytest.mark.parametrize("kind, raw, field", [
-    ("capture.microphone", {"block_samples": 4000}, "block_samples"),
-    ("capture.microphone", {"queue_frames": 0}, "queue_frames"),
-    ("playback.speaker", {"target_latency_ms": 100.0, "max_latency_ms": 150.0}, "max_latency_ms"),
-    ("playback.speaker", {"watchdog_s": 0}, "watchdog_s"),
-    ("playback.file", {"path": "/no/such/dir/out.wav"}, "path"),
-    ("playback.file", {"subtype": "MP3"}, "subtype"),
-    ("capture.file", {"volume": 2}, "volume"),
-])
+@pytest.mark.parametrize(
+    "kind, raw, field",
+    [
+        ("capture.microphone", {"block_samples": 4000}, "block_samples"),
+        ("capture.microphone", {"queue_frames": 0}, "queue_frames"),
+        ("playback.speaker", {"target_latency_ms": 100.0, "max_latency_ms": 150.0}, "max_latency_ms"),
+        ("playback.speaker", {"watchdog_s": 0}, "watchdog_s"),
+        ("playback.file", {"path": "/no/such/dir/out.wav"}, "path"),
+        ("playback.file", {"subtype": "MP3"}, "subtype"),
+        ("capture.file", {"volume": 2}, "volume"),
+    ],
+)
 def test_bad_device_and_file_params_name_the_field(kind, raw, field):
     with pytest.raises(ConfigError, match=rf"stages\.x\.params\.{field}"):
         find_stage(kind).from_config(raw, "stages.x.params")
 
 
 # --- edges -------------------------------------------------------------------------------------
+
 
 def test_sources_emit_audio_frames_and_audio_sinks_refuse_anything_else():
     for kind in ("capture.microphone", "capture.file", "capture.tone"):
@@ -248,6 +268,7 @@ def test_sources_emit_audio_frames_and_audio_sinks_refuse_anything_else():
 
 
 # --- file and null playback -------------------------------------------------------------------
+
 
 def test_file_playback_writes_every_frame_whole_and_bit_exact(tmp_path):
     path = tmp_path / "out.wav"
@@ -276,8 +297,9 @@ def _write_then_die(path: str, frames: list, torn_samples: int) -> None:
 def test_restarted_file_playback_goes_on_after_the_last_whole_frame(tmp_path, torn_samples):
     path = tmp_path / "out.wav"
     frames = [np.random.default_rng(k).uniform(-1, 1, FRAME_SAMPLES).astype(np.float32) for k in range(6)]
-    writer = multiprocessing.get_context("spawn").Process(target=_write_then_die,
-                                                          args=(str(path), frames[:3], torn_samples))
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_write_then_die, args=(str(path), frames[:3], torn_samples)
+    )
     writer.start()
     writer.join(60)
     sink = FilePlayback.from_config({"path": str(path)}, "stages.x.params")
@@ -287,7 +309,7 @@ def test_restarted_file_playback_goes_on_after_the_last_whole_frame(tmp_path, to
     for frame in frames[3:]:
         sink.write(frame)
     sink.close()
-    data, rate = soundfile.read(path, dtype="float32")
+    data, _rate = soundfile.read(path, dtype="float32")
     np.testing.assert_array_equal(data, np.concatenate(frames))  # the torn frame is gone, nothing else
 
 
@@ -319,6 +341,7 @@ def test_null_playback_takes_anything_and_counts_it():
 
 # --- microphone and speaker on a fake sounddevice ---------------------------------------------
 
+
 class FakeStatus:
     input_overflow = False
     output_underflow = False
@@ -338,6 +361,7 @@ class FakeInputStream:
                 block = np.arange(b * self.blocksize, (b + 1) * self.blocksize, dtype=np.float32)
                 self.callback(block.reshape(-1, 1), self.blocksize, None, FakeStatus())
             self.done.set()
+
         threading.Thread(target=feed, daemon=True).start()
 
     def abort(self):
@@ -372,8 +396,11 @@ def test_the_microphone_assembles_frames_from_small_blocks_and_drops_the_oldest_
 
 def test_a_reset_microphone_drops_frames_captured_before_it(monkeypatch):
     streams = []
-    monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(
-        InputStream=lambda **kw: streams.append(FakeInputStream(8 * 3, **kw)) or streams[-1]))
+    monkeypatch.setattr(
+        audio_io,
+        "_sounddevice",
+        fake_sounddevice(InputStream=lambda **kw: streams.append(FakeInputStream(8 * 3, **kw)) or streams[-1]),
+    )
     mic = opened(MicrophoneCapture, {"watchdog_s": 30.0})
     assert streams[0].done.wait(10)
     assert mic.read(1.0) is not None
@@ -382,8 +409,7 @@ def test_a_reset_microphone_drops_frames_captured_before_it(monkeypatch):
 
 
 def test_the_microphone_watchdog_raises_when_callbacks_stop(monkeypatch):
-    monkeypatch.setattr(audio_io, "_sounddevice",
-                        fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8, **kw)))
+    monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8, **kw)))
     mic = opened(MicrophoneCapture, {"watchdog_s": 0.2})
     assert mic.read(5.0) is not None
     with pytest.raises(AudioError, match="capture.microphone: no audio from input device 'default'"):
@@ -392,8 +418,9 @@ def test_the_microphone_watchdog_raises_when_callbacks_stop(monkeypatch):
 
 
 def test_the_microphone_stops_after_seconds(monkeypatch):
-    monkeypatch.setattr(audio_io, "_sounddevice",
-                        fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8 * 3, **kw)))
+    monkeypatch.setattr(
+        audio_io, "_sounddevice", fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8 * 3, **kw))
+    )
     mic = opened(MicrophoneCapture, {"seconds": 0.1, "watchdog_s": 30.0})
     assert mic.read(5.0) is not None and mic.read(5.0) is not None
     with pytest.raises(EndOfStream):
@@ -425,10 +452,12 @@ class FakeOutputStream:
 
 def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(monkeypatch):
     streams = []
-    monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(
-        OutputStream=lambda **kw: streams.append(FakeOutputStream(**kw)) or streams[-1]))
-    speaker = opened(SpeakerPlayback, {"target_latency_ms": 160.0, "max_latency_ms": 400.0,
-                                       "watchdog_s": 60.0})
+    monkeypatch.setattr(
+        audio_io,
+        "_sounddevice",
+        fake_sounddevice(OutputStream=lambda **kw: streams.append(FakeOutputStream(**kw)) or streams[-1]),
+    )
+    speaker = opened(SpeakerPlayback, {"target_latency_ms": 160.0, "max_latency_ms": 400.0, "watchdog_s": 60.0})
     stream = streams[0]
     assert speaker.device_latency_ns == 20_000_000
     written = [np.full(FRAME_SAMPLES, k + 1, dtype=np.float32) for k in range(3)]
@@ -443,10 +472,10 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
     handoffs = speaker.pop_handoffs()
     assert [index for index, _ in handoffs] == [0, 1]
     assert speaker.counters() == {"underruns": 0, "overflows": 0}
-    stream.pull()                      # nothing left: one underrun
+    stream.pull()  # nothing left: one underrun
     assert speaker.counters() == {"underruns": 1, "overflows": 0}
     speaker.write(written[2])
-    speaker.close()                    # drains: the tail below the target still plays
+    speaker.close()  # drains: the tail below the target still plays
     assert speaker.state.frames_written == 3
 
 

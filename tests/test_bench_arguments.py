@@ -9,8 +9,7 @@ import pytest
 
 from rtpipe.bench import inline, lm, mimi, pipeline, ring
 
-MEASURING = {ring: "measure", mimi: "run_config", lm: "run_case", inline: "measure",
-             pipeline: "run_rtpipe"}
+MEASURING = {ring: "measure", mimi: "run_config", lm: "run_case", inline: "measure", pipeline: "run_rtpipe"}
 
 
 @pytest.fixture(autouse=True)
@@ -28,28 +27,31 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("module, argv, message", [
-    (ring, ["--spin-us", "-1"], "--spin-us -1: expected 0 to 1000000"),
-    (ring, ["--nice", "-50"], "--nice -50: expected -20 to 19"),
-    (ring, ["--transports", ","], "--transports ',': choose from rtpipe,"),
-    (ring, ["--frames", "0"], "--frames 0: expected 1 to"),
-    (ring, ["--full-frames", "99999999999"], "--full-frames 99999999999: expected 2 to"),
-    (mimi, ["--frames", "0"], "--frames 0: expected 1 to"),
-    (mimi, ["--warmup", "-1"], "--warmup -1: expected 0 to"),
-    (mimi, ["--codebooks", "99"], "--codebooks 99: expected 1 to 32"),
-    (mimi, ["--threads", "99999999999"], f"--threads 99999999999: expected 1 to {os.cpu_count()}"),
-    (mimi, ["--threads", "1,x"], "--threads '1,x': expected counts like 1,2"),
-    (lm, ["--device", "cuda:99"], "--device = 'cuda:99': this machine has"),
-    (lm, ["--device", "gpu"], "--device 'gpu': expected cpu or cuda:N"),
-    (lm, ["--cores", "9999"], "--cores 9999: this process may run on cores"),
-    (lm, ["--context", "0"], "--context 0: expected 1 to"),
-    (lm, ["--frames", "0"], "--frames 0: expected 1 to"),
-    (lm, ["--start-step", "-5"], "--start-step -5: expected 0 to"),
-    (lm, ["--threads", "x"], "--threads 'x': expected counts like 1,2"),
-    (lm, ["--sizes", "nosuch"], "--sizes = 'nosuch': unknown size"),
-    (inline, ["--threads", "0"], "--threads 0: expected 1 to"),
-    (inline, ["--frames", "99999999"], "--frames 99999999: expected 1 to"),
-])
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        (ring, ["--spin-us", "-1"], "--spin-us -1: expected 0 to 1000000"),
+        (ring, ["--nice", "-50"], "--nice -50: expected -20 to 19"),
+        (ring, ["--transports", ","], "--transports ',': choose from rtpipe,"),
+        (ring, ["--frames", "0"], "--frames 0: expected 1 to"),
+        (ring, ["--full-frames", "99999999999"], "--full-frames 99999999999: expected 2 to"),
+        (mimi, ["--frames", "0"], "--frames 0: expected 1 to"),
+        (mimi, ["--warmup", "-1"], "--warmup -1: expected 0 to"),
+        (mimi, ["--codebooks", "99"], "--codebooks 99: expected 1 to 32"),
+        (mimi, ["--threads", "99999999999"], f"--threads 99999999999: expected 1 to {os.cpu_count()}"),
+        (mimi, ["--threads", "1,x"], "--threads '1,x': expected counts like 1,2"),
+        (lm, ["--device", "cuda:99"], "--device = 'cuda:99': this machine has"),
+        (lm, ["--device", "gpu"], "--device 'gpu': expected cpu or cuda:N"),
+        (lm, ["--cores", "9999"], "--cores 9999: this process may run on cores"),
+        (lm, ["--context", "0"], "--context 0: expected 1 to"),
+        (lm, ["--frames", "0"], "--frames 0: expected 1 to"),
+        (lm, ["--start-step", "-5"], "--start-step -5: expected 0 to"),
+        (lm, ["--threads", "x"], "--threads 'x': expected counts like 1,2"),
+        (lm, ["--sizes", "nosuch"], "--sizes = 'nosuch': unknown size"),
+        (inline, ["--threads", "0"], "--threads 0: expected 1 to"),
+        (inline, ["--frames", "99999999"], "--frames 99999999: expected 1 to"),
+    ],
+)
 def test_a_bad_argument_is_one_line_naming_the_flag(capsys, module, argv, message):
     assert module.main(argv) == 2
     assert message in _one_line_error(capsys)

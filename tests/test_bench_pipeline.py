@@ -30,12 +30,15 @@ def test_only_hops_that_cross_cores_spin():
     assert edge_spins(None, 120) == [120, 120, 120, 120]  # not pinned: nothing says two ends share a core
 
 
-@pytest.mark.parametrize("cores, message", [
-    ("0,1", "need 5 core numbers"),
-    ("0,1,x,0,0", "comma-separated core numbers"),
-    ("0,1,1,0,-1", "need 5 core numbers"),
-    ("0,1,1,0,4096", "this machine has cores"),
-])
+@pytest.mark.parametrize(
+    "cores, message",
+    [
+        ("0,1", "need 5 core numbers"),
+        ("0,1,x,0,0", "comma-separated core numbers"),
+        ("0,1,1,0,-1", "need 5 core numbers"),
+        ("0,1,1,0,4096", "this machine has cores"),
+    ],
+)
 def test_bad_cores_are_refused_by_name(cores, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--frames", "30", "--cores", cores])
@@ -58,9 +61,14 @@ def test_short_run_reports_both_chains_in_the_documented_shape(capsys):
         assert chain["cpu_pct"] >= 0
 
 
-@pytest.mark.parametrize("priority, message", [("100", "--priority 100: expected 0-99"),
-                                               ("-1", "--priority -1: expected 0-99"),
-                                               ("high", "'high': expected a priority 0-99 or auto")])
+@pytest.mark.parametrize(
+    "priority, message",
+    [
+        ("100", "--priority 100: expected 0-99"),
+        ("-1", "--priority -1: expected 0-99"),
+        ("high", "'high': expected a priority 0-99 or auto"),
+    ],
+)
 def test_a_priority_outside_0_to_99_is_refused(priority, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--frames", "30", "--priority", priority])

@@ -18,29 +18,35 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--frames", "100000000"], "--frames 100000000: expected 1 to 10000"),
-    (["--frames", "0"], "--frames 0: expected 1 to 10000"),
-    (["--tolerance", "nan"], "--tolerance nan: expected at least 0"),
-    (["--tolerance", "-1"], "--tolerance -1.0: expected at least 0"),
-    (["--tolerance", "inf"], "--tolerance inf: expected at least 0"),
-    (["--max-differing", "2"], "--max-differing 2.0: expected 0.0 to 1.0"),
-    (["--max-differing", "nan"], "--max-differing nan: expected 0.0 to 1.0"),
-    (["--seed", "-1"], "--seed -1: expected 0 to"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--frames", "100000000"], "--frames 100000000: expected 1 to 10000"),
+        (["--frames", "0"], "--frames 0: expected 1 to 10000"),
+        (["--tolerance", "nan"], "--tolerance nan: expected at least 0"),
+        (["--tolerance", "-1"], "--tolerance -1.0: expected at least 0"),
+        (["--tolerance", "inf"], "--tolerance inf: expected at least 0"),
+        (["--max-differing", "2"], "--max-differing 2.0: expected 0.0 to 1.0"),
+        (["--max-differing", "nan"], "--max-differing nan: expected 0.0 to 1.0"),
+        (["--seed", "-1"], "--seed -1: expected 0 to"),
+    ],
+)
 def test_numbers_out_of_range_are_one_line_naming_the_flag_and_bound(capsys, flags, message):
     assert rtpipe(["check-causal", "codec.pcm", *flags]) == 2
     assert message in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("float32[0]", "every dimension 1 or more"),
-    ("float32[-1]", "every dimension 1 or more"),
-    ("float32[]", "every dimension 1 or more"),
-    ("float32[4", "expected e.g. float32[1920]"),
-    ("complex64[4]", "an integer or float type, not complex64"),
-    ("float32[99999999999]", "values, at most 19200000"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("float32[0]", "every dimension 1 or more"),
+        ("float32[-1]", "every dimension 1 or more"),
+        ("float32[]", "every dimension 1 or more"),
+        ("float32[4", "expected e.g. float32[1920]"),
+        ("complex64[4]", "an integer or float type, not complex64"),
+        ("float32[99999999999]", "values, at most 19200000"),
+    ],
+)
 def test_a_bad_input_spec_is_one_line(capsys, spec, message):
     assert rtpipe(["check-causal", "echo", "--input-spec", spec]) == 2
     assert message in _one_line_error(capsys)
@@ -53,8 +59,9 @@ def test_the_abstract_base_stage_is_refused(capsys):
 
 def test_a_stage_that_raises_is_one_line_naming_the_stage_the_call_and_the_exception(capsys):
     assert rtpipe(["check-causal", f"{__name__}:RaisesOnThirdFrame", "--frames", "5"]) == 2
-    assert _one_line_error(capsys) == (f"rtpipe: stage error: {__name__}:RaisesOnThirdFrame: process() of "
-                                       "frame 2: ValueError: no third frame, ever")
+    assert _one_line_error(capsys) == (
+        f"rtpipe: stage error: {__name__}:RaisesOnThirdFrame: process() of frame 2: ValueError: no third frame, ever"
+    )
 
 
 def test_an_offline_path_of_the_wrong_length_is_one_line(capsys):

@@ -10,7 +10,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-
 from rtpipe.pipeline.runtime import config as cfg
 from rtpipe.stages.errors import ConfigError
 
@@ -48,10 +47,14 @@ def error_of(raw: dict) -> str:
 def test_default_config_is_a_valid_five_stage_chain():
     config = cfg.load()
     assert [s.name for s in config.stages] == ["capture", "encode", "lm", "decode", "playback"]
-    assert [s.kind for s in config.stages] == ["capture.microphone", "mimi.encode", "moshi.step", "mimi.decode",
-                                              "playback.speaker"]
-    assert [e.name for e in config.edges] == ["capture->encode", "encode->lm", "lm->decode",
-                                             "decode->playback"]
+    assert [s.kind for s in config.stages] == [
+        "capture.microphone",
+        "mimi.encode",
+        "moshi.step",
+        "mimi.decode",
+        "playback.speaker",
+    ]
+    assert [e.name for e in config.edges] == ["capture->encode", "encode->lm", "lm->decode", "decode->playback"]
     assert config.edges[0].policy == "drop-oldest"  # live microphone: never block
     assert config.stages[0].live
 
@@ -60,8 +63,9 @@ def test_swapping_a_model_stage_is_one_line_of_the_default_config():
     text = cfg.default_config_text()
     lines = [line for line in text.splitlines() if line.startswith(("encode =", "lm =", "decode ="))]
     assert len(lines) == 3
-    swapped = text.replace('lm = { kind = "moshi.step", threads = 1 }',
-                           'lm = { kind = "echo", params = { delay_frames = 3 } }')
+    swapped = text.replace(
+        'lm = { kind = "moshi.step", threads = 1 }', 'lm = { kind = "echo", params = { delay_frames = 3 } }'
+    )
     assert swapped != text
     config = cfg.validate(cfg.tomllib.loads(swapped))
     assert config.stages[2].kind == "echo" and config.delay_frames == 3
@@ -81,9 +85,16 @@ def test_valid_config_gives_chain_order_edges_specs_and_delay():
 
 
 def test_set_overrides_parse_toml_values_and_bare_strings():
-    raw = cfg.apply_overrides(GOOD, ["stages.lm.params.delay_frames=5", "stages.lm.kind=echo",
-                                     "edges.encode->lm.slots=2", "stages.encode.cores=[0]",
-                                     "supervisor.stop_timeout_s=1.5"])
+    raw = cfg.apply_overrides(
+        GOOD,
+        [
+            "stages.lm.params.delay_frames=5",
+            "stages.lm.kind=echo",
+            "edges.encode->lm.slots=2",
+            "stages.encode.cores=[0]",
+            "supervisor.stop_timeout_s=1.5",
+        ],
+    )
     assert raw["stages"]["lm"]["params"]["delay_frames"] == 5
     assert raw["edges"]["encode->lm"]["slots"] == 2
     assert raw["stages"]["encode"]["cores"] == [0]
@@ -106,56 +117,106 @@ BAD_CASES = {
     "import path that does not import": (["stages.lm.kind=nosuch_module:Thing"], r"stages\.lm\.kind.*cannot import"),
     "unknown stage field": (["stages.lm.colour=1"], r"stages\.lm\.colour: unknown field"),
     "unknown param": (["stages.lm.params.delay=1"], r"stages\.lm\.params\.delay: unknown field"),
-    "wrong param type": (["stages.lm.params.delay_frames=\"two\""], r"stages\.lm\.params\.delay_frames = 'two': expected an integer"),
+    "wrong param type": (
+        ['stages.lm.params.delay_frames="two"'],
+        r"stages\.lm\.params\.delay_frames = 'two': expected an integer",
+    ),
     "param out of range": (["stages.lm.params.delay_frames=-1"], r"stages\.lm\.params\.delay_frames = -1"),
     "kind not a string": (["stages.lm.kind=3"], r"stages\.lm\.kind = 3"),
     "missing kind": (["stages.extra.cores=[0]"], r"stages\.extra\.kind: required field is missing"),
-    "core that does not exist": ([f"stages.encode.cores=[{CORES + 5}]"], rf"stages\.encode\.cores = \[{CORES + 5}\]: this machine has cores 0"),
+    "core that does not exist": (
+        [f"stages.encode.cores=[{CORES + 5}]"],
+        rf"stages\.encode\.cores = \[{CORES + 5}\]: this machine has cores 0",
+    ),
     "cores not a list": (["stages.encode.cores=1"], r"stages\.encode\.cores = 1: expected a list"),
     "threads zero": (["stages.lm.threads=0"], r"stages\.lm\.threads = 0"),
     "threads wrong type": (["stages.lm.threads=true"], r"stages\.lm\.threads = True"),
-    "bad device": (["stages.lm.device=\"gpu\""], r"stages\.lm\.device = 'gpu'"),
-    "cuda that does not exist": (["stages.lm.device=\"cuda:7\""], r"stages\.lm\.device = 'cuda:7'"),
+    "bad device": (['stages.lm.device="gpu"'], r"stages\.lm\.device = 'gpu'"),
+    "cuda that does not exist": (['stages.lm.device="cuda:7"'], r"stages\.lm\.device = 'cuda:7'"),
     "unknown edge field": (["edges.lm->decode.colour=1"], r'edges\."lm->decode"\.colour: unknown field'),
-    "bad policy": (["edges.lm->decode.policy=\"sometimes\""], r'edges\."lm->decode"\.policy = \'sometimes\''),
+    "bad policy": (['edges.lm->decode.policy="sometimes"'], r'edges\."lm->decode"\.policy = \'sometimes\''),
     "slots zero": (["edges.lm->decode.slots=0"], r'edges\."lm->decode"\.slots = 0'),
-    "slots wrong type": (["edges.lm->decode.slots=\"8\""], r'edges\."lm->decode"\.slots = \'8\''),
+    "slots wrong type": (['edges.lm->decode.slots="8"'], r'edges\."lm->decode"\.slots = \'8\''),
     "edge name without arrow": (["edges.lmdecode.slots=1"], r'edges\."lmdecode": an edge is named "from->to"'),
-    "stage feeding two stages": (["edges.lm->playback.slots=1"], r'edges\."lm->playback": stages\.lm already feeds decode'),
-    "stage fed twice": (["edges.encode->decode.slots=1"], r"edges\.\"encode->decode\": stages\.encode already feeds lm"),
+    "stage feeding two stages": (
+        ["edges.lm->playback.slots=1"],
+        r'edges\."lm->playback": stages\.lm already feeds decode',
+    ),
+    "stage fed twice": (
+        ["edges.encode->decode.slots=1"],
+        r"edges\.\"encode->decode\": stages\.encode already feeds lm",
+    ),
     "self loop": (["edges.lm->lm.slots=1"], r'edges\."lm->lm": a stage cannot feed itself'),
-    "stage off the chain": (["stages.spare.kind=\"echo\""], r"stages\.spare: on no edge"),
+    "stage off the chain": (['stages.spare.kind="echo"'], r"stages\.spare: on no edge"),
     "unknown top-level table": (["pipeline.x=1"], r"config\.pipeline: unknown field"),
     "unknown supervisor field": (["supervisor.heartbeat=5"], r"supervisor\.heartbeat: unknown field"),
     "bad supervisor value": (["supervisor.heartbeat_ms=0"], r"supervisor\.heartbeat_ms = 0"),
     "negative warm-up": (["supervisor.warm_up_us=-1"], r"supervisor\.warm_up_us = -1: expected 0 \(off\) to 40000"),
-    "warm-up longer than half a frame": (["supervisor.warm_up_us=40001"], r"supervisor\.warm_up_us = 40001: expected 0"),
+    "warm-up longer than half a frame": (
+        ["supervisor.warm_up_us=40001"],
+        r"supervisor\.warm_up_us = 40001: expected 0",
+    ),
     "warm-up not an integer": (["supervisor.warm_up_us=0.5"], r"supervisor\.warm_up_us = 0\.5: expected an integer"),
-    "source in the middle": (["stages.lm.kind=\"capture.tone\"", "stages.lm.params={}"], r"stages\.lm\.kind = 'capture\.tone': a middle stage must be a processor"),
-    "sink not last": (["stages.playback.kind=\"echo\""], r"stages\.playback\.kind = 'echo': the last stage must be a sink"),
-    "processor first": (["stages.capture.kind=\"echo\"", "stages.capture.params={}"], r"stages\.capture\.kind = 'echo': the first stage must be a source"),
-    "bad stage name": (["stages.bad-name.kind=\"echo\""], r"stages\.bad-name: a stage name"),
-    "non-ASCII stage name": (["stages.captüre.kind=\"echo\""], r"stages\.captüre: a stage name is an ASCII letter"),
-    "nan param": (["stages.capture.params.seconds=nan"], r"stages\.capture\.params\.seconds = nan: expected a finite number"),
-    "inf param": (["stages.capture.params.seconds=inf"], r"stages\.capture\.params\.seconds = inf: expected a finite number"),
-    "negative seed": (["stages.capture.params.seed=-1"], r"stages\.capture\.params\.seed = -1: expected 0 to 2\*\*63 - 1"),
+    "source in the middle": (
+        ['stages.lm.kind="capture.tone"', "stages.lm.params={}"],
+        r"stages\.lm\.kind = 'capture\.tone': a middle stage must be a processor",
+    ),
+    "sink not last": (
+        ['stages.playback.kind="echo"'],
+        r"stages\.playback\.kind = 'echo': the last stage must be a sink",
+    ),
+    "processor first": (
+        ['stages.capture.kind="echo"', "stages.capture.params={}"],
+        r"stages\.capture\.kind = 'echo': the first stage must be a source",
+    ),
+    "bad stage name": (['stages.bad-name.kind="echo"'], r"stages\.bad-name: a stage name"),
+    "non-ASCII stage name": (['stages.captüre.kind="echo"'], r"stages\.captüre: a stage name is an ASCII letter"),
+    "nan param": (
+        ["stages.capture.params.seconds=nan"],
+        r"stages\.capture\.params\.seconds = nan: expected a finite number",
+    ),
+    "inf param": (
+        ["stages.capture.params.seconds=inf"],
+        r"stages\.capture\.params\.seconds = inf: expected a finite number",
+    ),
+    "negative seed": (
+        ["stages.capture.params.seed=-1"],
+        r"stages\.capture\.params\.seed = -1: expected 0 to 2\*\*63 - 1",
+    ),
     "nan timeout": (["supervisor.start_timeout_s=nan"], r"supervisor\.start_timeout_s = nan: expected a finite number"),
-    "empty output path": (["stages.playback.kind=\"playback.file\"", "stages.playback.params.path=\"\""],
-                          r"stages\.playback\.params\.path = '': expected the path of the WAV file to write"),
-    "output in another format": (["stages.playback.kind=\"playback.file\"", "stages.playback.params.path=\"o.flac\""],
-                                 r"stages\.playback\.params\.path = 'o\.flac': this stage writes WAV, not FLAC"),
-    "output is a directory": (["stages.playback.kind=\"playback.file\"", f"stages.playback.params.path=\"{REPO}\""],
-                              r"stages\.playback\.params\.path = '.*': is a directory"),
-    "empty module name": (["stages.lm.kind=\":Thing\""], r"stages\.lm\.kind = ':Thing': expected package\.module:Class"),
-    "relative module name": (["stages.lm.kind=\".mod:Thing\""], r"stages\.lm\.kind = '\.mod:Thing': expected package\.module:Class"),
-    "module that raises on import": (["stages.lm.kind=\"broken_stages.raises_on_import:X\""],
-                                     r"importing broken_stages\.raises_on_import failed: RuntimeError: broken on purpose"),
-    "module with a syntax error": (["stages.lm.kind=\"broken_stages.syntax_error:X\""],
-                                   r"importing broken_stages\.syntax_error failed: SyntaxError"),
-    "stage whose constructor raises": (["stages.lm.kind=\"broken_stages:FailsToBuild\"", "stages.lm.params={}"],
-                                       r"stages\.lm\.kind = 'broken_stages:FailsToBuild': building it failed: ValueError: no"),
-    "stage whose output_spec raises": (["stages.lm.kind=\"broken_stages:FailsToSayItsOutput\"", "stages.lm.params={}"],
-                                       r"its output_spec\(\) failed: KeyError"),
+    "empty output path": (
+        ['stages.playback.kind="playback.file"', 'stages.playback.params.path=""'],
+        r"stages\.playback\.params\.path = '': expected the path of the WAV file to write",
+    ),
+    "output in another format": (
+        ['stages.playback.kind="playback.file"', 'stages.playback.params.path="o.flac"'],
+        r"stages\.playback\.params\.path = 'o\.flac': this stage writes WAV, not FLAC",
+    ),
+    "output is a directory": (
+        ['stages.playback.kind="playback.file"', f'stages.playback.params.path="{REPO}"'],
+        r"stages\.playback\.params\.path = '.*': is a directory",
+    ),
+    "empty module name": (['stages.lm.kind=":Thing"'], r"stages\.lm\.kind = ':Thing': expected package\.module:Class"),
+    "relative module name": (
+        ['stages.lm.kind=".mod:Thing"'],
+        r"stages\.lm\.kind = '\.mod:Thing': expected package\.module:Class",
+    ),
+    "module that raises on import": (
+        ['stages.lm.kind="broken_stages.raises_on_import:X"'],
+        r"importing broken_stages\.raises_on_import failed: RuntimeError: broken on purpose",
+    ),
+    "module with a syntax error": (
+        ['stages.lm.kind="broken_stages.syntax_error:X"'],
+        r"importing broken_stages\.syntax_error failed: SyntaxError",
+    ),
+    "stage whose constructor raises": (
+        ['stages.lm.kind="broken_stages:FailsToBuild"', "stages.lm.params={}"],
+        r"stages\.lm\.kind = 'broken_stages:FailsToBuild': building it failed: ValueError: no",
+    ),
+    "stage whose output_spec raises": (
+        ['stages.lm.kind="broken_stages:FailsToSayItsOutput"', "stages.lm.params={}"],
+        r"its output_spec\(\) failed: KeyError",
+    ),
 }
 
 
@@ -179,8 +240,9 @@ def test_graph_must_be_one_chain():
 
 
 def test_block_policy_after_a_live_source_is_refused():
-    raw = with_sets('stages.capture.kind="capture.microphone"', "stages.capture.params={}",
-                    'edges.capture->encode.policy="block"')
+    raw = with_sets(
+        'stages.capture.kind="capture.microphone"', "stages.capture.params={}", 'edges.capture->encode.policy="block"'
+    )
     assert error_of(raw).startswith('edges."capture->encode".policy = "block": stages.capture')
 
 
@@ -194,16 +256,29 @@ def test_edge_shape_the_next_stage_cannot_take_is_refused():
 def test_unreadable_input_file_is_a_config_or_audio_error(tmp_path):
     bad = tmp_path / "not-audio.wav"
     bad.write_bytes(b"this is not a wav file")
-    result = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "run", "--input", str(bad),
-                             "--output", str(tmp_path / "out.wav")], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rtpipe.pipeline.cli",
+            "run",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "out.wav"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not-audio.wav" in lines[0], result.stderr
 
 
 def test_toml_written_by_rtpipe_config_reads_back_the_same():
-    raw = with_sets('supervisor.stop_timeout_s=2.5', 'stages.encode.cores=[0]')
+    raw = with_sets("supervisor.stop_timeout_s=2.5", "stages.encode.cores=[0]")
     raw["stages"]["playback"]["params"] = {"note": 'a "quoted" \\ name\nwith a newline,\ta tab, \x01 and é'}
     text = cfg.to_toml(raw)
     assert cfg.tomllib.loads(text) == raw
@@ -212,16 +287,24 @@ def test_toml_written_by_rtpipe_config_reads_back_the_same():
 def test_rtpipe_config_prints_the_effective_config_or_the_error(tmp_path):
     path = tmp_path / "pipe.toml"
     path.write_text(cfg.to_toml(GOOD))
-    ok = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set",
-                         "stages.lm.params.delay_frames=4"], capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set", "stages.lm.params.delay_frames=4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "delay_frames = 4" in ok.stdout and "declared delay 4 frames" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set",
-                          "stages.lm.params.delay_frames=x"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path), "--set", "stages.lm.params.delay_frames=x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == ("rtpipe: config error: stages.lm.params.delay_frames = 'x': "
-                                  "expected an integer")
+    assert bad.stderr.strip() == ("rtpipe: config error: stages.lm.params.delay_frames = 'x': expected an integer")
     path.write_text("[stages\nbroken")
-    broken = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    broken = subprocess.run(
+        [sys.executable, "-m", "rtpipe.pipeline.cli", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert broken.returncode == 2 and f"{path}: not valid TOML" in broken.stderr

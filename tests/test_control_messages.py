@@ -12,14 +12,22 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime import control
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
+
 from runtime_support import chain_config, run_segments, start_in_thread, wait_until
 
-EXAMPLE_VALUES = {"str": "lm", "int": 7, "number": 1.5, "bool": True, "bytes": b"\x00\x01", "list": [1],
-                  "map": {"a": 1}, "list[map]": [{"text": "hi", "text_token": 3}]}
+EXAMPLE_VALUES = {
+    "str": "lm",
+    "int": 7,
+    "number": 1.5,
+    "bool": True,
+    "bytes": b"\x00\x01",
+    "list": [1],
+    "map": {"a": 1},
+    "list[map]": [{"text": "hi", "text_token": 3}],
+}
 
 
 @pytest.mark.parametrize("type_", sorted(control.SCHEMAS))
@@ -28,17 +36,20 @@ def test_every_message_type_round_trips(type_):
     assert control.decode(control.encode(type_, **fields)) == {"type": type_, **fields}
 
 
-@pytest.mark.parametrize("message, complaint", [
-    ([1, 2], "not a map"),
-    ({"kind": "stop"}, "message.type = None"),
-    ({"type": "launch_missiles"}, "unknown"),
-    ({"type": "heartbeat", "stage": "lm", "frames": 1}, "heartbeat.paused: required field is missing"),
-    ({"type": "heartbeat", "stage": "lm", "frames": "1", "paused": False}, "heartbeat.frames = '1': expected int"),
-    ({"type": "heartbeat", "stage": "lm", "frames": True, "paused": False}, "heartbeat.frames = True"),
-    ({"type": "stop", "now": True}, "stop.now: unknown field"),
-    ({"type": "hello", "stage": "lm", "pid": 1.5, "incarnation": 0}, "hello.pid = 1.5: expected int"),
-    ({"type": "events", "stage": "lm", "events": [1, 2]}, "events.events"),
-])
+@pytest.mark.parametrize(
+    "message, complaint",
+    [
+        ([1, 2], "not a map"),
+        ({"kind": "stop"}, "message.type = None"),
+        ({"type": "launch_missiles"}, "unknown"),
+        ({"type": "heartbeat", "stage": "lm", "frames": 1}, "heartbeat.paused: required field is missing"),
+        ({"type": "heartbeat", "stage": "lm", "frames": "1", "paused": False}, "heartbeat.frames = '1': expected int"),
+        ({"type": "heartbeat", "stage": "lm", "frames": True, "paused": False}, "heartbeat.frames = True"),
+        ({"type": "stop", "now": True}, "stop.now: unknown field"),
+        ({"type": "hello", "stage": "lm", "pid": 1.5, "incarnation": 0}, "hello.pid = 1.5: expected int"),
+        ({"type": "events", "stage": "lm", "events": [1, 2]}, "events.events"),
+    ],
+)
 def test_wrong_schemas_are_protocol_errors_naming_the_field(message, complaint):
     with pytest.raises(control.ProtocolError, match=None) as info:
         control.decode(msgpack.packb(message))
@@ -60,15 +71,25 @@ def test_arbitrary_bytes_never_raise_anything_but_protocol_error(data):
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=10)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=10)
     | st.binary(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["type", "stage", "frames", "paused", "records", "events", "error",
-                                        "pid", "incarnation", "x"]), msgpack_values, max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "stage", "frames", "paused", "records", "events", "error", "pid", "incarnation", "x"]),
+        msgpack_values,
+        max_size=6,
+    )
+)
 def test_maps_with_random_fields_never_raise_anything_but_protocol_error(message):
     try:
         control.decode(msgpack.packb(message), control.STAGE_TO_SUPERVISOR)
@@ -87,9 +108,11 @@ def test_run_directory_is_private_to_its_owner():
 
 
 def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
-    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise"}},
-                       [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"signal": "noise"}},
+        [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}],
+        {"kind": "playback.null"},
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     context = zmq.Context()
@@ -110,10 +133,10 @@ def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
             assert reply["type"] == "error" and reply["error"]
 
         wrong_schemas = [
-            {"type": "heartbeat", "stage": "lm"},                                   # missing fields
-            {"type": "heartbeat", "stage": "lm", "frames": 1, "paused": False},     # not its own name
+            {"type": "heartbeat", "stage": "lm"},  # missing fields
+            {"type": "heartbeat", "stage": "lm", "frames": 1, "paused": False},  # not its own name
             {"type": "heartbeat", "stage": "nosuch", "frames": 1, "paused": False},  # not a stage
-            {"type": "stop"},                                                       # wrong direction
+            {"type": "stop"},  # wrong direction
             {"type": "frames", "stage": "playback", "records": b"\x01\x02\x03"},  # records go by shm
             {"type": 42},
             "just a string",
@@ -131,8 +154,9 @@ def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
                 expect_error_reply([data])
 
         garbage_gets_an_error_reply()
-        frames_before = wait_until(lambda: sum(r.size for r in list(supervisor.records)), 30,
-                                   "frames at the sink after the bad messages")
+        frames_before = wait_until(
+            lambda: sum(r.size for r in list(supervisor.records)), 30, "frames at the sink after the bad messages"
+        )
         peer.close()
         assert thread.is_alive()
         supervisor.request_stop("test done")

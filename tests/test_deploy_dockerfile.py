@@ -6,7 +6,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-import deploy_support as support  # noqa: E402
+import deploy_support as support
 
 
 def _instructions():
@@ -46,8 +46,10 @@ def test_image_installs_and_runs_with_readmes_commands():
     assert (setup, run) == ("bash deploy/setup.sh", ".venv/bin/rtpipe run")
     instructions = _instructions()
     last_stage = instructions[-1][0]
-    runs = {stage: [c for s, w, text in instructions if s == stage and w == "RUN" for c in _commands(text)]
-            for stage in {s for s, _, _ in instructions}}
+    runs = {
+        stage: [c for s, w, text in instructions if s == stage and w == "RUN" for c in _commands(text)]
+        for stage in {s for s, _, _ in instructions}
+    }
     assert setup in runs[last_stage], f"the default image does not run README's `{setup}`"
     entrypoint = [text for s, w, text in instructions if s == last_stage and w == "ENTRYPOINT"]
     assert entrypoint and _exec_form(entrypoint[-1]) == run
@@ -81,8 +83,11 @@ def test_cpu_and_cuda_variants_by_build_argument():
 
 
 def test_build_context_leaves_a_hosts_venv_out():
-    ignored = [line.strip() for line in (support.DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (support.DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ".venv" in ignored and ".git" in ignored
     assert "!stages/data/*.wav" in ignored  # the built-in speech sample stays in
 

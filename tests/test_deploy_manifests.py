@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-import deploy_support as support  # noqa: E402
+import deploy_support as support
 
 MANIFESTS = sorted((support.DEPLOY / "k8s").glob("*.yaml"))
 PIPELINES = [p for p in MANIFESTS if p.name.startswith("pipeline-")]
-QUANTITY = {"Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3}
+QUANTITY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 
 
 def _docs(path):

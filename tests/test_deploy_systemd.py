@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import deploy_support as support  # noqa: E402
+import deploy_support as support
 
 UNIT = support.DEPLOY / "rtpipe.service"
 
@@ -38,18 +38,23 @@ def test_exec_start_is_readmes_run_command_with_real_flags(tmp_path):
     service = _service()
     argv = shlex.split(service["ExecStart"])
     working_dir = "/opt/rtpipe/"
-    assert argv[0].startswith(working_dir) and " ".join([argv[0][len(working_dir):]] + argv[1:2]) == run
+    assert argv[0].startswith(working_dir) and " ".join([argv[0][len(working_dir) :], *argv[1:2]]) == run
     args = support.run_arguments(argv[2:])
     assert args.no_live and args.metrics_port and args.metrics_host == "127.0.0.1"
     assert args.config == "/etc/rtpipe/pipeline.toml"
 
 
 def test_example_service_config_is_a_valid_pipeline(tmp_path):
-    config, devices = support.validated_config((support.DEPLOY / "pipeline.toml").read_text(), tmp_path)
-    assert [s.kind for s in config.stages] == ["capture.microphone", "mimi.encode", "moshi.step", "mimi.decode",
-                                               "playback.speaker"]
+    config, _devices = support.validated_config((support.DEPLOY / "pipeline.toml").read_text(), tmp_path)
+    assert [s.kind for s in config.stages] == [
+        "capture.microphone",
+        "mimi.encode",
+        "moshi.step",
+        "mimi.decode",
+        "playback.speaker",
+    ]
     size = _service()["TemporaryFileSystem"].split("size=")[1].split(",")[0]
-    assert support.ring_bytes(config) < int(size.rstrip("M")) * 1024 ** 2
+    assert support.ring_bytes(config) < int(size.rstrip("M")) * 1024**2
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

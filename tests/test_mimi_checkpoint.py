@@ -44,8 +44,12 @@ def test_expected_keys_match_kyutais_list():
 
 def test_missing_keys_are_named(tmp_path, tensors):
     broken = dict(tensors)
-    for key in ["encoder.model.0.conv.conv.weight", "encoder.model.0.conv.conv.bias",
-                "decoder.model.14.conv.conv.bias", "downsample.conv.conv.conv.weight"]:
+    for key in [
+        "encoder.model.0.conv.conv.weight",
+        "encoder.model.0.conv.conv.bias",
+        "decoder.model.14.conv.conv.bias",
+        "downsample.conv.conv.conv.weight",
+    ]:
         del broken[key]
     path = _write(tmp_path, broken)
     with pytest.raises(CheckpointError) as e:
@@ -64,8 +68,11 @@ def test_unexpected_keys_are_named(tmp_path, tensors):
 
 def test_wrong_shape_is_named(tmp_path, tensors):
     path = _write(tmp_path, {**tensors, "decoder.model.0.conv.conv.bias": torch.zeros(1000)})
-    with pytest.raises(CheckpointError, match=r"decoder.model.0.conv.conv.bias has shape \(1000,\), "
-                                              r"expected \(1024,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"decoder.model.0.conv.conv.bias has shape \(1000,\), "
+        r"expected \(1024,\)",
+    ):
         load_mimi(path)
 
 
@@ -80,8 +87,11 @@ def test_nan_weights_name_the_first_bad_key(tmp_path, tensors):
     bad = tensors["decoder.model.0.conv.conv.bias"].clone()
     bad[7] = float("nan")
     path = _write(tmp_path, {**tensors, "decoder.model.0.conv.conv.bias": bad})
-    with pytest.raises(CheckpointError, match=r"mimi\.safetensors: key decoder\.model\.0\.conv\.conv\.bias "
-                                              "holds NaN or infinite values"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mimi\.safetensors: key decoder\.model\.0\.conv\.conv\.bias "
+        "holds NaN or infinite values",
+    ):
         load_mimi(path)
 
 
@@ -117,9 +127,12 @@ def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
 
 
 def test_both_attention_spellings_and_bf16_files_load_to_the_same_model(tmp_path, tensors):
-    released = {k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
-                 .replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight"): v
-                for k, v in tensors.items()}
+    released = {
+        k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight").replace(
+            "self_attn.out_projs.0.weight", "self_attn.out_proj.weight"
+        ): v
+        for k, v in tensors.items()
+    }
     assert any(k.endswith("self_attn.in_proj_weight") for k in released)
     a = load_mimi(_write(tmp_path, tensors, "a.safetensors"))
     b = load_mimi(_write(tmp_path, released, "b.safetensors"))
@@ -165,9 +178,12 @@ def test_hf_paths_go_through_huggingface_hub(tmp_path, tensors, monkeypatch):
 
 
 def test_older_codebook_buffer_names_load(tmp_path, tensors):
-    old = {k.replace("_codebook.embedding_sum", "_codebook.embed_avg")
-            .replace("_codebook.cluster_usage", "_codebook.cluster_size")
-            .replace("_codebook._initialized", "_codebook.inited"): v for k, v in tensors.items()}
+    old = {
+        k.replace("_codebook.embedding_sum", "_codebook.embed_avg")
+        .replace("_codebook.cluster_usage", "_codebook.cluster_size")
+        .replace("_codebook._initialized", "_codebook.inited"): v
+        for k, v in tensors.items()
+    }
     model = load_mimi(_write(tmp_path, old))
     key = "quantizer.rvq_rest.vq.layers.4._codebook.embedding_sum"
     assert torch.equal(model.state_dict()[key], tensors[key])

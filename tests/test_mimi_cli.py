@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 
-
 from rtpipe.pipeline.cli import main as cli
 
 
@@ -17,8 +16,7 @@ from rtpipe.pipeline.cli import main as cli
 def wav(tmp_path):
     t = np.arange(int(1.5 * 24000)) / 24000
     path = tmp_path / "in.wav"
-    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000,
-                    subtype="FLOAT")
+    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, subtype="FLOAT")
     return path
 
 
@@ -28,8 +26,7 @@ def test_encode_then_decode_round_trip(tmp_path, wav):
     codes = np.load(codes_path)
     assert codes.shape == (6, 19) and codes.dtype == np.int32  # 1.5 s -> 19 frames (last one padded)
     assert codes.min() >= 0 and codes.max() < 2048
-    assert cli.main(["mimi", "encode", str(wav), str(tmp_path / "off.npy"), "--codebooks", "6",
-                     "--offline"]) == 0
+    assert cli.main(["mimi", "encode", str(wav), str(tmp_path / "off.npy"), "--codebooks", "6", "--offline"]) == 0
     assert (np.load(tmp_path / "off.npy") != codes).mean() <= 0.01
     assert cli.main(["mimi", "decode", str(codes_path), str(out_path)]) == 0
     audio, rate = soundfile.read(str(out_path), dtype="float32")
@@ -46,8 +43,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, wav, capsys):
     assert cli.main(["mimi", "decode", str(bad_codes), str(tmp_path / "o.wav")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "outside 0..2047" in err[0]
-    assert cli.main(["mimi", "encode", str(wav), str(tmp_path / "c.npy"), "--weights",
-                     str(tmp_path / "absent.safetensors")]) == 2
+    assert (
+        cli.main(
+            ["mimi", "encode", str(wav), str(tmp_path / "c.npy"), "--weights", str(tmp_path / "absent.safetensors")]
+        )
+        == 2
+    )
     assert "checkpoint error" in capsys.readouterr().err
 
 
@@ -61,6 +62,7 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a Mimi fails the test: what is checked up front must be refused before the model loads."""
+
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad argument was refused")
 
@@ -76,7 +78,8 @@ def codes_npy(tmp_path):
 
 @pytest.mark.parametrize("output, message", [("nodir/x", "no such directory"), ("adir", "is a directory")])
 def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(
-        tmp_path, wav, codes_npy, no_model, capsys, output, message):
+    tmp_path, wav, codes_npy, no_model, capsys, output, message
+):
     (tmp_path / "adir.npy").mkdir()
     (tmp_path / "adir.wav").mkdir()
     out = tmp_path / output
@@ -116,21 +119,26 @@ def test_a_directory_or_a_text_file_as_input_says_what_it_is(tmp_path, wav, no_m
     folder.mkdir()
     text = tmp_path / "notes.npy"
     text.write_text("not codes\n")
-    for argv in (["encode", str(folder), str(tmp_path / "c.npy")],
-                 ["decode", str(folder), str(tmp_path / "o.wav")],
-                 ["encode", str(wav), str(tmp_path / "c.npy"), "--weights", str(folder)]):
+    for argv in (
+        ["encode", str(folder), str(tmp_path / "c.npy")],
+        ["decode", str(folder), str(tmp_path / "o.wav")],
+        ["encode", str(wav), str(tmp_path / "c.npy"), "--weights", str(folder)],
+    ):
         assert cli.main(["mimi", *argv]) == 2
         assert f"{folder}: is a directory" in _one_line_error(capsys)
     assert cli.main(["mimi", "decode", str(text), str(tmp_path / "o.wav")]) == 2
     assert f"{text}: not a .npy file" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: expected 0 to"),
-    (["--seed", str(2**63)], f"--seed {2**63}: expected 0 to {2**63 - 1}"),  # torch: the same as seed 0
-    (["--seed", "-1"], "--seed -1: expected 0 to"),
-    (["--codebooks", "0"], "--codebooks 0: expected 1 to 32"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: expected 0 to"),
+        (["--seed", str(2**63)], f"--seed {2**63}: expected 0 to {2**63 - 1}"),  # torch: the same as seed 0
+        (["--seed", "-1"], "--seed -1: expected 0 to"),
+        (["--codebooks", "0"], "--codebooks 0: expected 1 to 32"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_by_flag(tmp_path, wav, no_model, capsys, flags, message):
     assert cli.main(["mimi", "encode", str(wav), str(tmp_path / "c.npy"), *flags]) == 2
     assert message in _one_line_error(capsys)
@@ -138,7 +146,8 @@ def test_numbers_out_of_range_are_refused_by_flag(tmp_path, wav, no_model, capsy
 
 @pytest.mark.parametrize("action", ["encode", "decode"])
 def test_offline_that_would_not_fit_in_memory_is_refused_before_the_model_loads(
-        tmp_path, wav, codes_npy, monkeypatch, capsys, action):
+    tmp_path, wav, codes_npy, monkeypatch, capsys, action
+):
     import psutil
 
     # room for the model (the stage's own check) but not for the offline pass over the whole signal
@@ -158,7 +167,8 @@ def test_nan_samples_are_refused(tmp_path, no_model, capsys):
 
 
 def test_writing_over_the_input_or_in_a_format_without_float_samples_is_refused(
-        tmp_path, wav, codes_npy, no_model, capsys):
+    tmp_path, wav, codes_npy, no_model, capsys
+):
     assert cli.main(["mimi", "encode", str(wav), str(wav)]) == 2
     assert "is the input file" in _one_line_error(capsys)
     for out in ("out.flac", "out"):

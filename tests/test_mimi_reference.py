@@ -41,8 +41,9 @@ def _speech_24k(tmp_dir) -> np.ndarray:
         pytest.skip("espeak-ng and sox are needed for test speech")
     raw, out = tmp_dir / "speech_raw.wav", tmp_dir / "speech24k.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), SPEECH_TEXT], check=True)
-    subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "32", "-e", "floating-point",
-                    str(out)], check=True)
+    subprocess.run(
+        ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "32", "-e", "floating-point", str(out)], check=True
+    )
     import soundfile
 
     samples, rate = soundfile.read(str(out), dtype="float32")
@@ -74,15 +75,25 @@ def setup(tmp_path_factory):
     x = torch.from_numpy(signal)
     with torch.inference_mode():
         with ref.streaming(1):
-            ref_codes = torch.cat([ref.encode(x[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES].view(1, 1, -1))
-                                   for k in range(frames)], dim=-1)[0]  # [8, frames]
+            ref_codes = torch.cat(
+                [ref.encode(x[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES].view(1, 1, -1)) for k in range(frames)],
+                dim=-1,
+            )[0]  # [8, frames]
         decode_frames = int(DECODE_S * SAMPLE_RATE) // FRAME_SAMPLES
         with ref.streaming(1):
-            ref_audio = torch.cat([ref.decode(ref_codes[:, k:k + 1][None]) for k in range(decode_frames)],
-                                  dim=-1).view(-1)
+            ref_audio = torch.cat(
+                [ref.decode(ref_codes[:, k : k + 1][None]) for k in range(decode_frames)], dim=-1
+            ).view(-1)
     ours = load_mimi(str(weights))
-    yield {"weights": weights, "signal": x, "frames": frames, "ref_codes": ref_codes.T.clone(),
-            "ref_audio": ref_audio, "ours": ours, "decode_frames": decode_frames}
+    yield {
+        "weights": weights,
+        "signal": x,
+        "frames": frames,
+        "ref_codes": ref_codes.T.clone(),
+        "ref_audio": ref_audio,
+        "ours": ours,
+        "decode_frames": decode_frames,
+    }
     torch.set_num_threads(threads)
 
 
@@ -108,8 +119,9 @@ def test_streaming_encode_gives_reference_codes_over_42s_of_speech_and_noise(set
     model, x = setup["ours"], setup["signal"]
     with torch.inference_mode():
         state = model.new_encode_state()
-        latents = torch.cat([model.latent_step(x[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES], state)
-                             for k in range(setup["frames"])])
+        latents = torch.cat(
+            [model.latent_step(x[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES], state) for k in range(setup["frames"])]
+        )
         codes = model.quantizer.encode(latents, CODEBOOKS)
     ref_codes = setup["ref_codes"]
     assert codes.shape == ref_codes.shape
@@ -118,7 +130,8 @@ def test_streaming_encode_gives_reference_codes_over_42s_of_speech_and_noise(set
     differing = codes != ref_codes
     print(f"\n{int(differing.sum())} of {differing.numel()} codes differ from the reference")
     assert differing.float().mean().item() <= MAX_DIFFERING_FRACTION, (
-        f"{int(differing.sum())} of {differing.numel()} codes differ")
+        f"{int(differing.sum())} of {differing.numel()} codes differ"
+    )
     for k in torch.nonzero(differing.any(dim=1)).flatten().tolist():
         assert _is_near_tie(model, latents[k], codes[k], ref_codes[k]), f"frame {k}: not a near-tie"
 
@@ -127,8 +140,9 @@ def test_streaming_decode_of_reference_codes_gives_reference_samples(setup):
     model = setup["ours"]
     with torch.inference_mode():
         state = model.new_decode_state()
-        audio = torch.cat([model.decode_step(setup["ref_codes"][k:k + 1], state)
-                           for k in range(setup["decode_frames"])])
+        audio = torch.cat(
+            [model.decode_step(setup["ref_codes"][k : k + 1], state) for k in range(setup["decode_frames"])]
+        )
     ref_audio = setup["ref_audio"]
     assert audio.shape == ref_audio.shape
     assert ref_audio.abs().max().item() > 1e-2  # not silence
@@ -149,6 +163,10 @@ def test_released_attention_key_spelling_loads_into_the_reference_and_ours_alike
     frames = 4
     with torch.inference_mode():
         state = ours.new_encode_state()
-        codes = torch.cat([ours.encode_step(setup["signal"][k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES],
-                                            state, CODEBOOKS) for k in range(frames)])
+        codes = torch.cat(
+            [
+                ours.encode_step(setup["signal"][k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES], state, CODEBOOKS)
+                for k in range(frames)
+            ]
+        )
     assert torch.equal(codes, setup["ref_codes"][:frames])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-
 from rtpipe.pipeline.cli import check_causal as cmd_check_causal
 from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec
 from rtpipe.stages.errors import ConfigError
@@ -41,8 +40,9 @@ def test_streaming_encode_equals_offline_over_first_10s(model):
     x = _signal(FRAMES_10S)
     with torch.inference_mode():
         state = model.new_encode_state()
-        streamed = torch.cat([model.encode_step(x[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES], state, 8)
-                              for k in range(FRAMES_10S)])
+        streamed = torch.cat(
+            [model.encode_step(x[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES], state, 8) for k in range(FRAMES_10S)]
+        )
         offline = model.encode_offline(x, 8)
     assert offline.shape == (FRAMES_10S, 8)
     assert len(torch.unique(offline[:, 0])) > 20
@@ -53,7 +53,7 @@ def test_streaming_decode_equals_offline_over_first_10s(model):
     codes = torch.from_numpy(np.random.default_rng(1).integers(0, 2048, (FRAMES_10S, 8)))
     with torch.inference_mode():
         state = model.new_decode_state()
-        streamed = torch.cat([model.decode_step(codes[k:k + 1], state) for k in range(FRAMES_10S)])
+        streamed = torch.cat([model.decode_step(codes[k : k + 1], state) for k in range(FRAMES_10S)])
         offline = model.decode_offline(codes)
     assert streamed.shape == offline.shape == (FRAMES_10S * FRAME_SAMPLES,)
     assert offline.abs().max().item() > 1e-2

@@ -16,15 +16,20 @@ import soundfile
 import torch
 from safetensors.torch import save_file
 
-from moshi_support import REDUCED, one_torch_thread, write_config  # noqa: F401
-
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+
+from moshi_support import REDUCED, one_torch_thread, write_config  # noqa: F401
 
 
 def rtpipe(tmp_path, *args: str) -> str:
     """Runs `rtpipe ARGS` in tmp_path; asserts exit 2 with a one-line message and returns it."""
-    result = subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli.main", *args], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "rtpipe.pipeline.cli.main", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     return lines[0]
@@ -46,25 +51,28 @@ def test_infer_with_an_empty_lm_config_names_the_missing_keys_instead_of_buildin
 
 def test_run_with_a_model_too_big_for_this_machine_fails_before_starting(tmp_path, speech):
     write_config(tmp_path / "huge.json", REDUCED.replace(dim=65536, num_heads=64, num_layers=1000))
-    line = rtpipe(tmp_path, "run", "--input", "in.wav", "--output", "out.wav",
-                  "--set", "stages.lm.params.config=huge.json")
+    line = rtpipe(
+        tmp_path, "run", "--input", "in.wav", "--output", "out.wav", "--set", "stages.lm.params.config=huge.json"
+    )
     assert "stages.lm.params: a " in line and "GiB available" in line
     assert not (tmp_path / "out.wav").exists()
 
 
-@pytest.mark.parametrize("field, value, complaint", [
-    ("lm.params.weights", "missing.safetensors", "'missing.safetensors': no such file"),
-    ("lm.params.weights", "weights", "'weights': is a directory"),
-    ("lm.params.config", "weights", "'weights': is a directory"),
-    ("lm.params.tokenizer", "missing.model", "'missing.model': no such file"),
-    ("encode.params.weights", "weights", "'weights': is a directory"),
-    ("decode.params.weights", "missing.safetensors", "'missing.safetensors': no such file"),
-    ("encode.params.seed", "-1", "-1: expected 0 to 2**63 - 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, complaint",
+    [
+        ("lm.params.weights", "missing.safetensors", "'missing.safetensors': no such file"),
+        ("lm.params.weights", "weights", "'weights': is a directory"),
+        ("lm.params.config", "weights", "'weights': is a directory"),
+        ("lm.params.tokenizer", "missing.model", "'missing.model': no such file"),
+        ("encode.params.weights", "weights", "'weights': is a directory"),
+        ("decode.params.weights", "missing.safetensors", "'missing.safetensors': no such file"),
+        ("encode.params.seed", "-1", "-1: expected 0 to 2**63 - 1"),
+    ],
+)
 def test_run_with_a_bad_checkpoint_path_fails_before_starting(tmp_path, speech, field, value, complaint):
     (tmp_path / "weights").mkdir()
-    line = rtpipe(tmp_path, "run", "--input", "in.wav", "--output", "out.wav",
-                  "--set", f"stages.{field}={value}")
+    line = rtpipe(tmp_path, "run", "--input", "in.wav", "--output", "out.wav", "--set", f"stages.{field}={value}")
     assert line == f"rtpipe: config error: stages.{field} = {complaint}"
     assert not (tmp_path / "out.wav").exists()
 
@@ -80,8 +88,10 @@ def test_mimi_decode_with_nan_weights_names_the_key_and_writes_no_wav(tmp_path):
         line = rtpipe(tmp_path, "mimi", "decode", "ok.npy", "d.wav", "--weights", "nan.safetensors")
     finally:
         (tmp_path / "nan.safetensors").unlink()  # ~380 MB: not left in pytest's kept temp dirs
-    assert line == ("rtpipe: checkpoint error: nan.safetensors: key decoder.model.0.conv.conv.bias "
-                    "holds NaN or infinite values; the checkpoint is damaged")
+    assert line == (
+        "rtpipe: checkpoint error: nan.safetensors: key decoder.model.0.conv.conv.bias "
+        "holds NaN or infinite values; the checkpoint is damaged"
+    )
     assert not (tmp_path / "d.wav").exists()
 
 
@@ -98,8 +108,10 @@ def test_infer_with_an_unwritable_codes_path_fails_before_inference(tmp_path, sp
     assert not (tmp_path / "o.wav").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"),
-                                         ("--temperature", "-1"), ("--seed", "-1"), ("--top-k", "-5")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"), ("--seed", "-1"), ("--top-k", "-5")],
+)
 def test_infer_with_a_bad_number_is_one_line(tmp_path, speech, flag, value):
     line = rtpipe(tmp_path, "infer", "in.wav", "o.wav", flag, value)
     assert line.startswith(f"rtpipe: config error: lm.{flag[2:].replace('-', '_')} = ")
@@ -111,8 +123,9 @@ def test_a_float64_checkpoint_is_a_dtype_error_not_a_silent_cast(tmp_path):
     from rtpipe.stages.moshi.lm import LmModel
 
     model = LmModel(REDUCED)
-    save_file({k: v.to(torch.float64).contiguous() for k, v in model.state_dict().items()},
-              str(tmp_path / "f64.safetensors"))
+    save_file(
+        {k: v.to(torch.float64).contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "f64.safetensors")
+    )
     with pytest.raises(CheckpointError, match="has dtype float64, expected one of float32, bfloat16"):
         load_lm_weights(model, str(tmp_path / "f64.safetensors"))
 
@@ -123,8 +136,11 @@ def test_a_mimi_that_cannot_fit_in_memory_is_refused_in_its_params(monkeypatch, 
     from rtpipe.stages.registry import find_stage
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=100 * 2**20))
-    with pytest.raises(ConfigError, match=r"stages\.x\.params: a Mimi codec needs 0\.4 GiB of memory "
-                                          r"\(and 25% to spare\); this machine has 0\.1 GiB available"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.x\.params: a Mimi codec needs 0\.4 GiB of memory "
+        r"\(and 25% to spare\); this machine has 0\.1 GiB available",
+    ):
         find_stage(kind).from_config({}, "stages.x.params")
 
 
@@ -134,9 +150,9 @@ def test_memory_available_is_capped_by_the_tightest_cgroup_limit_psutil_does_not
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=8 * 2**30))
     v2 = tmp_path / "v2"
     (v2 / "pod" / "app").mkdir(parents=True)
-    (v2 / "pod" / "memory.max").write_text(f"{2**30}\n")       # the pod: 1 GiB, 600 MiB used
+    (v2 / "pod" / "memory.max").write_text(f"{2**30}\n")  # the pod: 1 GiB, 600 MiB used
     (v2 / "pod" / "memory.current").write_text(f"{600 * 2**20}\n")
-    (v2 / "pod" / "app" / "memory.max").write_text("max\n")    # the service itself: no limit of its own
+    (v2 / "pod" / "app" / "memory.max").write_text("max\n")  # the service itself: no limit of its own
     (v2 / "pod" / "app" / "memory.current").write_text(f"{500 * 2**20}\n")
     cgroups = tmp_path / "cgroup"
     cgroups.write_text("0::/pod/app\n")

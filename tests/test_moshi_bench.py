@@ -7,15 +7,16 @@ import json
 
 import pytest
 
-from moshi_support import one_torch_thread  # noqa: F401
-
 from rtpipe.bench.lm import main
+
+from moshi_support import one_torch_thread  # noqa: F401
 
 
 def test_bench_lm_json_has_ours_reference_and_ratios(capsys):
     pytest.importorskip("moshi.models.lm")
-    assert main(["--sizes", "tiny", "--dtypes", "fp32", "--threads", "1", "--frames", "3",
-                 "--warmup", "1", "--json"]) == 0
+    assert (
+        main(["--sizes", "tiny", "--dtypes", "fp32", "--threads", "1", "--frames", "3", "--warmup", "1", "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["benchmark"] == "lm" and report["machine"]["cores"] >= 1
     (row,) = report["results"]
@@ -28,8 +29,24 @@ def test_bench_lm_json_has_ours_reference_and_ratios(capsys):
 
 
 def test_bench_lm_table_without_reference(capsys):
-    assert main(["--sizes", "tiny", "--dtypes", "bf16", "--threads", "1", "--frames", "2",
-                 "--warmup", "0", "--no-reference"]) == 0
+    assert (
+        main(
+            [
+                "--sizes",
+                "tiny",
+                "--dtypes",
+                "bf16",
+                "--threads",
+                "1",
+                "--frames",
+                "2",
+                "--warmup",
+                "0",
+                "--no-reference",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tiny" in out and "bf16" in out and "ours / reference" in out
     assert main(["--dtypes", "fp16"]) == 2

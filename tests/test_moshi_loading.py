@@ -10,23 +10,44 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_config  # noqa: F401
-
 from rtpipe.stages.errors import CheckpointError, ConfigError
 from rtpipe.stages.moshi.checkpoint import load_lm_weights
 from rtpipe.stages.moshi.config import SIZE_KEYS, SIZES, from_kyutai_dict, load_config_file
 from rtpipe.stages.moshi.lm import LmModel
 
+from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_config  # noqa: F401
+
 MOSHIKO_CONFIG = {  # the LM part of Kyutai's moshiko config.json, plus its file names
-    "moshi_name": "model.safetensors", "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
-    "tokenizer_name": "tokenizer_spm_32k_3.model", "dim": 4096, "text_card": 32000,
-    "existing_text_padding_id": 3, "n_q": 16, "dep_q": 8, "card": 2048, "num_heads": 32,
-    "num_layers": 32, "hidden_scale": 4.125, "causal": True, "layer_scale": None, "context": 3000,
-    "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32", "positional_embedding": "rope",
-    "depformer_dim": 1024, "depformer_dim_feedforward": 4224, "depformer_num_heads": 16,
-    "depformer_num_layers": 6, "depformer_layer_scale": None, "depformer_multi_linear": True,
-    "depformer_context": 8, "depformer_max_period": 10000, "depformer_gating": "silu",
-    "depformer_pos_emb": "none", "depformer_weights_per_step": True,
+    "moshi_name": "model.safetensors",
+    "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "tokenizer_name": "tokenizer_spm_32k_3.model",
+    "dim": 4096,
+    "text_card": 32000,
+    "existing_text_padding_id": 3,
+    "n_q": 16,
+    "dep_q": 8,
+    "card": 2048,
+    "num_heads": 32,
+    "num_layers": 32,
+    "hidden_scale": 4.125,
+    "causal": True,
+    "layer_scale": None,
+    "context": 3000,
+    "max_period": 10000,
+    "gating": "silu",
+    "norm": "rms_norm_f32",
+    "positional_embedding": "rope",
+    "depformer_dim": 1024,
+    "depformer_dim_feedforward": 4224,
+    "depformer_num_heads": 16,
+    "depformer_num_layers": 6,
+    "depformer_layer_scale": None,
+    "depformer_multi_linear": True,
+    "depformer_context": 8,
+    "depformer_max_period": 10000,
+    "depformer_gating": "silu",
+    "depformer_pos_emb": "none",
+    "depformer_weights_per_step": True,
     "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
 }
 
@@ -76,8 +97,11 @@ def test_integer_tensor_is_a_dtype_error(tmp_path, state):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nan_or_infinite_weights_name_the_key(tmp_path, state, bad):
     state["depformer.layers.1.gating.3.linear_out.weight"][2, 5] = bad
-    with pytest.raises(CheckpointError, match=r"bad\.safetensors: key depformer\.layers\.1\.gating\.3\."
-                                              r"linear_out\.weight holds NaN or infinite values"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad\.safetensors: key depformer\.layers\.1\.gating\.3\."
+        r"linear_out\.weight holds NaN or infinite values",
+    ):
         load(tmp_path, state)
 
 
@@ -122,18 +146,21 @@ def test_kyutai_moshiko_config_loads_as_the_7b_architecture(tmp_path):
     assert load_config_file(path) == SIZES["7b"]
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("conditioners", {"description": {"type": "lut"}}, r"conditioners = .*not supported"),
-    ("fuser", {"sum": ["description"]}, r"fuser = .*not supported"),
-    ("kv_repeat", 4, r"kv_repeat = 4: not supported"),
-    ("depformer_low_rank_embeddings", 128, "depformer_low_rank_embeddings"),
-    ("extra_heads_num_heads", 2, "extra_heads_num_heads"),
-    ("frobnicate", 1, r"frobnicate: unknown key"),
-    ("dim", "4096", r"dim = .4096.: expected an integer"),
-    ("norm", "batch_norm", r"norm = 'batch_norm': supported"),
-    ("delays", [0, 1], r"delays = .*expected 17"),
-    ("model_type", "hibiki", "only moshi models"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("conditioners", {"description": {"type": "lut"}}, r"conditioners = .*not supported"),
+        ("fuser", {"sum": ["description"]}, r"fuser = .*not supported"),
+        ("kv_repeat", 4, r"kv_repeat = 4: not supported"),
+        ("depformer_low_rank_embeddings", 128, "depformer_low_rank_embeddings"),
+        ("extra_heads_num_heads", 2, "extra_heads_num_heads"),
+        ("frobnicate", 1, r"frobnicate: unknown key"),
+        ("dim", "4096", r"dim = .4096.: expected an integer"),
+        ("norm", "batch_norm", r"norm = 'batch_norm': supported"),
+        ("delays", [0, 1], r"delays = .*expected 17"),
+        ("model_type", "hibiki", "only moshi models"),
+    ],
+)
 def test_unsupported_config_keys_are_config_errors(tmp_path, key, value, message):
     raw = dict(MOSHIKO_CONFIG, **{key: value})
     path = tmp_path / "config.json"
@@ -175,13 +202,20 @@ def test_no_depformer_feedforward_means_hidden_scale_times_depformer_dim_as_for_
     assert config.depformer_feedforward == int(4.125 * 512)
 
 
-@pytest.mark.parametrize("config", [
-    REDUCED, SIZES["tiny"], SIZES["7b"],
-    REDUCED.replace(norm="layer_norm", layer_scale=0.1, depformer_layer_scale=0.2),
-    REDUCED.replace(norm="layer_norm_f32", gating="none", depformer_multi_linear=False),
-    REDUCED.replace(depformer_gating="none", depformer_weights_per_step=False, hidden_scale=4.0,
-                    depformer_dim_feedforward=None),
-], ids=["reduced", "tiny", "7b", "layer-norm-and-scales", "ungated", "shared-depformer-weights"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        REDUCED,
+        SIZES["tiny"],
+        SIZES["7b"],
+        REDUCED.replace(norm="layer_norm", layer_scale=0.1, depformer_layer_scale=0.2),
+        REDUCED.replace(norm="layer_norm_f32", gating="none", depformer_multi_linear=False),
+        REDUCED.replace(
+            depformer_gating="none", depformer_weights_per_step=False, hidden_scale=4.0, depformer_dim_feedforward=None
+        ),
+    ],
+    ids=["reduced", "tiny", "7b", "layer-norm-and-scales", "ungated", "shared-depformer-weights"],
+)
 def test_parameter_count_from_the_config_is_the_built_models(config):
     model = LmModel(config, device="meta")  # no memory: the 7B is built as shapes only
     assert config.parameter_count() == sum(p.numel() for p in model.state_dict().values())

@@ -8,14 +8,18 @@ import torch
 
 pytest.importorskip("moshi.models.lm")
 
-from moshi_support import (REDUCED, one_torch_thread, reference_greedy, user_codes,  # noqa: E402,F401
-                           write_checkpoint)
+from rtpipe.stages.moshi.checkpoint import load_lm_weights
+from rtpipe.stages.moshi.config import SIZES
+from rtpipe.stages.moshi.lm import LmModel
+from rtpipe.stages.moshi.sampling import SamplingParams
+from rtpipe.stages.moshi.streaming import LmStreamer
 
-from rtpipe.stages.moshi.checkpoint import load_lm_weights  # noqa: E402
-from rtpipe.stages.moshi.config import SIZES  # noqa: E402
-from rtpipe.stages.moshi.lm import LmModel  # noqa: E402
-from rtpipe.stages.moshi.sampling import SamplingParams  # noqa: E402
-from rtpipe.stages.moshi.streaming import LmStreamer  # noqa: E402
+from moshi_support import (
+    REDUCED,
+    reference_greedy,
+    user_codes,
+    write_checkpoint,
+)
 
 STEPS = 320  # 16 times the reduced context of 20
 
@@ -40,8 +44,7 @@ def reference_outputs(checkpoint):
     return reference_greedy(checkpoint, user_codes(STEPS, REDUCED.card))
 
 
-def test_greedy_tokens_equal_the_reference_for_320_steps_past_the_context(checkpoint,
-                                                                           reference_outputs):
+def test_greedy_tokens_equal_the_reference_for_320_steps_past_the_context(checkpoint, reference_outputs):
     ours = run_ours(checkpoint, user_codes(STEPS, REDUCED.card))
     assert ours[0] is None and reference_outputs[0] is None  # the delays: nothing on the first step
     for step, (mine, theirs) in enumerate(zip(ours, reference_outputs)):

@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from moshi_support import (REDUCED, one_torch_thread, user_codes, write_checkpoint,  # noqa: F401
-                           write_config)
-
 from rtpipe.stages.base import PayloadSpec
 from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.registry import find_stage
+
+from moshi_support import (
+    REDUCED,
+    user_codes,
+    write_checkpoint,
+    write_config,
+)
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -44,16 +48,23 @@ def tokenizer_path(tmp_path_factory):
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(SENTENCES))
     sentencepiece.SentencePieceTrainer.Train(
-        input=str(corpus), model_prefix=str(tmp / "spm"), vocab_size=60, model_type="unigram",
-        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=1, pad_id=-1,
-        user_defined_symbols=["<pad0>", "<pad3a>", "<pad3b>"])
+        input=str(corpus),
+        model_prefix=str(tmp / "spm"),
+        vocab_size=60,
+        model_type="unigram",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=1,
+        pad_id=-1,
+        user_defined_symbols=["<pad0>", "<pad3a>", "<pad3b>"],
+    )
     return tmp / "spm.model"
 
 
 def make_stage(model_files, **params):
     cls = find_stage("moshi.step")
-    raw = {"config": str(model_files / "config.json"), "weights": str(model_files / "lm.safetensors"),
-           "greedy": True}
+    raw = {"config": str(model_files / "config.json"), "weights": str(model_files / "lm.safetensors"), "greedy": True}
     raw.update(params)
     return cls.from_config(raw, "stages.lm.params")
 
@@ -121,8 +132,7 @@ def test_bad_frames_are_refused_with_the_reason(model_files):
     assert stage.process(np.zeros(8, dtype=np.int32)).shape == (8,)  # still usable
 
 
-def test_text_tokens_come_out_as_words_with_a_sentencepiece_model(model_files, tokenizer_path,
-                                                                   tmp_path):
+def test_text_tokens_come_out_as_words_with_a_sentencepiece_model(model_files, tokenizer_path, tmp_path):
     from rtpipe.stages.moshi.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(tokenizer_path)
@@ -136,9 +146,16 @@ def test_text_tokens_come_out_as_words_with_a_sentencepiece_model(model_files, t
     config = REDUCED.replace(text_card=tokenizer.vocab_size)
     write_checkpoint(tmp_path / "lm.safetensors", config, seed=4)
     write_config(tmp_path / "config.json", config)
-    stage = find_stage("moshi.step").from_config({
-        "config": str(tmp_path / "config.json"), "weights": str(tmp_path / "lm.safetensors"),
-        "tokenizer": str(tokenizer_path), "seed": 3, "temperature": 1.0, "text_temperature": 1.0})
+    stage = find_stage("moshi.step").from_config(
+        {
+            "config": str(tmp_path / "config.json"),
+            "weights": str(tmp_path / "lm.safetensors"),
+            "tokenizer": str(tokenizer_path),
+            "seed": 3,
+            "temperature": 1.0,
+            "text_temperature": 1.0,
+        }
+    )
     stage.open("cpu")
     for frame in user_codes(40, config.card).astype(np.int32):
         stage.process(frame)
@@ -179,8 +196,11 @@ def test_an_unreadable_weights_file_is_named(model_files, monkeypatch):
 
 
 def test_hf_paths_are_left_for_the_download(model_files):
-    stage = make_stage(model_files, weights="hf://kyutai/moshiko-pytorch-bf16/model.safetensors",
-                       tokenizer="hf://kyutai/moshiko-pytorch-bf16/tokenizer_spm_32k_3.model")
+    stage = make_stage(
+        model_files,
+        weights="hf://kyutai/moshiko-pytorch-bf16/model.safetensors",
+        tokenizer="hf://kyutai/moshiko-pytorch-bf16/tokenizer_spm_32k_3.model",
+    )
     assert stage.params.weights.startswith("hf://")
 
 
@@ -200,9 +220,12 @@ def test_a_seed_torch_would_refuse_or_repeat_is_a_config_error(seed):
 def test_a_model_too_big_for_this_machine_is_refused_before_it_is_built(tmp_path):
     huge = REDUCED.replace(dim=65536, num_heads=64, num_layers=1000)  # about 52 T parameters
     config = write_config(tmp_path / "huge.json", huge)
-    with pytest.raises(ConfigError, match=r"stages\.lm\.params: a \d+\.\d\d B-parameter Moshi LM in float32 "
-                                          r"needs \d+\.\d GiB of memory .*; this machine has \d+\.\d GiB "
-                                          r"available"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\.lm\.params: a \d+\.\d\d B-parameter Moshi LM in float32 "
+        r"needs \d+\.\d GiB of memory .*; this machine has \d+\.\d GiB "
+        r"available",
+    ):
         find_stage("moshi.step").from_config({"config": str(config)}, "stages.lm.params")
 
 
@@ -211,8 +234,11 @@ def test_open_checks_memory_again_before_building_the_model(model_files, monkeyp
 
     stage = make_stage(model_files)  # validated while memory was plentiful
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=0))
-    with pytest.raises(ConfigError, match=r"moshi\.step: a 0\.4 M-parameter Moshi LM in float32 needs .*"
-                                          r"this machine has 0\.0 GiB available"):
+    with pytest.raises(
+        ConfigError,
+        match=r"moshi\.step: a 0\.4 M-parameter Moshi LM in float32 needs .*"
+        r"this machine has 0\.0 GiB available",
+    ):
         stage.open("cpu")
 
 

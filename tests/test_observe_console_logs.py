@@ -27,8 +27,7 @@ def test_our_logs_and_a_child_process_stderr_go_through_the_console(capfd):
             finally:
                 log.removeHandler(handler)
         os.write(2, b"raw line on fd 2\n")
-        subprocess.run([sys.executable, "-c", "import sys; print('from a stage process', file=sys.stderr)"],
-                       check=True)
+        subprocess.run([sys.executable, "-c", "import sys; print('from a stage process', file=sys.stderr)"], check=True)
     shown = console.export_text()
     for line in ("rtpipe: stage lm restarted (restart 1)", "raw line on fd 2", "from a stage process"):
         assert line in shown

@@ -6,12 +6,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-import observe_support as support  # noqa: E402
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
+from rtpipe.pipeline.observe.live_view import LiveView, render_snapshot
+from rtpipe.pipeline.observe.observers import add_observer_arguments, make_observers
 
-from rtpipe.pipeline.observe.live_view import LiveView, render_snapshot  # noqa: E402
-from rtpipe.pipeline.observe.observers import add_observer_arguments, make_observers  # noqa: E402
+import observe_support as support
 
 
 def _console() -> Console:
@@ -75,8 +75,9 @@ def test_make_observers_uses_the_live_view_only_on_a_terminal(tmp_path):
     assert any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=_Tty()))
     assert not any(isinstance(o, LiveView) for o in make_observers(_args("--no-live"), info, stdout=_Tty()))
     assert not any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=io.StringIO()))
-    observers = make_observers(_args("--trace", str(tmp_path / "t.json"), "--metrics-port", "0"), info,
-                               stdout=io.StringIO())
+    observers = make_observers(
+        _args("--trace", str(tmp_path / "t.json"), "--metrics-port", "0"), info, stdout=io.StringIO()
+    )
     kinds = {type(o).__name__ for o in observers}
     assert {"TraceWriter", "PrometheusExporter"} <= kinds
     for observer in observers:
@@ -119,7 +120,7 @@ def test_a_snapshot_it_cannot_draw_gives_the_terminal_back():
     info = support.run_info()
     view = LiveView(info, console=_console())
     view.on_start(info)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         view.on_tick({"stages": {"lm": {"compute_ms": {"p50": 1.0}, "rtf": 0.1, "deadline_misses": "many"}}})
     assert view._live is None
     view.on_stop(support.report(support.records(5), info))  # still safe to call

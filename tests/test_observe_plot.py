@@ -7,11 +7,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import observe_support as support  # noqa: E402
+from rtpipe.pipeline.cli import plot as cmd_plot
+from rtpipe.pipeline.cli.main import main as rtpipe
+from rtpipe.pipeline.observe.plot import ReportError, budget_segments_ms, load_report
 
-from rtpipe.pipeline.cli import plot as cmd_plot  # noqa: E402
-from rtpipe.pipeline.cli.main import main as rtpipe  # noqa: E402
-from rtpipe.pipeline.observe.plot import ReportError, budget_segments_ms, load_report  # noqa: E402
+import observe_support as support
 
 
 def _report_file(tmp_path, n=80):
@@ -32,19 +32,32 @@ def test_rtpipe_plot_writes_a_png_with_the_expected_axes(tmp_path, capsys):
 def test_budget_parts_follow_the_chain_and_add_up_per_frame(tmp_path):
     _, report = _report_file(tmp_path, n=1)
     names = [name for name, _ in budget_segments_ms(report)]
-    assert names == ["capture", "wait mic->encode", "encode", "wait encode->lm", "lm", "wait lm->decode",
-                     "decode", "wait decode->speaker", "speaker", "playback buffer"]
+    assert names == [
+        "capture",
+        "wait mic->encode",
+        "encode",
+        "wait encode->lm",
+        "lm",
+        "wait lm->decode",
+        "decode",
+        "wait decode->speaker",
+        "speaker",
+        "playback buffer",
+    ]
     # one frame: its medians are its own parts, which add up to its end-to-end latency
     total = sum(ms for _, ms in budget_segments_ms(report))
     assert total == pytest.approx(report["samples"]["end_to_end_ms"][0], abs=0.02)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("not json", "not a JSON report"),
-    ("[1, 2]", "not a run report"),
-    ('{"frames": 3}', 'no "samples"'),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("not json", "not a JSON report"),
+        ("[1, 2]", "not a run report"),
+        ('{"frames": 3}', 'no "samples"'),
+    ],
+)
 def test_bad_report_is_one_line_naming_the_file(tmp_path, capsys, content, message):
     path = tmp_path / "report.json"
     if content is not None:
@@ -80,19 +93,22 @@ def test_report_with_a_non_number_sample_names_it(tmp_path):
 @pytest.fixture
 def no_drawing(monkeypatch):
     """Drawing fails the test: a bad output must be refused before the plot is drawn."""
+
     def draw(*args, **kwargs):
         raise AssertionError("the plot was drawn before the bad output was refused")
 
     monkeypatch.setattr(cmd_plot, "plot_report", draw)
 
 
-@pytest.mark.parametrize("output, message", [
-    ("latency.txt", "matplotlib cannot write .txt (it writes "),
-    ("latency", "matplotlib cannot write a file without an extension"),  # it would write latency.png
-    ("nodir/latency.png", "no such directory"),
-])
-def test_an_output_matplotlib_cannot_write_is_one_line_before_drawing(tmp_path, capsys, no_drawing,
-                                                                      output, message):
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("latency.txt", "matplotlib cannot write .txt (it writes "),
+        ("latency", "matplotlib cannot write a file without an extension"),  # it would write latency.png
+        ("nodir/latency.png", "no such directory"),
+    ],
+)
+def test_an_output_matplotlib_cannot_write_is_one_line_before_drawing(tmp_path, capsys, no_drawing, output, message):
     path, _ = _report_file(tmp_path, n=5)
     assert rtpipe(["plot", str(path), "-o", str(tmp_path / output)]) == 2
     err = capsys.readouterr().err.strip()

@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import observe_support as support  # noqa: E402
+from rtpipe.pipeline.observe.prometheus import PrometheusExporter
+from rtpipe.stages.errors import ConfigError
 
-from rtpipe.pipeline.observe.prometheus import PrometheusExporter  # noqa: E402
-from rtpipe.stages.errors import ConfigError  # noqa: E402
+import observe_support as support
 
 
 def _scrape(url: str) -> dict:
@@ -34,7 +34,7 @@ def test_counters_end_equal_to_the_final_report(exporter):
     recs = support.records(60)
     exporter.on_start(info)
     for step in (1, 2):
-        exporter.on_frames(recs[(step - 1) * 30: step * 30])
+        exporter.on_frames(recs[(step - 1) * 30 : step * 30])
         exporter.on_tick(support.report(recs[: step * 30], info, step=step, fill=True))
         during = _scrape(exporter.url)
         for key, value in support.counters_from_report(support.report(recs[: step * 30], info, step=step)).items():

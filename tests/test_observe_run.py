@@ -14,13 +14,13 @@ import pytest
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(__file__))
-import observe_support as support  # noqa: E402
+import rtpipe.pipeline.observe.observers as observe
+from rtpipe.pipeline.cli import plot as cmd_plot
+from rtpipe.pipeline.cli import run as cmd_run
+from rtpipe.pipeline.observe.live_view import LiveView
+from rtpipe.pipeline.observe.prometheus import PrometheusExporter
 
-import rtpipe.pipeline.observe.observers as observe  # noqa: E402
-from rtpipe.pipeline.cli import plot as cmd_plot  # noqa: E402
-from rtpipe.pipeline.cli import run as cmd_run  # noqa: E402
-from rtpipe.pipeline.observe.live_view import LiveView  # noqa: E402
-from rtpipe.pipeline.observe.prometheus import PrometheusExporter  # noqa: E402
+import observe_support as support
 
 RUN_SECONDS = 2.0
 
@@ -72,12 +72,29 @@ def observed_run(tmp_path_factory):
     scraper.start()
     observe.make_observers, saved = make_observers, observe.make_observers
     try:
-        code = cmd_run.main(["--input", "", "--no-pace", "--set", "stages.capture.params.loop=true",
-                             "--set", "edges.capture->encode.policy=drop-newest",
-                             "--set", "edges.capture->encode.slots=2",
-                             "--output", str(tmp / "out.wav"), "--seconds", str(RUN_SECONDS),
-                             "--report", str(tmp / "report.json"), "--trace", str(tmp / "trace.json"),
-                             "--metrics-port", "0"])
+        code = cmd_run.main(
+            [
+                "--input",
+                "",
+                "--no-pace",
+                "--set",
+                "stages.capture.params.loop=true",
+                "--set",
+                "edges.capture->encode.policy=drop-newest",
+                "--set",
+                "edges.capture->encode.slots=2",
+                "--output",
+                str(tmp / "out.wav"),
+                "--seconds",
+                str(RUN_SECONDS),
+                "--report",
+                str(tmp / "report.json"),
+                "--trace",
+                str(tmp / "trace.json"),
+                "--metrics-port",
+                "0",
+            ]
+        )
     finally:
         observe.make_observers = saved
         stop_scraping.set()
@@ -86,8 +103,14 @@ def observed_run(tmp_path_factory):
     final_scrape = _scrape(exporter.url) if exporter else None  # served until the process would exit
     if exporter:
         exporter.close()
-    yield {"code": code, "tmp": tmp, "built": built, "scrapes": scrapes, "final_scrape": final_scrape,
-           "report": json.loads((tmp / "report.json").read_text())}
+    yield {
+        "code": code,
+        "tmp": tmp,
+        "built": built,
+        "scrapes": scrapes,
+        "final_scrape": final_scrape,
+        "report": json.loads((tmp / "report.json").read_text()),
+    }
 
 
 def test_run_writes_a_report_with_samples(observed_run):
@@ -149,11 +172,28 @@ def test_rtpipe_run_in_a_pipe_prints_status_lines_serves_metrics_and_exits(tmp_p
     # threads must not keep the finished process alive
     import subprocess
 
-    rtpipe = [sys.executable, "-m", "rtpipe.pipeline.cli.main"]
+    rtpipe = [sys.executable, "-m", "rtpipe.pipeline.cli"]
+    trace = str(tmp_path / "trace.json")
     result = subprocess.run(
-        rtpipe + ["run", "--input", "", "--output", str(tmp_path / "out.wav"), "--seconds", "1.5",
-                  "--trace", str(tmp_path / "trace.json"), "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        [
+            *rtpipe,
+            "run",
+            "--input",
+            "",
+            "--output",
+            str(tmp_path / "out.wav"),
+            "--seconds",
+            "1.5",
+            "--trace",
+            trace,
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 0, result.stderr
     assert "rtpipe: metrics on http://127.0.0.1:" in result.stderr
     assert "rtpipe: running " in result.stdout and " frames " in result.stdout  # the status line

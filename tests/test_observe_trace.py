@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import observe_support as support  # noqa: E402
+from rtpipe.pipeline.observe.trace import TraceWriter
+from rtpipe.stages.errors import ConfigError
 
-from rtpipe.pipeline.observe.trace import TraceWriter  # noqa: E402
-from rtpipe.stages.errors import ConfigError  # noqa: E402
+import observe_support as support
 
 
 def _write_trace(path, recs, *, ticks=3, stop=True):

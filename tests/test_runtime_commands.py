@@ -12,12 +12,19 @@ import sys
 import numpy as np
 import pytest
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import (TESTS_DIR, chain_config, read_line_with, run_segments, start_in_thread,
-                             wait_for_frames, wait_until)
 from rtpipe.shm.frame import FLAG_DISCONTINUITY
+
+from runtime_support import (
+    TESTS_DIR,
+    chain_config,
+    read_line_with,
+    run_segments,
+    start_in_thread,
+    wait_for_frames,
+    wait_until,
+)
 
 
 def fill(supervisor: Supervisor, edge: str) -> int:
@@ -25,9 +32,12 @@ def fill(supervisor: Supervisor, edge: str) -> int:
 
 
 def test_pause_resume_reset_and_stats_reach_a_running_stage():
-    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise"}},
-                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:Talker"}, {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, slots=64)
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"signal": "noise"}},
+        [{"kind": "codec.pcm"}, {"kind": "runtime_support:Talker"}, {"kind": "codec.pcm"}],
+        {"kind": "playback.null"},
+        slots=64,
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     try:
@@ -70,14 +80,32 @@ def test_pause_resume_reset_and_stats_reach_a_running_stage():
 def test_a_signal_to_the_process_group_stops_rtpipe_run_cleanly_with_its_table(tmp_path, signum):
     # a terminal's Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal every process in
     # the group: the stages must leave the stopping to the supervisor, not die and be restarted
-    raw = chain_config({"kind": "capture.tone", "params": {}},
-                       [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}], {"kind": "playback.null"})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {}},
+        [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}],
+        {"kind": "playback.null"},
+    )
     config = tmp_path / "forever.toml"
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live",
-                             "--report", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rtpipe.pipeline.cli.main",
+            "run",
+            str(config),
+            "--no-live",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         read_line_with(proc, "frames", 60)  # the first status line: frames are flowing
         os.killpg(proc.pid, signum)
@@ -90,8 +118,7 @@ def test_a_signal_to_the_process_group_stops_rtpipe_run_cleanly_with_its_table(t
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["frames"] > 0
     assert all(s["restarts"] == 0 for s in report["stages"].values()), err
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("rtpipe-")
-                and _owned_by(n, proc.pid)]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("rtpipe-") and _owned_by(n, proc.pid)]
 
 
 def _owned_by(name: str, pid: int) -> bool:
@@ -102,9 +129,15 @@ def _owned_by(name: str, pid: int) -> bool:
 
 
 def test_stage_runs_on_the_cores_and_threads_its_config_gives():
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 0.5, "pace": False}},
-                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:WhereAmI", "cores": [0], "threads": 1},
-                        {"kind": "codec.pcm"}], {"kind": "playback.null"})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 0.5, "pace": False}},
+        [
+            {"kind": "codec.pcm"},
+            {"kind": "runtime_support:WhereAmI", "cores": [0], "threads": 1},
+            {"kind": "codec.pcm"},
+        ],
+        {"kind": "playback.null"},
+    )
     result = Supervisor(pipeline_config.validate(raw), handle_signals=False).run()
     assert result.exit_code == EXIT_HEALTHY, result.error
     assert result.report["text"] == ["cores=[0] threads=1 device=cpu"]
@@ -115,12 +148,22 @@ def test_an_unwritable_output_path_fails_before_any_stage_starts(tmp_path, flag,
     from rtpipe.pipeline.cli.main import main
 
     before = set(os.listdir("/dev/shm"))
-    code = main(["run", "--input", str(TESTS_DIR.parent / "stages" / "data" / "speech.wav"),
-                 "--output", str(tmp_path / "out.wav"), flag, str(tmp_path / "missing" / "x.json")])
+    code = main(
+        [
+            "run",
+            "--input",
+            str(TESTS_DIR.parent / "stages" / "data" / "speech.wav"),
+            "--output",
+            str(tmp_path / "out.wav"),
+            flag,
+            str(tmp_path / "missing" / "x.json"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"rtpipe: config error: {flag} {tmp_path / 'missing' / 'x.json'}: "
-                   f"no such directory {tmp_path / 'missing'}"]
+    assert err == [
+        f"rtpipe: config error: {flag} {tmp_path / 'missing' / 'x.json'}: no such directory {tmp_path / 'missing'}"
+    ]
     assert not (tmp_path / "out.wav").exists()  # nothing ran
     assert set(os.listdir("/dev/shm")) <= before
 

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import soundfile as sf
 
-
 from rtpipe.pipeline.cli import run as cmd_run
 from rtpipe.pipeline.runtime import config as pipeline_config
+
 from runtime_support import TESTS_DIR
 
 SPEECH = TESTS_DIR.parent / "stages" / "data" / "speech.wav"
@@ -28,8 +28,18 @@ def test_default_pipeline_runs_speech_through_five_processes_frame_for_frame(tmp
     speech, rate = sf.read(str(SPEECH), dtype="float32")
     assert rate == 24_000
     before = set(os.listdir("/dev/shm"))
-    code = cmd_run.main(["--input", str(SPEECH), "--no-pace", "--output", str(tmp_path / "out.wav"),
-                         "--report", str(tmp_path / "report.json"), "--no-live"])
+    code = cmd_run.main(
+        [
+            "--input",
+            str(SPEECH),
+            "--no-pace",
+            "--output",
+            str(tmp_path / "out.wav"),
+            "--report",
+            str(tmp_path / "report.json"),
+            "--no-live",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
     frames = -(-len(speech) // 1920)

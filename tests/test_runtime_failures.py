@@ -15,11 +15,19 @@ import numpy as np
 import psutil
 import soundfile as sf
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_DEGRADED, EXIT_FAILED, StageState, Supervisor
-from runtime_support import (TESTS_DIR, chain_config, gone, read_line_with, run_segments,
-                             start_in_thread, wait_for_frames, wait_until)
+
+from runtime_support import (
+    TESTS_DIR,
+    chain_config,
+    gone,
+    read_line_with,
+    run_segments,
+    start_in_thread,
+    wait_for_frames,
+    wait_until,
+)
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
@@ -31,9 +39,12 @@ def kill_mid_run(out, stage: str, after_frames: int, source: dict = NOISE_4S, th
     """Runs `source` (4 s of paced noise) through PASS_THROUGH into `out` (playback.file) and SIGKILLs
     `stage` once `after_frames` frames reached the sink (and `then_s` more seconds passed); returns
     the supervisor, its result and the victim's pid."""
-    raw = chain_config(source, PASS_THROUGH,
-                       {"kind": "playback.file", "params": {"path": str(out)}},
-                       supervisor={"restart_backoff_ms": 50})
+    raw = chain_config(
+        source,
+        PASS_THROUGH,
+        {"kind": "playback.file", "params": {"path": str(out)}},
+        supervisor={"restart_backoff_ms": 50},
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     wait_for_frames(supervisor, after_frames)
@@ -68,14 +79,15 @@ def test_a_file_source_sigkilled_mid_run_carries_on_where_it_stopped(tmp_path):
     samples = np.random.default_rng(7).uniform(-0.5, 0.5, 79_200).astype(np.float32)
     wav, out = tmp_path / "in.wav", tmp_path / "out.wav"
     sf.write(str(wav), samples, 24_000, subtype="FLOAT")
-    supervisor, result, victim = kill_mid_run(out, "capture", after_frames=12,
-                                              source={"kind": "capture.file", "params": {"path": str(wav)}})
+    supervisor, result, victim = kill_mid_run(
+        out, "capture", after_frames=12, source={"kind": "capture.file", "params": {"path": str(wav)}}
+    )
     report = result.report
     assert report["stages"]["capture"]["restarts"] == 1
     assert supervisor.stages["capture"].pid != victim
     got = sf.read(str(out), dtype="float32")[0]
     assert len(got) == 42 * 1920
-    np.testing.assert_array_equal(got[:len(samples)], samples)
+    np.testing.assert_array_equal(got[: len(samples)], samples)
     assert report["frames"] == 42 and report["frames_lost"] == 0
     assert report["samples"]["seq"] == list(range(42))
 
@@ -100,11 +112,16 @@ def test_sigkill_of_the_file_sink_keeps_what_it_had_written(tmp_path):
 def slow_open_chain(marker, open_s: float, pace: bool = True, **supervisor) -> Supervisor:
     """2 s of tone through an lm that takes `open_s` to open (writing `marker` when it begins), as a
     model loading does: for what happens to stages before every one is up."""
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0, "pace": pace}},
-                       [{"kind": "codec.pcm"},
-                        {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": open_s}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"}, supervisor=supervisor or None)
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 2.0, "pace": pace}},
+        [
+            {"kind": "codec.pcm"},
+            {"kind": "runtime_support:SlowOpen", "params": {"marker": str(marker), "seconds": open_s}},
+            {"kind": "codec.pcm"},
+        ],
+        {"kind": "playback.null"},
+        supervisor=supervisor or None,
+    )
     return Supervisor(pipeline_config.validate(raw), handle_signals=False)
 
 
@@ -176,12 +193,16 @@ def test_a_stage_that_opens_too_slowly_stops_the_run_without_restarts(tmp_path):
 
 def test_hung_stage_is_killed_and_restarted(tmp_path):
     marker = tmp_path / "hung-once"
-    raw = chain_config({"kind": "capture.tone", "params": {"signal": "noise", "seconds": 3.0, "pace": False}},
-                       [{"kind": "codec.pcm"}, {"kind": "runtime_support:HangOnce",
-                                                "params": {"marker": str(marker), "after_frames": 3}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.null"},
-                       supervisor={"heartbeat_ms": 100, "liveness": 15, "restart_backoff_ms": 50})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"signal": "noise", "seconds": 3.0, "pace": False}},
+        [
+            {"kind": "codec.pcm"},
+            {"kind": "runtime_support:HangOnce", "params": {"marker": str(marker), "after_frames": 3}},
+            {"kind": "codec.pcm"},
+        ],
+        {"kind": "playback.null"},
+        supervisor={"heartbeat_ms": 100, "liveness": 15, "restart_backoff_ms": 50},
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     thread.join(120)
@@ -195,14 +216,23 @@ def test_hung_stage_is_killed_and_restarted(tmp_path):
 
 def test_sigkill_of_the_supervisor_makes_every_stage_exit(tmp_path):
     out = tmp_path / "out.wav"
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH,
-                       {"kind": "playback.file", "params": {"path": str(out)}})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 120.0}},
+        PASS_THROUGH,
+        {"kind": "playback.file", "params": {"path": str(out)}},
+    )
     config = tmp_path / "long.toml"
     config.write_text(pipeline_config.to_toml(raw))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     stderr = open(tmp_path / "stderr.txt", "w")  # the stages', too: they inherit it
-    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     stderr.close()
     try:
         read_line_with(proc, "rtpipe: running", 60)

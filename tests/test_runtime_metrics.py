@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtpipe.pipeline.observe.report import (FRAME_RECORD_DTYPE, EdgeCounters, RunCounters, build_report, build_snapshot,
-                              count_lost, summarize_ms)
+from rtpipe.pipeline.observe.report import (
+    FRAME_RECORD_DTYPE,
+    EdgeCounters,
+    RunCounters,
+    build_report,
+    build_snapshot,
+    count_lost,
+    summarize_ms,
+)
 from rtpipe.pipeline.observe.status_line import StatusLine, format_status
 
 STAGES = ["capture", "encode", "lm", "decode", "playback"]
@@ -22,7 +29,7 @@ def synthetic(n: int, *, lm_ms: float = 10.0, t0_ns: int = 5_000 * MS) -> np.nda
         records[k]["capture_ns"] = t
         stamps = []
         for i in range(5):
-            enter = t + 1 * MS if i else t           # 1 ms on each hop
+            enter = t + 1 * MS if i else t  # 1 ms on each hop
             compute = lm_ms * MS if STAGES[i] == "lm" else 2 * MS
             stamps.append((enter, enter + int(compute)))
             t = enter + int(compute)
@@ -47,11 +54,17 @@ def test_lost_frames_are_the_gaps_in_sequence_numbers():
 
 def test_report_columns_per_stage_per_hop_and_end_to_end():
     records = synthetic(50, lm_ms=90.0)  # lm misses every deadline
-    counters = RunCounters(STAGES, EDGES, restarts={"lm": 1},
-                           edges={"capture->encode": EdgeCounters(dropped_oldest=2)}, frames_lost=3,
-                           text=["hi"])
-    report = build_report(records, counters, seconds=4.0, t0_ns=5_000 * MS, delay_frames=2,
-                          config={"stages": {}}, device_latency_ms=None)
+    counters = RunCounters(
+        STAGES,
+        EDGES,
+        restarts={"lm": 1},
+        edges={"capture->encode": EdgeCounters(dropped_oldest=2)},
+        frames_lost=3,
+        text=["hi"],
+    )
+    report = build_report(
+        records, counters, seconds=4.0, t0_ns=5_000 * MS, delay_frames=2, config={"stages": {}}, device_latency_ms=None
+    )
     assert report["frames"] == 50 and report["frames_lost"] == 3 and report["text"] == ["hi"]
     assert report["stages"]["encode"]["compute_ms"]["p50"] == 2.0
     assert report["stages"]["lm"]["deadline_misses"] == 50 and report["stages"]["lm"]["restarts"] == 1
@@ -63,8 +76,7 @@ def test_report_columns_per_stage_per_hop_and_end_to_end():
     assert report["end_to_end_ms"]["p50"] == 2 * 4 + 90 + 4 + 3
     assert report["samples"]["t_s"][:2] == [0.0, 0.08]
     assert report["samples"]["playback_ms"][0] == 5.0
-    assert set(report["samples"]) == {"seq", "t_s", "end_to_end_ms", "capture_ms", "stage_ms", "wait_ms",
-                                      "playback_ms"}
+    assert set(report["samples"]) == {"seq", "t_s", "end_to_end_ms", "capture_ms", "stage_ms", "wait_ms", "playback_ms"}
 
 
 def test_live_source_compute_does_not_count_the_frame_it_waited_for():

@@ -13,23 +13,43 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
+
 from runtime_support import TESTS_DIR, chain_config, delayed, noise_wav, run_segments
 
 FRAME = 1920
-REPORT_KEYS = {"frames", "seconds", "frame_ms", "end_to_end_ms", "stages", "edges", "playback",
-               "frames_lost", "samples", "text", "text_tokens", "delay_frames", "config", "device_latency_ms"}
+REPORT_KEYS = {
+    "frames",
+    "seconds",
+    "frame_ms",
+    "end_to_end_ms",
+    "stages",
+    "edges",
+    "playback",
+    "frames_lost",
+    "samples",
+    "text",
+    "text_tokens",
+    "delay_frames",
+    "config",
+    "device_latency_ms",
+}
 SUMMARY_KEYS = {"p50", "p95", "p99", "max", "mean"}
 
 
 def test_wav_through_five_processes_comes_out_delayed_by_exactly_the_declared_delay(tmp_path):
     samples = noise_wav(tmp_path / "in.wav", 3.3)  # not a whole number of frames: the last is padded
-    raw = chain_config({"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav"), "pace": False}},
-                       [{"kind": "codec.pcm"}, {"kind": "echo", "params": {"delay_frames": 2}},
-                        {"kind": "echo", "params": {"delay_frames": 1}}],
-                       {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}}, slots=4)
+    raw = chain_config(
+        {"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav"), "pace": False}},
+        [
+            {"kind": "codec.pcm"},
+            {"kind": "echo", "params": {"delay_frames": 2}},
+            {"kind": "echo", "params": {"delay_frames": 1}},
+        ],
+        {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}},
+        slots=4,
+    )
     config = pipeline_config.validate(raw)
     assert config.delay_frames == 3
     supervisor = Supervisor(config, handle_signals=False)
@@ -61,11 +81,18 @@ def test_wav_through_five_processes_comes_out_delayed_by_exactly_the_declared_de
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: float = 120):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *(env_extra or {}).pop("PYTHONPATH", "").split(os.pathsep),
-                                         env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS_DIR), *(env_extra or {}).pop("PYTHONPATH", "").split(os.pathsep), env.get("PYTHONPATH", "")]
+    ).strip(os.pathsep)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -74,9 +101,11 @@ def write_config(path: Path, raw: dict) -> Path:
 
 
 def swap_config(tmp_path: Path, lm_kind: str) -> Path:
-    raw = chain_config({"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav"), "pace": False}},
-                       [{"kind": "codec.pcm"}, {"kind": lm_kind}, {"kind": "codec.pcm"}],
-                       {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}})
+    raw = chain_config(
+        {"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav"), "pace": False}},
+        [{"kind": "codec.pcm"}, {"kind": lm_kind}, {"kind": "codec.pcm"}],
+        {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}},
+    )
     return write_config(tmp_path / "swap.toml", raw)
 
 
@@ -152,15 +181,18 @@ def test_what_a_run_says_it_chose_is_what_set_left(tmp_path):
     assert said == ["rtpipe: no audio devices: the built-in speech sample -> pipeline -> X.wav"]
 
 
-@pytest.mark.parametrize("flags, complaint", [
-    (["--output", "{wav}"], "the output {wav} is also the input"),
-    (["--output", "{link}"], "the output {link} is also the input"),
-    (["--output", "{hard}"], "the output {hard} is also the input"),
-    (["--output", "out.wav", "--report", "{hard}"], "--report {hard} is also the input"),
-    (["--output", "out.wav", "--report", "{wav}"], "--report {wav} is also the input"),
-    (["--output", "out.wav", "--report", "out.wav"], "--report out.wav is also the output"),
-    (["--output", "out.wav", "--report", "r.json", "--trace", "r.json"], "--trace r.json is also --report"),
-])
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (["--output", "{wav}"], "the output {wav} is also the input"),
+        (["--output", "{link}"], "the output {link} is also the input"),
+        (["--output", "{hard}"], "the output {hard} is also the input"),
+        (["--output", "out.wav", "--report", "{hard}"], "--report {hard} is also the input"),
+        (["--output", "out.wav", "--report", "{wav}"], "--report {wav} is also the input"),
+        (["--output", "out.wav", "--report", "out.wav"], "--report out.wav is also the output"),
+        (["--output", "out.wav", "--report", "r.json", "--trace", "r.json"], "--trace r.json is also --report"),
+    ],
+)
 def test_a_run_refuses_to_write_over_its_own_input_or_outputs(tmp_path, flags, complaint):
     wav, link, hard = tmp_path / "in.wav", tmp_path / "link.wav", tmp_path / "hard.wav"
     sf.write(str(wav), np.full(4000, 0.25, np.float32), 24_000)

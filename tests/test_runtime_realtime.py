@@ -15,26 +15,35 @@ import threading
 
 import pytest
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
-from runtime_support import (REPO, chain_config, frames_at_sink, run_segments, start_in_thread, wait_for_frames,
-                             wait_until)
 from rtpipe.stages.errors import ConfigError
+
+from runtime_support import (
+    REPO,
+    chain_config,
+    frames_at_sink,
+    run_segments,
+    start_in_thread,
+    wait_for_frames,
+    wait_until,
+)
 
 
 def tone_chain(lm: dict) -> dict:
-    return chain_config({"kind": "capture.tone", "params": {"signal": "noise"}},
-                        [{"kind": "codec.pcm"}, lm, {"kind": "codec.pcm"}], {"kind": "playback.null"})
+    return chain_config(
+        {"kind": "capture.tone", "params": {"signal": "noise"}},
+        [{"kind": "codec.pcm"}, lm, {"kind": "codec.pcm"}],
+        {"kind": "playback.null"},
+    )
 
 
 def test_a_stage_with_a_priority_runs_under_sched_fifo_and_the_others_do_not():
     refused = realtime.refusal(3)
     if refused:
         pytest.skip(f"this machine does not allow real-time priority: {refused}")
-    supervisor = Supervisor(pipeline_config.validate(tone_chain({"kind": "echo", "priority": 3})),
-                            handle_signals=False)
+    supervisor = Supervisor(pipeline_config.validate(tone_chain({"kind": "echo", "priority": 3})), handle_signals=False)
     thread, results = start_in_thread(supervisor)
     try:
         wait_for_frames(supervisor)
@@ -107,8 +116,14 @@ def _without_realtime_rights() -> None:
 
 def test_refusal_is_found_by_trying_for_real_without_the_right():
     probe = "from rtpipe.pipeline.runtime.realtime import refusal; print(refusal(5))"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                            timeout=60, preexec_fn=_without_realtime_rights)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_without_realtime_rights,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "not permitted here: needs root, CAP_SYS_NICE or an rtprio limit (ulimit -r 5)"
 
@@ -137,8 +152,10 @@ def test_a_stage_on_the_normal_scheduler_asks_for_a_short_slice_and_keeps_its_ni
         seen["took"] = realtime.short_slice()
         attr = ctypes.create_string_buffer(48)
         libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.syscall(ctypes.c_long(getattr_number), ctypes.c_long(0), attr, ctypes.c_uint(48),
-                            ctypes.c_uint(0)) == 0
+        assert (
+            libc.syscall(ctypes.c_long(getattr_number), ctypes.c_long(0), attr, ctypes.c_uint(48), ctypes.c_uint(0))
+            == 0
+        )
         _size, policy, _flags, nice, _prio, runtime_ns, _deadline, _period = struct.unpack("<IIQiIQQQ", attr.raw)
         seen.update(policy=policy, nice=nice, runtime_ns=runtime_ns)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime import control
 from rtpipe.pipeline.runtime.supervisor import Supervisor
-from runtime_support import REPO, TESTS_DIR, chain_config, gone, read_line_with, wait_until
 from rtpipe.shm.owner import process_start_ticks
+
+from runtime_support import REPO, TESTS_DIR, chain_config, gone, read_line_with, wait_until
 
 PASS_THROUGH = [{"kind": "codec.pcm"}, {"kind": "echo"}, {"kind": "codec.pcm"}]
 
@@ -50,8 +50,14 @@ def base():
 def run_directory_of_a_live_process(base: Path):
     """Yields (process, its run directory); the process is SIGKILLed (and reaped) on exit."""
     env = dict(os.environ, XDG_RUNTIME_DIR=str(base))
-    proc = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         line = proc.stdout.readline()  # the child prints its path, or exits (EOF) if it failed
         assert line, "the owner process did not create its run directory"
@@ -85,8 +91,7 @@ def test_run_directory_of_a_killed_owner_is_removed(base, caplog):
         removed = control.remove_orphaned_run_directories(base)
     assert removed == [path]
     assert not path.exists()
-    assert [r.getMessage() for r in caplog.records] == [
-        f"rtpipe: removed {path}, left by a run whose supervisor died"]
+    assert [r.getMessage() for r in caplog.records] == [f"rtpipe: removed {path}, left by a run whose supervisor died"]
 
 
 def test_run_directory_of_a_live_owner_is_kept_until_it_dies(base):
@@ -144,10 +149,18 @@ def owned_by_another_user(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("disguise", [without_owner_file, with_unreadable_owner_file,
-                                      with_a_file_rtpipe_did_not_put_there, open_to_others,
-                                      named_unlike_a_run_directory, linked_from_a_run_directory_name,
-                                      owned_by_another_user])
+@pytest.mark.parametrize(
+    "disguise",
+    [
+        without_owner_file,
+        with_unreadable_owner_file,
+        with_a_file_rtpipe_did_not_put_there,
+        open_to_others,
+        named_unlike_a_run_directory,
+        linked_from_a_run_directory_name,
+        owned_by_another_user,
+    ],
+)
 def test_directory_that_is_not_plainly_a_dead_run_of_ours_is_kept(base, disguise):
     kept = disguise(run_directory_of_a_killed_process(base))
     removable = run_directory_of_a_killed_process(base)  # the same but untouched: shows the cleanup ran
@@ -159,16 +172,23 @@ def test_directory_that_is_not_plainly_a_dead_run_of_ours_is_kept(base, disguise
             shutil.rmtree(kept.parent)
 
 
-def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_starts(base, tmp_path,
-                                                                                      monkeypatch):
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH,
-                       {"kind": "playback.null"})
+def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_starts(base, tmp_path, monkeypatch):
+    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 120.0}}, PASS_THROUGH, {"kind": "playback.null"})
     config = tmp_path / "long.toml"
     config.write_text(pipeline_config.to_toml(raw))
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(base),
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    env = dict(
+        os.environ,
+        XDG_RUNTIME_DIR=str(base),
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtpipe.pipeline.cli.main", "run", str(config), "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         read_line_with(proc, "rtpipe: running", 60)
         stages = psutil.Process(proc.pid).children()
@@ -182,8 +202,9 @@ def test_run_directory_of_a_sigkilled_supervisor_is_removed_when_the_next_run_st
     assert (left / control.CONTROL_SOCKET).exists()  # nothing removed it: the supervisor died first
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
-    short = chain_config({"kind": "capture.tone", "params": {"seconds": 0.5, "pace": False}}, PASS_THROUGH,
-                         {"kind": "playback.null"})
+    short = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 0.5, "pace": False}}, PASS_THROUGH, {"kind": "playback.null"}
+    )
     supervisor = Supervisor(pipeline_config.validate(short), handle_signals=False)
     result = supervisor.run()
     assert result.error is None

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import soundfile as sf
 
-
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
+
 from runtime_support import chain_config, delayed, noise_wav
 
 FRAME = 1920
@@ -19,11 +19,12 @@ STAGES = ["capture", "encode", "lm", "decode", "playback"]
 def paced_run(tmp_path, warm_up_us: int) -> tuple[np.ndarray, np.ndarray, dict, int]:
     """2.4 s of noise, paced like a microphone, through pcm -> echo (1 frame) -> pcm to a WAV."""
     samples = noise_wav(tmp_path / "in.wav", 2.4, seed=warm_up_us)
-    raw = chain_config({"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav")}},
-                       [{"kind": "codec.pcm"}, {"kind": "echo", "params": {"delay_frames": 1}},
-                        {"kind": "codec.pcm"}],
-                       {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}},
-                       supervisor={"warm_up_us": warm_up_us})
+    raw = chain_config(
+        {"kind": "capture.file", "params": {"path": str(tmp_path / "in.wav")}},
+        [{"kind": "codec.pcm"}, {"kind": "echo", "params": {"delay_frames": 1}}, {"kind": "codec.pcm"}],
+        {"kind": "playback.file", "params": {"path": str(tmp_path / "out.wav")}},
+        supervisor={"warm_up_us": warm_up_us},
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     result = supervisor.run()
     assert result.exit_code == EXIT_HEALTHY, result.error
@@ -52,9 +53,11 @@ def test_warm_up_us_zero_turns_warm_ups_off(tmp_path):
 
 def test_stages_that_change_the_payload_warm_up_without_failing(tmp_path):
     # audio -> int32[8] codes -> echo -> a sink taking any frame: input and output slots differ in shape
-    raw = chain_config({"kind": "capture.tone", "params": {"seconds": 2.0}},
-                       [{"kind": "runtime_support:CodesOut"}, {"kind": "echo"}],
-                       {"kind": "playback.null"})
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 2.0}},
+        [{"kind": "runtime_support:CodesOut"}, {"kind": "echo"}],
+        {"kind": "playback.null"},
+    )
     supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
     result = supervisor.run()
     assert result.exit_code == EXIT_HEALTHY, result.error

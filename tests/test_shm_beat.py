@@ -58,7 +58,7 @@ def test_burst_forgets_the_beat_until_it_steadies_again():
         t_ns += 20_000
         beat.observe(t_ns)
         assert beat.next_due_ns == 0 and not beat.steady()
-    for k in range(4):
+    for _k in range(4):
         t_ns += 80_000_000
         beat.observe(t_ns)
     assert beat.steady() and beat.next_due_ns == t_ns + 80_000_000

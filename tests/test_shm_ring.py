@@ -40,7 +40,9 @@ def make(name, spec=AUDIO):
 
 def put(producer, seq, value=None, timeout_s=0.0):
     shape = producer.ring.spec.shape
-    return producer.put(np.full(shape, seq if value is None else value), seq=seq, capture_ns=seq * 10, timeout_s=timeout_s)
+    return producer.put(
+        np.full(shape, seq if value is None else value), seq=seq, capture_ns=seq * 10, timeout_s=timeout_s
+    )
 
 
 def drain(consumer):
@@ -68,7 +70,9 @@ def test_zero_copy_slot_round_trip_with_stage_timestamps(ring_name):
     slot.header["exit_ns"][2] = 789
     slot.publish()
     got = consumer.acquire(timeout_s=1)
-    assert int(got.header["seq"]) == 5 and int(got.header["enter_ns"][2]) == 456 and int(got.header["exit_ns"][2]) == 789
+    assert (
+        int(got.header["seq"]) == 5 and int(got.header["enter_ns"][2]) == 456 and int(got.header["exit_ns"][2]) == 789
+    )
     assert np.array_equal(got.payload, np.arange(1920, dtype=np.float32))
     with pytest.raises(ValueError):
         got.payload[0] = 1  # read-only view

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from rtpipe.shm import Ring, RingSpec, new_run_id, remove_run_segments, segment_name
+
 from shm_support import REPLY_TIMEOUT_S, SPAWN, consume_on_core
 
 FRAMES = 12
@@ -57,4 +58,3 @@ def _held_before_publish_returned(core: int) -> int:
 def test_publish_yields_to_a_woken_consumer_on_the_same_core(one_core):
     # the first frames teach nothing, but a cold start may be slow: most, not all
     assert _held_before_publish_returned(one_core) >= FRAMES - 2
-

@@ -18,10 +18,11 @@ from rtpipe.shm import (
     new_run_id,
     remove_orphaned_segments,
     remove_run_segments,
+    ring_layout,
     segment_name,
 )
-from rtpipe.shm import ring_layout
 from rtpipe.shm.cleanup import segment_owner
+
 from shm_support import (
     REPLY_TIMEOUT_S,
     SPAWN,

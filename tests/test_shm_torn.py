@@ -3,6 +3,7 @@ order kept, nothing lost under block, no torn frame ever, no frame twice, drop c
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtpipe.shm import EdgePolicy, Ring, RingSpec, new_run_id, segment_name
+
 from shm_support import Worker
 
 SHAPES = st.sampled_from([(1,), (9,), (1920,), (3, 5), (2, 4096)])
@@ -46,7 +48,7 @@ def run_scenario(workers, spec: RingSpec, frames: int, produce_pace, consume_hol
 def check_common(frames, consumed, stats):
     seqs = consumed["seqs"]
     assert consumed["torn"] == [], f"torn frames {consumed['torn'][:10]}"
-    assert all(a < b for a, b in zip(seqs, seqs[1:])), "frames out of order or delivered twice"
+    assert all(a < b for a, b in itertools.pairwise(seqs)), "frames out of order or delivered twice"
     assert seqs[-1] == frames, "end-of-stream frame not delivered last"
     assert stats.published == stats.consumed + stats.dropped_oldest
     assert stats.consumed == len(seqs)
@@ -93,7 +95,7 @@ def test_drop_oldest_never_tears_or_repeats_and_counts_exactly(
     assert stats.dropped_newest == 0
     # A frame after a gap says a frame was lost before it.
     seqs = consumed["seqs"]
-    gaps = [b for a, b in zip([-1] + seqs, seqs) if b != a + 1]
+    gaps = [b for a, b in zip([-1, *seqs], seqs) if b != a + 1]
     assert gaps == consumed["discontinuities"]
 
 
@@ -114,7 +116,7 @@ def test_drop_newest_never_tears_and_counts_exactly(workers, slots, dtype, shape
     assert stats.dropped_newest == produced["dropped_newest"]
     assert stats.published == len(seqs)
     assert len(seqs) + stats.dropped_newest == produced["claims"]  # every claim delivered or counted
-    gaps = [b for a, b in zip([-1] + seqs, seqs) if b != a + 1]
+    gaps = [b for a, b in zip([-1, *seqs], seqs) if b != a + 1]
     assert set(gaps) <= set(consumed["discontinuities"])  # a frame after a loss says so
 
 
@@ -139,7 +141,9 @@ def test_no_segment_left_by_the_scenarios(workers):
     beat=BEAT,
     consume_hold=PACE,
 )
-def test_spinning_consumer_on_a_paced_producer_keeps_every_invariant(workers, slots, policy, frames, beat, consume_hold):
+def test_spinning_consumer_on_a_paced_producer_keeps_every_invariant(
+    workers, slots, policy, frames, beat, consume_hold
+):
     # The consumer learns the beat, sleeps until a frame is due and spins for it: that path too must
     # deliver in order, untorn, with exact counts.
     spec = RingSpec(slots, "float32", (1920,), policy, spin_us=400)

@@ -99,5 +99,5 @@ def test_a_wait_is_released_by_a_wake_from_another_thread_in_this_process():
         time.sleep(0.001)
     assert returned.wait(10)
     thread.join()
-    del futex, word
+    del word
     page.close()

@@ -22,8 +22,8 @@ import sys
 import numpy as np
 
 from rtpipe.pipeline.cli.arguments import check_range
-from rtpipe.stages.checkpoint import MAX_SEED
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec, Role, Stage
+from rtpipe.stages.checkpoint import MAX_SEED
 from rtpipe.stages.errors import ConfigError, RtpipeError, raised_as
 from rtpipe.stages.registry import find_stage
 
@@ -106,13 +106,14 @@ def _check_signal(kind: str, spec: PayloadSpec, frames: int, delay: int) -> None
     """ConfigError when the test signal would be too big, or too short to compare anything."""
     values = frames * math.prod(spec.shape)
     if values > MAX_SIGNAL_VALUES:
-        raise ConfigError(f"--frames {frames} of {spec}: {values} values, at most {MAX_SIGNAL_VALUES} "
-                          "(fewer frames or a smaller --input-spec)")
+        raise ConfigError(
+            f"--frames {frames} of {spec}: {values} values, at most {MAX_SIGNAL_VALUES} "
+            "(fewer frames or a smaller --input-spec)"
+        )
     if not isinstance(delay, int) or delay < 0:
         raise StageFailed(f"{kind}: delay_frames = {delay!r}: expected a whole number of frames >= 0")
     if frames <= delay:
-        raise ConfigError(f"--frames {frames}: {kind} delays its output by {delay} frame(s); "
-                          f"give more than {delay}")
+        raise ConfigError(f"--frames {frames}: {kind} delays its output by {delay} frame(s); give more than {delay}")
 
 
 def _run_stream(kind: str, stage, signal: np.ndarray) -> list:
@@ -128,8 +129,9 @@ def _run_offline(kind: str, stage, signal: np.ndarray) -> list:
     with _stage_code(kind, "process_offline()"):
         whole = np.asarray(stage.process_offline(signal))
     if whole.ndim == 0 or whole.shape[0] != len(signal):
-        raise StageFailed(f"{kind}: process_offline() gave {whole.shape[0] if whole.ndim else 0} frames "
-                          f"for {len(signal)}")
+        raise StageFailed(
+            f"{kind}: process_offline() gave {whole.shape[0] if whole.ndim else 0} frames for {len(signal)}"
+        )
     return list(whole)
 
 
@@ -172,8 +174,13 @@ def _compare(kind: str, a: list, b: list) -> dict:
             first_bad = k
         differing += n_bad
         max_diff = max(max_diff, float(diff.max(initial=0.0)))
-    return {"max_abs_diff": max_diff, "values_differing": differing, "values_compared": total,
-            "values_nan_in_both": nan_both, "first_frame_differing": first_bad}
+    return {
+        "max_abs_diff": max_diff,
+        "values_differing": differing,
+        "values_compared": total,
+        "values_nan_in_both": nan_both,
+        "first_frame_differing": first_bad,
+    }
 
 
 def _processor_class(kind: str) -> type:
@@ -201,8 +208,7 @@ def _compare_fresh_replay(kind: str, cls: type, params: dict, streamed: list, si
             fresh.close()
 
 
-def check_causal(kind: str, frames: int, params: dict, input_spec: PayloadSpec | None,
-                 seed: int = 0) -> dict:
+def check_causal(kind: str, frames: int, params: dict, input_spec: PayloadSpec | None, seed: int = 0) -> dict:
     """Runs the check and returns the result as a dict (see main for the fields). Raises ConfigError
     for bad arguments, StageFailed when the stage's own code raises."""
     cls = _processor_class(kind)
@@ -224,7 +230,7 @@ def check_causal(kind: str, frames: int, params: dict, input_spec: PayloadSpec |
         if offline:
             # output k of the stream answers input k - delay; offline output k answers input k
             reference = _run_offline(kind, stage, signal)
-            result = _compare(kind, streamed[delay:], reference[:frames - delay])
+            result = _compare(kind, streamed[delay:], reference[: frames - delay])
         else:
             result = _compare(kind, streamed, _run_stream(kind, stage, signal))
     finally:
@@ -237,23 +243,45 @@ def check_causal(kind: str, frames: int, params: dict, input_spec: PayloadSpec |
         fresh_result = _compare_fresh_replay(kind, cls, params, streamed, signal)
         if fresh_result["max_abs_diff"] > result["max_abs_diff"]:
             result = fresh_result
-    result.update({"stage": kind, "frames": frames, "input_spec": str(spec), "output_spec": str(out_spec),
-                   "delay_frames": delay, "method": method})
+    result.update(
+        {
+            "stage": kind,
+            "frames": frames,
+            "input_spec": str(spec),
+            "output_spec": str(out_spec),
+            "delay_frames": delay,
+            "method": method,
+        }
+    )
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpipe check-causal", description=__doc__.splitlines()[0])
     parser.add_argument("stage", metavar="STAGE", help="stage kind: a built-in name or package.module:Class")
-    parser.add_argument("--frames", type=int, default=100,
-                        help=f"frames of 80 ms to feed, 1 to {MAX_FRAMES} (default 100)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a stage parameter (JSON value or bare string), repeatable")
+    parser.add_argument(
+        "--frames", type=int, default=100, help=f"frames of 80 ms to feed, 1 to {MAX_FRAMES} (default 100)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a stage parameter (JSON value or bare string), repeatable",
+    )
     parser.add_argument("--input-spec", default=None, help="e.g. float32[1920] or int32[8] (default: found)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest absolute difference accepted for float outputs (default 1e-4)")
-    parser.add_argument("--max-differing", type=float, default=0.001,
-                        help="fraction of integer outputs (codes) allowed to differ, 0 to 1 (default 0.001)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest absolute difference accepted for float outputs (default 1e-4)",
+    )
+    parser.add_argument(
+        "--max-differing",
+        type=float,
+        default=0.001,
+        help="fraction of integer outputs (codes) allowed to differ, 0 to 1 (default 0.001)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the test signal")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
@@ -276,15 +304,24 @@ def _verdict(result: dict, tolerance: float, max_differing: float) -> bool:
 
 
 def _print_result(result: dict) -> None:
-    print(f"{result['stage']}: {result['frames']} frames of {result['input_spec']} -> "
-          f"{result['output_spec']}, streaming vs {result['method']}")
-    print(f"  largest difference {result['max_abs_diff']:.3g}; {result['values_differing']} of "
-          f"{result['values_compared']} values differ"
-          + (f" (first in frame {result['first_frame_differing']})"
-             if result["first_frame_differing"] is not None else ""))
+    print(
+        f"{result['stage']}: {result['frames']} frames of {result['input_spec']} -> "
+        f"{result['output_spec']}, streaming vs {result['method']}"
+    )
+    print(
+        f"  largest difference {result['max_abs_diff']:.3g}; {result['values_differing']} of "
+        f"{result['values_compared']} values differ"
+        + (
+            f" (first in frame {result['first_frame_differing']})"
+            if result["first_frame_differing"] is not None
+            else ""
+        )
+    )
     if result["values_nan_in_both"]:
-        print(f"  note: {result['values_nan_in_both']} values are NaN in both runs, at the same places "
-              "(counted as agreeing)")
+        print(
+            f"  note: {result['values_nan_in_both']} values are NaN in both runs, at the same places "
+            "(counted as agreeing)"
+        )
     print("  causal: yes" if result["ok"] else "  causal: NO (beyond tolerance)")
 
 

@@ -23,24 +23,36 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpipe infer", description=__doc__.splitlines()[0])
     parser.add_argument("input", metavar="IN.wav", help="the user's side (any rate; mixed to mono)")
     parser.add_argument("output", metavar="OUT.wav", help="the model's side, 24 kHz mono")
-    parser.add_argument("--mimi-weights", default=None,
-                        help="Mimi safetensors or hf://owner/repo/file (default: random weights)")
-    parser.add_argument("--lm-weights", default=None,
-                        help="Moshi LM safetensors or hf://owner/repo/file (default: random weights)")
-    parser.add_argument("--lm-config", default=None, metavar="config.json",
-                        help="a Kyutai config.json giving the LM's architecture (default: --size)")
-    parser.add_argument("--size", default="tiny", help="built-in LM size without --lm-config "
-                        "(tiny, small, medium, large, 7b; default tiny)")
+    parser.add_argument(
+        "--mimi-weights", default=None, help="Mimi safetensors or hf://owner/repo/file (default: random weights)"
+    )
+    parser.add_argument(
+        "--lm-weights", default=None, help="Moshi LM safetensors or hf://owner/repo/file (default: random weights)"
+    )
+    parser.add_argument(
+        "--lm-config",
+        default=None,
+        metavar="config.json",
+        help="a Kyutai config.json giving the LM's architecture (default: --size)",
+    )
+    parser.add_argument(
+        "--size",
+        default="tiny",
+        help="built-in LM size without --lm-config (tiny, small, medium, large, 7b; default tiny)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model to show text as words")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="always the most likely token")
-    mode.add_argument("--temperature", type=float, default=None,
-                      help="audio sampling temperature (default 0.8)")
+    mode.add_argument("--temperature", type=float, default=None, help="audio sampling temperature (default 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="audio top-k (default 250)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable runs)")
-    parser.add_argument("--codes-out", default=None, metavar="OUT.npz",
-                        help="save the model's codes (audio [8, frames]) and text tokens (text [frames])")
+    parser.add_argument(
+        "--codes-out",
+        default=None,
+        metavar="OUT.npz",
+        help="save the model's codes (audio [8, frames]) and text tokens (text [frames])",
+    )
     return parser
 
 
@@ -55,7 +67,7 @@ def main(argv: list[str]) -> int:
     samples = read_audio_24k(args.input)
     frames = -(-samples.size // FRAME_SAMPLES)
     padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
-    padded[:samples.size] = samples
+    padded[: samples.size] = samples
 
     for stage in (encode, lm, decode):
         stage.open("cpu")
@@ -71,9 +83,12 @@ def main(argv: list[str]) -> int:
     if args.codes_out:
         np.savez(args.codes_out, audio=codes, text=text)
     audio_s = frames * FRAME_SAMPLES / SAMPLE_RATE
-    print(f"rtpipe infer: {frames} frames ({audio_s:.2f} s) in {seconds:.2f} s "
-          f"(real-time factor {seconds / audio_s:.2f}); wrote {args.output}"
-          + (f" and {args.codes_out}" if args.codes_out else ""), file=sys.stderr)
+    print(
+        f"rtpipe infer: {frames} frames ({audio_s:.2f} s) in {seconds:.2f} s "
+        f"(real-time factor {seconds / audio_s:.2f}); wrote {args.output}"
+        + (f" and {args.codes_out}" if args.codes_out else ""),
+        file=sys.stderr,
+    )
     if words:
         print("".join(words).strip())
     return 0
@@ -97,9 +112,14 @@ def _build_stages(args: argparse.Namespace):
     """mimi.encode, moshi.step and mimi.decode from the arguments, their params validated (paths,
     numbers, whether the model fits in memory) and their edges checked; nothing is loaded yet."""
     lm_params: dict = {"size": args.size, "dtype": args.dtype}
-    for key, value in (("config", args.lm_config), ("weights", args.lm_weights),
-                       ("tokenizer", args.tokenizer), ("seed", args.seed),
-                       ("temperature", args.temperature), ("top_k", args.top_k)):
+    for key, value in (
+        ("config", args.lm_config),
+        ("weights", args.lm_weights),
+        ("tokenizer", args.tokenizer),
+        ("seed", args.seed),
+        ("temperature", args.temperature),
+        ("top_k", args.top_k),
+    ):
         if value is not None:
             lm_params[key] = value
     if args.greedy:
@@ -110,8 +130,10 @@ def _build_stages(args: argparse.Namespace):
     decode = find_stage("mimi.decode").from_config(dict(mimi_params), "mimi")
     decode.output_spec(lm.output_spec(encode.output_spec(AUDIO_FRAME)))
     if lm.config.card != CODEBOOK_BINS:  # else the first frame's codes are out of range, mid-run
-        raise ConfigError(f"lm.card = {lm.config.card}: the LM reads and writes Mimi's codes, "
-                          f"0..{CODEBOOK_BINS - 1}: expected card = {CODEBOOK_BINS}")
+        raise ConfigError(
+            f"lm.card = {lm.config.card}: the LM reads and writes Mimi's codes, "
+            f"0..{CODEBOOK_BINS - 1}: expected card = {CODEBOOK_BINS}"
+        )
     return encode, lm, decode
 
 
@@ -126,7 +148,7 @@ def _replay(encode, lm, decode, padded: np.ndarray, frames: int):
     padding_id = lm.config.existing_text_padding_id  # "nothing said" for the warm-up frames' text
     audio, codes, text, words = [], [], [], []
     for k in range(frames):
-        user_codes = encode.process(padded[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES])
+        user_codes = encode.process(padded[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES])
         model_codes = np.asarray(lm.process(np.asarray(user_codes, dtype=np.int32)), dtype=np.int32)
         events = lm.events()
         text.append(events[0]["text_token"] if events else padding_id)

@@ -43,13 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("input", metavar="IN.npy")
     dec.add_argument("output", metavar="OUT.wav")
     for p in (enc, dec):
-        p.add_argument("--weights", default=None,
-                       help="Mimi safetensors file or hf://owner/repo/file (default: random weights)")
+        p.add_argument(
+            "--weights", default=None, help="Mimi safetensors file or hf://owner/repo/file (default: random weights)"
+        )
         p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype")
-        p.add_argument("--offline", action="store_true",
-                       help="run the whole signal at once instead of frame by frame")
-        p.add_argument("--seed", type=int, default=0,
-                       help="seed of the random weights (no --weights), 0 to 2**63-1")
+        p.add_argument("--offline", action="store_true", help="run the whole signal at once instead of frame by frame")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --weights), 0 to 2**63-1")
     return parser
 
 
@@ -81,7 +80,8 @@ def check_offline_memory(frames: int) -> None:
         raise ConfigError(
             f"--offline: {seconds:.0f} s of audio needs about {need_bytes / 1e9:.1f} GB of memory, "
             f"{available_bytes / 1e9:.1f} GB is available; leave out --offline to run frame by frame "
-            f"(about {OFFLINE_BASE_BYTES / 1e9:.1f} GB whatever the length)")
+            f"(about {OFFLINE_BASE_BYTES / 1e9:.1f} GB whatever the length)"
+        )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -131,8 +131,10 @@ def _load_codes_array(path: str) -> np.ndarray:
         if magic.startswith(NPZ_MAGIC):
             with np.load(path, allow_pickle=False) as archive:
                 if "audio" not in archive.files:
-                    raise AudioError(f"{path}: an .npz without an \"audio\" array of codes "
-                                     f"(it holds: {', '.join(archive.files) or 'nothing'})")
+                    raise AudioError(
+                        f'{path}: an .npz without an "audio" array of codes '
+                        f"(it holds: {', '.join(archive.files) or 'nothing'})"
+                    )
                 return archive["audio"]
         if magic == NPY_MAGIC:
             return np.load(path, allow_pickle=False)
@@ -164,9 +166,10 @@ def encode_file(args: argparse.Namespace) -> int:
     if args.offline:
         check_offline_memory(frames)
     padded = np.zeros(frames * FRAME_SAMPLES, np.float32)
-    padded[:samples.size] = samples
-    stage = MimiEncode(MimiParams(weights=args.weights, codebooks=args.codebooks,
-                                  dtype=DTYPES[args.dtype], seed=args.seed))
+    padded[: samples.size] = samples
+    stage = MimiEncode(
+        MimiParams(weights=args.weights, codebooks=args.codebooks, dtype=DTYPES[args.dtype], seed=args.seed)
+    )
     stage.open("cpu")
     if args.offline:
         import torch
@@ -174,8 +177,9 @@ def encode_file(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             codes = stage.model.encode_offline(torch.from_numpy(padded), args.codebooks).numpy().T
     else:
-        codes = np.stack([stage.process(padded[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES])
-                          for i in range(frames)], axis=1)
+        codes = np.stack(
+            [stage.process(padded[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]) for i in range(frames)], axis=1
+        )
     stage.close()
     write_codes(args.output, codes)
     print(f"rtpipe: {args.input}: {frames} frames -> {args.output} codes {list(codes.shape)}", file=sys.stderr)
@@ -207,15 +211,16 @@ def decode_file(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             samples = stage.model.decode_offline(torch.from_numpy(codes.T.astype(np.int64))).numpy()
     else:
-        samples = np.concatenate([stage.process(np.ascontiguousarray(codes[:, i]))
-                                  for i in range(codes.shape[1])])
+        samples = np.concatenate([stage.process(np.ascontiguousarray(codes[:, i])) for i in range(codes.shape[1])])
     stage.close()
     try:
         soundfile.write(args.output, samples, SAMPLE_RATE, subtype="FLOAT")
     except Exception as e:
         raise AudioError(f"{args.output}: cannot write audio: {e}") from e
-    print(f"rtpipe: {args.input}: {codes.shape[1]} frames -> {args.output} "
-          f"({samples.size / SAMPLE_RATE:.2f} s)", file=sys.stderr)
+    print(
+        f"rtpipe: {args.input}: {codes.shape[1]} frames -> {args.output} ({samples.size / SAMPLE_RATE:.2f} s)",
+        file=sys.stderr,
+    )
     return 0
 
 

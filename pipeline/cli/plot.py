@@ -17,10 +17,12 @@ from rtpipe.stages.errors import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtpipe plot",
-        description="Plot a run report: end-to-end latency over time, per-stage compute time, median budget.")
+        description="Plot a run report: end-to-end latency over time, per-stage compute time, median budget.",
+    )
     parser.add_argument("report", metavar="REPORT.json", help="a report written by `rtpipe run --report`")
-    parser.add_argument("-o", "--output", metavar="PNG", default=None,
-                        help="image to write (default: the report's name with .png)")
+    parser.add_argument(
+        "-o", "--output", metavar="PNG", default=None, help="image to write (default: the report's name with .png)"
+    )
     parser.add_argument("--title", default=None, help="figure title (default: frames and seconds)")
     return parser
 

@@ -16,10 +16,9 @@ import sys
 import threading
 from pathlib import Path
 
-
-from rtpipe.pipeline.runtime import config as pipeline_config
-from rtpipe.pipeline.observe import observers as observe
 from rtpipe.pipeline.cli.arguments import file_identity
+from rtpipe.pipeline.observe import observers as observe
+from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
 from rtpipe.stages.errors import ConfigError
 
@@ -38,19 +37,28 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rtpipe run", description="run the pipeline: one process per stage, shared-memory rings",
+        prog="rtpipe run",
+        description="run the pipeline: one process per stage, shared-memory rings",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With no CONFIG, --input or --output: microphone -> speaker when audio devices exist, else\n"
-               f"the built-in speech sample -> {DEFAULT_OUTPUT}.\n"
-               "Exit code: 0 healthy, 1 failed (a stage could not start or kept dying), 2 bad config or\n"
-               "arguments, 3 finished degraded (a stage was restarted or frames were lost).")
+        f"the built-in speech sample -> {DEFAULT_OUTPUT}.\n"
+        "Exit code: 0 healthy, 1 failed (a stage could not start or kept dying), 2 bad config or\n"
+        "arguments, 3 finished degraded (a stage was restarted or frames were lost).",
+    )
     parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE",
-                        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B.C=VALUE",
+        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)",
+    )
     parser.add_argument("--input", metavar="FILE.wav", help="capture from this file instead of the source")
     parser.add_argument("--output", metavar="FILE.wav", help="play into this file instead of the sink")
-    parser.add_argument("--no-pace", action="store_true",
-                        help="read --input as fast as the pipeline takes it, not at real time")
+    parser.add_argument(
+        "--no-pace", action="store_true", help="read --input as fast as the pipeline takes it, not at real time"
+    )
     parser.add_argument("--seconds", type=_seconds, metavar="N", help="stop after N seconds")
     parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
     observe.add_observer_arguments(parser)
@@ -89,8 +97,11 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
             output_path = DEFAULT_OUTPUT if output_path is None else output_path
             announce = "rtpipe: no audio devices: "
     if input_path is not None and source is not None:
-        stages[source] = {**stages[source], "kind": "capture.file",
-                          "params": {"path": str(input_path), "pace": not args.no_pace}}
+        stages[source] = {
+            **stages[source],
+            "kind": "capture.file",
+            "params": {"path": str(input_path), "pace": not args.no_pace},
+        }
         edge = first_edge()
         if edge is not None:
             edge["policy"] = "block"  # a file can wait; nothing of it is lost
@@ -102,8 +113,10 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
     if announce:  # what was chosen, as --set left it
         final = raw.get("stages", {})
         source_name = _end_name(final.get(source))
-        say(f"{announce}{source_name} -> pipeline -> {_end_name(final.get(sink))}"
-            + (" (Ctrl-C to stop)" if source_name == "microphone" else ""))
+        say(
+            f"{announce}{source_name} -> pipeline -> {_end_name(final.get(sink))}"
+            + (" (Ctrl-C to stop)" if source_name == "microphone" else "")
+        )
     return raw
 
 
@@ -141,25 +154,34 @@ def check_distinct_files(cfg, args: argparse.Namespace) -> None:
 
 def format_table(report: dict) -> str:
     """The end-of-run table: per stage, per edge, end to end."""
+
     def p(d: dict) -> str:
         return f"{d['p50']:8.3f} {d['p95']:8.3f} {d['p99']:8.3f} {d['max']:8.3f}"
 
-    lines = [f"{'stage':<12} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rtf':>7} "
-             f"{'misses':>6} {'restarts':>8}"]
+    lines = [
+        f"{'stage':<12} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rtf':>7} "
+        f"{'misses':>6} {'restarts':>8}"
+    ]
     for name, s in report["stages"].items():
-        lines.append(f"{name:<12} {p(s['compute_ms'])} {s['rtf']:7.4f} {s['deadline_misses']:6d} "
-                     f"{s['restarts']:8d}")
-    lines.append(f"{'edge (wait)':<20} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-                 f"{'drop-old':>8} {'drop-new':>8} {'blocked':>7}")
+        lines.append(f"{name:<12} {p(s['compute_ms'])} {s['rtf']:7.4f} {s['deadline_misses']:6d} {s['restarts']:8d}")
+    lines.append(
+        f"{'edge (wait)':<20} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'drop-old':>8} {'drop-new':>8} {'blocked':>7}"
+    )
     for name, e in report["edges"].items():
-        lines.append(f"{name:<20} {p(e['wait_ms'])} {e['dropped_oldest']:8d} {e['dropped_newest']:8d} "
-                     f"{e['blocked']:7d}")
-    lines.append(f"{'end to end':<20} {p(report['end_to_end_ms'])}   ({report['frames']} frames, "
-                 f"{report['seconds']:.1f} s, declared delay {report['delay_frames']} frames)")
+        lines.append(
+            f"{name:<20} {p(e['wait_ms'])} {e['dropped_oldest']:8d} {e['dropped_newest']:8d} {e['blocked']:7d}"
+        )
+    lines.append(
+        f"{'end to end':<20} {p(report['end_to_end_ms'])}   ({report['frames']} frames, "
+        f"{report['seconds']:.1f} s, declared delay {report['delay_frames']} frames)"
+    )
     pb = report["playback"]
     latency = report.get("device_latency_ms")
-    lines.append(f"frames lost {report['frames_lost']}; playback underruns {pb['underruns']}, overflows "
-                 f"{pb['overflows']}" + (f"; device output latency {latency:.1f} ms" if latency else ""))
+    lines.append(
+        f"frames lost {report['frames_lost']}; playback underruns {pb['underruns']}, overflows "
+        f"{pb['overflows']}" + (f"; device output latency {latency:.1f} ms" if latency else "")
+    )
     return "\n".join(lines)
 
 

@@ -24,14 +24,13 @@ class StderrThroughConsole:
         self._saved_fd: int | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "StderrThroughConsole":
+    def __enter__(self) -> StderrThroughConsole:
         read_fd, write_fd = os.pipe()
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-        self._thread = threading.Thread(target=self._forward, args=(read_fd,), name="stderr-to-console",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._forward, args=(read_fd,), name="stderr-to-console", daemon=True)
         self._thread.start()
         return self
 
@@ -44,5 +43,6 @@ class StderrThroughConsole:
     def _forward(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as lines:
             for line in lines:
-                self.console.print(line.rstrip("\n"), markup=False, highlight=False, emoji=False,
-                                   style="dim", soft_wrap=True)
+                self.console.print(
+                    line.rstrip("\n"), markup=False, highlight=False, emoji=False, style="dim", soft_wrap=True
+                )

@@ -113,8 +113,10 @@ def _summary(snapshot: dict) -> Text:
     lost = int(snapshot.get("frames_lost") or 0)
     line = Text()
     line.append("end-to-end ", style="bold")
-    line.append(f"P50 {_ms(e2e.get('p50')).strip()} ms  P99 {_ms(e2e.get('p99')).strip()} ms  "
-                f"max {_ms(e2e.get('max')).strip()} ms")
+    line.append(
+        f"P50 {_ms(e2e.get('p50')).strip()} ms  P99 {_ms(e2e.get('p99')).strip()} ms  "
+        f"max {_ms(e2e.get('max')).strip()} ms"
+    )
     line.append("   underruns ")
     line.append(str(underruns), style="red" if underruns else "")
     line.append("  overflows ")
@@ -140,8 +142,13 @@ def _transcript(snapshot: dict) -> Text | None:
 def render_snapshot(snapshot: dict | None, run_info: dict) -> Panel:
     """Draw one snapshot (the report's shape, percentiles over the last seconds) as a rich Panel."""
     snapshot = snapshot or {}
-    parts: list = [_stage_table(snapshot, run_info), Text(""), _edge_table(snapshot, run_info), Text(""),
-                   _summary(snapshot)]
+    parts: list = [
+        _stage_table(snapshot, run_info),
+        Text(""),
+        _edge_table(snapshot, run_info),
+        Text(""),
+        _summary(snapshot),
+    ]
     transcript = _transcript(snapshot)
     if transcript is not None:
         parts.append(transcript)
@@ -164,8 +171,14 @@ class LiveView(Observer):
     def on_start(self, run_info: dict) -> None:
         self.run_info = dict(run_info)
         # no auto-refresh thread: the supervisor's ticks drive redraws, which spares a core on small hosts
-        self._live = Live(render_snapshot(None, self.run_info), console=self.console, auto_refresh=False,
-                          transient=False, redirect_stdout=False, redirect_stderr=False)
+        self._live = Live(
+            render_snapshot(None, self.run_info),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self._live.start(refresh=True)
 
     def on_tick(self, snapshot: dict) -> None:
@@ -183,8 +196,10 @@ class LiveView(Observer):
         # the report has no fill levels of its own: show the last tick's (copies: the report is shared)
         last_edges = (self.last_snapshot or {}).get("edges") or {}
         snapshot = dict(report)
-        snapshot["edges"] = {edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
-                             for edge, row in (report.get("edges") or {}).items()}
+        snapshot["edges"] = {
+            edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
+            for edge, row in (report.get("edges") or {}).items()
+        }
         if not snapshot.get("text") and not snapshot.get("text_tokens") and self.last_snapshot:
             snapshot["text"] = self.last_snapshot.get("text")
             snapshot["text_tokens"] = self.last_snapshot.get("text_tokens")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 
 def _port(text: str) -> int:
@@ -23,14 +22,25 @@ def _port(text: str) -> int:
 def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --trace FILE, --metrics-port N, --metrics-host HOST and --no-live to `rtpipe run`'s parser."""
     group = parser.add_argument_group("observing a run")
-    group.add_argument("--trace", metavar="FILE", default=None,
-                       help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)")
-    group.add_argument("--metrics-port", metavar="N", type=_port, default=None,
-                       help="serve Prometheus /metrics on this port (0: any free port, printed)")
-    group.add_argument("--metrics-host", metavar="HOST", default="127.0.0.1",
-                       help="address /metrics listens on (default 127.0.0.1, loopback only)")
-    group.add_argument("--no-live", action="store_true",
-                       help="no live terminal view: print the one-line status instead")
+    group.add_argument(
+        "--trace", metavar="FILE", default=None, help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)"
+    )
+    group.add_argument(
+        "--metrics-port",
+        metavar="N",
+        type=_port,
+        default=None,
+        help="serve Prometheus /metrics on this port (0: any free port, printed)",
+    )
+    group.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="address /metrics listens on (default 127.0.0.1, loopback only)",
+    )
+    group.add_argument(
+        "--no-live", action="store_true", help="no live terminal view: print the one-line status instead"
+    )
 
 
 def check_output_path(path: str, flag: str) -> None:
@@ -70,8 +80,9 @@ def check_observer_arguments(args: argparse.Namespace) -> None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, port))
         except OSError as e:
-            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} "
-                              f"({getattr(e, 'strerror', None) or e})") from None
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})"
+            ) from None
 
 
 def _status_line(run_info: dict) -> list:
@@ -110,8 +121,7 @@ def make_observers(args: argparse.Namespace, run_info: dict, *, stdout=None, con
     if port is not None:
         from rtpipe.pipeline.observe.prometheus import PrometheusExporter
 
-        observers.append(PrometheusExporter(run_info, port=port,
-                                            host=getattr(args, "metrics_host", "127.0.0.1")))
+        observers.append(PrometheusExporter(run_info, port=port, host=getattr(args, "metrics_host", "127.0.0.1")))
     return observers
 
 

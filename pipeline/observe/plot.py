@@ -6,6 +6,7 @@ distribution, and a stacked bar of the median budget (capture, each stage, each 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -45,10 +46,10 @@ def load_report(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise ReportError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(report, dict):
-        raise ReportError(f"{path}: not a run report (a JSON object with \"samples\" is expected)")
+        raise ReportError(f'{path}: not a run report (a JSON object with "samples" is expected)')
     samples = report.get("samples")
     if not isinstance(samples, dict):
-        raise ReportError(f"{path}: no \"samples\" (per-frame latencies); write it with `rtpipe run --report`")
+        raise ReportError(f'{path}: no "samples" (per-frame latencies); write it with `rtpipe run --report`')
     for key in SAMPLE_KEYS:
         if key not in samples:
             raise ReportError(f"{path}: samples.{key} is missing")
@@ -72,8 +73,14 @@ def load_report(path: str | os.PathLike) -> dict:
     for group in ("stage_ms", "wait_ms"):
         lists.update({f"{group}.{name}": values for name, values in samples[group].items()})
     for key, values in lists.items():
-        bad = next((i for i, v in enumerate(values)
-                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+        bad = next(
+            (
+                i
+                for i, v in enumerate(values)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+            ),
+            None,
+        )
         if bad is not None:
             raise ReportError(f"{path}: samples.{key}[{bad}] = {values[bad]!r}: not a number")
     frame_ms = report.get("frame_ms", 80.0)
@@ -98,7 +105,7 @@ def budget_segments_ms(report: dict) -> list[tuple[str, float]]:
     stages = list(report.get("stages") or stage_ms) or list(stage_ms)
     stages = [s for s in stages if s in stage_ms]
     segments = [("capture", _values(samples["capture_ms"]))]
-    for upstream, downstream in zip(stages, stages[1:]):
+    for upstream, downstream in itertools.pairwise(stages):
         edge = f"{upstream}->{downstream}"
         if edge in wait_ms:
             segments.append((f"wait {edge}", wait_ms[edge]))
@@ -128,7 +135,8 @@ def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, t
     e2e_ms = _values(samples["end_to_end_ms"])
 
     fig, (ax_time, ax_compute, ax_budget) = plt.subplots(
-        3, 1, figsize=(11, 12), gridspec_kw={"height_ratios": [3, 3, 1.6]})
+        3, 1, figsize=(11, 12), gridspec_kw={"height_ratios": [3, 3, 1.6]}
+    )
     fig.suptitle(title or f"rtpipe run: {len(e2e_ms)} frames, {report.get('seconds', 0):.1f} s")
 
     ax_time.plot(t_s, e2e_ms, ".", markersize=3, color="tab:blue", label="frame")
@@ -170,8 +178,13 @@ def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, t
             ax_budget.text(left + width_ms / 2, 0, f"{width_ms:.0f}", ha="center", va="center", fontsize=8)
         left += width_ms
     if finite.size:
-        ax_budget.axvline(float(np.median(finite)), color="black", linestyle="--", linewidth=1,
-                          label=f"median end-to-end {np.median(finite):.1f} ms")
+        ax_budget.axvline(
+            float(np.median(finite)),
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"median end-to-end {np.median(finite):.1f} ms",
+        )
     ax_budget.set_title(TITLE_BUDGET)
     ax_budget.set_xlabel("milliseconds (median of each part)")
     ax_budget.set_yticks([])

@@ -12,8 +12,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from socketserver import ThreadingMixIn
-from typing import Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
@@ -25,8 +25,24 @@ from rtpipe.pipeline.observe.observer import Observer
 from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it
-COMPUTE_BUCKETS_FRAMES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0, 1.25,
-                          1.5, 2.0, 3.0, 4.0)
+COMPUTE_BUCKETS_FRAMES = (
+    1 / 64,
+    1 / 32,
+    1 / 16,
+    1 / 8,
+    1 / 4,
+    3 / 8,
+    1 / 2,
+    5 / 8,
+    3 / 4,
+    7 / 8,
+    1.0,
+    1.25,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+)
 # end-to-end latency spans several frames (pipeline delay plus the device buffer)
 END_TO_END_BUCKETS_FRAMES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0)
 DROP_POLICIES = (("dropped_oldest", "drop-oldest"), ("dropped_newest", "drop-newest"))
@@ -41,7 +57,7 @@ def _buckets_s(frame_ms: float, frames: tuple[float, ...]) -> list[float]:
 class _CountsCollector(Collector):
     """Serves the latest cumulative counts (a snapshot or the final report) as counters and gauges."""
 
-    def __init__(self, exporter: "PrometheusExporter") -> None:
+    def __init__(self, exporter: PrometheusExporter) -> None:
         self.exporter = exporter
 
     def collect(self) -> Iterator:
@@ -54,12 +70,13 @@ class _CountsCollector(Collector):
         edge_names = list(run_info.get("edges") or [])
         edge_names += [e for e in edges if e not in edge_names]
 
-        misses = CounterMetricFamily("rtpipe_deadline_misses", "Frames a stage took longer than one frame on.",
-                                     labels=["stage"])
-        restarts = CounterMetricFamily("rtpipe_restarts", "Times the supervisor restarted a stage.",
-                                       labels=["stage"])
-        rtf = GaugeMetricFamily("rtpipe_stage_rtf", "Real-time factor of a stage (compute time / frame time).",
-                                labels=["stage"])
+        misses = CounterMetricFamily(
+            "rtpipe_deadline_misses", "Frames a stage took longer than one frame on.", labels=["stage"]
+        )
+        restarts = CounterMetricFamily("rtpipe_restarts", "Times the supervisor restarted a stage.", labels=["stage"])
+        rtf = GaugeMetricFamily(
+            "rtpipe_stage_rtf", "Real-time factor of a stage (compute time / frame time).", labels=["stage"]
+        )
         for stage in stage_names:
             row = stages.get(stage) or {}
             misses.add_metric([stage], int(row.get("deadline_misses") or 0))
@@ -67,12 +84,15 @@ class _CountsCollector(Collector):
             if isinstance(row.get("rtf"), (int, float)):
                 rtf.add_metric([stage], float(row["rtf"]))
 
-        drops = CounterMetricFamily("rtpipe_dropped_frames", "Frames an edge dropped, by its policy.",
-                                    labels=["edge", "policy"])
-        blocked = CounterMetricFamily("rtpipe_blocked", "Times a producer waited on a full ring (block policy).",
-                                      labels=["edge"])
-        fill = GaugeMetricFamily("rtpipe_ring_fill_frames", "Frames written to a ring and not yet read.",
-                                 labels=["edge"])
+        drops = CounterMetricFamily(
+            "rtpipe_dropped_frames", "Frames an edge dropped, by its policy.", labels=["edge", "policy"]
+        )
+        blocked = CounterMetricFamily(
+            "rtpipe_blocked", "Times a producer waited on a full ring (block policy).", labels=["edge"]
+        )
+        fill = GaugeMetricFamily(
+            "rtpipe_ring_fill_frames", "Frames written to a ring and not yet read.", labels=["edge"]
+        )
         slots = GaugeMetricFamily("rtpipe_ring_slots", "Slots in a ring.", labels=["edge"])
         slots_by_edge = run_info.get("slots") or {}
         for edge in edge_names:
@@ -92,21 +112,32 @@ class _CountsCollector(Collector):
         yield blocked
         yield fill
         yield slots
-        yield CounterMetricFamily("rtpipe_playback_underruns", "Times the output device ran out of audio.",
-                                  value=int(playback.get("underruns") or 0))
-        yield CounterMetricFamily("rtpipe_playback_overflows", "Times the output buffer was too full for a frame.",
-                                  value=int(playback.get("overflows") or 0))
-        yield CounterMetricFamily("rtpipe_frames_lost", "Frames that never reached the sink.",
-                                  value=int(counts.get("frames_lost") or 0))
-        yield CounterMetricFamily("rtpipe_frames", "Frames that reached the sink.",
-                                  value=int(counts.get("frames") or 0))
-        yield GaugeMetricFamily("rtpipe_running", "1 while the pipeline runs, 0 once it stopped.",
-                                value=0 if self.exporter.stopped else 1)
-        info = GaugeMetricFamily("rtpipe_stage_info", "A stage's kind (registered name or import path).",
-                                 labels=["stage", "kind", "run_id"])
+        yield CounterMetricFamily(
+            "rtpipe_playback_underruns",
+            "Times the output device ran out of audio.",
+            value=int(playback.get("underruns") or 0),
+        )
+        yield CounterMetricFamily(
+            "rtpipe_playback_overflows",
+            "Times the output buffer was too full for a frame.",
+            value=int(playback.get("overflows") or 0),
+        )
+        yield CounterMetricFamily(
+            "rtpipe_frames_lost", "Frames that never reached the sink.", value=int(counts.get("frames_lost") or 0)
+        )
+        yield CounterMetricFamily(
+            "rtpipe_frames", "Frames that reached the sink.", value=int(counts.get("frames") or 0)
+        )
+        yield GaugeMetricFamily(
+            "rtpipe_running", "1 while the pipeline runs, 0 once it stopped.", value=0 if self.exporter.stopped else 1
+        )
+        info = GaugeMetricFamily(
+            "rtpipe_stage_info", "A stage's kind (registered name or import path).", labels=["stage", "kind", "run_id"]
+        )
         for stage in stage_names:
-            info.add_metric([stage, str((run_info.get("kinds") or {}).get(stage, "")),
-                             str(run_info.get("run_id", ""))], 1)
+            info.add_metric(
+                [stage, str((run_info.get("kinds") or {}).get(stage, "")), str(run_info.get("run_id", ""))], 1
+            )
         yield info
 
 
@@ -158,15 +189,25 @@ class PrometheusExporter(Observer):
         frame_ms = float(run_info.get("frame_ms") or 80.0)
         self.registry = CollectorRegistry()
         self.end_to_end = Histogram(
-            "rtpipe_end_to_end_latency_seconds", "Capture to hand-off to the output, per frame.",
-            registry=self.registry, buckets=_buckets_s(frame_ms, END_TO_END_BUCKETS_FRAMES))
+            "rtpipe_end_to_end_latency_seconds",
+            "Capture to hand-off to the output, per frame.",
+            registry=self.registry,
+            buckets=_buckets_s(frame_ms, END_TO_END_BUCKETS_FRAMES),
+        )
         self.compute = Histogram(
             "rtpipe_stage_compute_seconds",
             "Time a stage spent on one frame, enter to exit (a live source: less the frame's own 80 ms).",
-            ["stage"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
+            ["stage"],
+            registry=self.registry,
+            buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES),
+        )
         self.wait = Histogram(
-            "rtpipe_hop_wait_seconds", "Time a frame waited in a ring between two stages.",
-            ["edge"], registry=self.registry, buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES))
+            "rtpipe_hop_wait_seconds",
+            "Time a frame waited in a ring between two stages.",
+            ["edge"],
+            registry=self.registry,
+            buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES),
+        )
         self.registry.register(_CountsCollector(self))
         self._metrics_app = make_wsgi_app(self.registry)
         self.host, self.port = host, port
@@ -176,7 +217,8 @@ class PrometheusExporter(Observer):
                 self._server = _serve(self._app, host, port)
             except (OSError, socket.gaierror) as e:
                 raise ConfigError(
-                    f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+                    f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e})"
+                ) from None
             self.port = int(self._server.server_address[1])
             print(f"rtpipe: metrics on http://{host}:{self.port}/metrics", file=sys.stderr, flush=True)
 
@@ -198,8 +240,9 @@ class PrometheusExporter(Observer):
     def _app(self, environ, start_response):
         if environ.get("PATH_INFO") == "/healthz":
             healthy, why = self.health()
-            start_response("200 OK" if healthy else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(
+                "200 OK" if healthy else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+            )
             return [(why + "\n").encode()]
         return self._metrics_app(environ, start_response)
 
@@ -227,12 +270,12 @@ class PrometheusExporter(Observer):
         for index, edge in enumerate(edges[: max(len(stages) - 1, 0)]):
             seen = (leave[:, index] > 0) & (enter[:, index + 1] >= leave[:, index])
             child = self.wait.labels(edge=edge)
-            for value_ns in (enter[seen, index + 1] - leave[seen, index]):
+            for value_ns in enter[seen, index + 1] - leave[seen, index]:
                 child.observe(value_ns / 1e9)
         capture = records["capture_ns"].astype(np.int64)
         handoff = records["handoff_ns"].astype(np.int64)
         seen = (capture > 0) & (handoff >= capture)
-        for value_ns in (handoff[seen] - capture[seen]):
+        for value_ns in handoff[seen] - capture[seen]:
             self.end_to_end.observe(value_ns / 1e9)
 
     def on_tick(self, snapshot: dict) -> None:
@@ -243,8 +286,10 @@ class PrometheusExporter(Observer):
         last_edges = (self.counts or {}).get("edges") or {}
         final = dict(report)
         # the report has no fill levels: the last tick's stay as the gauge's final value
-        final["edges"] = {edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
-                          for edge, row in (report.get("edges") or {}).items()}
+        final["edges"] = {
+            edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
+            for edge, row in (report.get("edges") or {}).items()
+        }
         self.counts = final
         self.stopped = True
 

@@ -15,9 +15,16 @@ MAX_STAGES = 8
 
 # Stage k's enter/exit in chain order (0 = source: enter = capture time, exit = publish); handoff_ns is
 # when the sink handed the frame to its output, plus the device's output latency for a speaker.
-FRAME_RECORD_DTYPE = np.dtype([
-    ("seq", "<u8"), ("capture_ns", "<i8"), ("enter_ns", "<i8", (MAX_STAGES,)),
-    ("exit_ns", "<i8", (MAX_STAGES,)), ("flags", "<u4"), ("handoff_ns", "<i8")])
+FRAME_RECORD_DTYPE = np.dtype(
+    [
+        ("seq", "<u8"),
+        ("capture_ns", "<i8"),
+        ("enter_ns", "<i8", (MAX_STAGES,)),
+        ("exit_ns", "<i8", (MAX_STAGES,)),
+        ("flags", "<u4"),
+        ("handoff_ns", "<i8"),
+    ]
+)
 
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
 
@@ -29,8 +36,13 @@ def summarize_ms(values_ms) -> dict:
     if values.size == 0:
         return {key: 0.0 for key in PERCENTILE_KEYS}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "max": round(float(values.max()), 3), "mean": round(float(values.mean()), 3)}
+    return {
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(values.max()), 3),
+        "mean": round(float(values.mean()), 3),
+    }
 
 
 @dataclass
@@ -72,8 +84,7 @@ class RecordColumns:
     playback_ms: np.ndarray
 
 
-def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list[str],
-                   t0_ns: int) -> RecordColumns:
+def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list[str], t0_ns: int) -> RecordColumns:
     """Splits records into per-frame latencies: end to end, per stage (exit - enter), per hop (next
     stage's enter - this stage's exit), capture (source publish - capture) and playback (handoff - enter)."""
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
@@ -116,8 +127,12 @@ def _edge_table(columns: RecordColumns, counters: RunCounters, with_fill: bool) 
     edges = {}
     for name in counters.edge_names:
         c = counters.edges.get(name, EdgeCounters())
-        entry = {"wait_ms": summarize_ms(columns.wait_ms[name]), "dropped_oldest": int(c.dropped_oldest),
-                 "dropped_newest": int(c.dropped_newest), "blocked": int(c.blocked)}
+        entry = {
+            "wait_ms": summarize_ms(columns.wait_ms[name]),
+            "dropped_oldest": int(c.dropped_oldest),
+            "dropped_newest": int(c.dropped_newest),
+            "blocked": int(c.blocked),
+        }
         if with_fill:
             entry["fill"] = int(c.fill)
         edges[name] = entry
@@ -128,15 +143,22 @@ def _round_list(values: np.ndarray) -> list:
     return [round(float(v), 3) for v in values]
 
 
-def build_report(records: np.ndarray, counters: RunCounters, *, seconds: float, t0_ns: int,
-                 frame_ms: float = FRAME_MS, delay_frames: int = 0, config: dict | None = None,
-                 device_latency_ms: float | None = None) -> dict:
+def build_report(
+    records: np.ndarray,
+    counters: RunCounters,
+    *,
+    seconds: float,
+    t0_ns: int,
+    frame_ms: float = FRAME_MS,
+    delay_frames: int = 0,
+    config: dict | None = None,
+    device_latency_ms: float | None = None,
+) -> dict:
     """The run report, keys exactly as in the team contract (see contracts.md), with per-frame samples."""
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
     return {
-        **_summary(columns, counters, frames=int(records.size), seconds=seconds, frame_ms=frame_ms,
-                   with_fill=False),
+        **_summary(columns, counters, frames=int(records.size), seconds=seconds, frame_ms=frame_ms, with_fill=False),
         "samples": {
             "seq": [int(s) for s in columns.seq],
             "t_s": _round_list(columns.t_s),
@@ -154,22 +176,27 @@ def build_report(records: np.ndarray, counters: RunCounters, *, seconds: float, 
     }
 
 
-def build_snapshot(recent_records: np.ndarray, counters: RunCounters, *, frames_total: int,
-                   seconds: float, t0_ns: int, frame_ms: float = FRAME_MS) -> dict:
+def build_snapshot(
+    recent_records: np.ndarray,
+    counters: RunCounters,
+    *,
+    frames_total: int,
+    seconds: float,
+    t0_ns: int,
+    frame_ms: float = FRAME_MS,
+) -> dict:
     """What observers get once a second: the report's shape, percentiles over `recent_records` (the
     last few seconds), counters for the whole run, each edge's current fill and the latest text."""
     records = np.asarray(recent_records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
     return {
-        **_summary(columns, counters, frames=int(frames_total), seconds=seconds, frame_ms=frame_ms,
-                   with_fill=True),
+        **_summary(columns, counters, frames=int(frames_total), seconds=seconds, frame_ms=frame_ms, with_fill=True),
         "text": list(counters.text[-20:]),
         "text_tokens": list(counters.text_tokens[-20:]),
     }
 
 
-def _summary(columns, counters: RunCounters, *, frames: int, seconds: float, frame_ms: float,
-             with_fill: bool) -> dict:
+def _summary(columns, counters: RunCounters, *, frames: int, seconds: float, frame_ms: float, with_fill: bool) -> dict:
     """The keys the report and the once-a-second snapshot share."""
     return {
         "frames": frames,

@@ -38,6 +38,8 @@ def format_status(snapshot: dict) -> str:
     worst = worst_stage(snapshot)
     worst_text = f"worst {worst[0]} {worst[1]:.2f} ms" if worst else "worst -"
     playback = snapshot.get("playback", {})
-    return (f"{snapshot.get('seconds', 0):6.1f} s  frames {snapshot.get('frames', 0):5d}  "
-            f"e2e p99 {snapshot['end_to_end_ms']['p99']:7.2f} ms  {worst_text}  drops {drops}  "
-            f"lost {snapshot.get('frames_lost', 0)}  underruns {playback.get('underruns', 0)}")
+    return (
+        f"{snapshot.get('seconds', 0):6.1f} s  frames {snapshot.get('frames', 0):5d}  "
+        f"e2e p99 {snapshot['end_to_end_ms']['p99']:7.2f} ms  {worst_text}  drops {drops}  "
+        f"lost {snapshot.get('frames_lost', 0)}  underruns {playback.get('underruns', 0)}"
+    )

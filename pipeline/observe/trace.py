@@ -62,15 +62,23 @@ class TraceWriter(Observer):
 
         def name_process(pid: int, name: str, sort_index: int) -> None:
             events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
-            events.append({"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0,
-                           "args": {"sort_index": sort_index}})
+            events.append(
+                {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": sort_index}}
+            )
 
         for index, (name, pid) in enumerate(zip(self.stages, self.stage_pids)):
             kind = kinds.get(name)
             name_process(pid, f"{index} {name}" + (f" ({kind})" if kind and kind != name else ""), index)
         name_process(self.supervisor_pid, "supervisor (rings)", len(self.stages))
-        events.append({"name": "thread_name", "ph": "M", "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
-                       "args": {"name": "counters"}})
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": self.supervisor_pid,
+                "tid": SUPERVISOR_TID,
+                "args": {"name": "counters"},
+            }
+        )
         return events
 
     def _lane_tid(self, stage: int, start_us: float, end_us: float) -> int:
@@ -107,9 +115,20 @@ class TraceWriter(Observer):
     def on_start(self, run_info: dict) -> None:
         self._setup(run_info)
         # every ring starts empty: the fill counters begin at zero even if the run ends before a tick
-        self._write(self._metadata() + [
-            {"name": f"ring {edge}", "ph": "C", "ts": 0, "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
-             "args": {"fill": 0}} for edge in self.run_info.get("edges") or []])
+        self._write(
+            self._metadata()
+            + [
+                {
+                    "name": f"ring {edge}",
+                    "ph": "C",
+                    "ts": 0,
+                    "pid": self.supervisor_pid,
+                    "tid": SUPERVISOR_TID,
+                    "args": {"fill": 0},
+                }
+                for edge in self.run_info.get("edges") or []
+            ]
+        )
         if self._file is not None:
             self._file.flush()
 
@@ -133,23 +152,60 @@ class TraceWriter(Observer):
                 dur_us = round(end_us - start_us, 3)
                 tid = self._lane_tid(stage, start_us, end_us)
                 pid = self.stage_pids[stage]
-                events.append({"name": self.stages[stage], "cat": "stage", "ph": "X", "ts": start_us,
-                               "dur": dur_us, "pid": pid, "tid": tid, "args": {"seq": seq, "flags": flags}})
+                events.append(
+                    {
+                        "name": self.stages[stage],
+                        "cat": "stage",
+                        "ph": "X",
+                        "ts": start_us,
+                        "dur": dur_us,
+                        "pid": pid,
+                        "tid": tid,
+                        "args": {"seq": seq, "flags": flags},
+                    }
+                )
                 # flow arrows bind to the enclosing slice ("bp": "e") at the slice's midpoint
                 bind_us = round(start_us + dur_us / 2, 3)
                 if previous is not None and previous[0] == stage - 1:
                     flow_id = seq * 16 + stage  # one arrow per hop per frame
                     prev_stage, prev_tid, prev_bind_us = previous
-                    events.append({"name": "frame", "cat": "frame", "ph": "s", "id": flow_id, "bp": "e",
-                                   "ts": prev_bind_us, "pid": self.stage_pids[prev_stage], "tid": prev_tid})
-                    events.append({"name": "frame", "cat": "frame", "ph": "f", "id": flow_id, "bp": "e",
-                                   "ts": bind_us, "pid": pid, "tid": tid})
+                    events.append(
+                        {
+                            "name": "frame",
+                            "cat": "frame",
+                            "ph": "s",
+                            "id": flow_id,
+                            "bp": "e",
+                            "ts": prev_bind_us,
+                            "pid": self.stage_pids[prev_stage],
+                            "tid": prev_tid,
+                        }
+                    )
+                    events.append(
+                        {
+                            "name": "frame",
+                            "cat": "frame",
+                            "ph": "f",
+                            "id": flow_id,
+                            "bp": "e",
+                            "ts": bind_us,
+                            "pid": pid,
+                            "tid": tid,
+                        }
+                    )
                 previous = (stage, tid, bind_us)
             capture_ns, handoff_ns = int(record["capture_ns"]), int(record["handoff_ns"])
             if capture_ns > 0 and handoff_ns >= capture_ns:
-                events.append({"name": "end-to-end ms", "ph": "C", "ts": self._us(handoff_ns),
-                               "pid": self.supervisor_pid, "tid": SUPERVISOR_TID,
-                               "args": {"ms": round((handoff_ns - capture_ns) / 1e6, 3)}})
+                events.append(
+                    {
+                        "name": "end-to-end ms",
+                        "ph": "C",
+                        "ts": self._us(handoff_ns),
+                        "pid": self.supervisor_pid,
+                        "tid": SUPERVISOR_TID,
+                        "args": {"ms": round((handoff_ns - capture_ns) / 1e6, 3)},
+                    }
+                )
         self._write(events)
         self._file.flush()
 
@@ -159,11 +215,29 @@ class TraceWriter(Observer):
         ts_us = self._us(time.monotonic_ns())
         events = []
         for edge, row in (snapshot.get("edges") or {}).items():
-            events.append({"name": f"ring {edge}", "ph": "C", "ts": ts_us, "pid": self.supervisor_pid,
-                           "tid": SUPERVISOR_TID, "args": {"fill": int(row.get("fill") or 0)}})
-            events.append({"name": f"drops {edge}", "ph": "C", "ts": ts_us, "pid": self.supervisor_pid,
-                           "tid": SUPERVISOR_TID, "args": {"oldest": int(row.get("dropped_oldest") or 0),
-                                                           "newest": int(row.get("dropped_newest") or 0)}})
+            events.append(
+                {
+                    "name": f"ring {edge}",
+                    "ph": "C",
+                    "ts": ts_us,
+                    "pid": self.supervisor_pid,
+                    "tid": SUPERVISOR_TID,
+                    "args": {"fill": int(row.get("fill") or 0)},
+                }
+            )
+            events.append(
+                {
+                    "name": f"drops {edge}",
+                    "ph": "C",
+                    "ts": ts_us,
+                    "pid": self.supervisor_pid,
+                    "tid": SUPERVISOR_TID,
+                    "args": {
+                        "oldest": int(row.get("dropped_oldest") or 0),
+                        "newest": int(row.get("dropped_newest") or 0),
+                    },
+                }
+            )
         self._write(events)
         self._file.flush()
 

@@ -8,6 +8,7 @@ sink, edge shapes the next stage cannot take. Each error is one line naming the 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import re
 import tomllib
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm.ring import MAX_SPIN_US
@@ -37,12 +37,12 @@ TOP_LEVEL = ("supervisor", "stages", "edges")
 class SupervisorSettings:
     """How the supervisor watches its stages (the `[supervisor]` table)."""
 
-    heartbeat_ms: int = 1000      # as in the ZeroMQ guide's Paranoid Pirate: 1 s, 3 missed = gone
-    liveness: int = 3             # heartbeats missed before a running stage counts as hung
+    heartbeat_ms: int = 1000  # as in the ZeroMQ guide's Paranoid Pirate: 1 s, 3 missed = gone
+    liveness: int = 3  # heartbeats missed before a running stage counts as hung
     start_timeout_s: float = 120.0  # time a stage may take to open (a model loads here)
-    restart_limit: int = 3        # restarts per stage before the run fails
+    restart_limit: int = 3  # restarts per stage before the run fails
     restart_backoff_ms: int = 200  # doubled at each restart of the same stage
-    stop_timeout_s: float = 5.0   # time the end-of-stream flag may take to reach the sink
+    stop_timeout_s: float = 5.0  # time the end-of-stream flag may take to reach the sink
     # how long before its next frame is due each stage warms its frame path up (pipeline/host.py); 0: never
     warm_up_us: int = 500
 
@@ -51,8 +51,9 @@ class SupervisorSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} = {getattr(self, name)}: must be at least 1")
         if not 0 <= self.warm_up_us <= FRAME_NS // 2000:
-            raise ConfigError(f"{where}.warm_up_us = {self.warm_up_us}: expected 0 (off) to {FRAME_NS // 2000}"
-                              " (half a frame)")
+            raise ConfigError(
+                f"{where}.warm_up_us = {self.warm_up_us}: expected 0 (off) to {FRAME_NS // 2000} (half a frame)"
+            )
         if self.restart_limit < 0:
             raise ConfigError(f"{where}.restart_limit = {self.restart_limit}: must be 0 or more")
         for name in ("start_timeout_s", "stop_timeout_s"):
@@ -66,13 +67,13 @@ class StageSpec:
 
     name: str
     kind: str
-    index: int                  # position in the chain: 0 = source
+    index: int  # position in the chain: 0 = source
     stage_class: type[Stage]
-    params_raw: dict            # as written (plain TOML data: it travels to the stage's process)
+    params_raw: dict  # as written (plain TOML data: it travels to the stage's process)
     cores: list[int] | None
     threads: int | None
     device: str
-    priority: int               # 0: the normal scheduler; 1-99: SCHED_FIFO at that priority (realtime.py)
+    priority: int  # 0: the normal scheduler; 1-99: SCHED_FIFO at that priority (realtime.py)
     output_spec: PayloadSpec | None
     delay_frames: int
     live: bool
@@ -82,11 +83,11 @@ class StageSpec:
 class EdgeSpec:
     """One ring between two neighbouring stages."""
 
-    name: str                   # "from->to"
+    name: str  # "from->to"
     source: str
     target: str
     slots: int
-    policy: str                 # one of EDGE_POLICIES (shm.ring.EdgePolicy values)
+    policy: str  # one of EDGE_POLICIES (shm.ring.EdgePolicy values)
     spin_us: int
     payload: PayloadSpec
 
@@ -110,6 +111,7 @@ class PipelineConfig:
 
 
 # --- reading -------------------------------------------------------------------------------------
+
 
 def default_config_text() -> str:
     """The built-in default config (pipeline/default.toml, shipped as package data)."""
@@ -158,13 +160,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for depth, part in enumerate(parts[:-1]):
             nxt = table.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a table")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a table")
             table = nxt
         table[parts[-1]] = parse_override_value(text.strip())
     return raw
 
 
 # --- validation ----------------------------------------------------------------------------------
+
 
 def available_cores() -> list[int]:
     """CPU core numbers this process may run on (psutil): under a systemd CPUAffinity or a
@@ -215,13 +218,15 @@ def _stage_fields(name: str, table: dict) -> tuple[str, dict, list[int] | None, 
         raise ConfigError(f"{where}.threads = {threads!r}: expected an integer of 1 or more")
     device = table.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda:\d+", device):
-        raise ConfigError(f"{where}.device = {device!r}: expected \"cpu\" or \"cuda:N\"")
+        raise ConfigError(f'{where}.device = {device!r}: expected "cpu" or "cuda:N"')
     if device.startswith("cuda:"):
         check_cuda(device, f"{where}.device")
     priority = table.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= realtime.MAX_PRIORITY:
-        raise ConfigError(f"{where}.priority = {priority!r}: expected 0 (the normal scheduler) or "
-                          f"1-{realtime.MAX_PRIORITY} (real-time SCHED_FIFO at that priority)")
+        raise ConfigError(
+            f"{where}.priority = {priority!r}: expected 0 (the normal scheduler) or "
+            f"1-{realtime.MAX_PRIORITY} (real-time SCHED_FIFO at that priority)"
+        )
     if priority:
         refused = realtime.refusal(priority)
         if refused:
@@ -264,23 +269,25 @@ def _chain_order(names: list[str], edge_pairs: dict[str, tuple[str, str]]) -> li
         if a == b:
             raise ConfigError(f'edges."{label}": a stage cannot feed itself')
         if a in outgoing:
-            raise ConfigError(f'edges."{label}": stages.{a} already feeds {outgoing[a]}; '
-                              "the pipeline is one chain")
+            raise ConfigError(f'edges."{label}": stages.{a} already feeds {outgoing[a]}; the pipeline is one chain')
         if b in incoming:
-            raise ConfigError(f'edges."{label}": stages.{b} is already fed by {incoming[b]}; '
-                              "the pipeline is one chain")
+            raise ConfigError(f'edges."{label}": stages.{b} is already fed by {incoming[b]}; the pipeline is one chain')
         outgoing[a], incoming[b] = b, a
     connected = set(incoming) | set(outgoing)
     for name in names:
         if name not in connected and len(names) > 1:
-            raise ConfigError(f"stages.{name}: on no edge; the pipeline is one chain from a source to a "
-                              f'sink (add e.g. edges."{name}->..." or remove the stage)')
+            raise ConfigError(
+                f"stages.{name}: on no edge; the pipeline is one chain from a source to a "
+                f'sink (add e.g. edges."{name}->..." or remove the stage)'
+            )
     heads = [n for n in names if n not in incoming]
     if len(heads) != 1:
         if not heads:
             raise ConfigError("edges: the stages form a loop; the pipeline is one chain from a source")
-        raise ConfigError(f"edges: stages {', '.join(heads)} have no input; the pipeline is one chain "
-                          f"from a single source (add an edge \"{heads[0]}->...\" or remove a stage)")
+        raise ConfigError(
+            f"edges: stages {', '.join(heads)} have no input; the pipeline is one chain "
+            f'from a single source (add an edge "{heads[0]}->..." or remove a stage)'
+        )
     order = [heads[0]]
     while order[-1] in outgoing:
         nxt = outgoing[order[-1]]
@@ -299,15 +306,15 @@ def validate(raw: dict) -> PipelineConfig:
     delay and what it emits on its edge."""
     _check_table(raw, "config")
     _check_unknown(raw, TOP_LEVEL, "config")
-    supervisor = parse_params(SupervisorSettings, _check_table(raw.get("supervisor", {}), "supervisor"),
-                              "supervisor")
+    supervisor = parse_params(SupervisorSettings, _check_table(raw.get("supervisor", {}), "supervisor"), "supervisor")
     stages_raw = _check_table(raw.get("stages", {}), "stages")
     if not stages_raw:
         raise ConfigError("stages: no stages (a pipeline needs at least a source and a sink)")
     for name in stages_raw:
         if not STAGE_NAME.match(name):
-            raise ConfigError(f"stages.{name}: a stage name is an ASCII letter, then ASCII letters, "
-                              "digits or _ (at most 32)")
+            raise ConfigError(
+                f"stages.{name}: a stage name is an ASCII letter, then ASCII letters, digits or _ (at most 32)"
+            )
     if len(stages_raw) > MAX_STAGES:
         raise ConfigError(f"stages: {len(stages_raw)} stages; the frame header holds at most {MAX_STAGES}")
     edges_raw = _check_table(raw.get("edges", {}), "edges")
@@ -319,8 +326,7 @@ def validate(raw: dict) -> PipelineConfig:
             raise ConfigError(f'edges."{label}": an edge is named "from->to", e.g. "capture->encode"')
         for end in (a, b):
             if end not in stages_raw:
-                raise ConfigError(f'edges."{label}": unknown stage {end!r} '
-                                  f"(stages: {', '.join(stages_raw)})")
+                raise ConfigError(f'edges."{label}": unknown stage {end!r} (stages: {", ".join(stages_raw)})')
         edge_pairs[label] = (a, b)
     fields = {name: _stage_fields(name, table) for name, table in stages_raw.items()}
     order = _chain_order(list(stages_raw), edge_pairs)
@@ -336,38 +342,63 @@ def validate(raw: dict) -> PipelineConfig:
         role = stage_class.role
         expected = Role.SOURCE if index == 0 else Role.SINK if index == len(order) - 1 else Role.PROCESSOR
         if role is not expected:
-            position = {Role.SOURCE: "the first stage", Role.SINK: "the last stage",
-                        Role.PROCESSOR: "a middle stage"}[expected]
-            raise ConfigError(f"{where}.kind = {kind!r}: {position} must be a {expected.value}; "
-                              f"{kind} is a {role.value}")
+            position = {Role.SOURCE: "the first stage", Role.SINK: "the last stage", Role.PROCESSOR: "a middle stage"}[
+                expected
+            ]
+            raise ConfigError(
+                f"{where}.kind = {kind!r}: {position} must be a {expected.value}; {kind} is a {role.value}"
+            )
         try:
             with raised_as(ConfigError, f"{where}.kind = {kind!r}: its output_spec() failed"):
                 out = stage.output_spec(spec)
                 delay_frames = int(stage.delay_frames)
         except ConfigError as e:
             message = e.args[0] if e.args else str(e)
-            raise ConfigError(message if message.startswith(where) else
-                              f"{where}: cannot take {spec}: {message}") from None
+            raise ConfigError(
+                message if message.startswith(where) else f"{where}: cannot take {spec}: {message}"
+            ) from None
         if role is not Role.SINK and out is None:
             raise ConfigError(f"{where}.kind = {kind!r}: emits nothing for the next stage")
-        stages.append(StageSpec(
-            name=name, kind=kind, index=index, stage_class=stage_class, params_raw=params, cores=cores,
-            threads=threads, device=device, priority=priority,
-            output_spec=out if role is not Role.SINK else None,
-            delay_frames=delay_frames, live=bool(getattr(stage_class, "live", False))))
+        stages.append(
+            StageSpec(
+                name=name,
+                kind=kind,
+                index=index,
+                stage_class=stage_class,
+                params_raw=params,
+                cores=cores,
+                threads=threads,
+                device=device,
+                priority=priority,
+                output_spec=out if role is not Role.SINK else None,
+                delay_frames=delay_frames,
+                live=bool(getattr(stage_class, "live", False)),
+            )
+        )
         spec = out
 
     edges: list[EdgeSpec] = []
     labels = {pair: label for label, pair in edge_pairs.items()}
-    for a, b in zip(stages, stages[1:]):
+    for a, b in itertools.pairwise(stages):
         label = labels[(a.name, b.name)]
         slots, policy, spin_us = _edge_fields(label, edges_raw[label])
         if a.live and policy == "block":
-            raise ConfigError(f'edges."{label}".policy = "block": stages.{a.name} ({a.kind}) is a live '
-                              "source and never waits; use drop-oldest or drop-newest")
+            raise ConfigError(
+                f'edges."{label}".policy = "block": stages.{a.name} ({a.kind}) is a live '
+                "source and never waits; use drop-oldest or drop-newest"
+            )
         _check_ring_layout(label, slots, policy, spin_us, a.output_spec)
-        edges.append(EdgeSpec(name=f"{a.name}->{b.name}", source=a.name, target=b.name, slots=slots,
-                              policy=policy, spin_us=spin_us, payload=a.output_spec))
+        edges.append(
+            EdgeSpec(
+                name=f"{a.name}->{b.name}",
+                source=a.name,
+                target=b.name,
+                slots=slots,
+                policy=policy,
+                spin_us=spin_us,
+                payload=a.output_spec,
+            )
+        )
     return PipelineConfig(stages=stages, edges=edges, supervisor=supervisor, raw=copy.deepcopy(raw))
 
 
@@ -376,8 +407,9 @@ def _check_ring_layout(label: str, slots: int, policy: str, spin_us: int, payloa
     from rtpipe.shm.ring import RingError, RingSpec
 
     try:
-        RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy,
-                 spin_us=spin_us).validate(f'edges."{label}"')
+        RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy, spin_us=spin_us).validate(
+            f'edges."{label}"'
+        )
     except RingError as e:
         raise ConfigError(str(e).removeprefix("ring ")) from None
 
@@ -388,6 +420,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineC
 
 
 # --- writing (rtpipe config) ---------------------------------------------------------------------
+
 
 def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
@@ -403,8 +436,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }" \
-            if value else "{}"
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+        )
     return _toml_value(str(value))
 
 

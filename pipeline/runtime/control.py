@@ -51,8 +51,9 @@ FIELD_CHECKS = {
     "bytes": lambda v: isinstance(v, bytes),
     "list": lambda v: isinstance(v, list),
     "map": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-    "list[map]": lambda v: isinstance(v, list) and all(
-        isinstance(i, dict) and all(isinstance(k, str) for k in i) for i in v),
+    "list[map]": lambda v: (
+        isinstance(v, list) and all(isinstance(i, dict) and all(isinstance(k, str) for k in i) for i in v)
+    ),
 }
 
 # type -> {field: kind}. Stage -> supervisor first, then supervisor -> stage; "error" goes both ways.
@@ -64,9 +65,17 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
     # counters since the process started (a reply to "get_stats", and sent about once a second)
     # (warm_ups: frames whose path the stage warmed up before they came, see pipeline/host.py)
-    "stats": {"stage": "str", "frames": "int", "seq_gaps": "int", "duplicates": "int",
-              "underruns": "int", "overflows": "int", "output_latency_ns": "int", "device_latency_ns": "int",
-              "warm_ups": "int"},
+    "stats": {
+        "stage": "str",
+        "frames": "int",
+        "seq_gaps": "int",
+        "duplicates": "int",
+        "underruns": "int",
+        "overflows": "int",
+        "output_latency_ns": "int",
+        "device_latency_ns": "int",
+        "warm_ups": "int",
+    },
     # side outputs of a stage (e.g. text tokens): msgpack-able maps
     "events": {"stage": "str", "events": "list[map]"},
     # the end-of-stream frame went past this stage (for the sink: the run's output is complete)
@@ -86,8 +95,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "error": {"error": "str"},
 }
 
-STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "events", "eos",
-                                 "bye", "failed", "error"})
+STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "events", "eos", "bye", "failed", "error"})
 SUPERVISOR_TO_STAGE = frozenset({"ping", "stop", "reset", "get_stats", "pause", "resume", "error"})
 
 
@@ -145,7 +153,7 @@ def decode(data: bytes, allowed: frozenset[str] | None = None) -> dict:
 # --- sockets -------------------------------------------------------------------------------------
 
 RUN_DIRECTORY_PREFIX = "rtpipe-"
-OWNER_FILE = "owner"            # "<pid> <start ticks>\n" of the supervisor that made the directory
+OWNER_FILE = "owner"  # "<pid> <start ticks>\n" of the supervisor that made the directory
 CONTROL_SOCKET = "control.sock"
 # rtpipe-<run id>-<mkdtemp's 8 random characters>: anything else in the base is not ours
 _RUN_DIRECTORY_RE = re.compile(r"rtpipe-[A-Za-z0-9]{1,32}-[a-z0-9_]{8}")
@@ -166,7 +174,7 @@ class RunDirectory:
     path: Path
 
     @classmethod
-    def create(cls, run_id: str) -> "RunDirectory":
+    def create(cls, run_id: str) -> RunDirectory:
         path = Path(tempfile.mkdtemp(prefix=f"{RUN_DIRECTORY_PREFIX}{run_id}-", dir=run_directory_base()))
         os.chmod(path, 0o700)
         _write_owner_file(path)

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-
-from rtpipe.pipeline.runtime import control, realtime
 from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
+from rtpipe.pipeline.runtime import control, realtime
 from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
 from rtpipe.stages.base import EndOfStream, Role, Stage
 
@@ -39,7 +38,7 @@ CONTROL_EVERY_NS = 100_000_000
 # A warm-up (with the one it nudges on this core) takes about this long on a cold cache: one that would
 # still run when the frame is due is skipped, not let to delay it.
 WARM_UP_TAKES_NS = 60_000
-MUST_CLAIM_NS = 5_000_000_000    # how long the end-of-stream frame waits for a slot before giving up
+MUST_CLAIM_NS = 5_000_000_000  # how long the end-of-stream frame waits for a slot before giving up
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
 TIMER_SLACK_NS = 1  # a timed wait ends when asked, not up to 50 us later (Linux's default slack)
@@ -66,11 +65,18 @@ _REC_FLAGS = FRAME_RECORD_DTYPE.fields["flags"][1]
 _REC_HANDOFF = FRAME_RECORD_DTYPE.fields["handoff_ns"][1]
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
-if (sys.byteorder != "little" or any(HEADER_DTYPE.fields[f][1] % 8 for f in ("seq", "capture_ns", "enter_ns", "flags"))
-        or HEADER_DTYPE.fields["checksum"][1] != HEADER_DTYPE.fields["flags"][1] + 4
-        or any(FRAME_RECORD_DTYPE.fields[f][:2] != HEADER_DTYPE.fields[f][:2]
-               for f in ("seq", "capture_ns", "enter_ns", "exit_ns"))):
-    raise ImportError("rtpipe.pipeline.runtime.host: the frame header or record layout is not the one its fast path reads")
+if (
+    sys.byteorder != "little"
+    or any(HEADER_DTYPE.fields[f][1] % 8 for f in ("seq", "capture_ns", "enter_ns", "flags"))
+    or HEADER_DTYPE.fields["checksum"][1] != HEADER_DTYPE.fields["flags"][1] + 4
+    or any(
+        FRAME_RECORD_DTYPE.fields[f][:2] != HEADER_DTYPE.fields[f][:2]
+        for f in ("seq", "capture_ns", "enter_ns", "exit_ns")
+    )
+):
+    raise ImportError(
+        "rtpipe.pipeline.runtime.host: the frame header or record layout is not the one its fast path reads"
+    )
 
 
 def _header_words(slot) -> tuple[memoryview, memoryview]:
@@ -104,7 +110,7 @@ def precise_timers() -> None:
         pass
 
 
-def _supervisor_died(signum, frame):  # noqa: ARG001 - signal handler signature
+def _supervisor_died(signum, frame):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # once: the stage is on its way out
     raise SupervisorGone("supervisor died (parent-death signal)")
 
@@ -132,8 +138,13 @@ def device_context(device: str):
 def ring_spec(edge: dict):
     from rtpipe.shm.ring import EdgePolicy, RingSpec
 
-    return RingSpec(slots=int(edge["slots"]), dtype=edge["dtype"], shape=tuple(edge["shape"]),
-                    policy=EdgePolicy(edge["policy"]), spin_us=int(edge.get("spin_us", 0)))
+    return RingSpec(
+        slots=int(edge["slots"]),
+        dtype=edge["dtype"],
+        shape=tuple(edge["shape"]),
+        policy=EdgePolicy(edge["policy"]),
+        spin_us=int(edge.get("spin_us", 0)),
+    )
 
 
 class StageHost:
@@ -231,12 +242,17 @@ class StageHost:
         stage = self.stage
         counters = getattr(stage, "counters", None)
         counts = counters() if callable(counters) else {}
-        self.send("stats", frames=self.frames, seq_gaps=self.seq_gaps, duplicates=self.duplicates,
-                  warm_ups=self.warm_ups,
-                  underruns=int(counts.get("underruns", 0) or 0),
-                  overflows=int(counts.get("overflows", 0) or 0),
-                  output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
-                  device_latency_ns=int(getattr(stage, "device_latency_ns", 0) or 0))
+        self.send(
+            "stats",
+            frames=self.frames,
+            seq_gaps=self.seq_gaps,
+            duplicates=self.duplicates,
+            warm_ups=self.warm_ups,
+            underruns=int(counts.get("underruns", 0) or 0),
+            overflows=int(counts.get("overflows", 0) or 0),
+            output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
+            device_latency_ns=int(getattr(stage, "device_latency_ns", 0) or 0),
+        )
 
     def housekeeping(self) -> None:
         now = time.monotonic_ns()
@@ -317,8 +333,12 @@ class StageHost:
         for view in self.record_views.values():
             view.release()
         self.record_views.clear()
-        for closer in (getattr(self.stage, "close", None), getattr(self.in_ring, "close", None),
-                       getattr(self.out_ring, "close", None), getattr(self.records_ring, "close", None)):
+        for closer in (
+            getattr(self.stage, "close", None),
+            getattr(self.in_ring, "close", None),
+            getattr(self.out_ring, "close", None),
+            getattr(self.records_ring, "close", None),
+        ):
             if closer is not None:
                 try:
                     closer()
@@ -378,9 +398,11 @@ class StageHost:
         words[_FLAGS_W] = flags  # checksum 0: not computed on this path (the slot may hold an older one)
         if payload is not None:
             if getattr(payload, "shape", None) != slot.payload.shape:
-                raise ValueError(f"stages.{self.name}: produced a frame of shape "
-                                 f"{getattr(payload, 'shape', type(payload).__name__)}; its edge carries "
-                                 f"{self.out_ring.spec.dtype}{list(slot.payload.shape)}")
+                raise ValueError(
+                    f"stages.{self.name}: produced a frame of shape "
+                    f"{getattr(payload, 'shape', type(payload).__name__)}; its edge carries "
+                    f"{self.out_ring.spec.dtype}{list(slot.payload.shape)}"
+                )
             slot.payload[...] = payload
         # the ring stamps exit_ns[index] as its last store before the frame is visible, so a hop's
         # wait starts at the publish itself
@@ -427,8 +449,12 @@ class StageHost:
     #   awake then, and waking on an awake core costs a third of waking an idle one on the VM.
     def listens_for_nudges(self) -> bool:
         consumer = self.consumer
-        return (bool(self.warm_up_ns) and consumer is not None and consumer.shares_core_with_producer()
-                and not consumer.planned_wake_ns())
+        return (
+            bool(self.warm_up_ns)
+            and consumer is not None
+            and consumer.shares_core_with_producer()
+            and not consumer.planned_wake_ns()
+        )
 
     def warm_up_at_ns(self) -> tuple[int, int]:
         """(when to warm up for the next frame, when that frame is due) in time.monotonic_ns(); (0, 0)

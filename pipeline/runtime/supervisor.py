@@ -11,50 +11,57 @@ from __future__ import annotations
 
 import enum
 import json
-import queue
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zmq
 
-
+from rtpipe.pipeline.observe.report import (
+    FRAME_MS,
+    FRAME_RECORD_DTYPE,
+    EdgeCounters,
+    RunCounters,
+    build_report,
+    build_snapshot,
+    count_lost,
+)
 from rtpipe.pipeline.runtime import control
 from rtpipe.pipeline.runtime.config import PipelineConfig, StageSpec
 from rtpipe.pipeline.runtime.host import STAGE_SPEC_ENV
-from rtpipe.pipeline.observe.report import (FRAME_RECORD_DTYPE, FRAME_MS, EdgeCounters, RunCounters, build_report,
-                              build_snapshot, count_lost)
 
 log = logging.getLogger("rtpipe.supervisor")
 
-TICK_NS = 1_000_000_000          # observers' on_tick period
+TICK_NS = 1_000_000_000  # observers' on_tick period
 # The sink writes each frame's record into a ring of this run (drop-oldest: the sink never waits on us)
 # that the loop empties at every wake (<= heartbeat_ms): 4096 records are minutes at the 80 ms pace and
 # still a good second of an unpaced pcm/echo run.
 RECORDS_RING = "records"
 RECORDS_RING_SLOTS = 4096
 SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
-BYE_GRACE_S = 0.2                # how long a stage's last words may take to arrive after it has exited
-EXIT_GRACE_S = 2.0               # after "stop", how long a stage may take to exit before SIGKILL
+BYE_GRACE_S = 0.2  # how long a stage's last words may take to arrive after it has exited
+EXIT_GRACE_S = 2.0  # after "stop", how long a stage may take to exit before SIGKILL
 
-EXIT_HEALTHY = 0     # ran to the end, nothing restarted, nothing lost
-EXIT_FAILED = 1      # could not run to the end (a stage failed to start, the restart limit was hit)
-EXIT_DEGRADED = 3    # ran to the end, but a stage was restarted or frames were lost
+EXIT_HEALTHY = 0  # ran to the end, nothing restarted, nothing lost
+EXIT_FAILED = 1  # could not run to the end (a stage failed to start, the restart limit was hit)
+EXIT_DEGRADED = 3  # ran to the end, but a stage was restarted or frames were lost
 
 
 class StageState(enum.Enum):
-    STARTING = "starting"      # process started, open() not finished
+    STARTING = "starting"  # process started, open() not finished
     RUNNING = "running"
-    WAITING = "waiting"        # dead; restart due at restart_at_ns
-    DONE = "done"              # left on purpose (end of stream, stop) or given up
+    WAITING = "waiting"  # dead; restart due at restart_at_ns
+    DONE = "done"  # left on purpose (end of stream, stop) or given up
 
 
 @dataclass
@@ -70,9 +77,9 @@ class StageProcess:
     heard_this_interval: bool = False
     restarts: int = 0
     restart_at_ns: int = 0
-    paused: bool = False       # as its last heartbeat said
+    paused: bool = False  # as its last heartbeat said
     stats_received: int = 0
-    leaving: bool = False      # said "bye" or passed end of stream: an exit now is not a crash
+    leaving: bool = False  # said "bye" or passed end of stream: an exit now is not a crash
     ever_ready: bool = False
     last_error: str = ""
     stats: dict = field(default_factory=dict)
@@ -106,9 +113,15 @@ class Supervisor:
     `observer_factory(run_info)` returns the observers once the stages are up (see pipeline/observe.py);
     `seconds` ends the input after that long (None: until the source ends or a signal)."""
 
-    def __init__(self, config: PipelineConfig, *, observer_factory: Callable[[dict], list] | None = None,
-                 seconds: float | None = None, handle_signals: bool = True,
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        observer_factory: Callable[[dict], list] | None = None,
+        seconds: float | None = None,
+        handle_signals: bool = True,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.config = config
         self.settings = config.supervisor
         self.observer_factory = observer_factory
@@ -182,7 +195,7 @@ class Supervisor:
         if not self.handle_signals:
             return None
 
-        def on_signal(signum, frame):  # noqa: ARG001
+        def on_signal(signum, frame):
             self.signals_seen += 1
             self.request_stop(signal.Signals(signum).name)
             if self.signals_seen > 1 and self.stop_all_sent_ns is None:
@@ -202,15 +215,24 @@ class Supervisor:
         for edge in self.config.edges:
             try:
                 name = segment_name(self.run_id, edge.name)
-                spec = RingSpec(slots=edge.slots, dtype=edge.payload.dtype, shape=tuple(edge.payload.shape),
-                                policy=EdgePolicy(edge.policy), spin_us=edge.spin_us)
+                spec = RingSpec(
+                    slots=edge.slots,
+                    dtype=edge.payload.dtype,
+                    shape=tuple(edge.payload.shape),
+                    policy=EdgePolicy(edge.policy),
+                    spin_us=edge.spin_us,
+                )
                 self.rings[edge.name] = Ring.create(name, spec)
             except (RingError, ValueError, OSError) as e:
                 self.error = f'edges."{edge.name}": cannot create its ring: {e}'
                 return False
         try:
-            spec = RingSpec(slots=RECORDS_RING_SLOTS, dtype="uint8", shape=(FRAME_RECORD_DTYPE.itemsize,),
-                            policy=EdgePolicy.DROP_OLDEST)
+            spec = RingSpec(
+                slots=RECORDS_RING_SLOTS,
+                dtype="uint8",
+                shape=(FRAME_RECORD_DTYPE.itemsize,),
+                policy=EdgePolicy.DROP_OLDEST,
+            )
             self.records_ring = Ring.create(segment_name(self.run_id, RECORDS_RING), spec)
         except (RingError, OSError) as e:
             self.error = f"cannot create the frame records' ring: {e}"
@@ -224,22 +246,37 @@ class Supervisor:
         if ring is None:
             return None
         spec = ring.spec
-        return {"name": ring.name, "slots": spec.slots, "dtype": spec.dtype, "shape": list(spec.shape),
-                "policy": spec.policy.value, "spin_us": spec.spin_us}
+        return {
+            "name": ring.name,
+            "slots": spec.slots,
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "policy": spec.policy.value,
+            "spin_us": spec.spin_us,
+        }
 
     def _start(self, sp: StageProcess) -> None:
         spec = sp.spec
         index = spec.index
         n = len(self.config.stages)
         host_spec = {
-            "stage": spec.name, "kind": spec.kind, "index": index, "params": spec.params_raw,
-            "cores": spec.cores, "threads": spec.threads, "device": spec.device, "priority": spec.priority,
+            "stage": spec.name,
+            "kind": spec.kind,
+            "index": index,
+            "params": spec.params_raw,
+            "cores": spec.cores,
+            "threads": spec.threads,
+            "device": spec.device,
+            "priority": spec.priority,
             "input": self._ring_for_host(self.rings[self.edge_names[index - 1]] if index > 0 else None),
             "output": self._ring_for_host(self.rings[self.edge_names[index]] if index < n - 1 else None),
             "records": self._ring_for_host(self.records_ring if index == n - 1 else None),
-            "control": self.run_dir.control_endpoint, "supervisor_pid": os.getpid(),
-            "incarnation": sp.incarnation, "heartbeat_ms": self.settings.heartbeat_ms,
-            "liveness": self.settings.liveness, "warm_up_us": self.settings.warm_up_us,
+            "control": self.run_dir.control_endpoint,
+            "supervisor_pid": os.getpid(),
+            "incarnation": sp.incarnation,
+            "heartbeat_ms": self.settings.heartbeat_ms,
+            "liveness": self.settings.liveness,
+            "warm_up_us": self.settings.warm_up_us,
             "sys_path": [p for p in sys.path if p],
             # the source waits until every stage is up, so the first frames do not queue behind loading
             # (also one restarted before then: it would block behind the loading, then burst)
@@ -249,8 +286,9 @@ class Supervisor:
         env[STAGE_SPEC_ENV] = json.dumps(host_spec)
         if spec.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
-        sp.process = subprocess.Popen([sys.executable, "-m", "rtpipe.pipeline.runtime.host", spec.name], env=env,
-                                      stdin=subprocess.DEVNULL)
+        sp.process = subprocess.Popen(
+            [sys.executable, "-m", "rtpipe.pipeline.runtime.host", spec.name], env=env, stdin=subprocess.DEVNULL
+        )
         sp.state = StageState.STARTING
         sp.started_ns = time.monotonic_ns()
         sp.liveness = self.settings.liveness
@@ -304,8 +342,10 @@ class Supervisor:
                     log.warning("rtpipe: second %s: stopping every stage now", self.stop_reason)
                     return
                 if now - self.stop_requested_ns > self.settings.stop_timeout_s * 1e9:
-                    log.warning("rtpipe: end of stream did not reach the sink within %g s; stopping all",
-                                self.settings.stop_timeout_s)
+                    log.warning(
+                        "rtpipe: end of stream did not reach the sink within %g s; stopping all",
+                        self.settings.stop_timeout_s,
+                    )
                     return
 
     def _on_all_ready(self) -> None:
@@ -320,10 +360,14 @@ class Supervisor:
     def run_info(self) -> dict:
         """What observers get at the start (see contracts.md)."""
         return {
-            "run_id": self.run_id, "stages": list(self.stage_names),
-            "kinds": {s.name: s.kind for s in self.config.stages}, "edges": list(self.edge_names),
-            "pids": {name: sp.pid for name, sp in self.stages.items()}, "frame_ms": FRAME_MS,
-            "t0_ns": self.t0_ns, "slots": {e.name: e.slots for e in self.config.edges},
+            "run_id": self.run_id,
+            "stages": list(self.stage_names),
+            "kinds": {s.name: s.kind for s in self.config.stages},
+            "edges": list(self.edge_names),
+            "pids": {name: sp.pid for name, sp in self.stages.items()},
+            "frame_ms": FRAME_MS,
+            "t0_ns": self.t0_ns,
+            "slots": {e.name: e.slots for e in self.config.edges},
         }
 
     def _send(self, stage: str, type_: str, **fields: Any) -> None:
@@ -362,8 +406,9 @@ class Supervisor:
         name = message["stage"]
         sp = self.stages.get(name)
         if sp is None or identity != name.encode():
-            raise control.ProtocolError(f"{kind}.stage = {name!r:.40}: not a stage of this run "
-                                        "(or not the sender's own name)")
+            raise control.ProtocolError(
+                f"{kind}.stage = {name!r:.40}: not a stage of this run (or not the sender's own name)"
+            )
         sp.heard_this_interval = True
         sp.liveness = self.settings.liveness
         if kind == "hello":
@@ -421,8 +466,11 @@ class Supervisor:
                 if sp.state is StageState.RUNNING and not sp.heard_this_interval:
                     sp.liveness -= 1
                     if sp.liveness <= 0 and sp.process.poll() is None:
-                        log.warning("rtpipe: stage %s sent no heartbeat for %d ms: hung; killing it",
-                                    name, self.settings.liveness * self.settings.heartbeat_ms)
+                        log.warning(
+                            "rtpipe: stage %s sent no heartbeat for %d ms: hung; killing it",
+                            name,
+                            self.settings.liveness * self.settings.heartbeat_ms,
+                        )
                         sp.process.kill()
                 sp.heard_this_interval = False
 
@@ -436,8 +484,9 @@ class Supervisor:
             if sp.state is StageState.DONE or sp.process is None:
                 continue
             if sp.state is StageState.STARTING and now - sp.started_ns > self.settings.start_timeout_s * 1e9:
-                log.warning("rtpipe: stage %s did not open within %g s; killing it", name,
-                            self.settings.start_timeout_s)
+                log.warning(
+                    "rtpipe: stage %s did not open within %g s; killing it", name, self.settings.start_timeout_s
+                )
                 sp.last_error = f"did not open within {self.settings.start_timeout_s:g} s (start_timeout_s)"
                 sp.process.kill()
                 sp.process.wait()
@@ -477,13 +526,17 @@ class Supervisor:
         sp.restart_at_ns = now + delay_ms * 1_000_000
 
     def _tick(self, now: int) -> None:
-        while self.recent and self.recent[0].size and \
-                now - int(self.recent[0]["capture_ns"][-1]) > SNAPSHOT_WINDOW_NS:
+        while self.recent and self.recent[0].size and now - int(self.recent[0]["capture_ns"][-1]) > SNAPSHOT_WINDOW_NS:
             self.recent.popleft()
         recent = np.concatenate(list(self.recent)) if self.recent else np.zeros(0, FRAME_RECORD_DTYPE)
         counters = self._counters()
-        snapshot = build_snapshot(recent, counters, frames_total=sum(r.size for r in self.records),
-                                  seconds=(now - self.t0_ns) / 1e9, t0_ns=self.t0_ns)
+        snapshot = build_snapshot(
+            recent,
+            counters,
+            frames_total=sum(r.size for r in self.records),
+            seconds=(now - self.t0_ns) / 1e9,
+            t0_ns=self.t0_ns,
+        )
         _call_observers(self.observers, "on_tick", snapshot)
 
     # --- the end ----------------------------------------------------------------------------------
@@ -499,7 +552,8 @@ class Supervisor:
                     self._send(name, "stop")
         deadline = time.monotonic() + EXIT_GRACE_S
         while time.monotonic() < deadline and any(
-                sp.process is not None and sp.process.poll() is None for sp in self.stages.values()):
+            sp.process is not None and sp.process.poll() is None for sp in self.stages.values()
+        ):
             if self.socket.poll(20):
                 self._drain_messages()  # the sink's last stats
         for sp in self.stages.values():
@@ -512,8 +566,9 @@ class Supervisor:
         self._drain_records()
 
     def _counters(self) -> RunCounters:
-        counters = RunCounters(stage_names=list(self.stage_names), edge_names=list(self.edge_names),
-                               live_source=self.config.stages[0].live)
+        counters = RunCounters(
+            stage_names=list(self.stage_names), edge_names=list(self.edge_names), live_source=self.config.stages[0].live
+        )
         counters.restarts = {name: sp.restarts for name, sp in self.stages.items()}
         dropped = 0
         for name, ring in self.rings.items():
@@ -522,8 +577,11 @@ class Supervisor:
             except Exception:  # ring already closed
                 continue
             counters.edges[name] = EdgeCounters(
-                dropped_oldest=int(stats.dropped_oldest), dropped_newest=int(stats.dropped_newest),
-                blocked=int(stats.blocked_count), fill=int(stats.fill))
+                dropped_oldest=int(stats.dropped_oldest),
+                dropped_newest=int(stats.dropped_newest),
+                blocked=int(stats.blocked_count),
+                fill=int(stats.fill),
+            )
             dropped += int(stats.dropped_oldest) + int(stats.dropped_newest)
         sink_stats = self.stages[self.stage_names[-1]].stats
         counters.underruns = int(sink_stats.get("underruns", 0))
@@ -544,9 +602,15 @@ class Supervisor:
         # each frame's handoff_ns), else the sink's last per-frame output latency
         sink_stats = self.stages[self.stage_names[-1]].stats
         latency_ns = int(sink_stats.get("device_latency_ns", 0) or sink_stats.get("output_latency_ns", 0))
-        return build_report(records, counters, seconds=seconds, t0_ns=self.t0_ns, delay_frames=
-                            self.config.delay_frames, config=self.config.raw,
-                            device_latency_ms=round(latency_ns / 1e6, 3) if latency_ns else None)
+        return build_report(
+            records,
+            counters,
+            seconds=seconds,
+            t0_ns=self.t0_ns,
+            delay_frames=self.config.delay_frames,
+            config=self.config.raw,
+            device_latency_ms=round(latency_ns / 1e6, 3) if latency_ns else None,
+        )
 
     def _release(self) -> None:
         if self.records_in is not None:

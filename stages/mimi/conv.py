@@ -45,13 +45,22 @@ class ConvTrOverlap:
 class CausalConv1d(nn.Module):
     """Conv1d padded on the left only (zeros, or the first sample repeated with pad_mode="replicate")."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 dilation: int = 1, bias: bool = True, pad_mode: str = "constant"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ):
         super().__init__()
         if pad_mode not in ("constant", "replicate"):
             raise ValueError(f"pad_mode {pad_mode!r}: expected 'constant' or 'replicate'")
-        self.conv = _Inner("conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride,
-                                             dilation=dilation, bias=bias))
+        self.conv = _Inner(
+            "conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation, bias=bias)
+        )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         self.pad_mode = pad_mode
@@ -62,8 +71,9 @@ class CausalConv1d(nn.Module):
         """Lays the weight out for one matrix product over (kernel tap, input channel); after loading.
         `out_rows_hint`: output rows of a streaming frame."""
         w = self.conv.conv.weight.detach()  # [out, in, kernel]
-        self._product = Linear(w.permute(0, 2, 1).reshape(self.out_channels, -1), self.conv.conv.bias,
-                               dtype, out_rows_hint)
+        self._product = Linear(
+            w.permute(0, 2, 1).reshape(self.out_channels, -1), self.conv.conv.bias, dtype, out_rows_hint
+        )
 
     def new_state(self, frame_rows: int, dtype: torch.dtype) -> ConvWindow:
         window = torch.zeros(self.context_rows + frame_rows, self.in_channels, dtype=dtype)
@@ -89,12 +99,14 @@ class CausalConv1d(nn.Module):
             state.primed = True
         out_rows = rows // self.stride
         if self.dilation == 1:
-            cols = window.as_strided((out_rows, self.kernel_size * self.in_channels),
-                                     (self.stride * self.in_channels, 1))
+            cols = window.as_strided(
+                (out_rows, self.kernel_size * self.in_channels), (self.stride * self.in_channels, 1)
+            )
         else:  # not used by Mimi; correct but copies
             cols = window.as_strided(
                 (out_rows, self.kernel_size, self.in_channels),
-                (self.stride * self.in_channels, self.dilation * self.in_channels, 1)).reshape(out_rows, -1)
+                (self.stride * self.in_channels, self.dilation * self.in_channels, 1),
+            ).reshape(out_rows, -1)
         y = self._product(cols)
         if ctx:
             if ctx <= rows:
@@ -108,15 +120,17 @@ class CausalConvTranspose1d(nn.Module):
     """ConvTranspose1d whose output is trimmed on the right only, so frame k's output is final once
     frame k is in. The kernel must be twice the stride, as everywhere in Mimi."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1, bias: bool = True):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1, bias: bool = True
+    ):
         super().__init__()
         if kernel_size != 2 * stride:
             raise ValueError(f"kernel_size {kernel_size}: only kernel = 2 x stride ({2 * stride}) is supported")
         if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
             raise ValueError("only groups=1 or channel-wise (groups = in = out channels) are supported")
-        self.convtr = _Inner("convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride,
-                                                          groups=groups, bias=bias))
+        self.convtr = _Inner(
+            "convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
         self._product: Linear | None = None

@@ -46,20 +46,20 @@ class DecodeState:
 class Mimi(nn.Module):
     """The whole codec. Build it (cheaply on the meta device), load a state dict, then `prepare(dtype)`."""
 
-    def __init__(self, seanet: SEANetConfig = SEANetConfig(),
-                 transformer: TransformerConfig = TransformerConfig()):
+    def __init__(self, seanet: SEANetConfig = SEANetConfig(), transformer: TransformerConfig = TransformerConfig()):
         super().__init__()
         self.encoder = SEANetEncoder(seanet)
         self.decoder = SEANetDecoder(seanet)
         self.encoder_transformer = ProjectedTransformer(transformer)
         self.decoder_transformer = ProjectedTransformer(transformer)
         self.quantizer = SplitResidualVectorQuantizer(
-            dimension=256, input_dimension=seanet.dimension, bins=CODEBOOK_BINS, n_q=TOTAL_CODEBOOKS)
+            dimension=256, input_dimension=seanet.dimension, bins=CODEBOOK_BINS, n_q=TOTAL_CODEBOOKS
+        )
         self.downsample = ConvDownsample1d(ENCODER_STEPS_PER_FRAME, seanet.dimension)
         self.upsample = ConvTrUpsample1d(ENCODER_STEPS_PER_FRAME, seanet.dimension)
         self.dtype = torch.float32
 
-    def prepare(self, dtype: torch.dtype = torch.float32) -> "Mimi":
+    def prepare(self, dtype: torch.dtype = torch.float32) -> Mimi:
         """Derives the compute layouts (transposed, folded, cast to `dtype`) from the loaded weights."""
         self.dtype = dtype
         self.encoder.prepare(dtype, FRAME_SAMPLES)
@@ -76,13 +76,15 @@ class Mimi(nn.Module):
         return EncodeState(
             self.encoder.new_state(FRAME_SAMPLES, self.dtype),
             self.encoder_transformer.new_state(self.dtype),
-            self.downsample.conv.new_state(ENCODER_STEPS_PER_FRAME, self.dtype))
+            self.downsample.conv.new_state(ENCODER_STEPS_PER_FRAME, self.dtype),
+        )
 
     def new_decode_state(self) -> DecodeState:
         return DecodeState(
             self.upsample.convtr.new_state(self.dtype),
             self.decoder_transformer.new_state(self.dtype),
-            self.decoder.new_state(ENCODER_STEPS_PER_FRAME, self.dtype))
+            self.decoder.new_state(ENCODER_STEPS_PER_FRAME, self.dtype),
+        )
 
     def encode_step(self, samples: torch.Tensor, state: EncodeState, n_q: int) -> torch.Tensor:
         """samples: [k * 1920] float -> codes [k, n_q] int64. Call under torch.inference_mode()."""

@@ -50,8 +50,7 @@ class ResidualVectorQuantizer(nn.Module):
         self._search = []
         for layer in self.vq.layers:
             cb = layer._codebook
-            centroids = (cb.embedding_sum.float()
-                         / cb.cluster_usage.float().clamp(min=CLUSTER_USAGE_EPSILON)[:, None])
+            centroids = cb.embedding_sum.float() / cb.cluster_usage.float().clamp(min=CLUSTER_USAGE_EPSILON)[:, None]
             ones = torch.ones(centroids.shape[0], 1)
             norms = centroids.pow(2).sum(-1, keepdim=True)
             self.centroids.append(centroids.contiguous())
@@ -81,8 +80,9 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 class SplitResidualVectorQuantizer(nn.Module):
-    def __init__(self, dimension: int = 256, input_dimension: int = 512, bins: int = 2048, n_q: int = 32,
-                 n_q_semantic: int = 1):
+    def __init__(
+        self, dimension: int = 256, input_dimension: int = 512, bins: int = 2048, n_q: int = 32, n_q_semantic: int = 1
+    ):
         super().__init__()
         self.n_q, self.n_q_semantic, self.bins = n_q, n_q_semantic, bins
         self.rvq_first = ResidualVectorQuantizer(dimension, input_dimension, bins, n_q_semantic)
@@ -101,7 +101,7 @@ class SplitResidualVectorQuantizer(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [T, n] (n >= 1) -> latent [T, 512] float32."""
-        quantized = self.rvq_first.decode(codes[:, :self.n_q_semantic])
+        quantized = self.rvq_first.decode(codes[:, : self.n_q_semantic])
         if codes.shape[1] > self.n_q_semantic:
-            quantized = quantized + self.rvq_rest.decode(codes[:, self.n_q_semantic:])
+            quantized = quantized + self.rvq_rest.decode(codes[:, self.n_q_semantic :])
         return quantized

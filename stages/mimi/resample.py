@@ -14,12 +14,12 @@ from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d
 class ConvDownsample1d(nn.Module):
     def __init__(self, stride: int, dimension: int):
         super().__init__()
-        self.conv = CausalConv1d(dimension, dimension, 2 * stride, stride=stride, bias=False,
-                                 pad_mode="replicate")
+        self.conv = CausalConv1d(dimension, dimension, 2 * stride, stride=stride, bias=False, pad_mode="replicate")
 
 
 class ConvTrUpsample1d(nn.Module):
     def __init__(self, stride: int, dimension: int):
         super().__init__()
-        self.convtr = CausalConvTranspose1d(dimension, dimension, 2 * stride, stride=stride,
-                                            groups=dimension, bias=False)
+        self.convtr = CausalConvTranspose1d(
+            dimension, dimension, 2 * stride, stride=stride, groups=dimension, bias=False
+        )

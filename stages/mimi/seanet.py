@@ -14,7 +14,7 @@ from torch import nn
 from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvWindow
 
 
-@dataclass
+@dataclass(frozen=True)
 class SEANetConfig:
     channels: int = 1
     dimension: int = 512
@@ -25,13 +25,6 @@ class SEANetConfig:
     residual_kernel_size: int = 3
     dilation_base: int = 2
     compress: int = 2
-
-    @property
-    def hop_length(self) -> int:
-        hop = 1
-        for r in self.ratios:
-            hop *= r
-        return hop
 
 
 @dataclass
@@ -48,8 +41,8 @@ class ResidualUnit(nn.Module):
         super().__init__()
         hidden = dim // compress
         self.block = nn.Sequential(
-            nn.ELU(), CausalConv1d(dim, hidden, kernel_size, dilation=dilation),
-            nn.ELU(), CausalConv1d(hidden, dim, 1))
+            nn.ELU(), CausalConv1d(dim, hidden, kernel_size, dilation=dilation), nn.ELU(), CausalConv1d(hidden, dim, 1)
+        )
 
     def prepare(self, dtype: torch.dtype, rows_hint: int) -> None:
         self.block[1].prepare(dtype, rows_hint)
@@ -119,8 +112,11 @@ class SEANetEncoder(nn.Module):
         layers: list[nn.Module] = [CausalConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size)]
         for ratio in reversed(cfg.ratios):
             dim = mult * cfg.n_filters
-            layers += [ResidualUnit(dim, cfg.residual_kernel_size, 1, cfg.compress),
-                       nn.ELU(), CausalConv1d(dim, dim * 2, ratio * 2, stride=ratio)]
+            layers += [
+                ResidualUnit(dim, cfg.residual_kernel_size, 1, cfg.compress),
+                nn.ELU(),
+                CausalConv1d(dim, dim * 2, ratio * 2, stride=ratio),
+            ]
             mult *= 2
         layers += [nn.ELU(), CausalConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size)]
         self.model = nn.Sequential(*layers)
@@ -145,8 +141,11 @@ class SEANetDecoder(nn.Module):
         layers: list[nn.Module] = [CausalConv1d(cfg.dimension, mult * cfg.n_filters, cfg.kernel_size)]
         for ratio in cfg.ratios:
             dim = mult * cfg.n_filters
-            layers += [nn.ELU(), CausalConvTranspose1d(dim, dim // 2, ratio * 2, stride=ratio),
-                       ResidualUnit(dim // 2, cfg.residual_kernel_size, 1, cfg.compress)]
+            layers += [
+                nn.ELU(),
+                CausalConvTranspose1d(dim, dim // 2, ratio * 2, stride=ratio),
+                ResidualUnit(dim // 2, cfg.residual_kernel_size, 1, cfg.compress),
+            ]
             mult //= 2
         layers += [nn.ELU(), CausalConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size)]
         self.model = nn.Sequential(*layers)

@@ -14,8 +14,7 @@ from typing import Literal
 import numpy as np
 
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, NoState, PayloadSpec, Role, Stage
-from rtpipe.stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
-                               checkpoint_load_bytes)
+from rtpipe.stages.checkpoint import DTYPE_BYTES, check_local_file, check_memory_fits, check_seed, checkpoint_load_bytes
 from rtpipe.stages.errors import ConfigError
 
 TOTAL_CODEBOOKS = 32
@@ -63,8 +62,12 @@ def _load_model(kind: str, weights: str | None, dtype_name: str, seed: int, devi
     from rtpipe.stages.mimi.checkpoint import load_mimi
 
     if weights is None:
-        print(f"rtpipe: WARNING: {kind} has no weights: running on random weights (seed {seed}); "
-              "timings are real, the audio is not", file=sys.stderr, flush=True)
+        print(
+            f"rtpipe: WARNING: {kind} has no weights: running on random weights (seed {seed}); "
+            "timings are real, the audio is not",
+            file=sys.stderr,
+            flush=True,
+        )
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     model = load_mimi(weights, dtype=dtype, seed=seed)
     # the model's many long-lived objects leave the collector's sight: no full collection walks them
@@ -152,8 +155,12 @@ class MimiDecode(_MimiStage):
     Params = MimiDecodeParams
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
-        if (input_spec is None or input_spec.dtype != "int32" or len(input_spec.shape) != 1
-                or not 1 <= input_spec.shape[0] <= TOTAL_CODEBOOKS):
+        if (
+            input_spec is None
+            or input_spec.dtype != "int32"
+            or len(input_spec.shape) != 1
+            or not 1 <= input_spec.shape[0] <= TOTAL_CODEBOOKS
+        ):
             raise ConfigError(f"mimi.decode: input {input_spec}: expected codes int32[1..{TOTAL_CODEBOOKS}]")
         return AUDIO_FRAME
 
@@ -167,8 +174,7 @@ class MimiDecode(_MimiStage):
             raise ValueError(f"mimi.decode: codes of shape {frame.shape}, expected (1..{TOTAL_CODEBOOKS},)")
         if frame.min() < 0 or frame.max() >= CODEBOOK_BINS:
             bad = int(np.flatnonzero((frame < 0) | (frame >= CODEBOOK_BINS))[0])
-            raise ValueError(f"mimi.decode: code {int(frame[bad])} of codebook {bad} is outside "
-                             f"0..{CODEBOOK_BINS - 1}")
+            raise ValueError(f"mimi.decode: code {int(frame[bad])} of codebook {bad} is outside 0..{CODEBOOK_BINS - 1}")
         codes = torch.from_numpy(frame.astype(np.int64)).view(1, -1)
         with torch.inference_mode():
             samples = self.model.decode_step(codes, self.state)

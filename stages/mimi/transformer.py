@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from rtpipe.stages.mimi.matmul import Linear
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformerConfig:
     d_model: int = 512
     num_heads: int = 8
@@ -78,8 +78,7 @@ class TransformerLayer(nn.Module):
         self._n1 = (self.norm1.weight.detach().to(dtype), self.norm1.bias.detach().to(dtype))
         self._n2 = (self.norm2.weight.detach().to(dtype), self.norm2.bias.detach().to(dtype))
 
-    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attend) -> torch.Tensor:
+    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         """x: [T, d_model]. `attend(q, k, v) -> [heads, T, head_dim]` stores k, v as it needs."""
         cfg = self.cfg
         rows, heads = x.shape[0], cfg.num_heads
@@ -135,8 +134,9 @@ class ProjectedTransformer(nn.Module):
         cfg = self.cfg
         head_dim = cfg.d_model // cfg.num_heads
         # computed as Kyutai does, so positions rotate by the same float32 angles
-        self._freqs = torch.exp(torch.arange(head_dim // 2, dtype=torch.float32)
-                                * (-math.log(cfg.max_period) * 2 / head_dim))
+        self._freqs = torch.exp(
+            torch.arange(head_dim // 2, dtype=torch.float32) * (-math.log(cfg.max_period) * 2 / head_dim)
+        )
         for layer in self.transformer.layers:
             layer.prepare(dtype)
 
@@ -148,8 +148,11 @@ class ProjectedTransformer(nn.Module):
     def new_state(self, dtype: torch.dtype) -> KVWindow:
         cfg = self.cfg
         shape = (cfg.num_layers, cfg.num_heads, cfg.context, cfg.d_model // cfg.num_heads)
-        return KVWindow(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
-                        torch.full((cfg.context,), -1, dtype=torch.long))
+        return KVWindow(
+            torch.zeros(shape, dtype=dtype),
+            torch.zeros(shape, dtype=dtype),
+            torch.full((cfg.context,), -1, dtype=torch.long),
+        )
 
     def step(self, x: torch.Tensor, state: KVWindow) -> torch.Tensor:
         """Streaming: x [T, d_model] (T <= context) continues the sequence held in `state`."""

@@ -31,8 +31,9 @@ def load_lm_weights(model: LmModel, weights: str) -> None:
             value.copy_(tensors[key])
 
 
-def split_stacked_attention(tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-                            ) -> dict[str, torch.Tensor]:
+def split_stacked_attention(
+    tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Renames Kyutai's stacked attention keys to per-step keys (`in_projs.N.weight`), splitting the
     stack in as many parts as the model has steps; other keys pass unchanged."""
     out: dict[str, torch.Tensor] = {}

@@ -87,23 +87,37 @@ class LmConfig:
         cost in memory is known before anything is allocated. tests/test_moshi_loading.py checks it
         against the built model."""
         text_rows, audio_rows = self.text_card + 1, self.card + 1
-        temporal = (self.n_q * audio_rows * self.dim + text_rows * self.dim + self.text_card * self.dim
-                    + _norm_parameters(self.norm, self.dim)
-                    + self.num_layers * _layer_parameters(self.dim, self.dim_feedforward, self.norm,
-                                                          self.gating, 1, self.layer_scale))
+        temporal = (
+            self.n_q * audio_rows * self.dim
+            + text_rows * self.dim
+            + self.text_card * self.dim
+            + _norm_parameters(self.norm, self.dim)
+            + self.num_layers
+            * _layer_parameters(self.dim, self.dim_feedforward, self.norm, self.gating, 1, self.layer_scale)
+        )
         depformer_in = (self.dep_q if self.depformer_multi_linear else 1) * self.dim * self.depformer_dim
-        depformer = (depformer_in + (self.dep_q - 1) * audio_rows * self.depformer_dim
-                     + text_rows * self.depformer_dim + self.dep_q * self.depformer_dim * self.card
-                     + self.depformer_num_layers * _layer_parameters(
-                         self.depformer_dim, self.depformer_feedforward, self.norm,
-                         self.depformer_gating, self.depformer_steps, self.depformer_layer_scale))
+        depformer = (
+            depformer_in
+            + (self.dep_q - 1) * audio_rows * self.depformer_dim
+            + text_rows * self.depformer_dim
+            + self.dep_q * self.depformer_dim * self.card
+            + self.depformer_num_layers
+            * _layer_parameters(
+                self.depformer_dim,
+                self.depformer_feedforward,
+                self.norm,
+                self.depformer_gating,
+                self.depformer_steps,
+                self.depformer_layer_scale,
+            )
+        )
         return temporal + depformer
 
     def kv_cache_elements(self, context: int | None = None) -> int:
         """Elements of one conversation's temporal KV cache (keys and values of every layer)."""
         return 2 * self.num_layers * (context or self.context or 0) * self.dim
 
-    def replace(self, **changes: Any) -> "LmConfig":
+    def replace(self, **changes: Any) -> LmConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -111,11 +125,21 @@ class LmConfig:
 
     def validate(self, where: str) -> None:
         """Raises ConfigError naming `where.<key>` for values this implementation does not support."""
+
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{where}: {key} = {getattr(self, key)!r}: {why}")
 
-        for key in ("dim", "n_q", "card", "text_card", "num_heads", "num_layers", "depformer_dim",
-                    "depformer_num_heads", "depformer_num_layers"):
+        for key in (
+            "dim",
+            "n_q",
+            "card",
+            "text_card",
+            "num_heads",
+            "num_layers",
+            "depformer_dim",
+            "depformer_num_heads",
+            "depformer_num_layers",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise bad(key, "expected a positive integer")
         if not 0 < self.dep_q <= self.n_q:
@@ -160,8 +184,9 @@ def _norm_parameters(norm: str, dim: int) -> int:
     return dim if norm.startswith("rms_norm") else 2 * dim  # a LayerNorm has a bias too
 
 
-def _layer_parameters(dim: int, dim_feedforward: int, norm: str, gating: str, steps: int,
-                      layer_scale: float | None) -> int:
+def _layer_parameters(
+    dim: int, dim_feedforward: int, norm: str, gating: str, steps: int, layer_scale: float | None
+) -> int:
     """Parameters of one TransformerLayer (stages/moshi/transformer.py) with `steps` sets of weights."""
     attention = steps * 4 * dim * dim  # in_proj 3 d^2 + out_proj d^2
     if gating == "none":
@@ -174,24 +199,58 @@ def _layer_parameters(dim: int, dim_feedforward: int, norm: str, gating: str, st
 
 # Keys a config.json must give: they set the size of every weight. A default here would quietly build
 # another model (ours are the 7B's sizes, the reference's a toy's): a `{}` config was a 7B in float32.
-SIZE_KEYS = ("dim", "num_heads", "num_layers", "hidden_scale", "text_card", "card", "n_q", "dep_q",
-             "depformer_dim", "depformer_num_heads", "depformer_num_layers")
+SIZE_KEYS = (
+    "dim",
+    "num_heads",
+    "num_layers",
+    "hidden_scale",
+    "text_card",
+    "card",
+    "n_q",
+    "dep_q",
+    "depformer_dim",
+    "depformer_num_heads",
+    "depformer_num_layers",
+)
 
 # Keys of a Kyutai config.json that describe files or generation defaults, not the LM's shape.
-_METADATA_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_id",
-                  "lm_gen_config", "model_type"}
+_METADATA_KEYS = {
+    "moshi_name",
+    "mimi_name",
+    "tokenizer_name",
+    "mimi_config_name",
+    "model_id",
+    "lm_gen_config",
+    "model_type",
+}
 # Keys Kyutai's LMModel accepts that we keep only at their "off" value (anything else is an error).
 _OFF_VALUES: dict[str, tuple] = {
-    "conditioners": (None, {}), "fuser": (None, {}), "cross_attention": (False, None),
-    "kv_repeat": (1, None), "demux_second_stream": (False, None),
-    "demux_second_text_stream": (False, None), "depformer_low_rank_embeddings": (None,),
-    "extra_heads_num_heads": (0, None), "extra_heads_dim": None, "text_card_out": (None,),
-    "norm_emb": (False, None), "bias_proj": (False, None), "lora": (False, None),
-    "lora_rank": None, "lora_scaling": None, "lora_name": (None,), "quantize": (False, None),
-    "depformer_weights_per_step_schedule": (None,), "depformer_causal": None,
-    "tts_config": (None, {}), "stt_config": (None, {}), "same_initial": (False, None),
-    "positional_scale": (1.0, 1, None), "depformer_positional_scale": (1.0, 1, None),
-    "skip_self_attn": (False, None), "depformer_kv_repeat": (1, None),
+    "conditioners": (None, {}),
+    "fuser": (None, {}),
+    "cross_attention": (False, None),
+    "kv_repeat": (1, None),
+    "demux_second_stream": (False, None),
+    "demux_second_text_stream": (False, None),
+    "depformer_low_rank_embeddings": (None,),
+    "extra_heads_num_heads": (0, None),
+    "extra_heads_dim": None,
+    "text_card_out": (None,),
+    "norm_emb": (False, None),
+    "bias_proj": (False, None),
+    "lora": (False, None),
+    "lora_rank": None,
+    "lora_scaling": None,
+    "lora_name": (None,),
+    "quantize": (False, None),
+    "depformer_weights_per_step_schedule": (None,),
+    "depformer_causal": None,
+    "tts_config": (None, {}),
+    "stt_config": (None, {}),
+    "same_initial": (False, None),
+    "positional_scale": (1.0, 1, None),
+    "depformer_positional_scale": (1.0, 1, None),
+    "skip_self_attn": (False, None),
+    "depformer_kv_repeat": (1, None),
 }
 
 
@@ -203,8 +262,10 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
         raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     missing = [key for key in SIZE_KEYS if key not in raw]
     if missing:
-        raise ConfigError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
-                          "a Moshi LM config.json gives the model's sizes")
+        raise ConfigError(
+            f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+            "a Moshi LM config.json gives the model's sizes"
+        )
     fields = {f.name: f for f in dataclasses.fields(LmConfig)}
     # absent, it means what it means to Kyutai's LMModel: hidden_scale x depformer_dim (not our 4224)
     values: dict[str, Any] = {"depformer_dim_feedforward": None}
@@ -216,8 +277,10 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
         if key in _OFF_VALUES:
             allowed = _OFF_VALUES[key]
             if allowed is not None and value not in allowed:
-                raise ConfigError(f"{where}: {key} = {_short(value)}: not supported by rtpipe's Moshi "
-                                  f"(supported: {', '.join(map(repr, allowed))})")
+                raise ConfigError(
+                    f"{where}: {key} = {_short(value)}: not supported by rtpipe's Moshi "
+                    f"(supported: {', '.join(map(repr, allowed))})"
+                )
             continue
         if key not in fields:
             raise ConfigError(f"{where}: {key}: unknown key for a Moshi LM config")
@@ -247,8 +310,7 @@ def _check_type(key: str, value: Any, hint: str, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: {key} = null: a value is required")
     if hint.startswith("list"):
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                  for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: {key} = {_short(value)}: expected a list of integers")
         return list(value)
     if hint.startswith("bool"):
@@ -280,9 +342,16 @@ def _short(value: Any) -> str:
 # delays and vocabularies with small dims, so that encode + step + decode fit two cores at 80 ms.
 # small/medium/large are the sizes the reference was timed at (shared/reference/TIMINGS.md).
 def _size(dim, layers, heads, ddim, dlayers, dheads, context=3000) -> LmConfig:
-    return LmConfig(dim=dim, num_layers=layers, num_heads=heads, depformer_dim=ddim,
-                    depformer_num_layers=dlayers, depformer_num_heads=dheads,
-                    depformer_dim_feedforward=int(4.125 * ddim), context=context)
+    return LmConfig(
+        dim=dim,
+        num_layers=layers,
+        num_heads=heads,
+        depformer_dim=ddim,
+        depformer_num_layers=dlayers,
+        depformer_num_heads=dheads,
+        depformer_dim_feedforward=int(4.125 * ddim),
+        context=context,
+    )
 
 
 SIZES: dict[str, LmConfig] = {

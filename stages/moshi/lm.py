@@ -29,22 +29,39 @@ class LmModel(nn.Module):
         self.text_emb = nn.Embedding(c.text_card + 1, c.dim, **kw)
         self.text_linear = nn.Linear(c.dim, c.text_card, bias=False, **kw)
         self.transformer = Transformer(
-            c.dim, c.num_heads, c.num_layers, c.dim_feedforward, c.norm, c.gating, 1, c.layer_scale,
-            c.context, c.max_period if c.positional_embedding == "rope" else None, **kw)
+            c.dim,
+            c.num_heads,
+            c.num_layers,
+            c.dim_feedforward,
+            c.norm,
+            c.gating,
+            1,
+            c.layer_scale,
+            c.context,
+            c.max_period if c.positional_embedding == "rope" else None,
+            **kw,
+        )
         self.out_norm = make_norm(c.norm, c.dim, **kw)
         n_in = c.dep_q if c.depformer_multi_linear else 1
-        self.depformer_in = nn.ModuleList(
-            nn.Linear(c.dim, c.depformer_dim, bias=False, **kw) for _ in range(n_in))
-        self.depformer_emb = nn.ModuleList(
-            nn.Embedding(c.card + 1, c.depformer_dim, **kw) for _ in range(c.dep_q - 1))
+        self.depformer_in = nn.ModuleList(nn.Linear(c.dim, c.depformer_dim, bias=False, **kw) for _ in range(n_in))
+        self.depformer_emb = nn.ModuleList(nn.Embedding(c.card + 1, c.depformer_dim, **kw) for _ in range(c.dep_q - 1))
         self.depformer_text_emb = nn.Embedding(c.text_card + 1, c.depformer_dim, **kw)
         mult = c.dep_q if c.depformer_weights_per_step else 1
         # The depformer sees one frame's dep_q steps, all of them (its context never binds).
         self.depformer = Transformer(
-            c.depformer_dim, c.depformer_num_heads, c.depformer_num_layers, c.depformer_feedforward,
-            c.norm, c.depformer_gating, mult, c.depformer_layer_scale, None, None, **kw)
-        self.linears = nn.ModuleList(
-            nn.Linear(c.depformer_dim, c.card, bias=False, **kw) for _ in range(c.dep_q))
+            c.depformer_dim,
+            c.depformer_num_heads,
+            c.depformer_num_layers,
+            c.depformer_feedforward,
+            c.norm,
+            c.depformer_gating,
+            mult,
+            c.depformer_layer_scale,
+            None,
+            None,
+            **kw,
+        )
+        self.linears = nn.ModuleList(nn.Linear(c.depformer_dim, c.card, bias=False, **kw) for _ in range(c.dep_q))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,8 +93,7 @@ class LmModel(nn.Module):
         return text if out is None else out + text
 
     @torch.no_grad()
-    def forward_sequence(self, inputs: torch.Tensor, sampled: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_sequence(self, inputs: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits for a whole sequence.
 
         inputs [B, K, T]: what the temporal transformer reads at each step (delays already applied);
@@ -95,8 +111,7 @@ class LmModel(nn.Module):
         dep_in = torch.stack(steps, dim=2).view(B * T, c.dep_q, c.depformer_dim)
         if c.depformer_pos_emb == "sin":
             positions = torch.arange(c.dep_q, device=dep_in.device)
-            dep_in = dep_in + sin_embedding(positions, c.depformer_dim,
-                                            c.depformer_max_period).to(dep_in.dtype)
+            dep_in = dep_in + sin_embedding(positions, c.depformer_dim, c.depformer_max_period).to(dep_in.dtype)
         dep_out = self.depformer(dep_in)
         audio = torch.stack([self.linears[k](dep_out[:, k]) for k in range(c.dep_q)], dim=1)
         return text_logits.float(), audio.view(B, T, c.dep_q, c.card).float()

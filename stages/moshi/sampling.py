@@ -24,7 +24,7 @@ class SamplingParams:
     text_top_k: int = 25
 
     @classmethod
-    def greedy(cls) -> "SamplingParams":
+    def greedy(cls) -> SamplingParams:
         return cls(0.0, 0, 0.0, 0)
 
     def validate(self, where: str) -> None:
@@ -36,8 +36,9 @@ class SamplingParams:
                 raise ConfigError(f"{where}.{name} = {getattr(self, name)}: expected >= 0 (0 = all)")
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token id (a 0-d int64 tensor) from logits [vocab]; temperature <= 0 picks the arg-max."""
     if temperature <= 0:
         return logits.argmax()

@@ -14,8 +14,14 @@ from typing import Literal
 import numpy as np
 
 from rtpipe.stages.base import PayloadSpec, Role, Stage
-from rtpipe.stages.checkpoint import (DTYPE_BYTES, check_local_file, check_memory_fits, check_seed,
-                               checkpoint_load_bytes, resolve_weights_path)
+from rtpipe.stages.checkpoint import (
+    DTYPE_BYTES,
+    check_local_file,
+    check_memory_fits,
+    check_seed,
+    checkpoint_load_bytes,
+    resolve_weights_path,
+)
 from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.moshi.config import LmConfig, config_for_size, load_config_file
 from rtpipe.stages.moshi.tokenizer import TextTokenizer
@@ -53,8 +59,9 @@ class MoshiStepParams:
             check_local_file(getattr(self, name), f"{where}.{name}")
         config = lm_config(self, where)  # a bad size or config.json is a config error now, not at open()
         if self.context is None and config.context is None:
-            raise ConfigError(f"{where}.context: the model's config says context = null; give the KV "
-                              "cache's size in steps")
+            raise ConfigError(
+                f"{where}.context: the model's config says context = null; give the KV cache's size in steps"
+            )
         check_lm_memory(config, self, where)
 
 
@@ -133,12 +140,17 @@ class MoshiStep(Stage):
         dtype = torch.bfloat16 if p.dtype == "bfloat16" else torch.float32
         model = LmModel(self.config, dtype=dtype, device=device)
         if p.weights is None:
-            print(f"rtpipe: WARNING: moshi.step has no weights: running a RANDOM {p.size if p.config is None else p.config} "
-                  "model (its speech is noise); set params.weights to a Kyutai model.safetensors",
-                  file=sys.stderr, flush=True)
+            print(
+                "rtpipe: WARNING: moshi.step has no weights: running a RANDOM "
+                f"{p.size if p.config is None else p.config} model (its speech is noise); "
+                "set params.weights to a Kyutai model.safetensors",
+                file=sys.stderr,
+                flush=True,
+            )
             model.init_random(p.seed or 0)
         else:
             from rtpipe.stages.moshi.checkpoint import load_lm_weights
+
             load_lm_weights(model, p.weights)
         model.eval()
         if p.greedy:
@@ -157,9 +169,10 @@ class MoshiStep(Stage):
     def _open_tokenizer(self) -> TextTokenizer | None:
         if self.params.tokenizer is None:
             return None
-        return TextTokenizer(resolve_weights_path(self.params.tokenizer),
-                             (self.config.existing_text_padding_id,
-                              self.config.existing_text_end_padding_id))
+        return TextTokenizer(
+            resolve_weights_path(self.params.tokenizer),
+            (self.config.existing_text_padding_id, self.config.existing_text_end_padding_id),
+        )
 
     def reset(self) -> None:
         seed = self.params.seed
@@ -177,8 +190,9 @@ class MoshiStep(Stage):
         if codes.shape != (c.user_q,):
             raise ValueError(f"moshi.step: input frame has shape {codes.shape}, expected ({c.user_q},)")
         if codes.min() < 0 or codes.max() >= c.card:
-            raise ValueError(f"moshi.step: input codes must be in 0..{c.card - 1}, "
-                             f"got {int(codes.min())}..{int(codes.max())}")
+            raise ValueError(
+                f"moshi.step: input codes must be in 0..{c.card - 1}, got {int(codes.min())}..{int(codes.max())}"
+            )
         tokens = self._streamer.step(self.state.lm, codes.tolist())
         self.state.frames += 1
         if tokens is None:

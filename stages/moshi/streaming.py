@@ -25,16 +25,20 @@ UNGENERATED = -2  # a delay-buffer slot no token has been written to yet
 class LmStreamState:
     """Everything one conversation carries from frame to frame; a new one starts the conversation over."""
 
-    step: int                      # frames consumed so far (the temporal position of the next step)
+    step: int  # frames consumed so far (the temporal position of the next step)
     delay_buffer: list[list[int]]  # [text + n_q][max_delay + 2] tokens, indexed by position % size
-    kv_cache: torch.Tensor         # [layers, 2 (keys, values), heads, context, head_dim], ring by step
-    depformer_kv: torch.Tensor     # [depformer layers, 2, heads, dep_q, head_dim], refilled each frame
+    kv_cache: torch.Tensor  # [layers, 2 (keys, values), heads, context, head_dim], ring by step
+    depformer_kv: torch.Tensor  # [depformer layers, 2, heads, dep_q, head_dim], refilled each frame
     generator: torch.Generator | None = None
     seed: int | None = None
 
     def describe(self) -> dict:
-        return {"step": self.step, "cached_steps": min(self.step, self.kv_cache.shape[3]),
-                "context": self.kv_cache.shape[3], "seed": self.seed}
+        return {
+            "step": self.step,
+            "cached_steps": min(self.step, self.kv_cache.shape[3]),
+            "context": self.kv_cache.shape[3],
+            "seed": self.seed,
+        }
 
 
 @dataclass
@@ -65,8 +69,7 @@ class LmStreamer:
     """Runs an LmModel one frame at a time. Not thread-safe; one LmStreamState per conversation.
     Build it after the weights are loaded: it lays out (and for bfloat16 packs) them once, here."""
 
-    def __init__(self, model: LmModel, sampling: SamplingParams | None = None,
-                 context: int | None = None):
+    def __init__(self, model: LmModel, sampling: SamplingParams | None = None, context: int | None = None):
         c = model.config
         self.model = model
         self.config = c
@@ -78,12 +81,12 @@ class LmStreamer:
         self.device = model.device
         self.head_dim = c.dim // c.num_heads
         self.dep_head_dim = c.depformer_dim // c.depformer_num_heads
-        self.rope_freqs = (rope_frequencies(self.head_dim, c.max_period, self.device)
-                           if c.positional_embedding == "rope" else None)
+        self.rope_freqs = (
+            rope_frequencies(self.head_dim, c.max_period, self.device) if c.positional_embedding == "rope" else None
+        )
         prepare, self.matvec = _matvec_kernel(model)
         self.layers = [_unpack_layer(layer, c.gating, prepare) for layer in model.transformer.layers]
-        self.dep_layers = [_unpack_layer(layer, c.depformer_gating, prepare)
-                           for layer in model.depformer.layers]
+        self.dep_layers = [_unpack_layer(layer, c.depformer_gating, prepare) for layer in model.depformer.layers]
         self.out_norm = _norm_fn(model.out_norm)
         self.emb = [e.weight for e in model.emb]
         self.text_emb = model.text_emb.weight
@@ -94,8 +97,7 @@ class LmStreamer:
         self.dep_pos = None
         if c.depformer_pos_emb == "sin":
             positions = torch.arange(c.dep_q, device=self.device)
-            self.dep_pos = sin_embedding(positions, c.depformer_dim,
-                                         c.depformer_max_period).to(self.dtype)
+            self.dep_pos = sin_embedding(positions, c.depformer_dim, c.depformer_max_period).to(self.dtype)
         self.initial = [c.text_card] + [c.card] * c.n_q
         self._position = torch.zeros((), dtype=torch.float32, device=self.device)
 
@@ -103,15 +105,22 @@ class LmStreamer:
     def new_state(self, seed: int | None = None) -> LmStreamState:
         c = self.config
         size = c.max_delay + 2
-        kv = torch.zeros(c.num_layers, 2, c.num_heads, self.context, self.head_dim,
-                         dtype=self.dtype, device=self.device)
-        dep_kv = torch.zeros(c.depformer_num_layers, 2, c.depformer_num_heads, c.dep_q,
-                             self.dep_head_dim, dtype=self.dtype, device=self.device)
+        kv = torch.zeros(
+            c.num_layers, 2, c.num_heads, self.context, self.head_dim, dtype=self.dtype, device=self.device
+        )
+        dep_kv = torch.zeros(
+            c.depformer_num_layers,
+            2,
+            c.depformer_num_heads,
+            c.dep_q,
+            self.dep_head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return LmStreamState(0, [[UNGENERATED] * size for _ in range(c.num_codebooks)], kv, dep_kv,
-                             generator, seed)
+        return LmStreamState(0, [[UNGENERATED] * size for _ in range(c.num_codebooks)], kv, dep_kv, generator, seed)
 
     # --- one frame ---
     @torch.inference_mode()
@@ -123,8 +132,9 @@ class LmStreamer:
         return out.tokens or None
 
     @torch.inference_mode()
-    def step_full(self, state: LmStreamState, user_codes, keep_logits: bool = False,
-                  forced: list[int] | None = None) -> StepOutput:
+    def step_full(
+        self, state: LmStreamState, user_codes, keep_logits: bool = False, forced: list[int] | None = None
+    ) -> StepOutput:
         """step(), also giving this step's logits and the raw tokens sampled (before the delays are
         undone): out.extra = {"inputs": what the transformer read, "sampled": what it chose}.
         `forced` replaces the sampled tokens (teacher forcing, for checks)."""
@@ -137,8 +147,7 @@ class LmStreamer:
         for j in range(c.user_q):
             k = first_user + j
             buffer[k][(t + delays[k]) % size] = int(user_codes[j])
-        inputs = [self.initial[k] if t <= delays[k] else buffer[k][t % size]
-                  for k in range(c.num_codebooks)]
+        inputs = [self.initial[k] if t <= delays[k] else buffer[k][t % size] for k in range(c.num_codebooks)]
         sampled, text_logits, audio_logits = self._generate(state, inputs, keep_logits, forced)
         state.step = t + 1
         for k in range(first_user):
@@ -149,8 +158,7 @@ class LmStreamer:
             out.tokens = [buffer[k][(base + delays[k]) % size] for k in range(first_user)]
         return out
 
-    def _generate(self, state: LmStreamState, inputs: list[int], keep_logits: bool,
-                  forced: list[int] | None):
+    def _generate(self, state: LmStreamState, inputs: list[int], keep_logits: bool, forced: list[int] | None):
         c = self.config
         s = self.sampling
         hidden = self._temporal(state, inputs)
@@ -169,8 +177,7 @@ class LmStreamer:
             if self.dep_pos is not None:
                 x = x + self.dep_pos[k]
             for i, layer in enumerate(self.dep_layers):
-                x = _layer_step(layer, x, k, dep_kv[i], k, k + 1, None, c.depformer_num_heads,
-                                self.dep_head_dim, mv)
+                x = _layer_step(layer, x, k, dep_kv[i], k, k + 1, None, c.depformer_num_heads, self.dep_head_dim, mv)
             logits = mv(x, self.heads[k])
             if keep_logits:
                 audio_logits.append(logits.float())
@@ -205,14 +212,24 @@ class LmStreamer:
         slot = t % self.context
         filled = min(t + 1, self.context)
         for i, layer in enumerate(self.layers):
-            x = _layer_step(layer, x, 0, state.kv_cache[i], slot, filled, rotor, c.num_heads,
-                            self.head_dim, self.matvec)
+            x = _layer_step(
+                layer, x, 0, state.kv_cache[i], slot, filled, rotor, c.num_heads, self.head_dim, self.matvec
+            )
         return self.out_norm(x)
 
 
-def _layer_step(layer: _Layer, x: torch.Tensor, weights: int, kv: torch.Tensor, slot: int,
-                filled: int, rotor: torch.Tensor | None, heads: int, head_dim: int,
-                mv) -> torch.Tensor:
+def _layer_step(
+    layer: _Layer,
+    x: torch.Tensor,
+    weights: int,
+    kv: torch.Tensor,
+    slot: int,
+    filled: int,
+    rotor: torch.Tensor | None,
+    heads: int,
+    head_dim: int,
+    mv,
+) -> torch.Tensor:
     """One layer on one position x [dim]: writes its key/value at `slot` of kv [2, H, slots, D] and
     attends over the first `filled` slots (all in the window, so no mask is needed)."""
     in_proj = layer.in_proj[weights] if isinstance(layer.in_proj, list) else layer.in_proj
@@ -230,9 +247,9 @@ def _layer_step(layer: _Layer, x: torch.Tensor, weights: int, kv: torch.Tensor, 
     # One query per head: two batched products beat SDPA's CPU kernel once thousands of slots fill.
     scores = torch.bmm(q.view(heads, 1, head_dim), kv[0, :, :filled].transpose(1, 2))
     if scores.dtype == torch.float32:
-        weights_ = torch.softmax(scores.mul_(head_dim ** -0.5), dim=-1)
+        weights_ = torch.softmax(scores.mul_(head_dim**-0.5), dim=-1)
     else:  # bfloat16: normalise in float32 as SDPA does
-        weights_ = torch.softmax(scores.mul_(head_dim ** -0.5), dim=-1, dtype=torch.float32)
+        weights_ = torch.softmax(scores.mul_(head_dim**-0.5), dim=-1, dtype=torch.float32)
         weights_ = weights_.to(scores.dtype)
     attended = torch.bmm(weights_, kv[1, :, :filled])
     update = mv(attended.view(-1), out_proj)
@@ -265,10 +282,17 @@ def _unpack_layer(layer, gating: str, prepare) -> _Layer:
         ff_out = prepare(layer.gating.linear_out.weight)
         gated, act = True, ACTIVATION_FNS[gating]
     return _Layer(
-        _norm_fn(layer.norm1), in_proj if len(in_proj) > 1 else in_proj[0],
-        out_proj if len(out_proj) > 1 else out_proj[0], _norm_fn(layer.norm2), ff_in, ff_out, gated,
-        act, layer.layer_scale_1.scale if layer.layer_scale_1 is not None else None,
-        layer.layer_scale_2.scale if layer.layer_scale_2 is not None else None)
+        _norm_fn(layer.norm1),
+        in_proj if len(in_proj) > 1 else in_proj[0],
+        out_proj if len(out_proj) > 1 else out_proj[0],
+        _norm_fn(layer.norm2),
+        ff_in,
+        ff_out,
+        gated,
+        act,
+        layer.layer_scale_1.scale if layer.layer_scale_1 is not None else None,
+        layer.layer_scale_2.scale if layer.layer_scale_2 is not None else None,
+    )
 
 
 def _matvec_kernel(model: LmModel):
@@ -280,8 +304,7 @@ def _matvec_kernel(model: LmModel):
         return (lambda w: w.detach()), F.linear
     if model.dtype == torch.bfloat16:
         try:
-            if not (torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
                 raise RuntimeError("no oneDNN bfloat16")
             pack = torch.ops.mkldnn._reorder_linear_weight
             linear = torch.ops.mkldnn._linear_pointwise
@@ -292,12 +315,15 @@ def _matvec_kernel(model: LmModel):
 
         def mv_packed(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return linear(x.view(1, -1), w, None, "none", [], "").view(-1)
+
         return (lambda w: pack(w.detach(), 1)), mv_packed
     if model.dtype == torch.float32:
+
         def relayout(w: torch.Tensor) -> torch.Tensor:
             if w.stride(0) != 1:
                 w.data = w.data.t().contiguous().t()
             return w.detach()
+
         return relayout, F.linear
     return (lambda w: w.detach()), F.linear
 
@@ -314,6 +340,7 @@ def _norm_fn(norm):
                 xf = x.float()
                 y = xf * (torch.rsqrt(torch.dot(xf, xf).div_(size).add_(eps)) * gain)
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
+
             return rms_f32
         gain = norm.alpha.detach().view(-1)
         return lambda x: x * (torch.rsqrt(torch.dot(x, x).div_(size).add_(eps)) * gain)

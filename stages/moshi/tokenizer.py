@@ -44,5 +44,4 @@ class TextTokenizer:
         return list(self._sp.EncodeAsIds(text))
 
     def decode(self, tokens: list[int]) -> str:
-        return self._sp.DecodeIds([t for t in tokens if t not in self.padding_ids
-                                   and 0 <= t < self.vocab_size])
+        return self._sp.DecodeIds([t for t in tokens if t not in self.padding_ids and 0 <= t < self.vocab_size])

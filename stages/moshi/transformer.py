@@ -14,8 +14,7 @@ from torch import nn
 
 from rtpipe.stages.moshi.config import gated_hidden_size
 
-ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid,
-                  "tanh": torch.tanh}
+ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
 class RmsNorm(nn.Module):
@@ -39,8 +38,9 @@ class LayerNormF32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the model's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 def make_norm(kind: str, dim: int, dtype=None, device=None) -> nn.Module:
@@ -111,12 +111,11 @@ class MultiheadSelfAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.in_projs = nn.ModuleList(
-            nn.Linear(dim, 3 * dim, bias=False, dtype=dtype, device=device) for _ in range(mult))
-        self.out_projs = nn.ModuleList(
-            nn.Linear(dim, dim, bias=False, dtype=dtype, device=device) for _ in range(mult))
+            nn.Linear(dim, 3 * dim, bias=False, dtype=dtype, device=device) for _ in range(mult)
+        )
+        self.out_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False, dtype=dtype, device=device) for _ in range(mult))
 
-    def forward(self, x: torch.Tensor, rope_freqs: torch.Tensor | None,
-                context: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_freqs: torch.Tensor | None, context: int | None) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]; with per-step weights, position t uses projection t."""
         B, T, _ = x.shape
         qkv = _per_step_linear(self.in_projs, x)
@@ -136,14 +135,24 @@ class MultiheadSelfAttention(nn.Module):
 def _per_step_linear(linears: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     if len(linears) == 1:
         return linears[0](x)
-    return torch.cat([linears[t](x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+    return torch.cat([linears[t](x[:, t : t + 1]) for t in range(x.shape[1])], dim=1)
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm layer: x + attn(norm1(x)), then x + feed_forward(norm2(x)) (optional layer scale)."""
 
-    def __init__(self, dim: int, num_heads: int, dim_feedforward: int, norm: str, gating: str,
-                 mult: int, layer_scale: float | None, dtype=None, device=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dim_feedforward: int,
+        norm: str,
+        gating: str,
+        mult: int,
+        layer_scale: float | None,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.self_attn = MultiheadSelfAttention(dim, num_heads, mult, dtype, device)
         self.norm1 = make_norm(norm, dim, dtype, device)
@@ -155,7 +164,8 @@ class TransformerLayer(nn.Module):
             self.linear2 = nn.Linear(dim_feedforward, dim, bias=False, dtype=dtype, device=device)
         elif mult > 1:
             self.gating = nn.ModuleList(
-                ActivationGating(dim, dim_feedforward, gating, dtype, device) for _ in range(mult))
+                ActivationGating(dim, dim_feedforward, gating, dtype, device) for _ in range(mult)
+            )
         else:
             self.gating = ActivationGating(dim, dim_feedforward, gating, dtype, device)
         if layer_scale is not None:
@@ -168,11 +178,10 @@ class TransformerLayer(nn.Module):
         if self.gating is None:
             return self.linear2(F.gelu(self.linear1(x)))
         if isinstance(self.gating, nn.ModuleList):
-            return torch.cat([self.gating[t](x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+            return torch.cat([self.gating[t](x[:, t : t + 1]) for t in range(x.shape[1])], dim=1)
         return self.gating(x)
 
-    def forward(self, x: torch.Tensor, rope_freqs: torch.Tensor | None,
-                context: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_freqs: torch.Tensor | None, context: int | None) -> torch.Tensor:
         update = self.self_attn(self.norm1(x), rope_freqs, context)
         x = x + (update if self.layer_scale_1 is None else self.layer_scale_1(update))
         update = self.feed_forward(self.norm2(x))
@@ -182,17 +191,30 @@ class TransformerLayer(nn.Module):
 class Transformer(nn.Module):
     """A stack of TransformerLayer (`layers.N`), RoPE or no positions, causal with a context window."""
 
-    def __init__(self, dim: int, num_heads: int, num_layers: int, dim_feedforward: int, norm: str,
-                 gating: str, mult: int, layer_scale: float | None, context: int | None,
-                 rope_max_period: float | None, dtype=None, device=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        dim_feedforward: int,
+        norm: str,
+        gating: str,
+        mult: int,
+        layer_scale: float | None,
+        context: int | None,
+        rope_max_period: float | None,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
         self.context = context
         self.rope_max_period = rope_max_period
         self.layers = nn.ModuleList(
-            TransformerLayer(dim, num_heads, dim_feedforward, norm, gating, mult, layer_scale,
-                             dtype, device) for _ in range(num_layers))
+            TransformerLayer(dim, num_heads, dim_feedforward, norm, gating, mult, layer_scale, dtype, device)
+            for _ in range(num_layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim] from position 0 -> [B, T, dim]."""
