@@ -28,6 +28,14 @@ HEADER_DTYPE = np.dtype(
 )
 HEADER_BYTES = HEADER_DTYPE.itemsize
 
+# What the sink keeps of each frame for the report: the header's times and flags (its checksum is only for
+# the hop), then when the sink handed the frame to its output (plus the device's output latency for a
+# speaker). Derived from the header, so the two can never disagree on a field both have.
+FRAME_RECORD_DTYPE = np.dtype(
+    [(name, HEADER_DTYPE.fields[name][0]) for name in HEADER_DTYPE.names if name != "checksum"]
+    + [("handoff_ns", "<i8")]
+)
+
 
 def payload_checksum(payload: np.ndarray) -> int:
     """CRC-32 of the payload's bytes (C order): what put() stores in header["checksum"]."""

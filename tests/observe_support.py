@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
+    from rtpipe.shm.frame import FRAME_RECORD_DTYPE
 except ImportError:  # the contract's dtype, verbatim
     FRAME_RECORD_DTYPE = np.dtype(
         [

@@ -10,21 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FRAME_MS = 80.0
-MAX_STAGES = 8
+from rtpipe.shm.frame import FRAME_RECORD_DTYPE
+from rtpipe.stages.base import FRAME_MS
 
-# Stage k's enter/exit in chain order (0 = source: enter = capture time, exit = publish); handoff_ns is
-# when the sink handed the frame to its output, plus the device's output latency for a speaker.
-FRAME_RECORD_DTYPE = np.dtype(
-    [
-        ("seq", "<u8"),
-        ("capture_ns", "<i8"),
-        ("enter_ns", "<i8", (MAX_STAGES,)),
-        ("exit_ns", "<i8", (MAX_STAGES,)),
-        ("flags", "<u4"),
-        ("handoff_ns", "<i8"),
-    ]
-)
+# In a record, stage k's enter/exit are in chain order (0 = source: enter = capture time, exit = publish).
 
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
 

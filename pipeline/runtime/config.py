@@ -20,12 +20,12 @@ from typing import Any
 import psutil
 
 from rtpipe.pipeline.runtime import realtime
+from rtpipe.shm.frame import MAX_STAGES
 from rtpipe.shm.ring import MAX_SPIN_US
 from rtpipe.stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
 from rtpipe.stages.errors import ConfigError, raised_as
 from rtpipe.stages.registry import find_stage
 
-MAX_STAGES = 8  # the frame header has enter/exit stamps for 8 stages (shm.frame.MAX_STAGES)
 EDGE_POLICIES = ("block", "drop-oldest", "drop-newest")
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 STAGE_FIELDS = ("kind", "params", "cores", "threads", "device", "priority")

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from rtpipe.pipeline.observe.report import FRAME_RECORD_DTYPE
 from rtpipe.pipeline.runtime import control, realtime
-from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, HEADER_DTYPE
+from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, FRAME_RECORD_DTYPE, HEADER_DTYPE
 from rtpipe.stages.base import EndOfStream, Role, Stage
 
 STAGE_SPEC_ENV = "RTPIPE_STAGE"  # JSON: what the supervisor tells a stage process (see supervisor.py)

@@ -28,8 +28,6 @@ import numpy as np
 import zmq
 
 from rtpipe.pipeline.observe.report import (
-    FRAME_MS,
-    FRAME_RECORD_DTYPE,
     EdgeCounters,
     RunCounters,
     build_report,
@@ -39,6 +37,8 @@ from rtpipe.pipeline.observe.report import (
 from rtpipe.pipeline.runtime import control
 from rtpipe.pipeline.runtime.config import PipelineConfig, StageSpec
 from rtpipe.pipeline.runtime.host import STAGE_SPEC_ENV
+from rtpipe.shm.frame import FRAME_RECORD_DTYPE
+from rtpipe.stages.base import FRAME_MS
 
 log = logging.getLogger("rtpipe.supervisor")
 
