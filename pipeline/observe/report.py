@@ -54,6 +54,7 @@ class RunCounters:
     edges: dict[str, EdgeCounters] = field(default_factory=dict)
     underruns: int = 0
     overflows: int = 0
+    device_underflows: int = 0  # times the speaker's own device buffer ran dry (the sink's stats)
     frames_lost: int = 0
     text: list[str] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)  # every text token id, with or without a tokenizer
