@@ -2,7 +2,7 @@
 # Sets rtpipe up on a fresh Debian/Ubuntu machine: system audio packages, a virtual environment in .venv
 # with the CPU build of torch first (so nothing pulls a CUDA build), then the project itself.
 #   bash deploy/setup.sh          # to run it
-#   bash deploy/setup.sh --test   # also the test tools and Kyutai's reference `moshi` (tests only)
+#   bash deploy/setup.sh --test   # also the test and lint tools and Kyutai's reference `moshi` (tests only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ fi
 # where PyPI's Linux torch is the CUDA build); unset, pip's own index is used.
 .venv/bin/pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 if [ "$with_tests" = 1 ]; then
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[test,lint]"
   # The reference implementation, for comparison tests only: it pins an older torch, so no deps.
   .venv/bin/pip install -q --no-deps moshi==0.2.13 einops sentencepiece "huggingface_hub<1.0" tqdm \
     requests urllib3 charset-normalizer idna certifi pyyaml
