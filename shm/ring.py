@@ -34,9 +34,10 @@ Paced frames: an idle core wakes slowly (~100 us here), a spinning one sees a st
 come on a beat. The producer learns its beat (shm/beat.py) and keeps the next due time and jitter in
 the segment. A consumer with spin_us > 0 that sees a steady beat sleeps in the kernel until shortly
 before the frame is due (less the kernel's wake-up lateness, which it learns), spins at most spin_us,
-and falls back to the futex if the frame is late. It yields the core on every turn of its spin, so
-whatever else is pinned there (the producer itself, another stage) runs at once. A burst (publishes
-< 1 ms apart) has no beat: spin, then sleep. `Consumer.wake_counts` says how each frame was found.
+and falls back to the futex if the frame is late; when to wake and where to spin is its WakePlan's to
+say (shm/wake_plan.py). It yields the core on every turn of its spin, so whatever else is pinned there
+(the producer itself, another stage) runs at once. A burst (publishes < 1 ms apart) has no beat: spin,
+then sleep. `Consumer.wake_counts` says how each frame was found.
 
 Same core: a producer whose publish wakes a consumer pinned to its own core yields to it at once;
 otherwise the woken consumer would wait for whatever the producer does next.
@@ -44,10 +45,8 @@ otherwise the woken consumer would wait for whatever the producer does next.
 
 from __future__ import annotations
 
-import collections
 import enum
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +58,11 @@ from rtpipe.shm.beat import Beat
 from rtpipe.shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
 from rtpipe.shm.owner import process_alive, process_start_ticks
 from rtpipe.shm.segment import Segment, SegmentError
-from rtpipe.shm.wakeup import FutexWord, new_fence
+from rtpipe.shm.wake_plan import MIN_PLANNED_SLEEP_NS, WakePlan
+from rtpipe.shm.wakeup import WEAK_ORDER, FutexWord, new_fence
 
 _monotonic_ns = time.monotonic_ns
 _sched_yield = os.sched_yield
-# x86-64 keeps stores in order, loads in order, and loads before later stores (TSO): only a store
-# followed by a load of another word needs a fence there. Elsewhere (aarch64) every ordering fence runs.
-_WEAK_ORDER = platform.machine().lower() not in ("x86_64", "amd64")
 _FOREVER_NS = 1 << 62
 MAX_SPIN_US = 1_000_000  # the longest a consumer may spin around a frame's due time (a second)
 _ZERO_HEADER_BYTES = bytes(HEADER_DTYPE.itemsize)
@@ -470,7 +467,7 @@ class Producer:
         index = w % self._slots
         words[self._stamp_words[index]] = 2 * w + 1
         if self._policy is EdgePolicy.DROP_OLDEST:
-            if _WEAK_ORDER:
+            if WEAK_ORDER:
                 self._fence()  # the odd stamp is visible before any byte of the slot changes
         self._memory[self._header_bytes[index]] = _ZERO_HEADER_BYTES  # no stale stage times
         slot = self._claimed = self._write_slots[index]
@@ -547,7 +544,7 @@ class Producer:
             words[self._exit_ns_words[slot.index] + exit_stage] = _monotonic_ns()
         self._claimed = None
         words[self._stamp_words[slot.index]] = 2 * w + 2
-        if _WEAK_ORDER:
+        if WEAK_ORDER:
             self._fence()  # header and payload are visible before W says frame w exists
         words[L.W] = w + 1
         self._w = w + 1
@@ -577,7 +574,7 @@ class Producer:
         words[L.INTERVAL_NS] = beat.interval_ns
         words[L.JITTER_NS] = beat.jitter_ns
         words[L.NEXT_DUE_NS] = beat.next_due_ns
-        if _WEAK_ORDER:
+        if WEAK_ORDER:
             self._fence()  # the prediction is visible before the frame number that vouches for it
         words[L.NEXT_DUE_FRAME] = published
         fill = published - words[L.R]
@@ -645,8 +642,15 @@ class _SameCore:
 class Consumer:
     """The reading end. One per ring at a time, in one thread."""
 
-    _GUARD_NS = 30_000  # wake this much earlier than strictly predicted
-    _MIN_PLANNED_SLEEP_NS = 200_000  # below this, sleeping then spinning is not worth a syscall
+    # When to wake for a paced frame is the WakePlan's to say; these two of its methods are bound here
+    # once (the host asks every frame), not wrapped in methods of our own.
+    next_due_ns: Callable[[], int]
+    """When the producer's beat says the next unread frame will be published (time.monotonic_ns());
+    0 when it is already here or there is no steady beat to tell by."""
+    planned_wake_ns: Callable[[], int]
+    """When acquire() means to be awake for the next frame (time.monotonic_ns()): the start of its
+    spin window less how late its planned wakes come here; 0 when it would not plan one (no spin_us,
+    no steady beat, or the frame is here)."""
 
     def __init__(self, ring: Ring):
         self.ring = ring
@@ -675,8 +679,9 @@ class Consumer:
             self._lost_since_delivery = False
         self._data_word = ring._futex(L.W)
         self._space_word = ring._futex(L.R)
-        self._oversleep_ns = 100_000  # learned: how late a timed kernel sleep returns on this machine
-        self._recent_lateness_ns: collections.deque[int] = collections.deque(maxlen=32)
+        self._plan = WakePlan(self._words, self._spin_ns, self._fence)
+        self.next_due_ns = self._plan.next_due_ns
+        self.planned_wake_ns = self._plan.planned_wake_ns
         # How each acquire found its frame: already there, caught spinning, or woken by the kernel
         # (during the sleep before a planned spin, after a spin that missed it, or with no spin at all).
         self.wake_counts = {"ready": 0, "spin": 0, "woken_before_spin": 0, "woken_after_spin": 0, "woken": 0}
@@ -708,7 +713,7 @@ class Consumer:
                 w = self._wait_for_data(r, deadline_ns, nudges_seen)
                 if w == r:
                     return None
-            if _WEAK_ORDER:
+            if WEAK_ORDER:
                 self._fence()  # slot loads happen after the W load
             if not self._copying:
                 slot = self._read_slots[r % self._slots]
@@ -736,7 +741,7 @@ class Consumer:
             if stamp == 2 * r + 2:
                 self._copy_header_bytes[:] = self._memory[self._header_bytes[index]]
                 np.copyto(self._copy_payload, self._payloads[index])
-                if _WEAK_ORDER:
+                if WEAK_ORDER:
                     self._fence()  # the copy's loads happen before the stamp is re-read
                 if words[stamp_word] == stamp:
                     delivered = True
@@ -744,7 +749,7 @@ class Consumer:
             skipped += 1  # overwritten before or while we read it
             r += 1
             w = words[L.W]
-            if _WEAK_ORDER:
+            if WEAK_ORDER:
                 self._fence()
         if skipped:
             words[L.DROPPED_OLDEST] += skipped
@@ -768,15 +773,16 @@ class Consumer:
             return words[L.W]
         now_ns = _monotonic_ns()
         if self._spin_ns:
-            spin_start_ns = self._spin_start_ns(r)
+            plan = self._plan
+            spin_start_ns = plan.spin_start_ns(r)
             if spin_start_ns:
                 # Steady beat: sleep in the kernel until just before the next frame is due, then spin on
                 # a window [due - lead, due - lead + spin] that brackets where it will land.
-                wake_ns = spin_start_ns - self._oversleep_ns
+                wake_ns = spin_start_ns - plan.lateness_ns
                 cut_short = deadline_ns < wake_ns  # the caller wants to be back before the window
                 if cut_short:
                     wake_ns = deadline_ns
-                if wake_ns - now_ns > self._MIN_PLANNED_SLEEP_NS:
+                if wake_ns - now_ns > MIN_PLANNED_SLEEP_NS:
                     w = self._sleep(r, wake_ns - now_ns)
                     now_ns = _monotonic_ns()
                     if w != r:
@@ -784,7 +790,7 @@ class Consumer:
                         if late_ns >= 0 and not cut_short:
                             # It came after we meant to be up: the kernel wakes us later than that,
                             # so plan earlier next time. (Before that: the beat was off.)
-                            self._learn_lateness(late_ns + 20_000)
+                            plan.learn_lateness(late_ns + 20_000)
                         self.wake_counts["woken_before_spin"] += 1
                         return w
                     if not cut_short:
@@ -792,7 +798,7 @@ class Consumer:
                             self.before_spin()
                             now_ns = _monotonic_ns()
                         if now_ns >= wake_ns:  # timed out: learn how late we are up (kernel, hook)
-                            self._learn_lateness(now_ns - wake_ns)
+                            plan.learn_lateness(now_ns - wake_ns)
                 # Woken earlier than planned (the kernel was quicker than learned): still spin through
                 # the whole window, which is placed around the due time, not around our wake-up.
                 spin_end_ns = min(max(now_ns, spin_start_ns) + self._spin_ns, deadline_ns)
@@ -828,47 +834,6 @@ class Consumer:
                 return w
             now_ns = _monotonic_ns()
 
-    def _spin_start_ns(self, r: int) -> int:
-        """Where the spin window for frame r opens: 2 jitters and a guard before it is due; 0 without a
-        steady beat to plan by."""
-        words = self._words
-        due_ns = self._due_ns(r)
-        jitter_ns = words[L.JITTER_NS]
-        if not due_ns or jitter_ns * 4 >= words[L.INTERVAL_NS]:
-            return 0
-        return due_ns - min(2 * jitter_ns + self._GUARD_NS, self._spin_ns // 2)
-
-    def _learn_lateness(self, late_ns: int) -> None:
-        # A planned wake must come before the frame nearly every time, and on a shared core the kernel's
-        # lateness is lumpy (another task may hold the core when the timer fires): plan by a high
-        # percentile of recent lateness, not by its mean. Clipped: a stalled machine says nothing about
-        # the usual wake-up, and spin_us bounds what a consumer may spend.
-        recent = self._recent_lateness_ns
-        recent.append(min(late_ns, self._spin_ns))
-        self._oversleep_ns = sorted(recent)[len(recent) * 9 // 10]
-
-    def _due_ns(self, r: int) -> int:
-        """When frame r should be published, by the producer's beat; 0 if there is no telling."""
-        words = self._words
-        for _ in range(3):  # re-read if the producer rewrote the prediction meanwhile
-            frame = words[L.NEXT_DUE_FRAME]
-            if _WEAK_ORDER:
-                self._fence()
-            due_ns = words[L.NEXT_DUE_NS]
-            if _WEAK_ORDER:
-                self._fence()
-            if words[L.NEXT_DUE_FRAME] == frame:
-                break
-        else:
-            return 0
-        if not due_ns or frame == r:
-            return due_ns
-        if frame == r - 1:
-            # We took frame r-1 before the producer, busy publishing it, updated the beat: the
-            # prediction is still r-1's, and r is due one interval later.
-            return due_ns + words[L.INTERVAL_NS]
-        return 0
-
     def _sleep(self, r: int, timeout_ns: int, nudges_seen: int | None = None) -> int:
         # With nudges_seen, a nudge wakes us too. It does not change W, so a nudge that lands between
         # the re-check below and the kernel queueing us is missed: that frame is not warmed up for,
@@ -892,7 +857,7 @@ class Consumer:
         if self._copying:
             return
         words = self._words
-        if _WEAK_ORDER:
+        if WEAK_ORDER:
             self._fence()  # our reads of the slot are done before R lets the producer reuse it
         words[L.CONSUMED] += 1
         self._r += 1
@@ -901,15 +866,6 @@ class Consumer:
         if words[L.PRODUCER_WAITING]:
             self._space_word.wake()
 
-    def next_due_ns(self) -> int:
-        """When the producer's beat says the next unread frame will be published (time.monotonic_ns());
-        0 when it is already here or there is no steady beat to tell by."""
-        words = self._words
-        r = self._r
-        if words[L.W] != r or 4 * words[L.JITTER_NS] >= words[L.INTERVAL_NS]:
-            return 0
-        return self._due_ns(r)
-
     def nudges(self) -> int:
         """How many times the producer has nudged (Producer.nudge): pass it to acquire as nudges_seen."""
         return self._words[L.NUDGES]
@@ -917,15 +873,6 @@ class Consumer:
     def shares_core_with_producer(self) -> bool:
         """Are both ends pinned to the same one core? (Re-checked every 64 asks: a process may move.)"""
         return self._shares_core_with_producer()
-
-    def planned_wake_ns(self) -> int:
-        """When acquire() means to be awake for the next frame (time.monotonic_ns()): the start of its
-        spin window less how late the kernel's wake-ups come here; 0 when it would not plan one (no
-        spin_us, no steady beat, or the frame is here)."""
-        if not self._spin_ns or self._words[L.W] != self._r:
-            return 0
-        spin_start_ns = self._spin_start_ns(self._r)
-        return spin_start_ns - self._oversleep_ns if spin_start_ns else 0
 
     def upcoming_slot(self) -> ReadSlot:
         """Read-only views of the slot the next frame will be written into, for warming caches before it
@@ -957,4 +904,5 @@ class Consumer:
         self._headers = []
         self._payloads = []
         self._held = None
+        self._plan.close()
         self._words = None

@@ -40,6 +40,10 @@ if os.environ.get("RTPIPE_FUTEX") == "ctypes":
     _futex = None
 IMPLEMENTATION = "ctypes" if _futex is None else "C extension"
 
+# x86-64 keeps stores in order, loads in order, and loads before later stores (TSO): only a store
+# followed by a load of another word needs a fence there. Elsewhere (aarch64) every ordering fence runs.
+WEAK_ORDER = _machine not in ("x86_64", "amd64")
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
