@@ -287,11 +287,6 @@ class Ring:
             consumer_pid=w[L.CONSUMER_PID],
         )
 
-    def owner_pid(self) -> int:
-        """The pid of the process that created the ring."""
-        self._check_open()
-        return L.DESCRIPTION.unpack_from(self._segment.mmap)[L.OWNER_PID_FIELD]
-
     # -- teardown -----------------------------------------------------------------------------------
 
     def close(self) -> None:
