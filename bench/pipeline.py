@@ -19,7 +19,7 @@ import psutil
 
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm import wakeup
-from rtpipe.shm.ring import MAX_SPIN_US
+from rtpipe.shm.ring import MAX_SPIN_US, EdgePolicy
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, EndOfStream, PayloadSpec, Role, SourceFrame, Stage
 
 WARMUP_FRAMES = 10  # first frames pay for page faults and imports; both chains skip the same number
@@ -168,7 +168,7 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
             for i, (n, k) in enumerate(zip(names, kinds))
         },
         "edges": {
-            f"{x}->{y}": {"slots": 8, "policy": "block", "spin_us": spins[i]}
+            f"{x}->{y}": {"slots": 8, "policy": EdgePolicy.BLOCK.value, "spin_us": spins[i]}
             for i, (x, y) in enumerate(itertools.pairwise(names))
         },
     }

@@ -34,6 +34,7 @@ FRAME_BYTES = FRAME_SAMPLES * 4
 PACE_NS = 80_000_000
 WARMUP_FRAMES = 8  # lets the ring's consumer learn the beat before measuring
 RING_SLOTS = 4
+RING_POLICY = EdgePolicy.BLOCK  # a full ring holds the sender up: no frame is lost
 PIPELINE_SPIN_US = 500  # what pipeline rings use: spin around a frame's due time, at most this long
 TRANSPORTS = ["rtpipe", "mp_queue", "mp_pipe", "zmq_ipc", "busy_poll_floor", "eventfd_floor"]
 TIMEOUT_S = 30.0
@@ -52,7 +53,7 @@ class RingTransport:
 
     def __init__(self, spin_us: int):
         self.name = segment_name(new_run_id(), "bench")
-        self.spec = RingSpec(RING_SLOTS, "float32", (FRAME_SAMPLES,), EdgePolicy.BLOCK, spin_us)
+        self.spec = RingSpec(RING_SLOTS, "float32", (FRAME_SAMPLES,), RING_POLICY, spin_us)
         self.owner = Ring.create(self.name, self.spec)
 
     def sender(self):
@@ -474,7 +475,7 @@ def main(argv: list[str]) -> int:
     what = (
         f"rtpipe bench ring: one hop of a {FRAME_BYTES}-byte frame between two processes; per transport "
         f"{args.frames} frames paced every {PACE_NS // 1_000_000} ms (after {WARMUP_FRAMES} warm-up) and "
-        f"{args.full_frames} at full speed; ring: {RING_SLOTS} slots, block, spin_us={args.spin_us}"
+        f"{args.full_frames} at full speed; ring: {RING_SLOTS} slots, {RING_POLICY.value}, spin_us={args.spin_us}"
         + (f"; nice {args.nice:+d}" if args.nice else "")
     )
     if not args.json:
@@ -484,7 +485,7 @@ def main(argv: list[str]) -> int:
         "transports": {},
         "machine": machine(),
         "frames": {"paced": args.frames, "full_speed": args.full_frames, "pace_ms": PACE_NS / 1e6},
-        "ring": {"slots": RING_SLOTS, "policy": "block", "spin_us": args.spin_us},
+        "ring": {"slots": RING_SLOTS, "policy": RING_POLICY.value, "spin_us": args.spin_us},
         "nice": args.nice,
         "cores": {"transports": list(separate), "same_core": [cores[-1], cores[-1]]},
     }
