@@ -32,14 +32,20 @@ HEADER_BYTES = HEADER_DTYPE.itemsize
 # the hop), then when the sink handed the frame to its output (plus the device's output latency for a
 # speaker). Derived from the header, so the two can never disagree on a field both have.
 FRAME_RECORD_DTYPE = np.dtype(
-    [(name, HEADER_DTYPE.fields[name][0]) for name in HEADER_DTYPE.names if name != "checksum"]
-    + [("handoff_ns", "<i8")]
+    [field for field in HEADER_DTYPE.descr if field[0] != "checksum"] + [("handoff_ns", "<i8")]
 )
 
 
 def payload_checksum(payload: np.ndarray) -> int:
     """CRC-32 of the payload's bytes (C order): what put() stores in header["checksum"]."""
-    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8)) & 0xFFFFFFFF
+    return zlib.crc32(np.ascontiguousarray(payload).view(np.uint8).data) & 0xFFFFFFFF
+
+
+def header_field_offset(name: str) -> int:
+    """Where field `name` starts within a header, in bytes; KeyError if the header has no such field."""
+    fields = HEADER_DTYPE.fields
+    assert fields is not None  # a structured dtype always has its fields
+    return fields[name][1]
 
 
 def new_header(seq: int = 0, capture_ns: int = 0, flags: int = 0) -> np.ndarray:

@@ -55,7 +55,7 @@ import numpy as np
 
 from rtpipe.shm import ring_layout as L
 from rtpipe.shm.beat import Beat
-from rtpipe.shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, payload_checksum
+from rtpipe.shm.frame import FLAG_DISCONTINUITY, HEADER_DTYPE, MAX_STAGES, header_field_offset, payload_checksum
 from rtpipe.shm.owner import process_alive, process_start_ticks
 from rtpipe.shm.segment import Segment, SegmentError
 from rtpipe.shm.wake_plan import MIN_PLANNED_SLEEP_NS, WakePlan
@@ -173,6 +173,7 @@ class Ring:
         # (np.ndarray(buffer=mmap) would keep only the mmap and let close() pull the memory away.)
         self._memory = memoryview(segment.mmap)
         self._words = self._memory.cast("Q")
+        self._closed = False
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
 
@@ -292,13 +293,14 @@ class Ring:
     def close(self) -> None:
         """Detaches this process (anyone may). Views handed out before become invalid if the mapping
         can be released; if they are still referenced the mapping lives until they are gone."""
-        if self._words is None:
+        if self._closed:
             return
         for end in (self._producer, self._consumer):
             if end is not None:
                 end.close()
         self._producer = self._consumer = None
-        self._words = self._memory = None
+        self._closed = True
+        del self._words, self._memory  # our own views of the mapping go, or it could not be unmapped
         self._segment.close()  # unmaps now, or when the last view handed out is garbage
 
     def unlink(self) -> None:
@@ -308,7 +310,7 @@ class Ring:
         self._segment.unlink()
 
     def _check_open(self) -> None:
-        if self._words is None:
+        if self._closed:
             raise RingError(f"ring {self.name}: closed in this process")
 
     def _slot_offset(self, index: int) -> int:
@@ -426,7 +428,7 @@ class Producer:
         self._claimed: WriteSlot | None = None
         self._w = self._words[L.W]
         self._stamp_words = [ring._slot_offset(i) // 8 for i in range(self._slots)]
-        exit_ns_offset = L.HEADER_OFFSET + HEADER_DTYPE.fields["exit_ns"][1]
+        exit_ns_offset = L.HEADER_OFFSET + header_field_offset("exit_ns")
         self._exit_ns_words = [(ring._slot_offset(i) + exit_ns_offset) // 8 for i in range(self._slots)]
         self._write_slots = [
             WriteSlot(self, i, ring._header_view(i), ring._payload_view(i)) for i in range(self._slots)
@@ -602,11 +604,11 @@ class Producer:
         if self._closed:
             return
         self._closed = True
-        if self.ring._words is not None and self._words[L.PRODUCER_PID] == os.getpid():
+        if not self.ring._closed and self._words[L.PRODUCER_PID] == os.getpid():
             self._words[L.PRODUCER_PID] = 0
         self._write_slots = []
         self._claimed = None
-        self._words = None
+        del self._words
 
 
 class _SameCore:
@@ -666,7 +668,7 @@ class Consumer:
         ]
         if self._copying:
             self._copy_header = np.zeros((), HEADER_DTYPE)
-            self._copy_header_bytes = memoryview(self._copy_header.reshape(1).view(np.uint8))
+            self._copy_header_bytes = self._copy_header.reshape(1).view(np.uint8).data
             self._memory = ring._memory
             self._header_bytes = [ring._header_bytes(i) for i in range(self._slots)]
             self._copy_payload = np.zeros(ring.spec.shape, ring._dtype)
@@ -714,10 +716,10 @@ class Consumer:
                 slot = self._read_slots[r % self._slots]
                 self._held = slot
                 return slot
-            slot = self._copy_out(r, w)
-            if slot is not None:
-                self._held = slot
-                return slot
+            copied = self._copy_out(r, w)
+            if copied is not None:
+                self._held = copied
+                return copied
             # everything unread was overwritten while we copied: wait for the next frame
 
     def _copy_out(self, r: int, w: int) -> ReadSlot | None:
@@ -883,7 +885,8 @@ class Consumer:
         slot = self.acquire(timeout_s)
         if slot is None:
             return None
-        header = slot.header.copy()[()]
+        # numpy's stubs type arr[()] as an array; of a 0-d array it is the scalar, here an np.void
+        header: np.void = slot.header.copy()[()]  # type: ignore[assignment]
         payload = slot.payload.copy()
         slot.release()
         return header, payload
@@ -893,11 +896,11 @@ class Consumer:
         if self._closed:
             return
         self._closed = True
-        if self.ring._words is not None and self._words[L.CONSUMER_PID] == os.getpid():
+        if not self.ring._closed and self._words[L.CONSUMER_PID] == os.getpid():
             self._words[L.CONSUMER_PID] = 0
         self._read_slots = []
         self._headers = []
         self._payloads = []
         self._held = None
         self._plan.close()
-        self._words = None
+        del self._words

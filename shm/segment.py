@@ -37,7 +37,7 @@ class Segment:
         self.size = size
         self.mmap = mm
         # The base address, for futex words; from_buffer pins the mapping until close() drops it.
-        self._anchor = ctypes.c_char.from_buffer(mm)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(mm)
         self.address = ctypes.addressof(self._anchor)
 
     @classmethod

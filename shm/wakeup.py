@@ -33,7 +33,8 @@ if _machine not in _SYS_FUTEX:  # pragma: no cover
 _NR_FUTEX = _SYS_FUTEX[_machine]
 
 try:
-    from rtpipe.shm import _futex
+    # imported as a module path: the C extension has no stubs, so to mypy it is an untyped import
+    import rtpipe.shm._futex as _futex
 except ImportError:  # not built here
     _futex = None
 if os.environ.get("RTPIPE_FUTEX") == "ctypes":
