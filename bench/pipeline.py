@@ -13,6 +13,7 @@ import os
 import platform
 import threading
 import time
+from multiprocessing.process import BaseProcess
 
 import numpy as np
 import psutil
@@ -115,7 +116,9 @@ class StolenTime:
 
 
 class _CpuObserver:
-    def __init__(self):
+    """From the run's start: the CPU time of the stages and of the supervisor, and the hypervisor's steal."""
+
+    def __init__(self) -> None:
         self.sampler: CpuSampler | None = None
         self.supervisor_sampler: CpuSampler | None = None
         self.stolen: StolenTime | None = None
@@ -178,9 +181,12 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
         pipeline_config.validate(raw), observer_factory=lambda info: [observer], handle_signals=False
     )
     result = supervisor.run()
-    steal_pct = observer.stolen.percent()
+    sampler, supervisor_sampler, stolen = observer.sampler, observer.supervisor_sampler, observer.stolen
+    steal_pct = stolen.percent() if stolen is not None else 0.0
     if result.error:
         raise SystemExit(f"rtpipe bench pipeline: the rtpipe run failed: {result.error}")
+    if sampler is None or supervisor_sampler is None:
+        raise SystemExit("rtpipe bench pipeline: the rtpipe run ended before its stages started")
     records = np.concatenate(supervisor.records)[WARMUP_FRAMES:]
     added = records["enter_ns"][:, 4] - records["capture_ns"]
     hops = {
@@ -194,9 +200,9 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     warm_ups = {name: int(supervisor.stages[name].stats.get("warm_ups", 0)) for name in names}
     return {
         **summary_us(added),
-        "cpu_pct": observer.sampler.percent(),
+        "cpu_pct": sampler.percent(),
         "steal_pct": steal_pct,
-        "supervisor_cpu_pct": observer.supervisor_sampler.percent(),
+        "supervisor_cpu_pct": supervisor_sampler.percent(),
         "stage_us": stage_us,
         "hops": hops,
         "warm_ups": warm_ups,
@@ -243,6 +249,13 @@ def _mp_sink(in_q, result_q):
     result_q.put(latencies)
 
 
+def started_pid(process: BaseProcess) -> int:
+    """A started process's id (Process.pid is None only before start())."""
+    if process.pid is None:
+        raise RuntimeError(f"rtpipe bench pipeline: {process.name} has not been started")
+    return process.pid
+
+
 def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(4)]
@@ -255,14 +268,15 @@ def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dic
     ]
     for p in procs:
         p.start()
+    pids = [started_pid(p) for p in procs]
     if cores:  # the same placement as rtpipe's stages, so the comparison is of transports only
-        for core, p in zip(cores, procs):
-            psutil.Process(p.pid).cpu_affinity([core])
-    for p in procs:  # and the same scheduling (Queue's feeder threads, started later, inherit it)
-        realtime.apply(priority, p.pid)
+        for core, pid in zip(cores, pids):
+            psutil.Process(pid).cpu_affinity([core])
+    for pid in pids:  # and the same scheduling (Queue's feeder threads, started later, inherit it)
+        realtime.apply(priority, pid)
     time.sleep(1.0)  # let the spawned interpreters finish importing before timing starts
     ready.set()
-    sampler = CpuSampler([p.pid for p in procs])
+    sampler = CpuSampler(pids)
     stolen = StolenTime()
     go.set()
     stop = threading.Event()

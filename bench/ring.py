@@ -515,7 +515,8 @@ def main(argv: list[str]) -> int:
 
 
 def targets(transports: dict) -> list:
-    """The issue's targets (separate cores), each as (what, met, measured)."""
+    """What the ring must achieve on separate cores (against the busy-poll floor, mp.Queue and zmq), each
+    target as (what, met, measured)."""
     if not {"rtpipe", "mp_queue", "zmq_ipc", "busy_poll_floor"} <= set(transports):
         return []
     ring, queue, zmq, floor = (transports[n] for n in ("rtpipe", "mp_queue", "zmq_ipc", "busy_poll_floor"))
