@@ -1,7 +1,7 @@
 """The producer's publish beat, learned so that a paced consumer can sleep until the next frame is due.
 
 Producer.publish feeds it each publish time; the ring keeps its interval, jitter and next due time in
-the segment, where Consumer._wait_for_data reads them.
+the segment, where the consumer's WakePlan (shm/wake_plan.py) reads them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Where everything lives inside a ring's segment: the description block, the counters, the slots.
 
-Only shm/ring.py and shm/cleanup.py read this; change the layout here and bump LAYOUT_VERSION.
+Only shm/ring.py, shm/wake_plan.py and shm/cleanup.py read this; change the layout here and bump
+LAYOUT_VERSION.
 
     0    description (written once by the owner; MAGIC written last, so a half-made ring is never used)
     256  producer's cache line: write count W and the producer's counters (only the producer writes)
