@@ -1,26 +1,16 @@
-"""Synthetic runs and checkers for the observer tests: frame records, ticks and a report shaped exactly as
-contracts.md says (built here, independent of the runtime), a trace checker and a /metrics parser.
+"""Synthetic runs and checkers for the observer tests: frame records, ticks and a report with exactly
+the keys of observe.report's Report and Snapshot (the numbers computed here, independently of
+report.py), a trace checker and a /metrics parser.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-try:
-    from rtpipe.shm.frame import FRAME_RECORD_DTYPE
-except ImportError:  # the contract's dtype, verbatim
-    FRAME_RECORD_DTYPE = np.dtype(
-        [
-            ("seq", "<u8"),
-            ("capture_ns", "<i8"),
-            ("enter_ns", "<i8", (8,)),
-            ("exit_ns", "<i8", (8,)),
-            ("flags", "<u4"),
-            ("handoff_ns", "<i8"),
-        ]
-    )
+from rtpipe.pipeline.observe.observer import RunInfo
+from rtpipe.shm.frame import FRAME_RECORD_DTYPE
+from rtpipe.stages.base import FRAME_MS, FRAME_NS
 
-FRAME_NS = 80_000_000
 STAGES = ["mic", "encode", "lm", "decode", "speaker"]
 KINDS = {
     "mic": "capture.tone",
@@ -33,17 +23,18 @@ EDGES = ["mic->encode", "encode->lm", "lm->decode", "decode->speaker"]
 COMPUTE_MEAN_MS = {"mic": 0.3, "encode": 20.0, "lm": 60.0, "decode": 15.0, "speaker": 0.5}
 
 
-def run_info(t0_ns: int = 10_000_000_000, pids: dict | None = None) -> dict:
-    return {
-        "run_id": "synthetic1",
-        "stages": list(STAGES),
-        "kinds": dict(KINDS),
-        "edges": list(EDGES),
-        "pids": pids if pids is not None else {name: 40_000 + i for i, name in enumerate(STAGES)},
-        "frame_ms": 80.0,
-        "t0_ns": t0_ns,
-        "slots": {edge: 8 for edge in EDGES},
-    }
+def run_info(t0_ns: int = 10_000_000_000, pids: dict | None = None, live_source: bool = False) -> RunInfo:
+    return RunInfo(
+        run_id="synthetic1",
+        stages=list(STAGES),
+        kinds=dict(KINDS),
+        edges=list(EDGES),
+        pids=pids if pids is not None else {name: 40_000 + i for i, name in enumerate(STAGES)},
+        frame_ms=FRAME_MS,
+        t0_ns=t0_ns,
+        slots={edge: 8 for edge in EDGES},
+        live_source=live_source,
+    )
 
 
 def records(n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_seqs=()) -> np.ndarray:
@@ -94,12 +85,13 @@ def counters(step: int = 1) -> dict:
         },
         "underruns": step,
         "overflows": 1 if step >= 3 else 0,
+        "device_underflows": 4 * step,
         "frames_lost": 2 * step + step,
     }
 
 
 def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, text=()) -> dict:
-    """A report (or, with fill=True, a snapshot) of `recs`, keys exactly as in contracts.md."""
+    """A report (or, with fill=True, a snapshot) of `recs`, keys exactly as in Report (Snapshot)."""
     count = counters(step)
     t0_ns, frame_ms = info["t0_ns"], info["frame_ms"]
     enter = recs["enter_ns"].astype(np.int64)
@@ -134,11 +126,16 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
         "end_to_end_ms": _summary(e2e_ms),
         "stages": stages,
         "edges": edges,
-        "playback": {"underruns": count["underruns"], "overflows": count["overflows"]},
+        "playback": {
+            "underruns": count["underruns"],
+            "overflows": count["overflows"],
+            "device_underflows": count["device_underflows"],
+        },
         "frames_lost": count["frames_lost"],
     }
     if fill:
         out["text"] = list(text)
+        out["text_tokens"] = []
         return out
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731
     out["samples"] = {
@@ -151,6 +148,7 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
         "playback_ms": r3((recs["handoff_ns"] - enter[:, len(STAGES) - 1]) / 1e6),
     }
     out["text"] = list(text)
+    out["text_tokens"] = []
     out["delay_frames"] = 0
     out["config"] = {}
     out["device_latency_ms"] = None
@@ -238,13 +236,14 @@ def counters_from_report(report: dict) -> dict:
         expected[("rtpipe_blocked_total", frozenset({"edge": edge}.items()))] = row["blocked"]
     expected[("rtpipe_playback_underruns_total", frozenset())] = report["playback"]["underruns"]
     expected[("rtpipe_playback_overflows_total", frozenset())] = report["playback"]["overflows"]
+    expected[("rtpipe_playback_device_underflows_total", frozenset())] = report["playback"]["device_underflows"]
     expected[("rtpipe_frames_lost_total", frozenset())] = report["frames_lost"]
     expected[("rtpipe_frames_total", frozenset())] = report["frames"]
     return expected
 
 
 def check_latency_png(png_path, report):
-    """The PNG opens; the figure drawn from `report` has the three panels and the 80 ms line."""
+    """The PNG opens; the figure drawn from `report` has the three panels and the frame's line."""
     import matplotlib.image
 
     image = matplotlib.image.imread(str(png_path))
@@ -256,6 +255,6 @@ def check_latency_png(png_path, report):
     assert titles[0] == TITLE_END_TO_END and titles[1].startswith(TITLE_COMPUTE) and titles[2] == TITLE_BUDGET
     assert fig.axes[0].get_xlabel() == "time since start (s)"
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(report["samples"]["stage_ms"])
-    frame_lines = [line for line in fig.axes[0].get_lines() if list(line.get_ydata()) == [80.0, 80.0]]
-    assert frame_lines, "no 80 ms frame line on the end-to-end panel"
+    frame_lines = [line for line in fig.axes[0].get_lines() if list(line.get_ydata()) == [FRAME_MS, FRAME_MS]]
+    assert frame_lines, "no frame line on the end-to-end panel"
     return fig

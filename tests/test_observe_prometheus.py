@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from rtpipe.pipeline.observe.prometheus import PrometheusExporter
+from rtpipe.stages.base import FRAME_MS
 from rtpipe.stages.errors import ConfigError
 
 import observe_support as support
@@ -62,8 +63,9 @@ def test_histograms_count_every_frame_by_stage_and_edge(exporter):
     # the sum is the records' own arithmetic, in seconds
     e2e_s = ((recs["handoff_ns"] - recs["capture_ns"]) / 1e9).sum()
     assert metrics[("rtpipe_end_to_end_latency_seconds_sum", frozenset())] == pytest.approx(e2e_s)
-    # buckets sit around the 80 ms frame: one bound is exactly the frame
-    assert ("rtpipe_stage_compute_seconds_bucket", frozenset({"stage": "lm", "le": "0.08"}.items())) in metrics
+    # buckets sit around the frame: one bound is exactly the frame
+    frame_s = str(FRAME_MS / 1000)
+    assert ("rtpipe_stage_compute_seconds_bucket", frozenset({"stage": "lm", "le": frame_s}.items())) in metrics
 
 
 def test_healthz_follows_the_supervisors_ticks(exporter):
@@ -96,13 +98,48 @@ def test_port_in_use_is_a_config_error_naming_the_port():
             PrometheusExporter(support.run_info(), port=port)
 
 
-def test_live_source_histogram_leaves_out_the_frames_own_80_ms():
-    info = {**support.run_info(), "live_source": True}
+def _metrics(exporter: PrometheusExporter) -> dict:
+    from prometheus_client import generate_latest
+
+    return support.parse_metrics(generate_latest(exporter.registry).decode())
+
+
+def test_live_source_histogram_leaves_out_the_frames_own_time():
+    info = support.run_info(live_source=True)
     exporter = PrometheusExporter(info, port=0, serve=False)
     exporter.on_start(info)
     recs = support.records(10)
     exporter.on_frames(recs)
-    metrics = support.parse_metrics(__import__("prometheus_client").generate_latest(exporter.registry).decode())
     raw_s = ((recs["exit_ns"][:, 0] - recs["enter_ns"][:, 0]) / 1e9).sum()
-    adjusted = metrics[("rtpipe_stage_compute_seconds_sum", frozenset({"stage": "mic"}.items()))]
-    assert adjusted == pytest.approx(raw_s - 10 * 0.080)
+    adjusted = _metrics(exporter)[("rtpipe_stage_compute_seconds_sum", frozenset({"stage": "mic"}.items()))]
+    assert adjusted == pytest.approx(raw_s - 10 * FRAME_MS / 1000)
+
+
+def test_a_microphone_runs_run_info_says_live_source_and_the_exporter_uses_it():
+    # run_info as the supervisor builds it for the built-in config, whose source is the microphone
+    from rtpipe.pipeline.runtime import config as pipeline_config
+    from rtpipe.pipeline.runtime.supervisor import Supervisor
+
+    for source, live in (({"kind": "capture.microphone"}, True), ({"kind": "capture.tone"}, False)):
+        raw = pipeline_config.load_raw(None)
+        raw["stages"]["capture"] = source
+        info = Supervisor(pipeline_config.validate(raw), handle_signals=False).run_info()
+        assert info["live_source"] is live
+        exporter = PrometheusExporter(info, port=0, serve=False)
+        exporter.on_start(info)
+        recs = support.records(4)  # a 5-stage chain, as the built-in config's
+        exporter.on_frames(recs)
+        raw_s = ((recs["exit_ns"][:, 0] - recs["enter_ns"][:, 0]) / 1e9).sum()
+        source_s = _metrics(exporter)[("rtpipe_stage_compute_seconds_sum", frozenset({"stage": "capture"}.items()))]
+        assert source_s == pytest.approx(raw_s - (4 * FRAME_MS / 1000 if live else 0))
+
+
+def test_device_underflows_are_served_as_a_counter(exporter):
+    info = support.run_info()
+    recs = support.records(10)
+    exporter.on_start(info)
+    exporter.on_tick(support.report(recs, info, step=2, fill=True))
+    key = ("rtpipe_playback_device_underflows_total", frozenset())
+    assert _scrape(exporter.url)[key] == 8
+    exporter.on_stop(support.report(recs, info, step=3))
+    assert _scrape(exporter.url)[key] == 12

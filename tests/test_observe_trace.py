@@ -1,5 +1,5 @@
 """The --trace writer: Chrome/Perfetto JSON with a track per stage, a slice per frame per stage, paired
-flow arrows and ring-fill counters, fed with synthetic records that follow contracts.md."""
+flow arrows and ring-fill counters, fed with synthetic records (FRAME_RECORD_DTYPE) and run_info (RunInfo)."""
 
 import json
 import os

@@ -19,6 +19,8 @@ _JOIN_S = 2.0  # a stage still holding the pipe at the end must not hang the exi
 
 
 class StderrThroughConsole:
+    """While entered, this process's stderr (fd 2) prints through `console`, above its live display."""
+
     def __init__(self, console: Console):
         self.console = console
         self._saved_fd: int | None = None
@@ -34,11 +36,15 @@ class StderrThroughConsole:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        if self._saved_fd is None or self._thread is None:  # never entered
+            return
         sys.stderr.flush()
         os.dup2(self._saved_fd, 2)  # our end of the pipe closes: the thread sees end of file
         os.close(self._saved_fd)
+        self._saved_fd = None
         self._thread.join(_JOIN_S)
+        self._thread = None
 
     def _forward(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as lines:

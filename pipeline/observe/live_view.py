@@ -7,22 +7,24 @@ the transformer's last words. `render_snapshot` is a pure function so tests can 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Literal
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from rtpipe.pipeline.observe.observer import Observer
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import Playback, Report, Snapshot, final_snapshot
 
 TEXT_CHARS = 100  # the tail of the transcript that fits on one line
 
 
-def _ms(value: Any) -> str:
-    return "-" if not isinstance(value, (int, float)) else f"{value:7.1f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:7.1f}"
 
 
 def _level_style(fraction: float) -> str:
@@ -40,8 +42,19 @@ def _bar(fraction: float, width: int = 16) -> ProgressBar:
     return ProgressBar(total=1.0, completed=shown, width=width, complete_style=style, finished_style=style)
 
 
-def _stage_table(snapshot: dict, run_info: dict) -> Table:
-    frame_ms = float(snapshot.get("frame_ms") or run_info.get("frame_ms") or 80.0)
+def _count(value: int) -> Text:
+    """A glitch count: red once there is any."""
+    return Text(str(value), style="red" if value else "")
+
+
+def _names(run_info: RunInfo, key: Literal["stages", "edges"], rows: Mapping[str, object]) -> list[str]:
+    """The run's stages or edges in chain order, then any the snapshot has that run_info does not."""
+    names = list(run_info[key])
+    return names + [name for name in rows if name not in names]
+
+
+def _stage_table(snapshot: Snapshot | None, run_info: RunInfo) -> Table:
+    frame_ms = snapshot["frame_ms"] if snapshot else run_info["frame_ms"]
     table = Table(title=None, expand=False, box=None, pad_edge=False, header_style="bold")
     table.add_column("stage")
     table.add_column("kind", style="dim")
@@ -51,30 +64,28 @@ def _stage_table(snapshot: dict, run_info: dict) -> Table:
     table.add_column("RTF", justify="right")
     table.add_column("misses", justify="right")
     table.add_column("restarts", justify="right")
-    stages = snapshot.get("stages") or {}
-    names = list(run_info.get("stages") or stages)
-    names += [name for name in stages if name not in names]
-    for name in names:
-        row = stages.get(name) or {}
-        compute = row.get("compute_ms") or {}
-        rtf = row.get("rtf")
-        rtf_value = float(rtf) if isinstance(rtf, (int, float)) else 0.0
-        misses = int(row.get("deadline_misses") or 0)
-        restarts = int(row.get("restarts") or 0)
+    stages = snapshot["stages"] if snapshot else {}
+    for name in _names(run_info, "stages", stages):
+        kind = run_info["kinds"].get(name, "")
+        row = stages.get(name)
+        if row is None:  # no tick yet
+            table.add_row(name, kind, _ms(None), _ms(None), _bar(0.0), Text("-"), Text("0"), Text("0"))
+            continue
+        rtf = row["rtf"]
         table.add_row(
             name,
-            str((run_info.get("kinds") or {}).get(name, "")),
-            _ms(compute.get("p50")),
-            _ms(compute.get("p99")),
-            _bar(rtf_value),
-            Text("-" if rtf is None else f"{rtf_value:.2f}", style=_level_style(rtf_value)),
-            Text(str(misses), style="red" if misses else ""),
-            Text(str(restarts), style="red" if restarts else ""),
+            kind,
+            _ms(row["compute_ms"]["p50"]),
+            _ms(row["compute_ms"]["p99"]),
+            _bar(rtf),
+            Text(f"{rtf:.2f}", style=_level_style(rtf)),
+            _count(row["deadline_misses"]),
+            _count(row["restarts"]),
         )
     return table
 
 
-def _edge_table(snapshot: dict, run_info: dict) -> Table:
+def _edge_table(snapshot: Snapshot | None, run_info: RunInfo) -> Table:
     table = Table(expand=False, box=None, pad_edge=False, header_style="bold")
     table.add_column("edge")
     table.add_column("fill")
@@ -83,53 +94,51 @@ def _edge_table(snapshot: dict, run_info: dict) -> Table:
     table.add_column("dropped oldest", justify="right")
     table.add_column("dropped newest", justify="right")
     table.add_column("blocked", justify="right")
-    edges = snapshot.get("edges") or {}
-    names = list(run_info.get("edges") or edges)
-    names += [name for name in edges if name not in names]
-    slots_by_edge = run_info.get("slots") or {}
-    for name in names:
-        row = edges.get(name) or {}
-        fill = int(row.get("fill") or 0)
-        slots = int(slots_by_edge.get(name) or 0)
-        dropped_oldest = int(row.get("dropped_oldest") or 0)
-        dropped_newest = int(row.get("dropped_newest") or 0)
+    edges = snapshot["edges"] if snapshot else {}
+    for name in _names(run_info, "edges", edges):
+        row = edges.get(name)
+        fill = row["fill"] if row else 0
+        slots = run_info["slots"].get(name, 0)
+        dropped_oldest = row["dropped_oldest"] if row else 0
+        dropped_newest = row["dropped_newest"] if row else 0
         table.add_row(
             name,
             _bar(fill / slots if slots else 0.0, width=10),
             f"{fill}/{slots}" if slots else str(fill),
-            _ms((row.get("wait_ms") or {}).get("p50")),
+            _ms(row["wait_ms"]["p50"] if row else None),
             Text(str(dropped_oldest), style="yellow" if dropped_oldest else ""),
             Text(str(dropped_newest), style="yellow" if dropped_newest else ""),
-            str(int(row.get("blocked") or 0)),
+            str(row["blocked"] if row else 0),
         )
     return table
 
 
-def _summary(snapshot: dict) -> Text:
-    e2e = snapshot.get("end_to_end_ms") or {}
-    playback = snapshot.get("playback") or {}
-    underruns = int(playback.get("underruns") or 0)
-    overflows = int(playback.get("overflows") or 0)
-    lost = int(snapshot.get("frames_lost") or 0)
+def _summary(snapshot: Snapshot | None) -> Text:
+    e2e = snapshot["end_to_end_ms"] if snapshot else None
+    playback = snapshot["playback"] if snapshot else Playback(underruns=0, overflows=0, device_underflows=0)
     line = Text()
     line.append("end-to-end ", style="bold")
     line.append(
-        f"P50 {_ms(e2e.get('p50')).strip()} ms  P99 {_ms(e2e.get('p99')).strip()} ms  "
-        f"max {_ms(e2e.get('max')).strip()} ms"
+        f"P50 {_ms(e2e['p50'] if e2e else None).strip()} ms  P99 {_ms(e2e['p99'] if e2e else None).strip()} ms  "
+        f"max {_ms(e2e['max'] if e2e else None).strip()} ms"
     )
     line.append("   underruns ")
-    line.append(str(underruns), style="red" if underruns else "")
+    line.append(_count(playback["underruns"]))
     line.append("  overflows ")
-    line.append(str(overflows), style="red" if overflows else "")
+    line.append(_count(playback["overflows"]))
+    line.append("  device underflows ")
+    line.append(_count(playback["device_underflows"]))
     line.append("  frames lost ")
-    line.append(str(lost), style="red" if lost else "")
+    line.append(_count(snapshot["frames_lost"] if snapshot else 0))
     return line
 
 
-def _transcript(snapshot: dict) -> Text | None:
-    pieces = [str(piece) for piece in (snapshot.get("text") or [])]
+def _transcript(snapshot: Snapshot | None) -> Text | None:
+    if snapshot is None:
+        return None
+    pieces = [str(piece) for piece in snapshot["text"]]
     if not pieces:  # no tokenizer: the token ids themselves
-        pieces = [f"<{token}>" for token in (snapshot.get("text_tokens") or [])]
+        pieces = [f"<{token}>" for token in snapshot["text_tokens"]]
     if not pieces:
         return None
     joined = "".join(pieces).replace("\n", " ")
@@ -139,10 +148,10 @@ def _transcript(snapshot: dict) -> Text | None:
     return line
 
 
-def render_snapshot(snapshot: dict | None, run_info: dict) -> Panel:
-    """Draw one snapshot (the report's shape, percentiles over the last seconds) as a rich Panel."""
-    snapshot = snapshot or {}
-    parts: list = [
+def render_snapshot(snapshot: Snapshot | None, run_info: RunInfo) -> Panel:
+    """Draw one snapshot (None: before the first tick, every stage and edge without numbers yet) as a
+    rich Panel."""
+    parts: list[RenderableType] = [
         _stage_table(snapshot, run_info),
         Text(""),
         _edge_table(snapshot, run_info),
@@ -152,24 +161,23 @@ def render_snapshot(snapshot: dict | None, run_info: dict) -> Panel:
     transcript = _transcript(snapshot)
     if transcript is not None:
         parts.append(transcript)
-    seconds = snapshot.get("seconds")
-    title = f"rtpipe run {run_info.get('run_id', '')}".rstrip()
-    if isinstance(seconds, (int, float)):
-        title += f" — {seconds:.1f} s, {int(snapshot.get('frames') or 0)} frames"
+    title = f"rtpipe run {run_info['run_id']}".rstrip()
+    if snapshot is not None:
+        title += f" — {snapshot['seconds']:.1f} s, {snapshot['frames']} frames"
     return Panel(Group(*parts), title=title, title_align="left", expand=False)
 
 
 class LiveView(Observer):
     """A rich Live display redrawn at each tick; it leaves the last frame drawn on the terminal."""
 
-    def __init__(self, run_info: dict, *, console: Console | None = None) -> None:
-        self.run_info = dict(run_info)
+    def __init__(self, run_info: RunInfo, *, console: Console | None = None) -> None:
+        self.run_info = run_info
         self.console = console or Console()
-        self.last_snapshot: dict | None = None
+        self.last_snapshot: Snapshot | None = None  # the last one drawn
         self._live: Live | None = None
 
-    def on_start(self, run_info: dict) -> None:
-        self.run_info = dict(run_info)
+    def on_start(self, run_info: RunInfo) -> None:
+        self.run_info = run_info
         # no auto-refresh thread: the supervisor's ticks drive redraws, which spares a core on small hosts
         self._live = Live(
             render_snapshot(None, self.run_info),
@@ -181,8 +189,7 @@ class LiveView(Observer):
         )
         self._live.start(refresh=True)
 
-    def on_tick(self, snapshot: dict) -> None:
-        self.last_snapshot = snapshot
+    def on_tick(self, snapshot: Snapshot) -> None:
         if self._live is not None:
             try:
                 self._live.update(render_snapshot(snapshot, self.run_info), refresh=True)
@@ -191,19 +198,11 @@ class LiveView(Observer):
                 self._live.stop()
                 self._live = None
                 raise
+        self.last_snapshot = snapshot
 
-    def on_stop(self, report: dict) -> None:
-        # the report has no fill levels of its own: show the last tick's (copies: the report is shared)
-        last_edges = (self.last_snapshot or {}).get("edges") or {}
-        snapshot = dict(report)
-        snapshot["edges"] = {
-            edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
-            for edge, row in (report.get("edges") or {}).items()
-        }
-        if not snapshot.get("text") and not snapshot.get("text_tokens") and self.last_snapshot:
-            snapshot["text"] = self.last_snapshot.get("text")
-            snapshot["text_tokens"] = self.last_snapshot.get("text_tokens")
+    def on_stop(self, report: Report) -> None:
+        # the report has no fill levels of its own: the last tick's stay on screen
         if self._live is not None:
-            self._live.update(render_snapshot(snapshot, self.run_info), refresh=True)
+            self._live.update(render_snapshot(final_snapshot(report, self.last_snapshot), self.run_info), refresh=True)
             self._live.stop()
             self._live = None

@@ -1,6 +1,6 @@
 """Latency plots from a run report's per-frame samples (no re-run needed): used by `rtpipe plot`.
 
-Three panels: end-to-end latency over time against the 80 ms frame, each stage's compute-time
+Three panels: end-to-end latency over time against the frame (the deadline), each stage's compute-time
 distribution, and a stacked bar of the median budget (capture, each stage, each hop, playback buffer).
 """
 
@@ -10,11 +10,17 @@ import itertools
 import json
 import math
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from rtpipe.pipeline.observe.report import Report
+from rtpipe.stages.base import FRAME_MS
 from rtpipe.stages.errors import RtpipeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SAMPLE_KEYS = ("t_s", "end_to_end_ms", "capture_ms", "stage_ms", "wait_ms", "playback_ms")
 TITLE_END_TO_END = "End-to-end latency per frame"
@@ -28,8 +34,9 @@ class ReportError(RtpipeError):
     kind = "report error"
 
 
-def load_report(path: str | os.PathLike) -> dict:
-    """Read a `rtpipe run --report` JSON file and check it has per-frame samples.
+def load_report(path: str | os.PathLike[str]) -> Report:
+    """Read a `rtpipe run --report` JSON file and check what plotting reads: per-frame samples, one
+    per frame in every list, and frame_ms (FRAME_MS when the file has none).
 
     Raises ReportError naming the file (and the missing key) when it is absent, not JSON or incomplete.
     """
@@ -83,19 +90,20 @@ def load_report(path: str | os.PathLike) -> dict:
         )
         if bad is not None:
             raise ReportError(f"{path}: samples.{key}[{bad}] = {values[bad]!r}: not a number")
-    frame_ms = report.get("frame_ms", 80.0)
+    frame_ms = report.setdefault("frame_ms", FRAME_MS)
     if isinstance(frame_ms, bool) or not isinstance(frame_ms, (int, float)) or not 0 < frame_ms < math.inf:
         raise ReportError(f"{path}: frame_ms = {frame_ms!r}: not a finite positive number")
-    return report
+    # checked above: the samples and frame_ms; the rest is as `rtpipe run` wrote it, read with .get()
+    return cast(Report, report)
 
 
-def _values(values: Any) -> np.ndarray:
+def _values(values: Sequence[float | None]) -> np.ndarray:
     # a stage that never saw a frame leaves a negative or missing value: not a latency
     array = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
     return np.where(array >= 0, array, np.nan)
 
 
-def budget_segments_ms(report: dict) -> list[tuple[str, float]]:
+def budget_segments_ms(report: Report) -> list[tuple[str, float]]:
     """The median of each part of the end-to-end latency, in chain order: capture, then each hop's wait
     and each following stage's compute, then the playback buffer (hand-off minus the sink's exit).
     Per frame these parts add up to the end-to-end latency."""
@@ -121,7 +129,9 @@ def budget_segments_ms(report: dict) -> list[tuple[str, float]]:
     return out
 
 
-def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, title: str | None = None):
+def plot_report(
+    report: Report, output_path: str | os.PathLike[str] | None = None, *, title: str | None = None
+) -> Figure:
     """Draw the three panels for `report` (as load_report returns it); save a PNG if `output_path` is
     given. Returns the matplotlib Figure."""
     import matplotlib
@@ -130,7 +140,7 @@ def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, t
     import matplotlib.pyplot as plt
 
     samples = report["samples"]
-    frame_ms = float(report.get("frame_ms", 80.0))
+    frame_ms = float(report["frame_ms"])
     t_s = _values(samples["t_s"])
     e2e_ms = _values(samples["end_to_end_ms"])
 
@@ -196,7 +206,7 @@ def plot_report(report: dict, output_path: str | os.PathLike | None = None, *, t
     return fig
 
 
-def save_plot(fig, path: str | os.PathLike) -> None:
+def save_plot(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Writes `fig` at `path` in the format its extension names. Raises ReportError naming the file
     when it cannot: a directory, a full disk, or a format whose tool is missing (pgf needs xelatex)."""
     path = os.fspath(path)

@@ -12,16 +12,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rtpipe.pipeline.observe.observer import Observer
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import Playback, Report, Snapshot, final_snapshot
 from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it
@@ -45,9 +47,9 @@ COMPUTE_BUCKETS_FRAMES = (
 )
 # end-to-end latency spans several frames (pipeline delay plus the device buffer)
 END_TO_END_BUCKETS_FRAMES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0)
-DROP_POLICIES = (("dropped_oldest", "drop-oldest"), ("dropped_newest", "drop-newest"))
 # the supervisor ticks about once a second; this many seconds without one means it is stuck
 HEALTH_STALE_AFTER_S = 10.0
+DEFAULT_HOST = "127.0.0.1"  # loopback: /metrics reaches the network only when asked to
 
 
 def _buckets_s(frame_ms: float, frames: tuple[float, ...]) -> list[float]:
@@ -55,20 +57,18 @@ def _buckets_s(frame_ms: float, frames: tuple[float, ...]) -> list[float]:
 
 
 class _CountsCollector(Collector):
-    """Serves the latest cumulative counts (a snapshot or the final report) as counters and gauges."""
+    """Serves the latest cumulative counts (a snapshot, the final report as one) as counters and gauges."""
 
     def __init__(self, exporter: PrometheusExporter) -> None:
         self.exporter = exporter
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         counts = self.exporter.counts
         run_info = self.exporter.run_info
-        stages = counts.get("stages") or {}
-        edges = counts.get("edges") or {}
-        stage_names = list(run_info.get("stages") or [])
-        stage_names += [s for s in stages if s not in stage_names]
-        edge_names = list(run_info.get("edges") or [])
-        edge_names += [e for e in edges if e not in edge_names]
+        stages = counts["stages"] if counts else {}
+        edges = counts["edges"] if counts else {}
+        stage_names = run_info["stages"] + [s for s in stages if s not in run_info["stages"]]
+        edge_names = run_info["edges"] + [e for e in edges if e not in run_info["edges"]]
 
         misses = CounterMetricFamily(
             "rtpipe_deadline_misses", "Frames a stage took longer than one frame on.", labels=["stage"]
@@ -78,11 +78,11 @@ class _CountsCollector(Collector):
             "rtpipe_stage_rtf", "Real-time factor of a stage (compute time / frame time).", labels=["stage"]
         )
         for stage in stage_names:
-            row = stages.get(stage) or {}
-            misses.add_metric([stage], int(row.get("deadline_misses") or 0))
-            restarts.add_metric([stage], int(row.get("restarts") or 0))
-            if isinstance(row.get("rtf"), (int, float)):
-                rtf.add_metric([stage], float(row["rtf"]))
+            stage_row = stages.get(stage)
+            misses.add_metric([stage], stage_row["deadline_misses"] if stage_row else 0)
+            restarts.add_metric([stage], stage_row["restarts"] if stage_row else 0)
+            if stage_row:
+                rtf.add_metric([stage], stage_row["rtf"])
 
         drops = CounterMetricFamily(
             "rtpipe_dropped_frames", "Frames an edge dropped, by its policy.", labels=["edge", "policy"]
@@ -94,17 +94,16 @@ class _CountsCollector(Collector):
             "rtpipe_ring_fill_frames", "Frames written to a ring and not yet read.", labels=["edge"]
         )
         slots = GaugeMetricFamily("rtpipe_ring_slots", "Slots in a ring.", labels=["edge"])
-        slots_by_edge = run_info.get("slots") or {}
         for edge in edge_names:
-            row = edges.get(edge) or {}
-            for key, policy in DROP_POLICIES:
-                drops.add_metric([edge, policy], int(row.get(key) or 0))
-            blocked.add_metric([edge], int(row.get("blocked") or 0))
-            fill.add_metric([edge], int(row.get("fill") or 0))
-            if edge in slots_by_edge:
-                slots.add_metric([edge], int(slots_by_edge[edge]))
+            edge_row = edges.get(edge)
+            drops.add_metric([edge, "drop-oldest"], edge_row["dropped_oldest"] if edge_row else 0)
+            drops.add_metric([edge, "drop-newest"], edge_row["dropped_newest"] if edge_row else 0)
+            blocked.add_metric([edge], edge_row["blocked"] if edge_row else 0)
+            fill.add_metric([edge], edge_row["fill"] if edge_row else 0)
+            if edge in run_info["slots"]:
+                slots.add_metric([edge], run_info["slots"][edge])
 
-        playback = counts.get("playback") or {}
+        playback = counts["playback"] if counts else Playback(underruns=0, overflows=0, device_underflows=0)
         yield misses
         yield restarts
         yield rtf
@@ -114,19 +113,24 @@ class _CountsCollector(Collector):
         yield slots
         yield CounterMetricFamily(
             "rtpipe_playback_underruns",
-            "Times the output device ran out of audio.",
-            value=int(playback.get("underruns") or 0),
+            "Times the output's jitter buffer ran out of audio.",
+            value=playback["underruns"],
         )
         yield CounterMetricFamily(
             "rtpipe_playback_overflows",
             "Times the output buffer was too full for a frame.",
-            value=int(playback.get("overflows") or 0),
+            value=playback["overflows"],
         )
         yield CounterMetricFamily(
-            "rtpipe_frames_lost", "Frames that never reached the sink.", value=int(counts.get("frames_lost") or 0)
+            "rtpipe_playback_device_underflows",
+            "Times the output device's own buffer ran dry (PortAudio's output underflow).",
+            value=playback["device_underflows"],
         )
         yield CounterMetricFamily(
-            "rtpipe_frames", "Frames that reached the sink.", value=int(counts.get("frames") or 0)
+            "rtpipe_frames_lost", "Frames that never reached the sink.", value=counts["frames_lost"] if counts else 0
+        )
+        yield CounterMetricFamily(
+            "rtpipe_frames", "Frames that reached the sink.", value=counts["frames"] if counts else 0
         )
         yield GaugeMetricFamily(
             "rtpipe_running", "1 while the pipeline runs, 0 once it stopped.", value=0 if self.exporter.stopped else 1
@@ -135,25 +139,8 @@ class _CountsCollector(Collector):
             "rtpipe_stage_info", "A stage's kind (registered name or import path).", labels=["stage", "kind", "run_id"]
         )
         for stage in stage_names:
-            info.add_metric(
-                [stage, str((run_info.get("kinds") or {}).get(stage, "")), str(run_info.get("run_id", ""))], 1
-            )
+            info.add_metric([stage, run_info["kinds"].get(stage, ""), run_info["run_id"]], 1)
         yield info
-
-
-def _is_live_source(run_info: dict) -> bool:
-    """Whether the chain's source is live (a microphone): run_info["live_source"], else its stage class."""
-    if "live_source" in run_info:
-        return bool(run_info["live_source"])
-    stages = run_info.get("stages") or []
-    if not stages:
-        return False
-    try:
-        from rtpipe.stages.registry import find_stage
-
-        return bool(find_stage((run_info.get("kinds") or {}).get(stages[0], "")).live)
-    except Exception:  # an unknown kind here only costs the source's histogram its adjustment
-        return False
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -161,14 +148,17 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # scrapes would drown the status line
+    def log_message(self, format: str, *args: object) -> None:  # scrapes would drown the status line
         pass
 
 
-def _serve(app, host: str, port: int) -> WSGIServer:
+def _serve(app: WSGIApplication, host: str, port: int) -> WSGIServer:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+
+    class MetricsServer(_ThreadingWSGIServer):
+        address_family = family  # IPv6 too, as the host names it
+
+    server = make_server(host, port, app, MetricsServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="rtpipe-metrics", daemon=True).start()
     return server
 
@@ -180,13 +170,12 @@ class PrometheusExporter(Observer):
     Raises ConfigError (naming the address) if the port cannot be listened on.
     """
 
-    def __init__(self, run_info: dict, *, port: int, host: str = "127.0.0.1", serve: bool = True) -> None:
-        self.run_info = dict(run_info)
-        self.counts: dict = {}
+    def __init__(self, run_info: RunInfo, *, port: int, host: str = DEFAULT_HOST, serve: bool = True) -> None:
+        self.run_info = run_info
+        self.counts: Snapshot | None = None  # the last tick's, then the final report's
         self.stopped = False
-        self.live_source = _is_live_source(run_info)
         self.last_tick_monotonic: float | None = None
-        frame_ms = float(run_info.get("frame_ms") or 80.0)
+        frame_ms = run_info["frame_ms"]
         self.registry = CollectorRegistry()
         self.end_to_end = Histogram(
             "rtpipe_end_to_end_latency_seconds",
@@ -211,7 +200,7 @@ class PrometheusExporter(Observer):
         self.registry.register(_CountsCollector(self))
         self._metrics_app = make_wsgi_app(self.registry)
         self.host, self.port = host, port
-        self._server = None
+        self._server: WSGIServer | None = None
         if serve:
             try:
                 self._server = _serve(self._app, host, port)
@@ -237,7 +226,7 @@ class PrometheusExporter(Observer):
             return False, f"no tick from the supervisor for {age_s:.1f} s"
         return True, f"ok: last tick {age_s:.1f} s ago"
 
-    def _app(self, environ, start_response):
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/healthz":
             healthy, why = self.health()
             start_response(
@@ -246,22 +235,21 @@ class PrometheusExporter(Observer):
             return [(why + "\n").encode()]
         return self._metrics_app(environ, start_response)
 
-    def on_start(self, run_info: dict) -> None:
-        self.run_info = dict(run_info)
-        self.live_source = _is_live_source(run_info)
+    def on_start(self, run_info: RunInfo) -> None:
+        self.run_info = run_info
 
     def on_frames(self, records: np.ndarray) -> None:
-        stages = list(self.run_info.get("stages") or [])
-        edges = list(self.run_info.get("edges") or [])
+        stages = self.run_info["stages"]
+        edges = self.run_info["edges"]
         if len(records) == 0:
             return
         enter = records["enter_ns"].astype(np.int64)
         leave = records["exit_ns"].astype(np.int64)
-        frame_ns = int(float(self.run_info.get("frame_ms") or 80.0) * 1e6)
+        frame_ns = int(self.run_info["frame_ms"] * 1e6)
         for index, stage in enumerate(stages):
             seen = (enter[:, index] > 0) & (leave[:, index] >= enter[:, index])
             compute_ns = leave[seen, index] - enter[seen, index]
-            if index == 0 and self.live_source:
+            if index == 0 and self.run_info["live_source"]:
                 # as in the report: a live source's frame takes one frame to arrive; only the rest is work
                 compute_ns = np.maximum(compute_ns - frame_ns, 0)
             child = self.compute.labels(stage=stage)
@@ -278,19 +266,13 @@ class PrometheusExporter(Observer):
         for value_ns in handoff[seen] - capture[seen]:
             self.end_to_end.observe(value_ns / 1e9)
 
-    def on_tick(self, snapshot: dict) -> None:
+    def on_tick(self, snapshot: Snapshot) -> None:
         self.counts = snapshot  # replaced whole, so a scrape never sees half of two ticks
         self.last_tick_monotonic = time.monotonic()
 
-    def on_stop(self, report: dict) -> None:
-        last_edges = (self.counts or {}).get("edges") or {}
-        final = dict(report)
+    def on_stop(self, report: Report) -> None:
         # the report has no fill levels: the last tick's stay as the gauge's final value
-        final["edges"] = {
-            edge: {"fill": (last_edges.get(edge) or {}).get("fill", 0), **row}
-            for edge, row in (report.get("edges") or {}).items()
-        }
-        self.counts = final
+        self.counts = final_snapshot(report, self.counts)
         self.stopped = True
 
     def close(self) -> None:

@@ -2,11 +2,15 @@
 
 The sink's host sends one FRAME_RECORD_DTYPE record per frame; the supervisor keeps them and calls
 `build_report` (whole run) and `build_snapshot` (last few seconds) for `--report` and the observers.
+`Report` and `Snapshot` are those two shapes, the one contract between this module, the supervisor,
+the observers, `rtpipe plot` and `rtpipe run`'s table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -18,20 +22,113 @@ from rtpipe.stages.base import FRAME_MS
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
 
 
-def summarize_ms(values_ms) -> dict:
+class Percentiles(TypedDict):
+    """A latency's distribution in milliseconds, 3 decimals (all 0.0 when nothing was measured)."""
+
+    p50: float
+    p95: float
+    p99: float
+    max: float
+    mean: float
+
+
+class StageRow(TypedDict):
+    """One stage: its compute time per frame (enter to exit; a live source's less the frame's own
+    arrival), real-time factor (mean compute / frame), frames over one frame's time, restarts."""
+
+    compute_ms: Percentiles
+    rtf: float
+    deadline_misses: int
+    restarts: int
+
+
+class EdgeRow(TypedDict):
+    """One ring between two stages: time a frame waited in it, and what its policy dropped or blocked."""
+
+    wait_ms: Percentiles
+    dropped_oldest: int
+    dropped_newest: int
+    blocked: int
+
+
+class SnapshotEdgeRow(EdgeRow):
+    """An edge in a snapshot: also the frames in the ring at that moment (a report has no fill)."""
+
+    fill: int
+
+
+class Playback(TypedDict):
+    """The sink's glitch counts: its jitter buffer ran empty (underruns) or was too full for a frame
+    (overflows); the speaker's own device buffer ran dry (device_underflows, PortAudio's count)."""
+
+    underruns: int
+    overflows: int
+    device_underflows: int
+
+
+class Samples(TypedDict):
+    """The report's per-frame values, one list entry per frame in sequence order (ms unless `_s`)."""
+
+    seq: list[int]
+    t_s: list[float]  # capture time since the run's start
+    end_to_end_ms: list[float]
+    capture_ms: list[float]
+    stage_ms: dict[str, list[float]]
+    wait_ms: dict[str, list[float]]
+    playback_ms: list[float]
+
+
+class Snapshot(TypedDict):
+    """What observers get about once a second: percentiles over the last few seconds, counts over
+    the whole run, each ring's fill now and the last 20 pieces of text."""
+
+    frames: int
+    seconds: float
+    frame_ms: float
+    end_to_end_ms: Percentiles
+    stages: dict[str, StageRow]
+    edges: dict[str, SnapshotEdgeRow]
+    playback: Playback
+    frames_lost: int
+    text: list[str]
+    text_tokens: list[int]
+
+
+class Report(TypedDict):
+    """The whole run (`rtpipe run --report` writes it as JSON, `rtpipe plot` reads it back): the
+    snapshot's keys over every frame (edges without fill), per-frame samples, all the text, the
+    config run, its declared delay and the output device's own latency (None when unknown)."""
+
+    frames: int
+    seconds: float
+    frame_ms: float
+    end_to_end_ms: Percentiles
+    stages: dict[str, StageRow]
+    edges: dict[str, EdgeRow]
+    playback: Playback
+    frames_lost: int
+    samples: Samples
+    text: list[str]
+    text_tokens: list[int]
+    delay_frames: int
+    config: dict[str, Any]
+    device_latency_ms: float | None
+
+
+def summarize_ms(values_ms: Sequence[float] | np.ndarray) -> Percentiles:
     """P50/P95/P99/max/mean (milliseconds, 3 decimals) of `values_ms`; zeros when there are none."""
     values = np.asarray(values_ms, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return {key: 0.0 for key in PERCENTILE_KEYS}
+        return Percentiles(p50=0.0, p95=0.0, p99=0.0, max=0.0, mean=0.0)
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {
-        "p50": round(float(p50), 3),
-        "p95": round(float(p95), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(values.max()), 3),
-        "mean": round(float(values.mean()), 3),
-    }
+    return Percentiles(
+        p50=round(float(p50), 3),
+        p95=round(float(p95), 3),
+        p99=round(float(p99), 3),
+        max=round(float(values.max()), 3),
+        mean=round(float(values.mean()), 3),
+    )
 
 
 @dataclass
@@ -96,7 +193,7 @@ def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list
     )
 
 
-def _stage_table(columns: RecordColumns, counters: RunCounters, frame_ms: float) -> dict:
+def _stage_table(columns: RecordColumns, counters: RunCounters, frame_ms: float) -> dict[str, StageRow]:
     stages = {}
     for k, name in enumerate(counters.stage_names):
         compute = columns.stage_ms[name]
@@ -104,32 +201,41 @@ def _stage_table(columns: RecordColumns, counters: RunCounters, frame_ms: float)
             # A live source's enter is the capture of its first sample: the frame itself takes
             # frame_ms to arrive, so only what comes after that is the source's own work.
             compute = np.maximum(compute - frame_ms, 0.0)
-        stages[name] = {
-            "compute_ms": summarize_ms(compute),
-            "rtf": round(float(np.mean(compute)) / frame_ms, 4) if compute.size else 0.0,
-            "deadline_misses": int(np.count_nonzero(compute > frame_ms)),
-            "restarts": int(counters.restarts.get(name, 0)),
-        }
+        stages[name] = StageRow(
+            compute_ms=summarize_ms(compute),
+            rtf=round(float(np.mean(compute)) / frame_ms, 4) if compute.size else 0.0,
+            deadline_misses=int(np.count_nonzero(compute > frame_ms)),
+            restarts=int(counters.restarts.get(name, 0)),
+        )
     return stages
 
 
-def _edge_table(columns: RecordColumns, counters: RunCounters, with_fill: bool) -> dict:
+def _edge_table(columns: RecordColumns, counters: RunCounters) -> dict[str, EdgeRow]:
     edges = {}
     for name in counters.edge_names:
         c = counters.edges.get(name, EdgeCounters())
-        entry = {
-            "wait_ms": summarize_ms(columns.wait_ms[name]),
-            "dropped_oldest": int(c.dropped_oldest),
-            "dropped_newest": int(c.dropped_newest),
-            "blocked": int(c.blocked),
-        }
-        if with_fill:
-            entry["fill"] = int(c.fill)
-        edges[name] = entry
+        edges[name] = EdgeRow(
+            wait_ms=summarize_ms(columns.wait_ms[name]),
+            dropped_oldest=int(c.dropped_oldest),
+            dropped_newest=int(c.dropped_newest),
+            blocked=int(c.blocked),
+        )
     return edges
 
 
-def _round_list(values: np.ndarray) -> list:
+def _with_fill(edges: dict[str, EdgeRow], fill: dict[str, int]) -> dict[str, SnapshotEdgeRow]:
+    return {name: SnapshotEdgeRow(**row, fill=int(fill.get(name, 0))) for name, row in edges.items()}
+
+
+def _playback(counters: RunCounters) -> Playback:
+    return Playback(
+        underruns=int(counters.underruns),
+        overflows=int(counters.overflows),
+        device_underflows=int(counters.device_underflows),
+    )
+
+
+def _round_list(values: np.ndarray) -> list[float]:
     return [round(float(v), 3) for v in values]
 
 
@@ -141,29 +247,36 @@ def build_report(
     t0_ns: int,
     frame_ms: float = FRAME_MS,
     delay_frames: int = 0,
-    config: dict | None = None,
+    config: dict[str, Any] | None = None,
     device_latency_ms: float | None = None,
-) -> dict:
-    """The run report, keys exactly as in the team contract (see contracts.md), with per-frame samples."""
+) -> Report:
+    """The run report over every record, with per-frame samples (`Report`)."""
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
-    return {
-        **_summary(columns, counters, frames=int(records.size), seconds=seconds, frame_ms=frame_ms, with_fill=False),
-        "samples": {
-            "seq": [int(s) for s in columns.seq],
-            "t_s": _round_list(columns.t_s),
-            "end_to_end_ms": _round_list(columns.end_to_end_ms),
-            "capture_ms": _round_list(columns.capture_ms),
-            "stage_ms": {name: _round_list(v) for name, v in columns.stage_ms.items()},
-            "wait_ms": {name: _round_list(v) for name, v in columns.wait_ms.items()},
-            "playback_ms": _round_list(columns.playback_ms),
-        },
-        "text": list(counters.text),
-        "text_tokens": list(counters.text_tokens),
-        "delay_frames": int(delay_frames),
-        "config": config or {},
-        "device_latency_ms": device_latency_ms,
-    }
+    return Report(
+        frames=int(records.size),
+        seconds=round(float(seconds), 3),
+        frame_ms=float(frame_ms),
+        end_to_end_ms=summarize_ms(columns.end_to_end_ms),
+        stages=_stage_table(columns, counters, frame_ms),
+        edges=_edge_table(columns, counters),
+        playback=_playback(counters),
+        frames_lost=int(counters.frames_lost),
+        samples=Samples(
+            seq=[int(s) for s in columns.seq],
+            t_s=_round_list(columns.t_s),
+            end_to_end_ms=_round_list(columns.end_to_end_ms),
+            capture_ms=_round_list(columns.capture_ms),
+            stage_ms={name: _round_list(v) for name, v in columns.stage_ms.items()},
+            wait_ms={name: _round_list(v) for name, v in columns.wait_ms.items()},
+            playback_ms=_round_list(columns.playback_ms),
+        ),
+        text=list(counters.text),
+        text_tokens=list(counters.text_tokens),
+        delay_frames=int(delay_frames),
+        config=config or {},
+        device_latency_ms=device_latency_ms,
+    )
 
 
 def build_snapshot(
@@ -174,43 +287,59 @@ def build_snapshot(
     seconds: float,
     t0_ns: int,
     frame_ms: float = FRAME_MS,
-) -> dict:
-    """What observers get once a second: the report's shape, percentiles over `recent_records` (the
-    last few seconds), counters for the whole run, each edge's current fill and the latest text."""
+) -> Snapshot:
+    """What observers get once a second (`Snapshot`): percentiles over `recent_records` (the last few
+    seconds), counters for the whole run, each edge's current fill and the latest text."""
     records = np.asarray(recent_records, dtype=FRAME_RECORD_DTYPE)
     columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
-    return {
-        **_summary(columns, counters, frames=int(frames_total), seconds=seconds, frame_ms=frame_ms, with_fill=True),
-        "text": list(counters.text[-20:]),
-        "text_tokens": list(counters.text_tokens[-20:]),
-    }
+    fill = {name: c.fill for name, c in counters.edges.items()}
+    return Snapshot(
+        frames=int(frames_total),
+        seconds=round(float(seconds), 3),
+        frame_ms=float(frame_ms),
+        end_to_end_ms=summarize_ms(columns.end_to_end_ms),
+        stages=_stage_table(columns, counters, frame_ms),
+        edges=_with_fill(_edge_table(columns, counters), fill),
+        playback=_playback(counters),
+        frames_lost=int(counters.frames_lost),
+        text=list(counters.text[-20:]),
+        text_tokens=list(counters.text_tokens[-20:]),
+    )
 
 
-def _summary(columns, counters: RunCounters, *, frames: int, seconds: float, frame_ms: float, with_fill: bool) -> dict:
-    """The keys the report and the once-a-second snapshot share."""
-    return {
-        "frames": frames,
-        "seconds": round(float(seconds), 3),
-        "frame_ms": float(frame_ms),
-        "end_to_end_ms": summarize_ms(columns.end_to_end_ms),
-        "stages": _stage_table(columns, counters, frame_ms),
-        "edges": _edge_table(columns, counters, with_fill=with_fill),
-        "playback": {"underruns": int(counters.underruns), "overflows": int(counters.overflows)},
-        "frames_lost": int(counters.frames_lost),
-    }
+def final_snapshot(report: Report, last: Snapshot | None) -> Snapshot:
+    """The report as a snapshot, for an observer that draws its last state the way it drew each tick.
+
+    A report has no fill levels: each edge keeps `last`'s (0 without one). A report without any text
+    takes `last`'s. `report` itself is left as it was (every observer gets the same one)."""
+    last_edges = last["edges"] if last else {}
+    fill = {name: row["fill"] for name, row in last_edges.items()}
+    has_text = bool(report["text"] or report["text_tokens"])
+    return Snapshot(
+        frames=report["frames"],
+        seconds=report["seconds"],
+        frame_ms=report["frame_ms"],
+        end_to_end_ms=report["end_to_end_ms"],
+        stages=report["stages"],
+        edges=_with_fill(report["edges"], fill),
+        playback=report["playback"],
+        frames_lost=report["frames_lost"],
+        text=list(report["text"] if has_text or last is None else last["text"]),
+        text_tokens=list(report["text_tokens"] if has_text or last is None else last["text_tokens"]),
+    )
 
 
-def worst_stage(snapshot: dict) -> tuple[str, float] | None:
+def worst_stage(snapshot: Snapshot | Report) -> tuple[str, float] | None:
     """The stage with the highest compute P99 in a snapshot or report, and that P99 in ms."""
-    stages = snapshot.get("stages") or {}
+    stages = snapshot["stages"]
     if not stages:
         return None
     name = max(stages, key=lambda s: stages[s]["compute_ms"]["p99"])
     return name, stages[name]["compute_ms"]["p99"]
 
 
-def count_lost(seqs: np.ndarray) -> int:
+def count_lost(seqs: Sequence[int] | np.ndarray) -> int:
     """Frames missing from the sequence numbers seen, which a run numbers 0, 1, 2, ... (so frames
     missing before the first one seen count too); order and repeats do not matter."""
-    seqs = np.unique(np.asarray(seqs, dtype=np.int64))
-    return int(seqs[-1] + 1 - seqs.size) if seqs.size else 0
+    unique = np.unique(np.asarray(seqs, dtype=np.int64))
+    return int(unique[-1] + 1 - unique.size) if unique.size else 0

@@ -14,11 +14,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from rtpipe.pipeline.observe.observer import Observer
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import Report, Snapshot
 from rtpipe.stages.errors import ConfigError
 
 MAX_LANES = 8  # slices of one stage that overlap in time (a source's 80 ms capture windows) go on lanes
 SUPERVISOR_TID = 1
+# one event of the Trace Event Format (name, ph, ts, pid, tid, args, ...), written as JSON as it stands
+TraceEvent = dict[str, Any]
 
 
 class TraceWriter(Observer):
@@ -27,7 +30,7 @@ class TraceWriter(Observer):
     Raises ConfigError (naming the path) at construction if the file cannot be written.
     """
 
-    def __init__(self, path: str | os.PathLike, run_info: dict) -> None:
+    def __init__(self, path: str | os.PathLike[str], run_info: RunInfo) -> None:
         self.path = os.fspath(path)
         try:
             self._file: IO[str] | None = open(self.path, "w", encoding="utf-8")
@@ -41,24 +44,23 @@ class TraceWriter(Observer):
 
     # -- tracks -------------------------------------------------------------------------------------------
 
-    def _setup(self, run_info: dict) -> None:
-        self.run_info = dict(run_info)
-        self.stages: list[str] = list(run_info.get("stages") or [])
-        self.t0_ns = int(run_info.get("t0_ns") or 0)
+    def _setup(self, run_info: RunInfo) -> None:
+        self.run_info = run_info
+        self.stages: list[str] = list(run_info["stages"])
+        self.t0_ns = run_info["t0_ns"]
         self.supervisor_pid = os.getpid()
-        pids = run_info.get("pids") or {}
         self.stage_pids: list[int] = []
         for index, name in enumerate(self.stages):
-            pid = int(pids.get(name) or 0)
+            pid = run_info["pids"].get(name, 0)
             # a stage without a known pid, or sharing one, still gets its own track
             if pid <= 0 or pid in self.stage_pids or pid == self.supervisor_pid:
                 pid = 1_000_000_000 + index
             self.stage_pids.append(pid)
         self._lane_end_us = [[] for _ in self.stages]
 
-    def _metadata(self) -> list[dict]:
-        kinds = self.run_info.get("kinds") or {}
-        events: list[dict] = []
+    def _metadata(self) -> list[TraceEvent]:
+        kinds = self.run_info["kinds"]
+        events: list[TraceEvent] = []
 
         def name_process(pid: int, name: str, sort_index: int) -> None:
             events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
@@ -102,7 +104,7 @@ class TraceWriter(Observer):
     def _us(self, t_ns: int) -> float:
         return round((int(t_ns) - self.t0_ns) / 1000.0, 3)
 
-    def _write(self, events: list[dict]) -> None:
+    def _write(self, events: list[TraceEvent]) -> None:
         if self._file is None or not events:
             return
         parts = [json.dumps(event, separators=(",", ":")) for event in events]
@@ -112,7 +114,7 @@ class TraceWriter(Observer):
 
     # -- observer hooks -----------------------------------------------------------------------------------
 
-    def on_start(self, run_info: dict) -> None:
+    def on_start(self, run_info: RunInfo) -> None:
         self._setup(run_info)
         # every ring starts empty: the fill counters begin at zero even if the run ends before a tick
         self._write(
@@ -126,7 +128,7 @@ class TraceWriter(Observer):
                     "tid": SUPERVISOR_TID,
                     "args": {"fill": 0},
                 }
-                for edge in self.run_info.get("edges") or []
+                for edge in self.run_info["edges"]
             ]
         )
         if self._file is not None:
@@ -136,7 +138,7 @@ class TraceWriter(Observer):
         if self._file is None or len(records) == 0:
             return
         n_stages = len(self.stages)
-        events: list[dict[str, Any]] = []
+        events: list[TraceEvent] = []
         for record in records:
             seq = int(record["seq"])
             flags = int(record["flags"])
@@ -209,12 +211,12 @@ class TraceWriter(Observer):
         self._write(events)
         self._file.flush()
 
-    def on_tick(self, snapshot: dict) -> None:
+    def on_tick(self, snapshot: Snapshot) -> None:
         if self._file is None:
             return
         ts_us = self._us(time.monotonic_ns())
-        events = []
-        for edge, row in (snapshot.get("edges") or {}).items():
+        events: list[TraceEvent] = []
+        for edge, row in snapshot["edges"].items():
             events.append(
                 {
                     "name": f"ring {edge}",
@@ -222,7 +224,7 @@ class TraceWriter(Observer):
                     "ts": ts_us,
                     "pid": self.supervisor_pid,
                     "tid": SUPERVISOR_TID,
-                    "args": {"fill": int(row.get("fill") or 0)},
+                    "args": {"fill": row["fill"]},
                 }
             )
             events.append(
@@ -233,15 +235,15 @@ class TraceWriter(Observer):
                     "pid": self.supervisor_pid,
                     "tid": SUPERVISOR_TID,
                     "args": {
-                        "oldest": int(row.get("dropped_oldest") or 0),
-                        "newest": int(row.get("dropped_newest") or 0),
+                        "oldest": row["dropped_oldest"],
+                        "newest": row["dropped_newest"],
                     },
                 }
             )
         self._write(events)
         self._file.flush()
 
-    def on_stop(self, report: dict) -> None:
+    def on_stop(self, report: Report) -> None:
         if self._file is None:
             return
         self._file.write("\n]\n")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from rtpipe.pipeline.observe.observer import RunInfo
 from rtpipe.pipeline.observe.report import (
     EdgeCounters,
     RunCounters,
@@ -357,18 +358,19 @@ class Supervisor:
         self._send(self.stage_names[0], "resume")
         self.ready_event.set()
 
-    def run_info(self) -> dict:
-        """What observers get at the start (see contracts.md)."""
-        return {
-            "run_id": self.run_id,
-            "stages": list(self.stage_names),
-            "kinds": {s.name: s.kind for s in self.config.stages},
-            "edges": list(self.edge_names),
-            "pids": {name: sp.pid for name, sp in self.stages.items()},
-            "frame_ms": FRAME_MS,
-            "t0_ns": self.t0_ns,
-            "slots": {e.name: e.slots for e in self.config.edges},
-        }
+    def run_info(self) -> RunInfo:
+        """What observers get at the start."""
+        return RunInfo(
+            run_id=self.run_id,
+            stages=list(self.stage_names),
+            kinds={s.name: s.kind for s in self.config.stages},
+            edges=list(self.edge_names),
+            pids={name: sp.pid for name, sp in self.stages.items()},
+            frame_ms=FRAME_MS,
+            t0_ns=self.t0_ns,
+            slots={e.name: e.slots for e in self.config.edges},
+            live_source=self.config.stages[0].live,
+        )
 
     def _send(self, stage: str, type_: str, **fields: Any) -> None:
         control.send_to(self.socket, stage.encode(), type_, **fields)
