@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from rtpipe.pipeline.cli.check_causal import MAX_SIGNAL_VALUES
 from rtpipe.pipeline.cli.main import main as rtpipe
-from rtpipe.stages.base import Stage
+from rtpipe.stages.base import FRAME_SAMPLES, Stage
 
 
 def _one_line_error(capsys) -> str:
@@ -42,9 +43,9 @@ def test_numbers_out_of_range_are_one_line_naming_the_flag_and_bound(capsys, fla
         ("float32[0]", "every dimension 1 or more"),
         ("float32[-1]", "every dimension 1 or more"),
         ("float32[]", "every dimension 1 or more"),
-        ("float32[4", "expected e.g. float32[1920]"),
+        ("float32[4", f"expected e.g. float32[{FRAME_SAMPLES}]"),
         ("complex64[4]", "an integer or float type, not complex64"),
-        ("float32[99999999999]", "values, at most 19200000"),
+        ("float32[99999999999]", f"values, at most {MAX_SIGNAL_VALUES}"),
     ],
 )
 def test_a_bad_input_spec_is_one_line(capsys, spec, message):
@@ -78,7 +79,7 @@ def test_nan_never_agrees_with_a_number(capsys):
     assert rtpipe(["check-causal", f"{__name__}:NanWhenStreaming", "--frames", "3", "--json"]) == 1
     result = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)  # strict JSON: no Infinity
     assert result["ok"] is False and result["max_abs_diff"] is None  # infinite: a NaN against a number
-    assert result["values_differing"] == result["values_compared"] == 3 * 1920
+    assert result["values_differing"] == result["values_compared"] == 3 * FRAME_SAMPLES
     assert rtpipe(["check-causal", f"{__name__}:NanWhenStreaming", "--frames", "3"]) == 1
     out = capsys.readouterr().out
     assert "5760 of 5760 values differ" in out and "causal: NO" in out
@@ -88,7 +89,7 @@ def test_nan_at_the_same_places_agrees_and_is_counted_apart(capsys):
     assert rtpipe(["check-causal", f"{__name__}:AlwaysNan", "--frames", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is True and result["max_abs_diff"] == 0 and result["values_differing"] == 0
-    assert result["values_nan_in_both"] == result["values_compared"] == 3 * 1920
+    assert result["values_nan_in_both"] == result["values_compared"] == 3 * FRAME_SAMPLES
     assert rtpipe(["check-causal", f"{__name__}:AlwaysNan", "--frames", "3"]) == 0
     out = capsys.readouterr().out
     assert "0 of 5760 values differ" in out and "5760 values are NaN in both runs" in out

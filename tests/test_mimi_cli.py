@@ -10,13 +10,15 @@ import pytest
 import soundfile
 
 from rtpipe.pipeline.cli import main as cli
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.mimi.stage import CODEBOOK_BINS, TOTAL_CODEBOOKS
 
 
 @pytest.fixture
 def wav(tmp_path):
-    t = np.arange(int(1.5 * 24000)) / 24000
+    t = np.arange(int(1.5 * SAMPLE_RATE)) / SAMPLE_RATE
     path = tmp_path / "in.wav"
-    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, subtype="FLOAT")
+    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
     return path
 
 
@@ -25,12 +27,12 @@ def test_encode_then_decode_round_trip(tmp_path, wav):
     assert cli.main(["mimi", "encode", str(wav), str(codes_path), "--codebooks", "6"]) == 0
     codes = np.load(codes_path)
     assert codes.shape == (6, 19) and codes.dtype == np.int32  # 1.5 s -> 19 frames (last one padded)
-    assert codes.min() >= 0 and codes.max() < 2048
+    assert codes.min() >= 0 and codes.max() < CODEBOOK_BINS
     assert cli.main(["mimi", "encode", str(wav), str(tmp_path / "off.npy"), "--codebooks", "6", "--offline"]) == 0
     assert (np.load(tmp_path / "off.npy") != codes).mean() <= 0.01
     assert cli.main(["mimi", "decode", str(codes_path), str(out_path)]) == 0
     audio, rate = soundfile.read(str(out_path), dtype="float32")
-    assert rate == 24000 and audio.shape == (19 * 1920,)
+    assert rate == SAMPLE_RATE and audio.shape == (19 * FRAME_SAMPLES,)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, wav, capsys):
@@ -42,7 +44,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, wav, capsys):
     np.save(bad_codes, np.full((8, 3), 5000, np.int32))
     assert cli.main(["mimi", "decode", str(bad_codes), str(tmp_path / "o.wav")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "outside 0..2047" in err[0]
+    assert len(err) == 1 and f"outside 0..{CODEBOOK_BINS - 1}" in err[0]
     assert (
         cli.main(
             ["mimi", "encode", str(wav), str(tmp_path / "c.npy"), "--weights", str(tmp_path / "absent.safetensors")]
@@ -94,7 +96,7 @@ def test_decode_takes_the_audio_codes_of_an_infer_codes_out_npz(tmp_path, capsys
     np.savez(infer_codes, audio=np.full((8, 2), 7, np.int32), text=np.zeros(2, np.int64))
     assert cli.main(["mimi", "decode", str(infer_codes), str(tmp_path / "out.wav")]) == 0
     audio, rate = soundfile.read(str(tmp_path / "out.wav"), dtype="float32")
-    assert rate == 24000 and audio.shape == (2 * 1920,)
+    assert rate == SAMPLE_RATE and audio.shape == (2 * FRAME_SAMPLES,)
 
 
 def test_an_npz_without_audio_codes_is_one_line_naming_what_it_holds(tmp_path, no_model, capsys):
@@ -106,7 +108,7 @@ def test_an_npz_without_audio_codes_is_one_line_naming_what_it_holds(tmp_path, n
 
 def test_encode_writes_exactly_the_path_given(tmp_path, capsys):
     short = tmp_path / "short.wav"
-    soundfile.write(str(short), np.zeros(1920, np.float32), 24000, subtype="FLOAT")
+    soundfile.write(str(short), np.zeros(FRAME_SAMPLES, np.float32), SAMPLE_RATE, subtype="FLOAT")
     out = tmp_path / "codes.npz"  # numpy's np.save(name) would have written codes.npz.npy
     assert cli.main(["mimi", "encode", str(short), str(out), "--codebooks", "2"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npz", "short.wav"]
@@ -136,7 +138,7 @@ def test_a_directory_or_a_text_file_as_input_says_what_it_is(tmp_path, wav, no_m
         (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: expected 0 to"),
         (["--seed", str(2**63)], f"--seed {2**63}: expected 0 to {2**63 - 1}"),  # torch: the same as seed 0
         (["--seed", "-1"], "--seed -1: expected 0 to"),
-        (["--codebooks", "0"], "--codebooks 0: expected 1 to 32"),
+        (["--codebooks", "0"], f"--codebooks 0: expected 1 to {TOTAL_CODEBOOKS}"),
     ],
 )
 def test_numbers_out_of_range_are_refused_by_flag(tmp_path, wav, no_model, capsys, flags, message):
@@ -161,7 +163,7 @@ def test_offline_that_would_not_fit_in_memory_is_refused_before_the_model_loads(
 
 def test_nan_samples_are_refused(tmp_path, no_model, capsys):
     nan_wav = tmp_path / "nan.wav"
-    soundfile.write(str(nan_wav), np.full(1920, np.nan, np.float32), 24000, subtype="FLOAT")
+    soundfile.write(str(nan_wav), np.full(FRAME_SAMPLES, np.nan, np.float32), SAMPLE_RATE, subtype="FLOAT")
     assert cli.main(["mimi", "encode", str(nan_wav), str(tmp_path / "c.npy")]) == 2
     assert "holds NaN or infinite samples" in _one_line_error(capsys)
 

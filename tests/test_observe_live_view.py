@@ -1,4 +1,5 @@
-"""The live view draws a snapshot on a recorded rich Console; make_observers picks it only for a terminal."""
+"""The live view draws a snapshot on a recorded rich Console; make_observers picks it only for a terminal;
+`rtpipe run`'s observer flags parse, are checked before a run, and become ObserverChoices."""
 
 import argparse
 import io
@@ -8,8 +9,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from rich.console import Console
 
+from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
 from rtpipe.pipeline.observe.live_view import LiveView, render_snapshot
-from rtpipe.pipeline.observe.observers import add_observer_arguments, make_observers
+from rtpipe.pipeline.observe.observers import ObserverChoices, make_observers
 
 import observe_support as support
 
@@ -32,7 +34,7 @@ def test_snapshot_shows_every_stage_edge_latency_and_text():
     assert f"{lm['compute_ms']['p50']:.1f}" in text and f"{lm['compute_ms']['p99']:.1f}" in text
     assert f"{snapshot['end_to_end_ms']['p99']:.1f}" in text
     assert f"{snapshot['edges']['encode->lm']['fill']}/8" in text
-    assert "underruns 2" in text and "Hello there" in text
+    assert "underruns 2" in text and "device underflows 8" in text and "Hello there" in text
 
 
 def test_without_a_tokenizer_the_text_line_shows_token_ids():
@@ -56,6 +58,7 @@ def test_live_view_runs_start_ticks_stop_on_a_recorded_console():
     text = console.export_text()
     assert "bonjour" in text  # the last tick's text survives into the final drawing
     assert f"{final['end_to_end_ms']['p50']:.1f}" in text
+    assert "device underflows 16" in text  # the final report's count
     assert "fill" not in final["edges"]["mic->encode"]  # the report itself is left as it was
 
 
@@ -65,6 +68,10 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
+def _choices(*argv):
+    return observer_choices(_args(*argv))
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
@@ -72,11 +79,11 @@ class _Tty(io.StringIO):
 
 def test_make_observers_uses_the_live_view_only_on_a_terminal(tmp_path):
     info = support.run_info()
-    assert any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=_Tty()))
-    assert not any(isinstance(o, LiveView) for o in make_observers(_args("--no-live"), info, stdout=_Tty()))
-    assert not any(isinstance(o, LiveView) for o in make_observers(_args(), info, stdout=io.StringIO()))
+    assert any(isinstance(o, LiveView) for o in make_observers(_choices(), info, stdout=_Tty()))
+    assert not any(isinstance(o, LiveView) for o in make_observers(_choices("--no-live"), info, stdout=_Tty()))
+    assert not any(isinstance(o, LiveView) for o in make_observers(_choices(), info, stdout=io.StringIO()))
     observers = make_observers(
-        _args("--trace", str(tmp_path / "t.json"), "--metrics-port", "0"), info, stdout=io.StringIO()
+        _choices("--trace", str(tmp_path / "t.json"), "--metrics-port", "0"), info, stdout=io.StringIO()
     )
     kinds = {type(o).__name__ for o in observers}
     assert {"TraceWriter", "PrometheusExporter"} <= kinds
@@ -88,6 +95,10 @@ def test_make_observers_uses_the_live_view_only_on_a_terminal(tmp_path):
 def test_metrics_flags_parse_and_reject_a_bad_port(capsys):
     args = _args("--metrics-port", "9108")
     assert args.metrics_port == 9108 and args.metrics_host == "127.0.0.1" and args.trace is None
+    assert observer_choices(args) == ObserverChoices(metrics_port=9108)
+    assert _choices("--no-live", "--trace", "t.json", "--metrics-host", "::1") == ObserverChoices(
+        trace_path="t.json", metrics_host="::1", live_view=False
+    )
     import pytest
 
     with pytest.raises(SystemExit):
@@ -100,7 +111,6 @@ def test_wrong_trace_path_or_taken_port_fails_before_the_run(tmp_path):
 
     import pytest
 
-    from rtpipe.pipeline.observe.observers import check_observer_arguments
     from rtpipe.stages.errors import ConfigError
 
     check_observer_arguments(_args("--trace", str(tmp_path / "run.json"), "--metrics-port", "0"))
@@ -120,7 +130,9 @@ def test_a_snapshot_it_cannot_draw_gives_the_terminal_back():
     info = support.run_info()
     view = LiveView(info, console=_console())
     view.on_start(info)
-    with pytest.raises(ValueError):
-        view.on_tick({"stages": {"lm": {"compute_ms": {"p50": 1.0}, "rtf": 0.1, "deadline_misses": "many"}}})
+    snapshot = support.report(support.records(5), info, fill=True)
+    snapshot["stages"]["lm"]["rtf"] = "fast"  # not a number: drawing its bar raises
+    with pytest.raises(TypeError):
+        view.on_tick(snapshot)
     assert view._live is None
     view.on_stop(support.report(support.records(5), info))  # still safe to call

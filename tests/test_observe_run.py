@@ -18,6 +18,7 @@ import rtpipe.pipeline.observe.observers as observe
 from rtpipe.pipeline.cli import plot as cmd_plot
 from rtpipe.pipeline.cli import run as cmd_run
 from rtpipe.pipeline.observe.live_view import LiveView
+from rtpipe.pipeline.observe.observer import RunInfo
 from rtpipe.pipeline.observe.prometheus import PrometheusExporter
 
 import observe_support as support
@@ -45,9 +46,9 @@ def observed_run(tmp_path_factory):
     scrapes: list[dict] = []
     real_make_observers = observe.make_observers
 
-    def make_observers(args, run_info, stdout=None, console=None):
+    def make_observers(choices, run_info, *, stdout=None, console=None):
         # as on a terminal, so the live view is chosen; it draws on a recorded console
-        observers = real_make_observers(args, run_info, stdout=_Terminal())
+        observers = real_make_observers(choices, run_info, stdout=_Terminal())
         for observer in observers:
             if isinstance(observer, LiveView):
                 observer.console = Console(record=True, file=io.StringIO(), force_terminal=True, width=150)
@@ -154,6 +155,23 @@ def test_metrics_scraped_during_the_run_end_equal_to_the_report(observed_run):
     assert final[("rtpipe_end_to_end_latency_seconds_count", frozenset())] == report["frames"]
     for stage in report["stages"]:
         assert final[("rtpipe_stage_compute_seconds_count", frozenset({"stage": stage}.items()))] == report["frames"]
+
+
+def test_the_exporter_gets_the_run_info_the_supervisor_built_with_every_key(observed_run):
+    run_info = observed_run["built"]["run_info"]
+    assert set(run_info) == set(RunInfo.__required_keys__)
+    assert observed_run["built"]["exporter"].run_info is run_info
+    # what the exporter reads from it, as the run has it: the file source is not live
+    assert run_info["live_source"] is False
+    assert run_info["stages"] == list(observed_run["report"]["stages"])
+    assert run_info["edges"] == list(observed_run["report"]["edges"])
+    assert run_info["frame_ms"] == observed_run["report"]["frame_ms"]
+    assert set(run_info["slots"]) == set(run_info["edges"]) and set(run_info["kinds"]) == set(run_info["stages"])
+
+
+def test_the_report_counts_device_underflows(observed_run):
+    assert set(observed_run["report"]["playback"]) == {"underruns", "overflows", "device_underflows"}
+    assert observed_run["report"]["playback"]["device_underflows"] == 0  # a file sink has no device
 
 
 def test_live_view_drew_the_run_on_a_recorded_console(observed_run):

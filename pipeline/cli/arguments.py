@@ -28,3 +28,15 @@ def file_identity(path: str) -> object:
     except OSError:
         return os.path.realpath(path)
     return (st.st_dev, st.st_ino)
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Raises ConfigError naming `flag` when a file cannot be written at `path`: it is a directory, its
+    directory does not exist, or that directory is not writable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {directory}")

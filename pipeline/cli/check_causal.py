@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +26,9 @@ from rtpipe.pipeline.cli.arguments import check_range
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec, Role, Stage
 from rtpipe.stages.checkpoint import MAX_SEED
 from rtpipe.stages.errors import ConfigError, RtpipeError, raised_as
+from rtpipe.stages.mimi.stage import CODEBOOK_BINS, TOTAL_CODEBOOKS
 from rtpipe.stages.registry import find_stage
 
-CODE_CARDINALITY = 2048  # random codes are drawn below this (Mimi's codebook size)
 MAX_FRAMES = 10_000  # 800 s of audio: more takes many minutes per stage and says nothing new
 # the test signal's size whatever its spec: test_signal makes a few float64 arrays of it (~150 MB each)
 MAX_SIGNAL_VALUES = MAX_FRAMES * FRAME_SAMPLES
@@ -46,13 +47,13 @@ def _stage_code(kind: str, call: str):
 
 def _parse_spec(text: str) -> PayloadSpec:
     """'float32[1920]' or 'int32[8]' -> PayloadSpec; an integer or float dtype, every dimension >= 1."""
-    usage = f"--input-spec {text!r}: expected e.g. float32[1920] or int32[8]"
+    usage = f"--input-spec {text!r}: expected e.g. float32[{FRAME_SAMPLES}] or int32[8]"
     try:
-        dtype, rest = text.split("[", 1)
+        dtype_name, rest = text.split("[", 1)
         if not rest.endswith("]"):
             raise ValueError
         shape = tuple(int(n) for n in rest[:-1].split(",") if n.strip())
-        dtype = np.dtype(dtype)
+        dtype = np.dtype(dtype_name)
     except (ValueError, TypeError) as e:
         raise ConfigError(usage) from e
     if dtype.kind not in "iuf":
@@ -77,7 +78,7 @@ def _parse_set(items: list[str]) -> dict:
 
 def find_input_spec(stage) -> PayloadSpec:
     """The first input the stage accepts among audio frames and code frames of 1..32 codebooks."""
-    candidates = [AUDIO_FRAME] + [PayloadSpec("int32", (n,)) for n in (8, *range(1, 33))]
+    candidates = [AUDIO_FRAME] + [PayloadSpec("int32", (n,)) for n in (8, *range(1, TOTAL_CODEBOOKS + 1))]
     for spec in candidates:
         try:
             stage.output_spec(spec)
@@ -89,11 +90,11 @@ def find_input_spec(stage) -> PayloadSpec:
 
 def test_signal(spec: PayloadSpec, frames: int, seed: int) -> np.ndarray:
     """[frames, *shape]: for audio, a gliding tone with noise bursts (so every band moves); for
-    integers, uniform random codes below CODE_CARDINALITY."""
+    integers, uniform random codes below CODEBOOK_BINS (Mimi's codebook size)."""
     rng = np.random.default_rng(seed)
     shape = (frames, *spec.shape)
     if np.issubdtype(np.dtype(spec.dtype), np.integer):
-        high = min(CODE_CARDINALITY, int(np.iinfo(spec.dtype).max) + 1)  # int8 holds only 0..127
+        high = min(CODEBOOK_BINS, int(np.iinfo(spec.dtype).max) + 1)  # int8 holds only 0..127
         return rng.integers(0, high, size=shape).astype(spec.dtype)
     n = math.prod(shape)
     t = np.arange(n) / SAMPLE_RATE
@@ -183,7 +184,7 @@ def _compare(kind: str, a: list, b: list) -> dict:
     }
 
 
-def _processor_class(kind: str) -> type:
+def _processor_class(kind: str) -> type[Stage]:
     cls = find_stage(kind, "STAGE")
     if cls.role is not Role.PROCESSOR:
         raise ConfigError(f"STAGE = {kind!r}: a {cls.role.value}, not a processor; nothing to compare")
@@ -192,12 +193,14 @@ def _processor_class(kind: str) -> type:
     return cls
 
 
-def _new_stage(kind: str, cls: type, params: dict):
+def _new_stage(kind: str, cls: type[Stage], params: dict[str, Any]) -> Stage:
     with _stage_code(kind, "from_config()"):
         return cls.from_config(params, "--set")
 
 
-def _compare_fresh_replay(kind: str, cls: type, params: dict, streamed: list, signal: np.ndarray) -> dict:
+def _compare_fresh_replay(
+    kind: str, cls: type[Stage], params: dict[str, Any], streamed: list, signal: np.ndarray
+) -> dict:
     fresh = _new_stage(kind, cls, params)
     with _stage_code(kind, "open()"):
         fresh.open("cpu")
@@ -269,7 +272,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a stage parameter (JSON value or bare string), repeatable",
     )
-    parser.add_argument("--input-spec", default=None, help="e.g. float32[1920] or int32[8] (default: found)")
+    parser.add_argument(
+        "--input-spec", default=None, help=f"e.g. float32[{FRAME_SAMPLES}] or int32[8] (default: found)"
+    )
     parser.add_argument(
         "--tolerance",
         type=float,

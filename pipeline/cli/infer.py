@@ -10,12 +10,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
-from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE
-from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.pipeline.cli.arguments import check_output_path, file_identity
+from rtpipe.pipeline.cli.audio_files import read_audio_24k, write_audio_24k
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, Stage
+from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.mimi.stage import CODEBOOK_BINS
+from rtpipe.stages.moshi.stage import MoshiStep
 from rtpipe.stages.registry import find_stage
 
 
@@ -62,8 +66,6 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--top-k: cannot be combined with --greedy")
     _check_outputs(args)  # before the models load and run: not a traceback after the whole inference
     encode, lm, decode = _build_stages(args)
-    from rtpipe.pipeline.cli.mimi import read_audio_24k
-
     samples = read_audio_24k(args.input)
     frames = -(-samples.size // FRAME_SAMPLES)
     padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
             stage.close()
     seconds = time.perf_counter() - start
 
-    _write_wav(args.output, audio)
+    write_audio_24k(args.output, audio)
     if args.codes_out:
         np.savez(args.codes_out, audio=codes, text=text)
     audio_s = frames * FRAME_SAMPLES / SAMPLE_RATE
@@ -96,9 +98,6 @@ def main(argv: list[str]) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """ConfigError naming the argument when OUT.wav or --codes-out cannot be written."""
-    from rtpipe.pipeline.cli.arguments import file_identity
-    from rtpipe.pipeline.observe.observers import check_output_path
-
     if Path(args.output).suffix.lower() != ".wav":
         raise ConfigError(f"OUT.wav {args.output}: rtpipe infer writes WAV: name it .wav")
     if file_identity(args.output) == file_identity(args.input):
@@ -108,10 +107,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         check_output_path(args.codes_out, "--codes-out")
 
 
-def _build_stages(args: argparse.Namespace):
+def _build_stages(args: argparse.Namespace) -> tuple[Stage, MoshiStep, Stage]:
     """mimi.encode, moshi.step and mimi.decode from the arguments, their params validated (paths,
     numbers, whether the model fits in memory) and their edges checked; nothing is loaded yet."""
-    lm_params: dict = {"size": args.size, "dtype": args.dtype}
+    lm_params: dict[str, Any] = {"size": args.size, "dtype": args.dtype}
     for key, value in (
         ("config", args.lm_config),
         ("weights", args.lm_weights),
@@ -126,7 +125,8 @@ def _build_stages(args: argparse.Namespace):
         lm_params["greedy"] = True
     mimi_params = {"weights": args.mimi_weights} if args.mimi_weights else {}
     encode = find_stage("mimi.encode").from_config(dict(mimi_params), "mimi")
-    lm = find_stage("moshi.step").from_config(lm_params, "lm")
+    # from_config builds the class it is called on, typed as the base it is defined in
+    lm = cast(MoshiStep, MoshiStep.from_config(lm_params, "lm"))
     decode = find_stage("mimi.decode").from_config(dict(mimi_params), "mimi")
     decode.output_spec(lm.output_spec(encode.output_spec(AUDIO_FRAME)))
     if lm.config.card != CODEBOOK_BINS:  # else the first frame's codes are out of range, mid-run
@@ -137,8 +137,10 @@ def _build_stages(args: argparse.Namespace):
     return encode, lm, decode
 
 
-def _replay(encode, lm, decode, padded: np.ndarray, frames: int):
-    """Every frame through encode -> step -> decode: (audio float32 [frames * 1920], codes int32
+def _replay(
+    encode: Stage, lm: MoshiStep, decode: Stage, padded: np.ndarray, frames: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Every frame through encode -> step -> decode: (audio float32 [frames * FRAME_SAMPLES], codes int32
     [dep_q, frames], text tokens int64 [frames], words).
 
     Every frame the step emits is decoded, its warm-up frame(s) of zero codes included (delay_frames:
@@ -146,7 +148,10 @@ def _replay(encode, lm, decode, padded: np.ndarray, frames: int):
     plays, sample for sample, and it keeps the output as long as the input, frame k answering input
     frame k - delay. Skipping the warm-up frame made the output a frame shorter than the input."""
     padding_id = lm.config.existing_text_padding_id  # "nothing said" for the warm-up frames' text
-    audio, codes, text, words = [], [], [], []
+    audio: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    text: list[int] = []
+    words: list[str] = []
     for k in range(frames):
         user_codes = encode.process(padded[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES])
         model_codes = np.asarray(lm.process(np.asarray(user_codes, dtype=np.int32)), dtype=np.int32)
@@ -156,12 +161,3 @@ def _replay(encode, lm, decode, padded: np.ndarray, frames: int):
         codes.append(model_codes)
         audio.append(np.asarray(decode.process(model_codes), dtype=np.float32))
     return (np.concatenate(audio), np.stack(codes, axis=1), np.asarray(text, dtype=np.int64), words)
-
-
-def _write_wav(path: str, audio: np.ndarray) -> None:
-    import soundfile
-
-    try:
-        soundfile.write(path, audio, SAMPLE_RATE, subtype="FLOAT")
-    except Exception as e:
-        raise AudioError(f"{path}: cannot write audio: {e}") from e

@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal
 
 import numpy as np
 
-from rtpipe.pipeline.cli.arguments import check_range, file_identity
-from rtpipe.pipeline.observe.observers import check_output_path
+from rtpipe.pipeline.cli.arguments import check_output_path, check_range, file_identity
+from rtpipe.pipeline.cli.audio_files import read_audio_24k, write_audio_24k
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 from rtpipe.stages.checkpoint import HF_PREFIX, MAX_SEED, local_file_problem, memory_available, resolve_weights_path
 from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.mimi.stage import CODEBOOK_BINS, TOTAL_CODEBOOKS
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES: dict[str, Literal["float32", "bfloat16"]] = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 # torch seeds are taken modulo 2**63 (2**63 gives seed 0's weights) and above 2**64 - 1 overflow
 NPY_MAGIC = b"\x93NUMPY"
 NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
@@ -38,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="WAV -> codes .npy [codebooks, frames]")
     enc.add_argument("input", metavar="IN.wav")
     enc.add_argument("output", metavar="OUT.npy")
-    enc.add_argument("--codebooks", type=int, default=8, help="codebooks to keep, 1..32 (default 8)")
+    enc.add_argument("--codebooks", type=int, default=8, help=f"codebooks to keep, 1..{TOTAL_CODEBOOKS} (default 8)")
     dec = sub.add_parser("decode", help="codes .npy [codebooks, frames] (or infer's .npz) -> 24 kHz WAV")
     dec.add_argument("input", metavar="IN.npy")
     dec.add_argument("output", metavar="OUT.wav")
@@ -92,34 +99,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_weights(args.weights)
     check_range("--seed", args.seed, 0, MAX_SEED)
     if args.action == "encode":
-        check_range("--codebooks", args.codebooks, 1, 32)
+        check_range("--codebooks", args.codebooks, 1, TOTAL_CODEBOOKS)
     out_flag = "OUT.npy" if args.action == "encode" else "OUT.wav"
     check_output_path(args.output, out_flag)
     if file_identity(args.output) == file_identity(args.input):
         raise ConfigError(f"{out_flag} {args.output}: is the input file; give another path")
     if args.action == "decode":
         check_wav_output(args.output)
-
-
-def read_audio_24k(path: str) -> np.ndarray:
-    """Mono float32 samples at 24 kHz from an audio file (mixed down and resampled when needed)."""
-    import soundfile
-
-    try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioError(f"{path}: cannot read audio: {e}") from e
-    samples = data.mean(axis=1).astype(np.float32)
-    if rate != SAMPLE_RATE:
-        import soxr
-
-        print(f"rtpipe: {path}: resampling {rate} Hz -> {SAMPLE_RATE} Hz", file=sys.stderr)
-        samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32)
-    if samples.size == 0:
-        raise AudioError(f"{path}: no samples")
-    if not np.isfinite(samples).all():  # a float WAV can hold them; the model would turn them into noise
-        raise AudioError(f"{path}: holds NaN or infinite samples")
-    return samples
 
 
 def _load_codes_array(path: str) -> np.ndarray:
@@ -149,12 +135,14 @@ def read_codes(path: str) -> np.ndarray:
     """An int array [codebooks, frames] of Mimi codes from a .npy (or an infer --codes-out .npz);
     AudioError naming the file when it is not one."""
     codes = _load_codes_array(path)
-    if codes.ndim != 2 or not 1 <= codes.shape[0] <= 32 or codes.shape[1] == 0:
-        raise AudioError(f"{path}: codes of shape {codes.shape}, expected [codebooks 1..32, frames >= 1]")
+    if codes.ndim != 2 or not 1 <= codes.shape[0] <= TOTAL_CODEBOOKS or codes.shape[1] == 0:
+        raise AudioError(
+            f"{path}: codes of shape {codes.shape}, expected [codebooks 1..{TOTAL_CODEBOOKS}, frames >= 1]"
+        )
     if not np.issubdtype(codes.dtype, np.integer):
         raise AudioError(f"{path}: codes of dtype {codes.dtype}, expected integers")
-    if codes.min() < 0 or codes.max() >= 2048:
-        raise AudioError(f"{path}: codes outside 0..2047 (min {codes.min()}, max {codes.max()})")
+    if codes.min() < 0 or codes.max() >= CODEBOOK_BINS:
+        raise AudioError(f"{path}: codes outside 0..{CODEBOOK_BINS - 1} (min {codes.min()}, max {codes.max()})")
     return codes.astype(np.int32)
 
 
@@ -196,8 +184,6 @@ def write_codes(path: str, codes: np.ndarray) -> None:
 
 
 def decode_file(args: argparse.Namespace) -> int:
-    import soundfile
-
     from rtpipe.stages.mimi.stage import MimiDecode, MimiDecodeParams
 
     codes = read_codes(args.input)
@@ -213,10 +199,7 @@ def decode_file(args: argparse.Namespace) -> int:
     else:
         samples = np.concatenate([stage.process(np.ascontiguousarray(codes[:, i])) for i in range(codes.shape[1])])
     stage.close()
-    try:
-        soundfile.write(args.output, samples, SAMPLE_RATE, subtype="FLOAT")
-    except Exception as e:
-        raise AudioError(f"{args.output}: cannot write audio: {e}") from e
+    write_audio_24k(args.output, samples)
     print(
         f"rtpipe: {args.input}: {codes.shape[1]} frames -> {args.output} ({samples.size / SAMPLE_RATE:.2f} s)",
         file=sys.stderr,

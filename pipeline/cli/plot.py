@@ -1,4 +1,4 @@
-"""`rtpipe plot REPORT.json -o latency.png`: draw a run report's latency (see pipeline/plot.py).
+"""`rtpipe plot REPORT.json -o latency.png`: draw a run report's latency (observe/plot.py draws it).
 
 Needs only the report (`rtpipe run --report FILE` keeps per-frame samples), never a re-run.
 """
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from rtpipe.pipeline.observe.observers import check_output_path
+from rtpipe.pipeline.cli.arguments import check_output_path
 from rtpipe.pipeline.observe.plot import load_report, plot_report
 from rtpipe.stages.errors import ConfigError
 

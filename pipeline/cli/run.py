@@ -14,13 +14,22 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from rtpipe.pipeline.cli.arguments import file_identity
-from rtpipe.pipeline.observe import observers as observe
+from rtpipe.pipeline.cli.arguments import check_output_path, file_identity
+from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
+from rtpipe.pipeline.observe import observers
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import Percentiles, Report
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_DEGRADED, EXIT_HEALTHY, Supervisor
 from rtpipe.stages.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
 
@@ -61,11 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seconds", type=_seconds, metavar="N", help="stop after N seconds")
     parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
-    observe.add_observer_arguments(parser)
+    add_observer_arguments(parser)
     return parser
 
 
-def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -> dict:
+def effective_raw(
+    args: argparse.Namespace,
+    devices_available: Callable[[], bool] | None = None,
+    say: Callable[[str], object] = print,
+) -> dict[str, Any]:
     """The config a run uses: file or default, then --input/--output/--no-pace, then --set.
 
     With the built-in config, a microphone or speaker on a machine without audio devices becomes the
@@ -89,7 +102,9 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
         # speech sample and rtpipe-out.wav for whichever end was not given
         needs_devices = input_path is None or output_path is None
         if devices_available is None:
-            from rtpipe.stages.audio_io import audio_devices_available as devices_available
+            from rtpipe.stages.audio_io import audio_devices_available
+
+            devices_available = audio_devices_available
         if needs_devices and devices_available():
             announce = "rtpipe: audio devices found: "
         elif needs_devices:
@@ -120,28 +135,29 @@ def effective_raw(args: argparse.Namespace, devices_available=None, say=print) -
     return raw
 
 
-def _end_name(table) -> str:
+def _end_name(table: object) -> str:
     """How the run's source or sink is called in one line: microphone, speaker, a file, or its kind."""
-    table = table if isinstance(table, dict) else {}
+    if not isinstance(table, dict):
+        table = {}
     kind, params = table.get("kind"), table.get("params") or {}
     names = {"capture.microphone": "microphone", "playback.speaker": "speaker"}
     if kind == "capture.file":
         return str(params.get("path") or "the built-in speech sample")
     if kind == "playback.file":
         return str(params.get("path") or DEFAULT_OUTPUT)
-    return names.get(kind, str(kind))
+    return names.get(str(kind), str(kind))
 
 
-def check_distinct_files(cfg, args: argparse.Namespace) -> None:
+def check_distinct_files(cfg: pipeline_config.PipelineConfig, args: argparse.Namespace) -> None:
     """ConfigError when two of the run's files (input, output, --report, --trace) are one file: the
     output or a report would overwrite the input, or each other, while the run reads or writes them."""
     source, sink = cfg.stages[0], cfg.stages[-1]
-    files = {}
+    files: dict[str, str | None] = {}
     if source.kind == "capture.file" and source.params_raw.get("path"):
         files["the input"] = source.params_raw["path"]
     if sink.kind == "playback.file":
         files["the output"] = sink.params_raw.get("path") or DEFAULT_OUTPUT
-    files.update({"--report": args.report, "--trace": getattr(args, "trace", None)})
+    files.update({"--report": args.report, "--trace": args.trace})
     seen: dict[object, str] = {}
     for name, path in files.items():
         if not path:
@@ -152,10 +168,10 @@ def check_distinct_files(cfg, args: argparse.Namespace) -> None:
         seen[key] = name
 
 
-def format_table(report: dict) -> str:
-    """The end-of-run table: per stage, per edge, end to end."""
+def format_table(report: Report) -> str:
+    """The end-of-run table: per stage, per edge, end to end, then lost frames and playback glitches."""
 
-    def p(d: dict) -> str:
+    def p(d: Percentiles) -> str:
         return f"{d['p50']:8.3f} {d['p95']:8.3f} {d['p99']:8.3f} {d['max']:8.3f}"
 
     lines = [
@@ -180,13 +196,14 @@ def format_table(report: dict) -> str:
     latency = report.get("device_latency_ms")
     lines.append(
         f"frames lost {report['frames_lost']}; playback underruns {pb['underruns']}, overflows "
-        f"{pb['overflows']}" + (f"; device output latency {latency:.1f} ms" if latency else "")
+        f"{pb['overflows']}, device underflows {pb['device_underflows']}"
+        + (f"; device output latency {latency:.1f} ms" if latency else "")
     )
     return "\n".join(lines)
 
 
 @contextlib.contextmanager
-def ctrl_c_ignored():
+def ctrl_c_ignored() -> Iterator[None]:
     """SIGINT and SIGTERM ignored inside (in the main thread; elsewhere signals do not arrive anyway)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -209,12 +226,14 @@ def main(argv: list[str]) -> int:
     if sink.kind == "playback.file":
         print(f"rtpipe: writing {sink.params_raw.get('path') or DEFAULT_OUTPUT}")
 
-    observe.check_observer_arguments(args)  # a bad --trace path or a taken port fails before any stage starts
+    check_observer_arguments(args)  # a bad --trace path or a taken port fails before any stage starts
     if args.report:
-        observe.check_output_path(args.report, "--report")
+        check_output_path(args.report, "--report")
 
-    console, logs = None, contextlib.nullcontext()
-    if observe.wants_live_view(args):  # every log line, ours and the stages', goes above the view
+    choices = observer_choices(args)
+    console: Console | None = None
+    logs: AbstractContextManager[object] = contextlib.nullcontext()
+    if observers.wants_live_view(choices):  # every log line, ours and the stages', goes above the view
         from rich.console import Console
 
         from rtpipe.pipeline.observe.console_logs import StderrThroughConsole
@@ -222,11 +241,12 @@ def main(argv: list[str]) -> int:
         console = Console()
         logs = StderrThroughConsole(console)
 
-    def observers(run_info: dict) -> list:
-        return observe.make_observers(args, run_info, console=console)
+    def make_observers(run_info: RunInfo) -> list[Observer]:
+        return observers.make_observers(choices, run_info, console=console)
 
     with logs:
-        result = Supervisor(cfg, observer_factory=observers, seconds=args.seconds).run()
+        # Supervisor's observer_factory is still annotated Callable[[dict], list]; it passes run_info(), a RunInfo
+        result = Supervisor(cfg, observer_factory=make_observers, seconds=args.seconds).run()  # type: ignore[arg-type]
     with ctrl_c_ignored():  # the run is over: a Ctrl-C pressed late must not cut the report short
         print(format_table(result.report))
         if args.report:
