@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from rtpipe.pipeline.runtime import config as cfg
+from rtpipe.shm.ring import EdgePolicy
 from rtpipe.stages.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_default_config_is_a_valid_five_stage_chain():
         "playback.speaker",
     ]
     assert [e.name for e in config.edges] == ["capture->encode", "encode->lm", "lm->decode", "decode->playback"]
-    assert config.edges[0].policy == "drop-oldest"  # live microphone: never block
+    assert config.edges[0].policy is EdgePolicy.DROP_OLDEST  # live microphone: never block
     assert config.stages[0].live
 
 
@@ -79,9 +80,9 @@ def test_valid_config_gives_chain_order_edges_specs_and_delay():
     assert [s.index for s in config.stages] == [0, 1, 2, 3, 4]
     assert config.delay_frames == 2
     edge = config.edges[3]
-    assert (edge.source, edge.target, edge.slots, edge.policy) == ("decode", "playback", 16, "drop-oldest")
+    assert (edge.source, edge.target, edge.slots, edge.policy) == ("decode", "playback", 16, EdgePolicy.DROP_OLDEST)
     assert str(edge.payload) == "float32[1920]"
-    assert config.edges[1].slots == 8 and config.edges[1].policy == "block"  # defaults
+    assert config.edges[1].slots == 8 and config.edges[1].policy is EdgePolicy.BLOCK  # defaults
 
 
 def test_set_overrides_parse_toml_values_and_bare_strings():

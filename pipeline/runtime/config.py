@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,12 +22,12 @@ import psutil
 
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm.frame import MAX_STAGES
-from rtpipe.shm.ring import MAX_SPIN_US
+from rtpipe.shm.ring import MAX_SPIN_US, EdgePolicy, RingError, RingSpec
 from rtpipe.stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
 from rtpipe.stages.errors import ConfigError, raised_as
 from rtpipe.stages.registry import find_stage
 
-EDGE_POLICIES = ("block", "drop-oldest", "drop-newest")
+EDGE_POLICIES = tuple(p.value for p in EdgePolicy)  # as written in a config: block, drop-oldest, drop-newest
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 STAGE_FIELDS = ("kind", "params", "cores", "threads", "device", "priority")
 EDGE_FIELDS = ("slots", "policy", "spin_us")
@@ -87,7 +88,7 @@ class EdgeSpec:
     source: str
     target: str
     slots: int
-    policy: str  # one of EDGE_POLICIES (shm.ring.EdgePolicy values)
+    policy: EdgePolicy
     spin_us: int
     payload: PayloadSpec
 
@@ -245,7 +246,7 @@ def check_cuda(device: str, where: str) -> None:
         raise ConfigError(f"{where} = {device!r}: this machine has {count} CUDA device(s)")
 
 
-def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
+def _edge_fields(name: str, table: dict) -> tuple[int, EdgePolicy, int]:
     where = f'edges."{name}"'
     _check_table(table, where)
     _check_unknown(table, EDGE_FIELDS, where)
@@ -255,10 +256,11 @@ def _edge_fields(name: str, table: dict) -> tuple[int, str, int]:
     policy = table.get("policy", "block")
     if policy not in EDGE_POLICIES:
         raise ConfigError(f"{where}.policy = {policy!r}: expected one of {', '.join(EDGE_POLICIES)}")
+    edge_policy = EdgePolicy(policy)
     spin_us = table.get("spin_us", 0)
     if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= MAX_SPIN_US:
         raise ConfigError(f"{where}.spin_us = {spin_us!r}: expected an integer from 0 to {MAX_SPIN_US}")
-    return slots, policy, spin_us
+    return slots, edge_policy, spin_us
 
 
 def _chain_order(names: list[str], edge_pairs: dict[str, tuple[str, str]]) -> list[str]:
@@ -382,12 +384,14 @@ def validate(raw: dict) -> PipelineConfig:
     for a, b in itertools.pairwise(stages):
         label = labels[(a.name, b.name)]
         slots, policy, spin_us = _edge_fields(label, edges_raw[label])
-        if a.live and policy == "block":
+        if a.live and policy is EdgePolicy.BLOCK:
             raise ConfigError(
                 f'edges."{label}".policy = "block": stages.{a.name} ({a.kind}) is a live '
                 "source and never waits; use drop-oldest or drop-newest"
             )
-        _check_ring_layout(label, slots, policy, spin_us, a.output_spec)
+        payload = a.output_spec
+        assert payload is not None  # every stage but the sink emits something: checked above
+        _check_ring_layout(label, slots, policy, spin_us, payload)
         edges.append(
             EdgeSpec(
                 name=f"{a.name}->{b.name}",
@@ -396,16 +400,14 @@ def validate(raw: dict) -> PipelineConfig:
                 slots=slots,
                 policy=policy,
                 spin_us=spin_us,
-                payload=a.output_spec,
+                payload=payload,
             )
         )
     return PipelineConfig(stages=stages, edges=edges, supervisor=supervisor, raw=copy.deepcopy(raw))
 
 
-def _check_ring_layout(label: str, slots: int, policy: str, spin_us: int, payload: PayloadSpec) -> None:
+def _check_ring_layout(label: str, slots: int, policy: EdgePolicy, spin_us: int, payload: PayloadSpec) -> None:
     """What the ring itself will refuse (a payload dtype or shape it cannot carry), said now."""
-    from rtpipe.shm.ring import RingError, RingSpec
-
     try:
         RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy, spin_us=spin_us).validate(
             f'edges."{label}"'
@@ -414,7 +416,7 @@ def _check_ring_layout(label: str, slots: int, policy: str, spin_us: int, payloa
         raise ConfigError(str(e).removeprefix("ring ")) from None
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Reads (`path`, or the built-in default), applies `--set` overrides and validates."""
     return validate(apply_overrides(load_raw(path), list(overrides)))
 
