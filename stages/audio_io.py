@@ -1,11 +1,13 @@
 """Audio in and out of the pipeline: the sources (microphone, WAV file, tone) and sinks (speaker, WAV
 file, null) that sit at the two ends of the chain, all speaking 80 ms frames of 24 kHz mono float32.
 
-Device streams use small blocks (240 samples by default) because the device path costs two blocks
-(../shared/AUDIO.md); the stages assemble them into 1920-sample frames. sounddevice is imported only
+Device streams use small blocks (240 samples by default) because the output buffer is always two blocks
+whatever `latency=` says (on PulseAudio a 1920-sample block alone costs 160 ms of delay, a 240-sample one
+20 ms); the stages assemble them into 1920-sample frames. sounddevice is imported only
 when a device is used, so a machine without PortAudio can still run file-to-file pipelines.
 
-Sinks expose `counters() -> {"underruns": int, "overflows": int}` for the report's "playback" section;
+Sinks expose `counters() -> {"underruns": int, "overflows": int, "device_underflows": int}` for the
+report's "playback" section (device_underflows: the output device's own underflows, 0 but for the speaker);
 SpeakerPlayback also exposes `device_latency_ns` (PortAudio's output latency) and `pop_handoffs()`.
 """
 
@@ -522,7 +524,7 @@ class ToneCapture(_ComputedSource):
 
 # --- sinks ---------------------------------------------------------------------------------------
 
-NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0}
+NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0, "device_underflows": 0}
 
 
 @dataclass
@@ -554,7 +556,8 @@ class SpeakerPlayback(Stage):
     """`playback.speaker`: a sounddevice OutputStream fed through a JitterBuffer.
 
     write() never waits on the device: it queues the frame and returns. Interface for the host:
-      counters() -> {"underruns": int, "overflows": int}   cumulative, from the jitter buffer
+      counters() -> {"underruns": int, "overflows": int, "device_underflows": int}   cumulative: the
+                     jitter buffer's underruns and overflows, PortAudio's output underflows
       output_latency_ns  -> for the frame just written: audio queued ahead of it plus device_latency_ns
       device_latency_ns  -> the output latency PortAudio reports for the open stream
       pop_handoffs() -> [(frame_index, handoff_ns)]  when each frame's first sample went to the device
@@ -589,11 +592,11 @@ class SpeakerPlayback(Stage):
     def output_latency_ns(self) -> int:
         return self._output_latency_ns
 
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, int]:
         if self._buffer is None:
             return dict(NO_PLAYBACK_COUNTERS)
         c = self._buffer.counters
-        return {"underruns": c.underruns, "overflows": c.overflows}
+        return {"underruns": c.underruns, "overflows": c.overflows, "device_underflows": self._device_underflows}
 
     def device_underflows(self) -> int:
         """Times PortAudio itself reported an output underflow (the device ran ahead of the callback)."""
@@ -645,6 +648,9 @@ class SpeakerPlayback(Stage):
         if status.output_underflow:
             self._device_underflows += 1
         buffer = self._buffer
+        if buffer is None:  # not opened (open() makes the buffer before the stream): silence
+            outdata.fill(0)
+            return
         took = buffer.pull(outdata[:, 0])
         position, offset = buffer.last_pull_position, buffer.last_pull_offset
         # frames whose first sample left in this block (or was trimmed away by an overflow)
@@ -745,14 +751,14 @@ class FilePlayback(Stage):
         path = Path(self.params.path).expanduser()
         if self.restarted and path.is_file() and path.stat().st_size > 0:
             try:
-                self._file = soundfile.SoundFile(str(path), "r+")
+                self._file = written = soundfile.SoundFile(str(path), "r+")
             except Exception as e:
                 raise AudioError(f"playback.file: cannot go on writing {self.params.path}: {_one_line(e)}") from e
-            if self._file.samplerate != SAMPLE_RATE or self._file.channels != 1:
+            if written.samplerate != SAMPLE_RATE or written.channels != 1:
                 self.close()
                 raise AudioError(f"playback.file: {self.params.path} is no longer this run's 24 kHz mono output")
-            self.state.frames_written = self._file.frames // FRAME_SAMPLES
-            self._file.seek(self.state.frames_written * FRAME_SAMPLES)  # a torn last frame is overwritten
+            self.state.frames_written = written.frames // FRAME_SAMPLES
+            written.seek(self.state.frames_written * FRAME_SAMPLES)  # a torn last frame is overwritten
             return
         try:
             self._file = soundfile.SoundFile(

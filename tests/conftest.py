@@ -1,5 +1,6 @@
 """Shared fixtures. `pulse_null_sink` gives the live-audio tests a PulseAudio null sink at 24 kHz
-float32 mono (a speaker whose monitor is a bit-exact microphone, ../shared/AUDIO.md), starting a user
+float32 mono (a speaker whose monitor is a bit-exact microphone; at PulseAudio's default 16-bit stereo
+44.1 kHz it is not), starting a user
 PulseAudio for the session when none runs and stopping it after.
 """
 

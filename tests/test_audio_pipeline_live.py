@@ -49,7 +49,7 @@ class PipelineRun:
     def _read(self) -> None:
         for line in self.process.stdout:
             if "ALSA lib" in line or "Expression '" in line:
-                continue  # PortAudio/ALSA chatter on PulseAudio's null sink: harmless (AUDIO.md)
+                continue  # PortAudio/ALSA chatter on PulseAudio's null sink: harmless
             self.lines.append(line.rstrip())
             match = re.search(r"frames\s+(\d+)", line)
             if match and int(match.group(1)) > 0:
@@ -142,7 +142,9 @@ def test_speech_into_the_microphone_comes_out_of_the_pipelines_speaker(pulse_nul
     # the report of a live run: frames, end-to-end latency, the speaker's counters and device latency
     assert report["frames"] > 0 and report["stages"].keys() == {"capture", "encode", "lm", "decode", "playback"}
     assert report["end_to_end_ms"]["p50"] > 0
-    assert set(report["playback"]) == {"underruns", "overflows"}
+    assert set(report["playback"]) == {"underruns", "overflows", "device_underflows"}
+    # the speaker's own device underflow count, from its process through the stats to the report
+    assert isinstance(report["playback"]["device_underflows"], int) and report["playback"]["device_underflows"] >= 0
     assert isinstance(report["device_latency_ms"], float) and report["device_latency_ms"] > 0
 
     # mouth to ear: when a speech frame was handed to the input sink -> captured from the output sink

@@ -280,7 +280,7 @@ def test_file_playback_writes_every_frame_whole_and_bit_exact(tmp_path):
     data, rate = soundfile.read(path, dtype="float32")
     assert rate == SAMPLE_RATE and data.ndim == 1
     np.testing.assert_array_equal(data, np.concatenate(written))
-    assert sink.counters() == {"underruns": 0, "overflows": 0} and sink.output_latency_ns == 0
+    assert sink.counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0} and sink.output_latency_ns == 0
 
 
 def _write_then_die(path: str, frames: list, torn_samples: int) -> None:
@@ -336,7 +336,11 @@ def test_null_playback_takes_anything_and_counts_it():
     sink.open()
     sink.write(np.zeros(8, dtype=np.int32))
     sink.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))
-    assert sink.state.frames_written == 2 and sink.counters() == {"underruns": 0, "overflows": 0}
+    assert sink.state.frames_written == 2 and sink.counters() == {
+        "underruns": 0,
+        "overflows": 0,
+        "device_underflows": 0,
+    }
 
 
 # --- microphone and speaker on a fake sounddevice ---------------------------------------------
@@ -471,9 +475,9 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
     np.testing.assert_array_equal(played, np.concatenate([np.zeros(1680, np.float32), *written[:2]]))
     handoffs = speaker.pop_handoffs()
     assert [index for index, _ in handoffs] == [0, 1]
-    assert speaker.counters() == {"underruns": 0, "overflows": 0}
+    assert speaker.counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0}
     stream.pull()  # nothing left: one underrun
-    assert speaker.counters() == {"underruns": 1, "overflows": 0}
+    assert speaker.counters() == {"underruns": 1, "overflows": 0, "device_underflows": 0}
     speaker.write(written[2])
     speaker.close()  # drains: the tail below the target still plays
     assert speaker.state.frames_written == 3
@@ -484,11 +488,26 @@ def test_the_speaker_counts_overflows_when_frames_pile_up(monkeypatch):
     speaker = opened(SpeakerPlayback, {"target_latency_ms": 80.0, "max_latency_ms": 240.0, "watchdog_s": 60.0})
     for _ in range(4):
         speaker.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))
-    assert speaker.counters() == {"underruns": 0, "overflows": 1}
+    assert speaker.counters() == {"underruns": 0, "overflows": 1, "device_underflows": 0}
+
+
+def test_the_speaker_counts_the_output_devices_own_underflows(monkeypatch):
+    streams = []
+    monkeypatch.setattr(
+        audio_io,
+        "_sounddevice",
+        fake_sounddevice(OutputStream=lambda **kw: streams.append(FakeOutputStream(**kw)) or streams[-1]),
+    )
+    speaker = opened(SpeakerPlayback, {"target_latency_ms": 80.0, "max_latency_ms": 240.0, "watchdog_s": 60.0})
+    stream = streams[0]
+    underflow = FakeStatus()
+    underflow.output_underflow = True
+    stream.callback(np.zeros((stream.blocksize, 1), np.float32), stream.blocksize, None, underflow)
+    assert speaker.counters()["device_underflows"] == speaker.device_underflows() == 1
 
 
 def test_a_speaker_that_never_opened_reports_zero_counters():
-    assert SpeakerPlayback().counters() == {"underruns": 0, "overflows": 0}
+    assert SpeakerPlayback().counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0}
 
 
 def test_no_portaudio_means_no_devices_not_a_crash(monkeypatch):
