@@ -18,6 +18,8 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 import psutil
 
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import Snapshot
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm import wakeup
 from rtpipe.shm.ring import MAX_SPIN_US, EdgePolicy
@@ -115,7 +117,7 @@ class StolenTime:
 # --- rtpipe: the real supervisor and stage hosts ---------------------------------------------------
 
 
-class _CpuObserver:
+class _CpuObserver(Observer):
     """From the run's start: the CPU time of the stages and of the supervisor, and the hypervisor's steal."""
 
     def __init__(self) -> None:
@@ -123,20 +125,16 @@ class _CpuObserver:
         self.supervisor_sampler: CpuSampler | None = None
         self.stolen: StolenTime | None = None
 
-    def on_start(self, run_info):
+    def on_start(self, run_info: RunInfo) -> None:
         self.sampler = CpuSampler(list(run_info["pids"].values()))
         self.supervisor_sampler = CpuSampler([os.getpid()])
         self.stolen = StolenTime()
 
-    def on_frames(self, records):
-        pass
-
-    def on_tick(self, snapshot):
+    def on_tick(self, snapshot: Snapshot) -> None:
+        if self.sampler is None or self.supervisor_sampler is None:
+            return  # the supervisor ticks only after on_start
         self.sampler.sample()
         self.supervisor_sampler.sample()
-
-    def on_stop(self, report):
-        pass
 
 
 STAGE_NAMES = ["source", "a", "b", "c", "sink"]
