@@ -143,6 +143,31 @@ class HangOnce(Stage):
         return frame
 
 
+@dataclass
+class DeviceUnderflowsParams:
+    underflows: int = 3
+
+
+class DeviceUnderflows(Stage):
+    """A sink whose output device, like a speaker's, reports underflows: `underflows` of them in its
+    counters() from its first frame on. For the count's way to the report."""
+
+    role = Role.SINK
+    Params = DeviceUnderflowsParams
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> None:
+        return None
+
+    def open(self, device: str = "cpu") -> None:
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        self.frames += 1
+
+    def counters(self) -> dict[str, int]:
+        return {"underruns": 0, "overflows": 0, "device_underflows": self.params.underflows if self.frames else 0}
+
+
 class Talker(Stage):
     """A processor that passes frames through and says one word per frame as a text event."""
 

@@ -15,6 +15,7 @@ import soundfile as sf
 
 from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
+from rtpipe.shm.ring import EdgePolicy
 
 from runtime_support import TESTS_DIR, chain_config, delayed, noise_wav, run_segments
 
@@ -74,9 +75,25 @@ def test_wav_through_five_processes_comes_out_delayed_by_exactly_the_declared_de
     assert report["samples"]["seq"] == list(range(n_frames))
     assert len(report["samples"]["stage_ms"]["lm"]) == n_frames
     assert all(v >= 0 for v in report["samples"]["end_to_end_ms"])
-    assert report["playback"] == {"underruns": 0, "overflows": 0}
+    assert report["playback"] == {"underruns": 0, "overflows": 0, "device_underflows": 0}
     assert run_segments(supervisor.run_id) == []
     json.dumps(report)  # plain data all the way down
+
+
+def test_the_sinks_device_underflows_reach_the_run_counters_and_the_report():
+    # the sink's process counts them, its stats message carries them to the supervisor
+    raw = chain_config(
+        {"kind": "capture.tone", "params": {"seconds": 1.0}},
+        [],
+        {"kind": "runtime_support:DeviceUnderflows", "params": {"underflows": 5}},
+    )
+    supervisor = Supervisor(pipeline_config.validate(raw), handle_signals=False)
+    result = supervisor.run()
+    assert result.exit_code == EXIT_HEALTHY, result.error
+    assert supervisor.stages["playback"].stats["device_underflows"] == 5
+    assert supervisor.stages["capture"].stats["device_underflows"] == 0  # a stage that is no sink: 0
+    assert supervisor._counters().device_underflows == 5
+    assert result.report["playback"]["device_underflows"] == 5
 
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: float = 120):
@@ -148,7 +165,7 @@ def test_run_with_no_arguments_and_no_devices_plays_the_speech_sample_to_rtpipe_
     assert config.stages[0].kind == "capture.file" and config.stages[0].params_raw["path"] == ""
     assert config.stages[-1].kind == "playback.file"
     assert config.stages[-1].params_raw["path"] == "rtpipe-out.wav"
-    assert config.edges[0].policy == "block"
+    assert config.edges[0].policy is EdgePolicy.BLOCK
     assert "speech sample" in said[0] and "rtpipe-out.wav" in said[0]
     said.clear()
     raw = effective_raw(build_parser().parse_args([]), devices_available=lambda: True, say=said.append)

@@ -64,7 +64,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "ready": {"stage": "str"},
     "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
     # counters since the process started (a reply to "get_stats", and sent about once a second)
-    # (warm_ups: frames whose path the stage warmed up before they came, see pipeline/host.py)
+    # (warm_ups: frames whose path the stage warmed up before they came, see runtime/warm_up.py;
+    # underruns, overflows, device_underflows: the sink's playback counters, 0 elsewhere)
     "stats": {
         "stage": "str",
         "frames": "int",
@@ -72,6 +73,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "duplicates": "int",
         "underruns": "int",
         "overflows": "int",
+        "device_underflows": "int",
         "output_latency_ns": "int",
         "device_latency_ns": "int",
         "warm_ups": "int",

@@ -10,7 +10,6 @@ and the tests use `Supervisor.run()`.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import queue
@@ -19,26 +18,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import zmq
 
-from rtpipe.pipeline.observe.observer import RunInfo
-from rtpipe.pipeline.observe.report import (
-    EdgeCounters,
-    RunCounters,
-    build_report,
-    build_snapshot,
-    count_lost,
-)
+from rtpipe.pipeline.observe.observer import Observer, RunInfo
+from rtpipe.pipeline.observe.report import EdgeCounters, Report, RunCounters
 from rtpipe.pipeline.runtime import control
 from rtpipe.pipeline.runtime.config import PipelineConfig, StageSpec
-from rtpipe.pipeline.runtime.host import STAGE_SPEC_ENV
+from rtpipe.pipeline.runtime.records import FrameRecords
+from rtpipe.pipeline.runtime.stage_process import STAGE_SPEC_ENV, RingAttachment, StageProcessSpec
 from rtpipe.shm.frame import FRAME_RECORD_DTYPE
+from rtpipe.shm.ring import EdgePolicy, Ring, RingError, RingSpec
 from rtpipe.stages.base import FRAME_MS
 
 log = logging.getLogger("rtpipe.supervisor")
@@ -49,7 +44,6 @@ TICK_NS = 1_000_000_000  # observers' on_tick period
 # still a good second of an unpaced pcm/echo run.
 RECORDS_RING = "records"
 RECORDS_RING_SLOTS = 4096
-SNAPSHOT_WINDOW_NS = 5_000_000_000  # the live snapshot's percentiles cover the last 5 s
 BYE_GRACE_S = 0.2  # how long a stage's last words may take to arrive after it has exited
 EXIT_GRACE_S = 2.0  # after "stop", how long a stage may take to exit before SIGKILL
 
@@ -83,7 +77,7 @@ class StageProcess:
     leaving: bool = False  # said "bye" or passed end of stream: an exit now is not a crash
     ever_ready: bool = False
     last_error: str = ""
-    stats: dict = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # its last "stats" message (control.py's schema)
 
     @property
     def pid(self) -> int:
@@ -92,14 +86,14 @@ class StageProcess:
 
 @dataclass
 class RunResult:
-    """What a run ended with: the report (contracts.md shape), its exit code and why, if it failed."""
+    """What a run ended with: the report, its exit code and why, if it failed."""
 
-    report: dict
+    report: Report
     exit_code: int
     error: str | None = None
 
 
-def _call_observers(observers: list, hook: str, *args: Any) -> None:
+def _call_observers(observers: list[Observer], hook: str, *args: Any) -> None:
     for observer in list(observers):
         try:
             getattr(observer, hook)(*args)
@@ -111,14 +105,14 @@ def _call_observers(observers: list, hook: str, *args: Any) -> None:
 class Supervisor:
     """Runs one pipeline from a validated config.
 
-    `observer_factory(run_info)` returns the observers once the stages are up (see pipeline/observe.py);
+    `observer_factory(run_info)` returns the observers once the stages are up (pipeline/observe/);
     `seconds` ends the input after that long (None: until the source ends or a signal)."""
 
     def __init__(
         self,
         config: PipelineConfig,
         *,
-        observer_factory: Callable[[dict], list] | None = None,
+        observer_factory: Callable[[RunInfo], list[Observer]] | None = None,
         seconds: float | None = None,
         handle_signals: bool = True,
         extra_env: dict[str, str] | None = None,
@@ -132,11 +126,10 @@ class Supervisor:
         self.stage_names = [s.name for s in config.stages]
         self.edge_names = [e.name for e in config.edges]
         self.stages = {s.name: StageProcess(spec=s) for s in config.stages}
-        self.rings: dict[str, Any] = {}
-        self.records_ring = self.records_in = None  # the sink's frame records, written as frames leave
-        self.observers: list = []
-        self.records: list[np.ndarray] = []
-        self.recent: deque[np.ndarray] = deque()
+        self.rings: dict[str, Ring] = {}
+        self.records_ring: Ring | None = None  # the sink's frame records, written as frames leave
+        self.frame_records = FrameRecords()
+        self.observers: list[Observer] = []
         self.text: list[str] = []
         self.text_tokens: list[int] = []
         self.stop_reason: str | None = None
@@ -152,6 +145,11 @@ class Supervisor:
         self.bad_messages = 0
         self.ready_event = threading.Event()  # set once every stage is running (tests wait on it)
         self.commands: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+
+    @property
+    def records(self) -> list[np.ndarray]:
+        """The sink's frame records taken so far, one FRAME_RECORD_DTYPE array per batch (any thread)."""
+        return self.frame_records.batches
 
     # --- lifecycle --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -192,11 +190,11 @@ class Supervisor:
             raise ValueError(f"{type_!r}: not a command for a stage")
         self.commands.put((stage, type_))
 
-    def _install_signal_handlers(self):
+    def _install_signal_handlers(self) -> dict[signal.Signals, Any] | None:
         if not self.handle_signals:
             return None
 
-        def on_signal(signum, frame):
+        def on_signal(signum: int, frame: FrameType | None) -> None:
             self.signals_seen += 1
             self.request_stop(signal.Signals(signum).name)
             if self.signals_seen > 1 and self.stop_all_sent_ns is None:
@@ -204,14 +202,13 @@ class Supervisor:
 
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
-    def _restore_signal_handlers(self, old) -> None:
+    def _restore_signal_handlers(self, old: dict[signal.Signals, Any] | None) -> None:
         for sig, handler in (old or {}).items():
             signal.signal(sig, handler)
 
     def _create_rings(self) -> bool:
         """One ring per edge; False (and self.error) when one cannot be made, e.g. /dev/shm is full."""
         from rtpipe.shm.cleanup import segment_name
-        from rtpipe.shm.ring import EdgePolicy, Ring, RingError, RingSpec
 
         for edge in self.config.edges:
             try:
@@ -220,7 +217,7 @@ class Supervisor:
                     slots=edge.slots,
                     dtype=edge.payload.dtype,
                     shape=tuple(edge.payload.shape),
-                    policy=EdgePolicy(edge.policy),
+                    policy=edge.policy,
                     spin_us=edge.spin_us,
                 )
                 self.rings[edge.name] = Ring.create(name, spec)
@@ -238,53 +235,44 @@ class Supervisor:
         except (RingError, OSError) as e:
             self.error = f"cannot create the frame records' ring: {e}"
             return False
-        self.records_in = self.records_ring.consumer()
+        self.frame_records.consumer = self.records_ring.consumer()
         return True
 
     @staticmethod
-    def _ring_for_host(ring) -> dict | None:
-        """What a stage process needs to attach `ring` (None: no such ring), as plain JSON data."""
-        if ring is None:
-            return None
-        spec = ring.spec
-        return {
-            "name": ring.name,
-            "slots": spec.slots,
-            "dtype": spec.dtype,
-            "shape": list(spec.shape),
-            "policy": spec.policy.value,
-            "spin_us": spec.spin_us,
-        }
+    def _attachment(ring: Ring | None) -> RingAttachment | None:
+        """What a stage process needs to attach `ring` (None: no such ring)."""
+        return RingAttachment.of(ring.name, ring.spec) if ring is not None else None
 
     def _start(self, sp: StageProcess) -> None:
         spec = sp.spec
         index = spec.index
         n = len(self.config.stages)
-        host_spec = {
-            "stage": spec.name,
-            "kind": spec.kind,
-            "index": index,
-            "params": spec.params_raw,
-            "cores": spec.cores,
-            "threads": spec.threads,
-            "device": spec.device,
-            "priority": spec.priority,
-            "input": self._ring_for_host(self.rings[self.edge_names[index - 1]] if index > 0 else None),
-            "output": self._ring_for_host(self.rings[self.edge_names[index]] if index < n - 1 else None),
-            "records": self._ring_for_host(self.records_ring if index == n - 1 else None),
-            "control": self.run_dir.control_endpoint,
-            "supervisor_pid": os.getpid(),
-            "incarnation": sp.incarnation,
-            "heartbeat_ms": self.settings.heartbeat_ms,
-            "liveness": self.settings.liveness,
-            "warm_up_us": self.settings.warm_up_us,
-            "sys_path": [p for p in sys.path if p],
+        assert self.run_dir is not None  # made before any stage starts
+        process_spec = StageProcessSpec(
+            stage=spec.name,
+            kind=spec.kind,
+            index=index,
+            params=spec.params_raw,
+            control=self.run_dir.control_endpoint,
+            supervisor_pid=os.getpid(),
+            heartbeat_ms=self.settings.heartbeat_ms,
+            liveness=self.settings.liveness,
+            cores=spec.cores,
+            threads=spec.threads,
+            device=spec.device,
+            priority=spec.priority,
+            input=self._attachment(self.rings[self.edge_names[index - 1]] if index > 0 else None),
+            output=self._attachment(self.rings[self.edge_names[index]] if index < n - 1 else None),
+            records=self._attachment(self.records_ring if index == n - 1 else None),
+            incarnation=sp.incarnation,
+            warm_up_us=self.settings.warm_up_us,
+            sys_path=[p for p in sys.path if p],
             # the source waits until every stage is up, so the first frames do not queue behind loading
             # (also one restarted before then: it would block behind the loading, then burst)
-            "start_paused": index == 0 and not self.ready_event.is_set(),
-        }
+            start_paused=index == 0 and not self.ready_event.is_set(),
+        )
         env = dict(os.environ, **self.extra_env)
-        env[STAGE_SPEC_ENV] = json.dumps(host_spec)
+        env[STAGE_SPEC_ENV] = process_spec.to_json()
         if spec.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
         sp.process = subprocess.Popen(
@@ -309,7 +297,7 @@ class Supervisor:
             wait_ms = max(0, min(next_heartbeat, next_tick if started else next_heartbeat) - now) // 1_000_000
             if self.socket.poll(min(int(wait_ms) + 1, self.settings.heartbeat_ms)):
                 self._drain_messages()
-            self._drain_records()
+            self._take_records()
             while not self.commands.empty():
                 self._send(*self.commands.get())
             now = time.monotonic_ns()
@@ -342,7 +330,8 @@ class Supervisor:
                 if self.stop_all_sent_ns is not None:
                     log.warning("rtpipe: second %s: stopping every stage now", self.stop_reason)
                     return
-                if now - self.stop_requested_ns > self.settings.stop_timeout_s * 1e9:
+                stop_requested_ns = self.stop_requested_ns if self.stop_requested_ns is not None else now
+                if now - stop_requested_ns > self.settings.stop_timeout_s * 1e9:
                     log.warning(
                         "rtpipe: end of stream did not reach the sink within %g s; stopping all",
                         self.settings.stop_timeout_s,
@@ -442,22 +431,11 @@ class Supervisor:
             sp.last_error = message["error"]
             log.error("rtpipe: stage %s failed: %s", name, message["error"])
 
-    def _drain_records(self) -> None:
-        """Takes the frame records the sink has written since the last call."""
-        consumer = self.records_in
-        if consumer is None:
-            return
-        taken = []
-        while (slot := consumer.acquire(timeout_s=0)) is not None:
-            taken.append(slot.payload.tobytes())
-            slot.release()
-        if taken:
-            self._on_records(np.frombuffer(b"".join(taken), dtype=FRAME_RECORD_DTYPE))
-
-    def _on_records(self, records: np.ndarray) -> None:
-        self.records.append(records)
-        self.recent.append(records)
-        _call_observers(self.observers, "on_frames", records)
+    def _take_records(self) -> None:
+        """Takes the frame records the sink has written since the last call and shows them to the observers."""
+        records = self.frame_records.drain()
+        if records is not None:
+            _call_observers(self.observers, "on_frames", records)
 
     def _heartbeat(self) -> None:
         """Pings every live stage and counts down the liveness of those not heard from (Paranoid
@@ -528,17 +506,7 @@ class Supervisor:
         sp.restart_at_ns = now + delay_ms * 1_000_000
 
     def _tick(self, now: int) -> None:
-        while self.recent and self.recent[0].size and now - int(self.recent[0]["capture_ns"][-1]) > SNAPSHOT_WINDOW_NS:
-            self.recent.popleft()
-        recent = np.concatenate(list(self.recent)) if self.recent else np.zeros(0, FRAME_RECORD_DTYPE)
-        counters = self._counters()
-        snapshot = build_snapshot(
-            recent,
-            counters,
-            frames_total=sum(r.size for r in self.records),
-            seconds=(now - self.t0_ns) / 1e9,
-            t0_ns=self.t0_ns,
-        )
+        snapshot = self.frame_records.snapshot(self._counters(), now_ns=now, t0_ns=self.t0_ns)
         _call_observers(self.observers, "on_tick", snapshot)
 
     # --- the end ----------------------------------------------------------------------------------
@@ -565,7 +533,7 @@ class Supervisor:
                 sp.process.wait()
         while self.socket.poll(0):
             self._drain_messages()
-        self._drain_records()
+        self._take_records()
 
     def _counters(self) -> RunCounters:
         counters = RunCounters(
@@ -588,26 +556,19 @@ class Supervisor:
         sink_stats = self.stages[self.stage_names[-1]].stats
         counters.underruns = int(sink_stats.get("underruns", 0))
         counters.overflows = int(sink_stats.get("overflows", 0))
-        seqs = np.concatenate([r["seq"] for r in self.records]) if self.records else np.zeros(0)
-        # every sequence gap at the sink is a frame some ring dropped by policy or one a crash lost
-        counters.frames_lost = max(0, count_lost(seqs) - dropped)
+        counters.device_underflows = int(sink_stats.get("device_underflows", 0))
+        counters.frames_lost = self.frame_records.frames_lost(dropped)
         counters.text = list(self.text)
         counters.text_tokens = list(self.text_tokens)
         return counters
 
-    def _report(self) -> dict:
-        records = np.concatenate(self.records) if self.records else np.zeros(0, FRAME_RECORD_DTYPE)
-        records = records[np.argsort(records["seq"], kind="stable")]
-        counters = self._counters()
-        seconds = (time.monotonic_ns() - self.t0_ns) / 1e9 if self.t0_ns else 0.0
+    def _report(self) -> Report:
         # the output device's own latency as PortAudio reports it (the jitter buffer's share is in
         # each frame's handoff_ns), else the sink's last per-frame output latency
         sink_stats = self.stages[self.stage_names[-1]].stats
         latency_ns = int(sink_stats.get("device_latency_ns", 0) or sink_stats.get("output_latency_ns", 0))
-        return build_report(
-            records,
-            counters,
-            seconds=seconds,
+        return self.frame_records.report(
+            self._counters(),
             t0_ns=self.t0_ns,
             delay_frames=self.config.delay_frames,
             config=self.config.raw,
@@ -615,8 +576,7 @@ class Supervisor:
         )
 
     def _release(self) -> None:
-        if self.records_in is not None:
-            self.records_in.close()
+        self.frame_records.close()
         for ring in [*self.rings.values(), *([self.records_ring] if self.records_ring else [])]:
             for action in (ring.close, ring.unlink):
                 try:
@@ -633,7 +593,7 @@ class Supervisor:
         if self.run_dir is not None:
             self.run_dir.remove()
 
-    def _exit_code(self, report: dict) -> int:
+    def _exit_code(self, report: Report) -> int:
         if self.error:
             return EXIT_FAILED
         if not self.sink_done and self.stop_reason is None:
