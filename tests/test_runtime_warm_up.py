@@ -1,4 +1,4 @@
-"""Warming up before each frame (pipeline/host.py): on a paced run every stage warms its frame path up
+"""Warming up before each frame (runtime/warm_up.py): on a paced run every stage warms its frame path up
 ahead of the frames, what comes out is exactly what comes out without it, stages that change the payload
 (a codec) warm up too, and `warm_up_us = 0` turns it off."""
 

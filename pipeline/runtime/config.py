@@ -44,7 +44,7 @@ class SupervisorSettings:
     restart_limit: int = 3  # restarts per stage before the run fails
     restart_backoff_ms: int = 200  # doubled at each restart of the same stage
     stop_timeout_s: float = 5.0  # time the end-of-stream flag may take to reach the sink
-    # how long before its next frame is due each stage warms its frame path up (pipeline/host.py); 0: never
+    # how long before its next frame is due each stage warms its frame path up (runtime/warm_up.py); 0: never
     warm_up_us: int = 500
 
     def validate(self, where: str) -> None:
