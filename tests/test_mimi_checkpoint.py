@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rtpipe.stages.base import FRAME_SAMPLES
 from rtpipe.stages.errors import CheckpointError
 from rtpipe.stages.mimi.checkpoint import expected_tensors, load_mimi, random_state_dict
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS
 from rtpipe.stages.mimi.stage import STATE_ELEMENTS
 
 
@@ -38,7 +40,7 @@ def test_expected_keys_match_kyutais_list():
     assert expected["encoder.model.0.conv.conv.weight"][0] == (64, 1, 7)
     assert expected["decoder.model.2.convtr.convtr.weight"][0] == (1024, 512, 16)
     assert expected["upsample.convtr.convtr.convtr.weight"][0] == (512, 1, 4)
-    assert expected["quantizer.rvq_rest.vq.layers.30._codebook.embedding_sum"][0] == (2048, 256)
+    assert expected["quantizer.rvq_rest.vq.layers.30._codebook.embedding_sum"][0] == (CODEBOOK_BINS, 256)
     assert expected["encoder_transformer.transformer.layers.7.self_attn.in_projs.0.weight"][0] == (1536, 512)
 
 
@@ -137,7 +139,7 @@ def test_both_attention_spellings_and_bf16_files_load_to_the_same_model(tmp_path
     a = load_mimi(_write(tmp_path, tensors, "a.safetensors"))
     b = load_mimi(_write(tmp_path, released, "b.safetensors"))
     c = load_mimi(_write(tmp_path, {k: v.to(torch.bfloat16) for k, v in tensors.items()}, "c.safetensors"))
-    x = torch.sin(torch.arange(2 * 1920) * 0.05) * 0.3
+    x = torch.sin(torch.arange(2 * FRAME_SAMPLES) * 0.05) * 0.3
     with torch.inference_mode():
         codes = [m.encode_offline(x, 8) for m in (a, b)]
         assert c.encode_offline(x, 8).shape == (2, 8)

@@ -18,8 +18,8 @@ moshi_loaders = pytest.importorskip("moshi.models.loaders")
 
 from safetensors.torch import save_file  # noqa: E402
 
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from rtpipe.stages.mimi.checkpoint import load_mimi, random_state_dict  # noqa: E402
-from rtpipe.stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 
 CODEBOOKS = 8
 SIGNAL_S = 42.0
@@ -42,7 +42,7 @@ def _speech_24k(tmp_dir) -> np.ndarray:
     raw, out = tmp_dir / "speech_raw.wav", tmp_dir / "speech24k.wav"
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), SPEECH_TEXT], check=True)
     subprocess.run(
-        ["sox", str(raw), "-r", "24000", "-c", "1", "-b", "32", "-e", "floating-point", str(out)], check=True
+        ["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "32", "-e", "floating-point", str(out)], check=True
     )
     import soundfile
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from rtpipe.pipeline.cli import check_causal as cmd_check_causal
-from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec
+from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, SAMPLE_RATE, PayloadSpec
 from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.mimi.checkpoint import mimi_from_state_dict, random_state_dict
-from rtpipe.stages.mimi.model import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS
 from rtpipe.stages.mimi.stage import MimiDecode, MimiEncode
 from rtpipe.stages.registry import find_stage
 
@@ -50,7 +50,7 @@ def test_streaming_encode_equals_offline_over_first_10s(model):
 
 
 def test_streaming_decode_equals_offline_over_first_10s(model):
-    codes = torch.from_numpy(np.random.default_rng(1).integers(0, 2048, (FRAMES_10S, 8)))
+    codes = torch.from_numpy(np.random.default_rng(1).integers(0, CODEBOOK_BINS, (FRAMES_10S, 8)))
     with torch.inference_mode():
         state = model.new_decode_state()
         streamed = torch.cat([model.decode_step(codes[k : k + 1], state) for k in range(FRAMES_10S)])
@@ -86,8 +86,8 @@ def test_decode_stage_gives_audio_frames_and_rejects_codes_out_of_range():
     stage.open("cpu")
     out = stage.process(np.arange(8, dtype=np.int32) * 100)
     assert out.dtype == np.float32 and out.shape == (FRAME_SAMPLES,)
-    with pytest.raises(ValueError, match="code 2048 of codebook 3"):
-        stage.process(np.array([0, 1, 2, 2048, 0, 0, 0, 0], dtype=np.int32))
+    with pytest.raises(ValueError, match=f"code {CODEBOOK_BINS} of codebook 3"):
+        stage.process(np.array([0, 1, 2, CODEBOOK_BINS, 0, 0, 0, 0], dtype=np.int32))
     stage.close()
 
 
@@ -144,10 +144,10 @@ class RunningSum(Stage):
     """Carries a running sum in plain state; no offline path."""
 
     def open(self, device="cpu"):
-        self.total = np.zeros(1920, np.float64)
+        self.total = np.zeros(FRAME_SAMPLES, np.float64)
 
     def reset(self):
-        self.total = np.zeros(1920, np.float64)
+        self.total = np.zeros(FRAME_SAMPLES, np.float64)
 
     def process(self, frame):
         self.total += frame

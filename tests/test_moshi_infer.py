@@ -13,6 +13,7 @@ from rtpipe.pipeline.runtime import config as pipeline_config
 from rtpipe.pipeline.runtime.supervisor import EXIT_HEALTHY, Supervisor
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 from rtpipe.stages.errors import AudioError, ConfigError
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS
 from rtpipe.stages.moshi.stage import MoshiStep
 
 from moshi_support import REDUCED, one_torch_thread, write_checkpoint, write_config  # noqa: F401
@@ -26,7 +27,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("infer")
     t = np.arange(FRAMES * FRAME_SAMPLES - 100) / SAMPLE_RATE  # not a whole number of frames
     soundfile.write(tmp / "in.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), SAMPLE_RATE)
-    config = REDUCED.replace(card=2048)  # Mimi's codes go up to 2047
+    config = REDUCED.replace(card=CODEBOOK_BINS)  # Mimi's codes go up to 2047
     write_checkpoint(tmp / "lm.safetensors", config)
     write_config(tmp / "config.json", config)
     return tmp
@@ -59,7 +60,7 @@ def test_greedy_replay_writes_audio_codes_and_text_and_repeats(files):
     assert rate == SAMPLE_RATE
     assert audio.shape == (FRAMES * FRAME_SAMPLES,) and np.isfinite(audio).all()
     assert codes["audio"].shape == (8, FRAMES) and codes["text"].shape == (FRAMES,)
-    assert ((0 <= codes["audio"]) & (codes["audio"] < 2048)).all()
+    assert ((0 <= codes["audio"]) & (codes["audio"] < CODEBOOK_BINS)).all()
     # frame 0 is the model's warm-up frame: zero codes, no text (padding), decoded like any other
     assert not codes["audio"][:, 0].any() and codes["text"][0] == REDUCED.existing_text_padding_id
     (audio2, _), codes2 = infer(files, "b", "--greedy")
@@ -153,7 +154,7 @@ def test_unwritable_outputs_are_refused_before_the_model_loads(
 
 def test_an_lm_that_cannot_read_mimis_codes_is_refused_before_it_loads(files, tmp_path, no_model_opens):
     write_config(tmp_path / "card64.json", REDUCED)  # card 64: Mimi's codes go up to 2047
-    with pytest.raises(ConfigError, match=r"lm\.card = 64: .*expected card = 2048"):
+    with pytest.raises(ConfigError, match=rf"lm\.card = 64: .*expected card = {CODEBOOK_BINS}"):
         main([str(files / "in.wav"), str(tmp_path / "o.wav"), "--lm-config", str(tmp_path / "card64.json")])
 
 

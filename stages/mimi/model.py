@@ -12,17 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rtpipe.stages.base import FRAME_SAMPLES
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS, TOTAL_CODEBOOKS
 from rtpipe.stages.mimi.conv import ConvTrOverlap, ConvWindow
 from rtpipe.stages.mimi.quantization import SplitResidualVectorQuantizer
 from rtpipe.stages.mimi.resample import ConvDownsample1d, ConvTrUpsample1d
 from rtpipe.stages.mimi.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, SEANetState
 from rtpipe.stages.mimi.transformer import KVWindow, ProjectedTransformer, TransformerConfig
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1920  # one code frame: 80 ms
-ENCODER_STEPS_PER_FRAME = 2  # the SEANet runs at 25 Hz, the codes at 12.5 Hz
-TOTAL_CODEBOOKS = 32
-CODEBOOK_BINS = 2048
+ENCODER_STEPS_PER_FRAME = 2  # the SEANet runs at 25 Hz, the codes at 12.5 Hz (one code frame: FRAME_SAMPLES)
 
 
 @dataclass

@@ -17,8 +17,9 @@ from rtpipe.stages.base import AUDIO_FRAME, FRAME_SAMPLES, NoState, PayloadSpec,
 from rtpipe.stages.checkpoint import DTYPE_BYTES, check_local_file, check_memory_fits, check_seed, checkpoint_load_bytes
 from rtpipe.stages.errors import ConfigError
 
-TOTAL_CODEBOOKS = 32
-CODEBOOK_BINS = 2048
+# importable from here too (the pipeline's infer command checks an LM's card against CODEBOOK_BINS)
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS, TOTAL_CODEBOOKS
+
 # Numbers a Mimi holds: 79.3 M parameters and the codebooks' buffers (the sum over
 # stages.mimi.checkpoint.expected_tensors(), kept here so that params are checked without torch).
 STATE_ELEMENTS = 96_151_393
