@@ -16,12 +16,20 @@ from torch.nn import functional as F
 from rtpipe.stages.mimi.matmul import Linear
 
 
-class _Inner(nn.Module):
+class _ConvNesting(nn.Module):
     """One more level of nesting, so state-dict keys read `conv.conv.weight` as in Kyutai's files."""
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, conv: nn.Conv1d):
         super().__init__()
-        setattr(self, name, module)
+        self.conv = conv
+
+
+class _ConvTrNesting(nn.Module):
+    """The same for `convtr.convtr.weight`."""
+
+    def __init__(self, convtr: nn.ConvTranspose1d):
+        super().__init__()
+        self.convtr = convtr
 
 
 @dataclass
@@ -58,8 +66,8 @@ class CausalConv1d(nn.Module):
         super().__init__()
         if pad_mode not in ("constant", "replicate"):
             raise ValueError(f"pad_mode {pad_mode!r}: expected 'constant' or 'replicate'")
-        self.conv = _Inner(
-            "conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation, bias=bias)
+        self.conv = _ConvNesting(
+            nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation, bias=bias)
         )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
@@ -107,6 +115,8 @@ class CausalConv1d(nn.Module):
                 (out_rows, self.kernel_size, self.in_channels),
                 (self.stride * self.in_channels, self.dilation * self.in_channels, 1),
             ).reshape(out_rows, -1)
+        if self._product is None:
+            raise RuntimeError("CausalConv1d.step() before prepare()")
         y = self._product(cols)
         if ctx:
             if ctx <= rows:
@@ -128,8 +138,8 @@ class CausalConvTranspose1d(nn.Module):
             raise ValueError(f"kernel_size {kernel_size}: only kernel = 2 x stride ({2 * stride}) is supported")
         if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
             raise ValueError("only groups=1 or channel-wise (groups = in = out channels) are supported")
-        self.convtr = _Inner(
-            "convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        self.convtr = _ConvTrNesting(
+            nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
         )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
@@ -156,10 +166,12 @@ class CausalConvTranspose1d(nn.Module):
         if activate:
             x = F.elu(x)
         rows, stride, channels = x.shape[0], self.stride, self.out_channels
-        if self.groups == 1:
+        if self._product is not None:  # groups == 1
             parts = self._product(x).view(rows, 2, stride, channels)
-        else:
+        elif self._weight is not None:  # channel-wise
             parts = (x[:, None, :] * self._weight[None]).view(rows, 2, stride, channels)
+        else:
+            raise RuntimeError("CausalConvTranspose1d.step() before prepare()")
         # input row t writes its first half to output block t and its second half to block t + 1
         out = parts[:, 0].clone().view(rows * stride, channels)
         out_blocks = out.view(rows, stride, channels)

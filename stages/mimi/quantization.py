@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS, TOTAL_CODEBOOKS
+
 CLUSTER_USAGE_EPSILON = 1e-5  # Kyutai's floor on a codebook entry's usage count
 
 
 class EuclideanCodebook(nn.Module):
+    cluster_usage: torch.Tensor  # [bins], buffers as registered below
+    embedding_sum: torch.Tensor  # [bins, dim]
+
     def __init__(self, dim: int, bins: int):
         super().__init__()
         self.register_buffer("_initialized", torch.ones(1))
@@ -46,9 +51,11 @@ class ResidualVectorQuantizer(nn.Module):
         """Centroids and the search matrix, float32 whatever the model's dtype (codes need the precision)."""
         self.input_matrix = self.input_proj.weight.detach()[:, :, 0].t().float().contiguous()  # [512, 256]
         self._out = self.output_proj.weight.detach()[:, :, 0].t().float().contiguous()  # [256, 512]
-        self.centroids = []
-        self._search = []
+        self.centroids: list[torch.Tensor] = []
+        self._search: list[torch.Tensor] = []
         for layer in self.vq.layers:
+            if not isinstance(layer, VectorQuantization):  # what the ModuleList holds, as a type checker sees it
+                raise TypeError(f"ResidualVectorQuantizer: a {type(layer).__name__} among the codebooks")
             cb = layer._codebook
             centroids = cb.embedding_sum.float() / cb.cluster_usage.float().clamp(min=CLUSTER_USAGE_EPSILON)[:, None]
             ones = torch.ones(centroids.shape[0], 1)
@@ -81,7 +88,12 @@ class ResidualVectorQuantizer(nn.Module):
 
 class SplitResidualVectorQuantizer(nn.Module):
     def __init__(
-        self, dimension: int = 256, input_dimension: int = 512, bins: int = 2048, n_q: int = 32, n_q_semantic: int = 1
+        self,
+        dimension: int = 256,
+        input_dimension: int = 512,
+        bins: int = CODEBOOK_BINS,
+        n_q: int = TOTAL_CODEBOOKS,
+        n_q_semantic: int = 1,
     ):
         super().__init__()
         self.n_q, self.n_q_semantic, self.bins = n_q, n_q_semantic, bins

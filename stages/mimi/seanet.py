@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvWindow
+from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvTrOverlap, ConvWindow
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,16 @@ class SEANetConfig:
     compress: int = 2
 
 
+# What one layer carries: a convolution's window, a transposed convolution's overlap, or a residual
+# unit's two windows
+LayerState = ConvWindow | ConvTrOverlap | list[ConvWindow]
+
+
 @dataclass
 class SEANetState:
-    """Per layer, in module order: a ConvWindow, a ConvTrOverlap, or a list for a residual unit."""
+    """Per layer, in module order (the ELUs carry nothing and have no entry)."""
 
-    layers: list = field(default_factory=list)
+    layers: list[LayerState] = field(default_factory=list)
 
 
 class ResidualUnit(nn.Module):
@@ -44,16 +49,24 @@ class ResidualUnit(nn.Module):
             nn.ELU(), CausalConv1d(dim, hidden, kernel_size, dilation=dilation), nn.ELU(), CausalConv1d(hidden, dim, 1)
         )
 
+    def _convs(self) -> tuple[CausalConv1d, CausalConv1d]:
+        """block.1 and block.3 as what they are (to a type checker an nn.Sequential holds plain Modules)."""
+        first, second = self.block[1], self.block[3]
+        if not (isinstance(first, CausalConv1d) and isinstance(second, CausalConv1d)):
+            raise TypeError("ResidualUnit: block.1 and block.3 must be CausalConv1d")
+        return first, second
+
     def prepare(self, dtype: torch.dtype, rows_hint: int) -> None:
-        self.block[1].prepare(dtype, rows_hint)
-        self.block[3].prepare(dtype, rows_hint)
+        for conv in self._convs():
+            conv.prepare(dtype, rows_hint)
 
     def new_state(self, frame_rows: int, dtype: torch.dtype) -> list[ConvWindow]:
-        return [self.block[1].new_state(frame_rows, dtype), self.block[3].new_state(frame_rows, dtype)]
+        return [conv.new_state(frame_rows, dtype) for conv in self._convs()]
 
     def step(self, x: torch.Tensor, state: list[ConvWindow]) -> torch.Tensor:
-        h = self.block[1].step(x, state[0], activate=True)
-        y = self.block[3].step(h, state[1], activate=True)
+        first, second = self._convs()
+        h = first.step(x, state[0], activate=True)
+        y = second.step(h, state[1], activate=True)
         y += x
         return y
 
@@ -65,10 +78,15 @@ def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState) -> t
         if isinstance(layer, nn.ELU):
             activate = True  # folded into the next convolution's input copy
             continue
-        if isinstance(layer, ResidualUnit):
-            x = layer.step(x, state.layers[i])
+        layer_state = state.layers[i]
+        if isinstance(layer, ResidualUnit) and isinstance(layer_state, list):
+            x = layer.step(x, layer_state)
+        elif isinstance(layer, CausalConv1d) and isinstance(layer_state, ConvWindow):
+            x = layer.step(x, layer_state, activate=activate)
+        elif isinstance(layer, CausalConvTranspose1d) and isinstance(layer_state, ConvTrOverlap):
+            x = layer.step(x, layer_state, activate=activate)
         else:
-            x = layer.step(x, state.layers[i], activate=activate)
+            raise TypeError(f"SEANet state entry {i}: a {type(layer).__name__} given a {type(layer_state).__name__}")
         activate = False
         i += 1
     return x
@@ -89,7 +107,7 @@ def _prepare_layers(model: nn.Sequential, rows: int, dtype: torch.dtype) -> None
 
 def _new_layer_states(model: nn.Sequential, rows: int, dtype: torch.dtype) -> SEANetState:
     """Window buffers sized for `rows` input rows (one frame), following each layer's stride."""
-    layers = []
+    layers: list[LayerState] = []
     for layer in model:
         if isinstance(layer, CausalConv1d):
             layers.append(layer.new_state(rows, dtype))

@@ -8,6 +8,7 @@ streaming does: past 250 steps the first step of a two-step chunk sees 249 past 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,10 @@ class LayerScale(nn.Module):
         self.scale = nn.Parameter(torch.full((channels,), init))
 
 
+# attend(q, k, v) -> [heads, T, head_dim]: attention over what it holds, storing k and v as it needs
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class MultiheadAttention(nn.Module):
     """Only the weights (`in_projs.0`, `out_projs.0`): the computation lives in TransformerLayer."""
 
@@ -51,6 +56,13 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         self.in_projs = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False)])
         self.out_projs = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """in_projs.0 and out_projs.0 as what they are (to a type checker a ModuleList holds plain Modules)."""
+        in_proj, out_proj = self.in_projs[0], self.out_projs[0]
+        if not (isinstance(in_proj, nn.Linear) and isinstance(out_proj, nn.Linear)):
+            raise TypeError("MultiheadAttention: in_projs.0 and out_projs.0 must be nn.Linear")
+        return in_proj, out_proj
 
 
 class TransformerLayer(nn.Module):
@@ -71,14 +83,15 @@ class TransformerLayer(nn.Module):
         output projections."""
         scale_1 = self.layer_scale_1.scale.detach()[:, None]
         scale_2 = self.layer_scale_2.scale.detach()[:, None]
-        self._in = Linear(self.self_attn.in_projs[0].weight, None, dtype, rows_hint)
-        self._out = Linear(self.self_attn.out_projs[0].weight * scale_1, None, dtype, rows_hint)
+        in_proj, out_proj = self.self_attn.projections()
+        self._in = Linear(in_proj.weight, None, dtype, rows_hint)
+        self._out = Linear(out_proj.weight * scale_1, None, dtype, rows_hint)
         self._ff1 = Linear(self.linear1.weight, None, dtype, rows_hint)
         self._ff2 = Linear(self.linear2.weight * scale_2, None, dtype, rows_hint)
         self._n1 = (self.norm1.weight.detach().to(dtype), self.norm1.bias.detach().to(dtype))
         self._n2 = (self.norm2.weight.detach().to(dtype), self.norm2.bias.detach().to(dtype))
 
-    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x: [T, d_model]. `attend(q, k, v) -> [heads, T, head_dim]` stores k, v as it needs."""
         cfg = self.cfg
         rows, heads = x.shape[0], cfg.num_heads
@@ -120,6 +133,13 @@ class StreamingTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
 
+    def typed_layers(self) -> list[TransformerLayer]:
+        """`layers` as what they are (to a type checker a ModuleList holds plain Modules)."""
+        layers = [layer for layer in self.layers if isinstance(layer, TransformerLayer)]
+        if len(layers) != len(self.layers):
+            raise TypeError("StreamingTransformer: every one of `layers` must be a TransformerLayer")
+        return layers
+
 
 class ProjectedTransformer(nn.Module):
     """Kyutai's wrapper (`<name>.transformer.layers...`); input and output dimensions equal d_model here,
@@ -137,7 +157,8 @@ class ProjectedTransformer(nn.Module):
         self._freqs = torch.exp(
             torch.arange(head_dim // 2, dtype=torch.float32) * (-math.log(cfg.max_period) * 2 / head_dim)
         )
-        for layer in self.transformer.layers:
+        self._layers = self.transformer.typed_layers()
+        for layer in self._layers:
             layer.prepare(dtype)
 
     def _angles(self, first_position: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +189,16 @@ class ProjectedTransformer(nn.Module):
         allowed = (state.slot_positions >= 0) & (delta >= 0) & (delta < cfg.context)  # [T, context]
         bias = _mask_bias(allowed, x.dtype)
         cos, sin = self._angles(first, rows)
-        for i, layer in enumerate(self.transformer.layers):
+        for i, layer in enumerate(self._layers):
             keys, values = state.keys[i], state.values[i]
 
-            def attend(q, k, v, keys=keys, values=values):
+            def attend(
+                q: torch.Tensor,
+                k: torch.Tensor,
+                v: torch.Tensor,
+                keys: torch.Tensor = keys,
+                values: torch.Tensor = values,
+            ) -> torch.Tensor:
                 keys.index_copy_(1, slots, k)
                 values.index_copy_(1, slots, v)
                 return _attention(q, keys, values, bias)
@@ -188,9 +215,9 @@ class ProjectedTransformer(nn.Module):
         bias = _mask_bias((delta >= 0) & (delta < self.cfg.context), x.dtype)
         cos, sin = self._angles(0, rows)
 
-        def attend(q, k, v):
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return _attention(q, k, v, bias)
 
-        for layer in self.transformer.layers:
+        for layer in self._layers:
             x = layer.forward_step(x, cos, sin, attend)
         return x
