@@ -245,8 +245,7 @@ def main(argv: list[str]) -> int:
         return observers.make_observers(choices, run_info, console=console)
 
     with logs:
-        # Supervisor's observer_factory is still annotated Callable[[dict], list]; it passes run_info(), a RunInfo
-        result = Supervisor(cfg, observer_factory=make_observers, seconds=args.seconds).run()  # type: ignore[arg-type]
+        result = Supervisor(cfg, observer_factory=make_observers, seconds=args.seconds).run()
     with ctrl_c_ignored():  # the run is over: a Ctrl-C pressed late must not cut the report short
         print(format_table(result.report))
         if args.report:
