@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.mimi.codes import CODEBOOK_BINS
 
 MOSHIKO_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 
@@ -27,7 +28,7 @@ class LmConfig:
     existing_text_end_padding_id: int = 0
     n_q: int = 16
     dep_q: int = 8
-    card: int = 2048
+    card: int = CODEBOOK_BINS  # the audio tokens are Mimi's codes (a config.json gives its own `card`)
     num_heads: int = 32
     num_layers: int = 32
     hidden_scale: float = 4.125
@@ -223,8 +224,9 @@ _METADATA_KEYS = {
     "lm_gen_config",
     "model_type",
 }
-# Keys Kyutai's LMModel accepts that we keep only at their "off" value (anything else is an error).
-_OFF_VALUES: dict[str, tuple] = {
+# Keys Kyutai's LMModel accepts that we keep only at their "off" value (anything else is an error);
+# None: any value passes.
+_OFF_VALUES: dict[str, tuple[Any, ...] | None] = {
     "conditioners": (None, {}),
     "fuser": (None, {}),
     "cross_attention": (False, None),
@@ -266,7 +268,9 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
             f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
             "a Moshi LM config.json gives the model's sizes"
         )
-    fields = {f.name: f for f in dataclasses.fields(LmConfig)}
+    # LmConfig's annotations as written ("int | None", "list[int]"): strings, as this module has
+    # `from __future__ import annotations`
+    hints = {f.name: str(f.type) for f in dataclasses.fields(LmConfig)}
     # absent, it means what it means to Kyutai's LMModel: hidden_scale x depformer_dim (not our 4224)
     values: dict[str, Any] = {"depformer_dim_feedforward": None}
     for key, value in raw.items():
@@ -282,9 +286,9 @@ def from_kyutai_dict(raw: dict, where: str = "config.json") -> LmConfig:
                     f"(supported: {', '.join(map(repr, allowed))})"
                 )
             continue
-        if key not in fields:
+        if key not in hints:
             raise ConfigError(f"{where}: {key}: unknown key for a Moshi LM config")
-        values[key] = _check_type(key, value, fields[key].type, where)
+        values[key] = _check_type(key, value, hints[key], where)
     config = LmConfig(**values)
     config.validate(where)
     return config
@@ -303,7 +307,7 @@ def load_config_file(path: str | Path) -> LmConfig:
 
 
 def _check_type(key: str, value: Any, hint: str, where: str) -> Any:
-    # LmConfig's annotations are strings (from __future__), which keeps this check simple.
+    """`value` checked against `hint`, an annotation as written; a string hint keeps this simple."""
     optional = "None" in hint
     if value is None:
         if optional:
@@ -340,7 +344,9 @@ def _short(value: Any) -> str:
 # --- built-in sizes -----------------------------------------------------------------------------
 # `tiny` is what the default CPU pipeline runs (random weights unless given): the 7B's architecture,
 # delays and vocabularies with small dims, so that encode + step + decode fit two cores at 80 ms.
-# small/medium/large are the sizes the reference was timed at (shared/reference/TIMINGS.md).
+# small/medium/large are the three sizes Kyutai's reference LMGen.step (moshi 0.2.13) was timed at on a
+# 2-core CPU: temporal dim 512 / 1024 / 2048 (8 / 16 / 16 layers), depformer 256 / 512 / 1024; about
+# 105 M, 444 M and 1.7 B parameters. `rtpipe bench lm` times ours at the same sizes.
 def _size(dim, layers, heads, ddim, dlayers, dheads, context=3000) -> LmConfig:
     return LmConfig(
         dim=dim,

@@ -117,7 +117,9 @@ class LmModel(nn.Module):
         return text_logits.float(), audio.view(B, T, c.dep_q, c.card).float()
 
 
-def _lookup(table: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+def _lookup(table: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """table(tokens), zero where a token is ZERO_TOKEN; `table` an nn.Embedding (ModuleList items are
+    plain Modules to a type checker)."""
     is_zero = tokens == ZERO_TOKEN
     out = table(tokens.clamp(min=0))
     return torch.where(is_zero[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)

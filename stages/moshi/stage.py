@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from rtpipe.stages.checkpoint import (
 from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.moshi.config import LmConfig, config_for_size, load_config_file
 from rtpipe.stages.moshi.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # torch is imported in open() only: the supervisor builds this stage without it
+    from rtpipe.stages.moshi.streaming import LmStreamer, LmStreamState
 
 WARM_UP_STEPS = 3
 
@@ -89,7 +92,7 @@ def _parameters_text(count: int) -> str:
 class MoshiStepState:
     """The conversation so far: the LM's stream state (KV caches, delay buffer, step, RNG)."""
 
-    lm: object | None = None  # stages.moshi.streaming.LmStreamState once opened
+    lm: LmStreamState | None = None  # once opened
     frames: int = 0
 
 
@@ -109,8 +112,8 @@ class MoshiStep(Stage):
         super().__init__(params)
         self.config: LmConfig = lm_config(self.params)
         self.state = MoshiStepState()
-        self._streamer = None
-        self._tokenizer = None
+        self._streamer: LmStreamer | None = None
+        self._tokenizer: TextTokenizer | None = None
         self._events: list[dict] = []
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
@@ -157,12 +160,12 @@ class MoshiStep(Stage):
             sampling = SamplingParams.greedy()
         else:
             sampling = SamplingParams(p.temperature, p.top_k, p.text_temperature, p.text_top_k)
-        self._streamer = LmStreamer(model, sampling, context=p.context)
+        streamer = self._streamer = LmStreamer(model, sampling, context=p.context)
         # A few throwaway steps so the first live frame does not pay for first-call kernel setup
         # (oneDNN primitives, allocator growth) and miss its deadline.
-        scratch = self._streamer.new_state(0)
+        scratch = streamer.new_state(0)
         for _ in range(WARM_UP_STEPS):
-            self._streamer.step(scratch, [0] * self.config.user_q)
+            streamer.step(scratch, [0] * self.config.user_q)
         del scratch
         self.reset()
 

@@ -9,16 +9,30 @@ in place; bfloat16: a oneDNN-packed copy). All streaming state is LmStreamState.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rtpipe.stages.moshi.lm import LmModel
 from rtpipe.stages.moshi.sampling import SamplingParams, sample_token
-from rtpipe.stages.moshi.transformer import ACTIVATION_FNS, RmsNorm, rope_frequencies, sin_embedding
+from rtpipe.stages.moshi.transformer import (
+    ACTIVATION_FNS,
+    ActivationGating,
+    RmsNorm,
+    TransformerLayer,
+    rope_frequencies,
+    sin_embedding,
+)
 
 UNGENERATED = -2  # a delay-buffer slot no token has been written to yet
+
+VectorFn = Callable[[torch.Tensor], torch.Tensor]  # a norm or an activation on one vector [dim]
+# prepare(weight [out, in]) -> the operand matvec takes; matvec(x [in], operand) -> [out]
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+Matvec = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -43,14 +57,14 @@ class LmStreamState:
 
 @dataclass
 class _Layer:
-    norm1: object
+    norm1: VectorFn
     in_proj: torch.Tensor | list[torch.Tensor]
     out_proj: torch.Tensor | list[torch.Tensor]
-    norm2: object
+    norm2: VectorFn
     ff_in: torch.Tensor | list[torch.Tensor]
     ff_out: torch.Tensor | list[torch.Tensor]
     gated: bool
-    activation: object
+    activation: VectorFn
     scale1: torch.Tensor | None = None
     scale2: torch.Tensor | None = None
 
@@ -74,9 +88,10 @@ class LmStreamer:
         self.model = model
         self.config = c
         self.sampling = sampling or SamplingParams()
-        self.context = context or c.context
-        if self.context is None:
+        context = context or c.context
+        if context is None:
             raise ValueError("streaming needs a context (the KV cache's size)")
+        self.context: int = context
         self.dtype = model.dtype
         self.device = model.device
         self.head_dim = c.dim // c.num_heads
@@ -88,12 +103,12 @@ class LmStreamer:
         self.layers = [_unpack_layer(layer, c.gating, prepare) for layer in model.transformer.layers]
         self.dep_layers = [_unpack_layer(layer, c.depformer_gating, prepare) for layer in model.depformer.layers]
         self.out_norm = _norm_fn(model.out_norm)
-        self.emb = [e.weight for e in model.emb]
+        self.emb = [_weight(e) for e in model.emb]
         self.text_emb = model.text_emb.weight
         self.text_linear = prepare(model.text_linear.weight)
-        self.dep_in = [prepare(m.weight) for m in model.depformer_in]
-        self.dep_emb = [model.depformer_text_emb.weight] + [e.weight for e in model.depformer_emb]
-        self.heads = [prepare(m.weight) for m in model.linears]
+        self.dep_in = [prepare(_weight(m)) for m in model.depformer_in]
+        self.dep_emb = [model.depformer_text_emb.weight] + [_weight(e) for e in model.depformer_emb]
+        self.heads = [prepare(_weight(m)) for m in model.linears]
         self.dep_pos = None
         if c.depformer_pos_emb == "sin":
             positions = torch.arange(c.dep_q, device=self.device)
@@ -124,7 +139,7 @@ class LmStreamer:
 
     # --- one frame ---
     @torch.inference_mode()
-    def step(self, state: LmStreamState, user_codes) -> list[int] | None:
+    def step(self, state: LmStreamState, user_codes: Sequence[int]) -> list[int] | None:
         """Feeds the user's codes for one frame ([user_q] ints); returns the model's tokens for the
         frame that is now complete, [text, dep_q audio codes], or None while the delays fill (the
         first max(delays) steps)."""
@@ -133,11 +148,13 @@ class LmStreamer:
 
     @torch.inference_mode()
     def step_full(
-        self, state: LmStreamState, user_codes, keep_logits: bool = False, forced: list[int] | None = None
+        self,
+        state: LmStreamState,
+        user_codes: Sequence[int],
+        keep_logits: bool = False,
     ) -> StepOutput:
         """step(), also giving this step's logits and the raw tokens sampled (before the delays are
-        undone): out.extra = {"inputs": what the transformer read, "sampled": what it chose}.
-        `forced` replaces the sampled tokens (teacher forcing, for checks)."""
+        undone): out.extra = {"inputs": what the transformer read, "sampled": what it chose}."""
         c = self.config
         delays = c.delays
         buffer = state.delay_buffer
@@ -148,7 +165,7 @@ class LmStreamer:
             k = first_user + j
             buffer[k][(t + delays[k]) % size] = int(user_codes[j])
         inputs = [self.initial[k] if t <= delays[k] else buffer[k][t % size] for k in range(c.num_codebooks)]
-        sampled, text_logits, audio_logits = self._generate(state, inputs, keep_logits, forced)
+        sampled, text_logits, audio_logits = self._generate(state, inputs, keep_logits)
         state.step = t + 1
         for k in range(first_user):
             buffer[k][(t + 1) % size] = sampled[k]
@@ -158,18 +175,19 @@ class LmStreamer:
             out.tokens = [buffer[k][(base + delays[k]) % size] for k in range(first_user)]
         return out
 
-    def _generate(self, state: LmStreamState, inputs: list[int], keep_logits: bool, forced: list[int] | None):
+    def _generate(
+        self, state: LmStreamState, inputs: list[int], keep_logits: bool
+    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """The text token and dep_q audio codes sampled at this step, and with
+        `keep_logits` the text logits [text_card] and audio logits [dep_q, card] (float32)."""
         c = self.config
         s = self.sampling
         hidden = self._temporal(state, inputs)
         mv = self.matvec
         text_logits = mv(hidden, self.text_linear)
-        if forced is not None:
-            token = torch.tensor(forced[0], device=self.device)
-        else:
-            token = sample_token(text_logits, s.text_temperature, s.text_top_k, state.generator)
+        token = sample_token(text_logits, s.text_temperature, s.text_top_k, state.generator)
         tokens = [token]
-        audio_logits = [] if keep_logits else None
+        audio_logits: list[torch.Tensor] | None = [] if keep_logits else None
         dep_kv = state.depformer_kv
         for k in range(c.dep_q):
             x = mv(hidden, self.dep_in[k if len(self.dep_in) > 1 else 0])
@@ -179,15 +197,12 @@ class LmStreamer:
             for i, layer in enumerate(self.dep_layers):
                 x = _layer_step(layer, x, k, dep_kv[i], k, k + 1, None, c.depformer_num_heads, self.dep_head_dim, mv)
             logits = mv(x, self.heads[k])
-            if keep_logits:
+            if audio_logits is not None:
                 audio_logits.append(logits.float())
-            if forced is not None:
-                token = torch.tensor(forced[k + 1], device=self.device)
-            else:
-                token = sample_token(logits, s.temperature, s.top_k, state.generator)
+            token = sample_token(logits, s.temperature, s.top_k, state.generator)
             tokens.append(token)
         sampled = torch.stack(tokens).tolist()
-        if keep_logits:
+        if audio_logits is not None:
             return sampled, text_logits.float(), torch.stack(audio_logits)
         return sampled, None, None
 
@@ -228,7 +243,7 @@ def _layer_step(
     rotor: torch.Tensor | None,
     heads: int,
     head_dim: int,
-    mv,
+    mv: Matvec,
 ) -> torch.Tensor:
     """One layer on one position x [dim]: writes its key/value at `slot` of kv [2, H, slots, D] and
     attends over the first `filled` slots (all in the window, so no mask is needed)."""
@@ -266,20 +281,35 @@ def _layer_step(
     return x + (update if layer.scale2 is None else layer.scale2 * update)
 
 
-def _unpack_layer(layer, gating: str, prepare) -> _Layer:
+def _weight(module: nn.Module) -> torch.Tensor:
+    """An nn.Linear's or nn.Embedding's weight (to a type checker a ModuleList holds plain Modules)."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        raise TypeError(f"expected an nn.Linear or nn.Embedding, got a {type(module).__name__}")
+    return module.weight
+
+
+def _unpack_layer(layer: nn.Module, gating: str, prepare: Prepare) -> _Layer:
+    """The weights of one TransformerLayer, laid out by `prepare`, and its norms and activation."""
+    if not isinstance(layer, TransformerLayer):
+        raise TypeError(f"expected a TransformerLayer, got a {type(layer).__name__}")
     attn = layer.self_attn
-    in_proj = [prepare(m.weight) for m in attn.in_projs]
-    out_proj = [prepare(m.weight) for m in attn.out_projs]
+    in_proj = [prepare(_weight(m)) for m in attn.in_projs]
+    out_proj = [prepare(_weight(m)) for m in attn.out_projs]
+    ff_in: torch.Tensor | list[torch.Tensor]
+    ff_out: torch.Tensor | list[torch.Tensor]
+    act: VectorFn
     if gating == "none":
         ff_in, ff_out = prepare(layer.linear1.weight), prepare(layer.linear2.weight)
         gated, act = False, F.gelu
-    elif isinstance(layer.gating, torch.nn.ModuleList):
-        ff_in = [prepare(g.linear_in.weight) for g in layer.gating]
-        ff_out = [prepare(g.linear_out.weight) for g in layer.gating]
+    elif isinstance(layer.gating, nn.ModuleList):
+        gatings = [_activation_gating(g) for g in layer.gating]
+        ff_in = [prepare(g.linear_in.weight) for g in gatings]
+        ff_out = [prepare(g.linear_out.weight) for g in gatings]
         gated, act = True, ACTIVATION_FNS[gating]
     else:
-        ff_in = prepare(layer.gating.linear_in.weight)
-        ff_out = prepare(layer.gating.linear_out.weight)
+        gating_module = _activation_gating(layer.gating)
+        ff_in = prepare(gating_module.linear_in.weight)
+        ff_out = prepare(gating_module.linear_out.weight)
         gated, act = True, ACTIVATION_FNS[gating]
     return _Layer(
         _norm_fn(layer.norm1),
@@ -295,7 +325,13 @@ def _unpack_layer(layer, gating: str, prepare) -> _Layer:
     )
 
 
-def _matvec_kernel(model: LmModel):
+def _activation_gating(module: nn.Module | None) -> ActivationGating:
+    if not isinstance(module, ActivationGating):
+        raise TypeError(f"expected an ActivationGating, got a {type(module).__name__}")
+    return module
+
+
+def _matvec_kernel(model: LmModel) -> tuple[Prepare, Matvec]:
     """(prepare(weight) -> operand, matvec(x [in], operand) -> [out]): the fastest one-vector product
     this machine offers for the model's dtype. On CPU, bfloat16 uses oneDNN with the weight packed
     once into its blocked layout (several times faster than unpacked); float32 re-lays each weight
@@ -328,7 +364,7 @@ def _matvec_kernel(model: LmModel):
     return (lambda w: w.detach()), F.linear
 
 
-def _norm_fn(norm):
+def _norm_fn(norm: nn.Module) -> VectorFn:
     """A closure applying `norm` to one vector [dim] with few small ops (a dot product, not mean(x**2))."""
     if isinstance(norm, RmsNorm):
         eps = norm.eps

@@ -7,6 +7,7 @@ prompts); the per-frame streaming path lives in streaming.py and reads these sam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,13 @@ from torch import nn
 
 from rtpipe.stages.moshi.config import gated_hidden_size
 
-ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
 
 
 class RmsNorm(nn.Module):
@@ -168,11 +175,11 @@ class TransformerLayer(nn.Module):
             )
         else:
             self.gating = ActivationGating(dim, dim_feedforward, gating, dtype, device)
+        self.layer_scale_1: LayerScale | None = None
+        self.layer_scale_2: LayerScale | None = None
         if layer_scale is not None:
             self.layer_scale_1 = LayerScale(dim, layer_scale, dtype, device)
             self.layer_scale_2 = LayerScale(dim, layer_scale, dtype, device)
-        else:
-            self.layer_scale_1 = self.layer_scale_2 = None
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gating is None:
