@@ -206,17 +206,15 @@ def check_tensors(
     expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     source: str,
     model_name: str,
-    allowed_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> None:
     """Checks keys, shapes, dtypes and values of `tensors` against `expected` ({key: (shape, dtype)}).
 
-    A stored tensor may have any dtype in `allowed_dtypes` (default: the float dtypes) when the expected
-    one is among them too (a bf16 checkpoint loads into a float32 model); otherwise dtypes must match.
+    A stored tensor may have any float dtype (FLOAT_DTYPE_NAMES) when the expected one is a float dtype
+    too (a bf16 checkpoint loads into a float32 model); otherwise dtypes must match.
     Every float tensor must be finite. Raises CheckpointError."""
     import torch
 
-    if allowed_dtypes is None:
-        allowed_dtypes = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
+    allowed_dtypes = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{source}: missing key {_name_keys(missing)}; is this a {model_name} checkpoint?")

@@ -51,18 +51,17 @@ def expected_tensors() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(v.shape), v.dtype) for k, v in _skeleton().state_dict().items()}
 
 
-def random_state_dict(seed: int = 0, codebook_std: float | None = None) -> dict[str, torch.Tensor]:
+def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random weights: uniform weights that keep the signal's variance from layer to layer, small
-    biases, and random codebooks of std `codebook_std` (a zero codebook would make every code 0)."""
+    biases, and random codebooks of std RANDOM_CODEBOOK_STD (a zero codebook would make every code 0)."""
     gen = torch.Generator().manual_seed(seed)
-    codebook_std = RANDOM_CODEBOOK_STD if codebook_std is None else codebook_std
     out: dict[str, torch.Tensor] = {}
     for key, (shape, dtype) in expected_tensors().items():
         name = key.rsplit(".", 1)[-1]
         if name in ("_initialized", "cluster_usage"):
             value = torch.ones(shape)
         elif name == "embedding_sum":
-            value = torch.randn(shape, generator=gen) * codebook_std
+            value = torch.randn(shape, generator=gen) * RANDOM_CODEBOOK_STD
         elif name == "scale":  # layer scale
             value = torch.full(shape, 0.01)
         elif ".norm" in key:
