@@ -19,7 +19,7 @@ import numpy as np
 
 from rtpipe.bench.arguments import check_frames, check_thread_counts, one_line_errors
 from rtpipe.pipeline.observe.report import summarize_ms
-from rtpipe.stages.base import FRAME_MS, FRAME_SAMPLES
+from rtpipe.stages.base import FRAME_MS, FRAME_SAMPLES, Stage
 from rtpipe.stages.registry import find_stage
 
 STAGES = (("encode", "mimi.encode"), ("lm", "moshi.step"), ("decode", "mimi.decode"))
@@ -32,9 +32,17 @@ def speech_frames(frames: int) -> np.ndarray:
     source = FileCapture.from_config({"path": "", "pace": False, "loop": True})
     source.open()
     try:
-        return np.stack([source.read(1.0).payload.copy() for _ in range(frames)])
+        return np.stack([_next_payload(source) for _ in range(frames)])
     finally:
         source.close()
+
+
+def _next_payload(source: Stage) -> np.ndarray:
+    """A copy of the source's next frame; an unpaced file always has one ready, so None is a bug."""
+    frame = source.read(1.0)
+    if frame is None:
+        raise RuntimeError("the built-in speech sample gave no frame")
+    return frame.payload.copy()
 
 
 def measure(threads: int, frames: int, warmup: int) -> dict:
@@ -101,7 +109,7 @@ def main(argv: list[str]) -> int:
         return 0
     print(
         f"encode -> step -> decode in one process, {args.frames} frames of speech, "
-        f"{os.cpu_count()} cores (ms per 80 ms frame)"
+        f"{os.cpu_count()} cores (ms per {FRAME_MS:.0f} ms frame)"
     )
     print(f"{'threads':>7} {'part':<12} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     for run in runs:

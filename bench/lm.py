@@ -16,11 +16,13 @@ import platform
 import re
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 from rtpipe.bench.arguments import DEFAULT_THREADS, MAX_FRAMES, one_line_errors, parse_thread_counts
 from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.stages.base import FRAME_MS
 from rtpipe.stages.errors import ConfigError
 
 # Kyutai's RMSNorm is wrapped in torch.compile; without this its first step takes seconds.
@@ -97,23 +99,6 @@ def time_ours(streamer, frames: int, warmup: int, device: str, codes: np.ndarray
     return out
 
 
-def time_reference(ref_model, frames: int, warmup: int, device: str, codes: np.ndarray) -> list[float]:
-    import torch
-    from moshi.models.lm import LMGen
-
-    gen = LMGen(ref_model)  # its defaults: temperature 0.8 / 0.7, top-k 250 / 25, like ours
-    out = []
-    with torch.inference_mode(), gen.streaming(1):
-        for k in range(warmup + frames):
-            user = torch.as_tensor(codes[k], dtype=torch.long, device=device).view(1, -1, 1)
-            start = time.perf_counter_ns()
-            gen.step(user)
-            _sync(device)
-            if k >= warmup:
-                out.append((time.perf_counter_ns() - start) / 1e6)
-    return out
-
-
 def time_interleaved(
     streamer, ref_model, frames: int, warmup: int, device: str, codes: np.ndarray, start_step: int = 0
 ) -> tuple[list[float], list[float]]:
@@ -124,7 +109,8 @@ def time_interleaved(
 
     state = _start_at(streamer, start_step)
     gen = LMGen(ref_model)
-    ours, theirs = [], []
+    ours: list[float] = []
+    theirs: list[float] = []
     with torch.inference_mode(), gen.streaming(1):
         for k in range(warmup + frames):
             user = torch.as_tensor(codes[k], dtype=torch.long, device=device).view(1, -1, 1)
@@ -175,7 +161,7 @@ def run_case(
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     codes = np.random.default_rng(0).integers(0, config.card, size=(warmup + frames, config.user_q))
-    results = {
+    results: dict[int, dict[str, Any]] = {
         n: {
             "size": size,
             "params": params,
@@ -241,7 +227,7 @@ def machine() -> dict:
 def print_table(report: dict) -> None:
     m = report["machine"]
     print(
-        f"Moshi LM step, ms per 80 ms frame: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"Moshi LM step, ms per {FRAME_MS:.0f} ms frame: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
         f"load average {m['load_average'][0]:.1f} at start"
     )
     head = (
@@ -348,7 +334,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             with_reference = False
-    report = {"benchmark": "lm", "machine": machine(), "results": []}
+    report: dict[str, Any] = {"benchmark": "lm", "machine": machine(), "results": []}
     for size in sizes:
         frames, warmup = DEFAULT_FRAMES.get(size, (50, 5))
         frames = args.frames or frames

@@ -20,10 +20,9 @@ import numpy as np
 from rtpipe.bench.arguments import DEFAULT_THREADS, MAX_FRAMES, check_frames, one_line_errors, parse_thread_counts
 from rtpipe.pipeline.cli.arguments import check_range
 from rtpipe.pipeline.cli.mimi import check_weights
+from rtpipe.stages.base import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from rtpipe.stages.errors import ConfigError
-
-FRAME_SAMPLES = 1920
-FRAME_MS = 80.0
+from rtpipe.stages.mimi.codes import TOTAL_CODEBOOKS
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -62,7 +61,7 @@ def machine_info(torch) -> dict:
 
 def _test_signal(frames: int) -> np.ndarray:
     rng = np.random.default_rng(0)
-    t = np.arange(frames * FRAME_SAMPLES) / 24000
+    t = np.arange(frames * FRAME_SAMPLES) / SAMPLE_RATE
     return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
@@ -112,7 +111,7 @@ class _Reference:
 
 def run_config(torch, impls, signal, frames, warmup) -> dict[str, dict[str, list[float]]]:
     """Times every frame of every implementation, interleaved; returns {impl: {encode, decode, total}}."""
-    times = {impl.name: {"encode": [], "decode": [], "total": []} for impl in impls}
+    times: dict[str, dict[str, list[float]]] = {impl.name: {"encode": [], "decode": [], "total": []} for impl in impls}
     x_all = torch.from_numpy(signal)
     for k in range(warmup + frames):
         x = x_all[(k % (len(signal) // FRAME_SAMPLES)) * FRAME_SAMPLES :][:FRAME_SAMPLES]
@@ -137,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames first")
     parser.add_argument("--threads", default=DEFAULT_THREADS, help="torch thread counts, comma separated")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
-    parser.add_argument("--codebooks", type=int, default=8, help="1 to 32 (default 8)")
+    parser.add_argument("--codebooks", type=int, default=8, help=f"1 to {TOTAL_CODEBOOKS} (default 8)")
     parser.add_argument("--weights", default=None, help="Mimi safetensors (default: seeded random)")
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -157,7 +156,7 @@ def main(argv: list[str]) -> int:
     dtype_names = _dtype_names(args.dtypes)
     thread_counts = parse_thread_counts(args.threads)
     check_frames(args.frames, args.warmup)
-    check_range("--codebooks", args.codebooks, 1, 32)
+    check_range("--codebooks", args.codebooks, 1, TOTAL_CODEBOOKS)
     check_weights(args.weights)
 
     import torch
@@ -189,7 +188,7 @@ def main(argv: list[str]) -> int:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     signal = _test_signal(50)
     report = {
-        "benchmark": "mimi streaming, ms per 80 ms frame",
+        "benchmark": f"mimi streaming, ms per {FRAME_MS:.0f} ms frame",
         "frames": args.frames,
         "warmup": args.warmup,
         "codebooks": args.codebooks,
@@ -203,7 +202,7 @@ def main(argv: list[str]) -> int:
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
-                    impls = [_Ours(tensors, dtypes[dtype_name], args.codebooks)]
+                    impls: list[_Ours | _Reference] = [_Ours(tensors, dtypes[dtype_name], args.codebooks)]
                     if reference_ok:
                         impls.append(_Reference(weights_path, dtypes[dtype_name], args.codebooks))
                     times = run_config(torch, impls, signal, args.frames, args.warmup)
