@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline"
+SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline, live"
 
 BENCHMARKS = {
     "ring": "shared-memory ring vs multiprocessing / zmq, one hop",
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "mimi": "Mimi streaming encode/decode per frame, ours vs the reference",
     "lm": "Moshi transformer step per frame, ours vs the reference",
     "inline": "encode -> step -> decode in one process, as Moshi's server runs them",
+    "live": "the default pipeline on PulseAudio null sinks, LM frozen 300 ms: adaptive vs fixed playout",
 }
 
 
