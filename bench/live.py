@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from rtpipe.bench.arguments import one_line_errors
-from rtpipe.bench.pipeline import machine_line
+from rtpipe.bench.pipeline import StolenTime, machine_line
 from rtpipe.bench.pulse import NullSinks, check_installed, live_audio
 from rtpipe.pipeline.cli.arguments import check_range
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
@@ -297,8 +297,12 @@ def measure(seconds: float) -> dict[str, Any]:
                 raise AudioError(f"the speech player got no audio callback from sink {sinks.into_microphone}")
             runs: dict[str, Any] = {}
             for playout in PLAYOUTS:
+                load_average = round(os.getloadavg()[0], 2)  # the machine is shared: say how busy it was
+                stolen = StolenTime()
                 report, freeze_s = run_live(playout_config(playout, with_param), seconds, sinks)
                 runs[playout] = summarize_run(report, freeze_s)
+                runs[playout]["load_average"] = load_average
+                runs[playout]["steal_pct"] = stolen.percent()
                 runs[playout]["torch_threads"] = {
                     name: stage.get("threads")
                     for name, stage in report["config"]["stages"].items()
@@ -316,12 +320,18 @@ def measure(seconds: float) -> dict[str, Any]:
 # --- output ---------------------------------------------------------------------------------------
 
 
-def _cell(value: Any, unit: str = "") -> str:
+def _cell(value: Any, unit: str = "", none: str = "n/a") -> str:
     if value is None:
-        return "n/a"
+        return none
     if isinstance(value, float):
         return f"{value:.1f}{unit}"
     return f"{value}{unit}"
+
+
+def _settle_cell(run: dict[str, Any]) -> str:
+    if run["freeze_s"] is None:
+        return "no freeze"  # the run ended before it
+    return "never" if run["settle_s"] is None else f"{run['settle_s']:.1f}"
 
 
 def _ratio(fixed: Any, adaptive: Any) -> str:
@@ -367,9 +377,14 @@ def format_table(measured: dict[str, Any], seconds: float) -> str:
         row(f"  median {part} (ms)", adaptive["budget_ms"][part], fixed["budget_ms"].get(part))
     row("speaker buffer median, dev. (ms)", adaptive["speaker_buffer_median_ms"], fixed["speaker_buffer_median_ms"])
     row("speaker target (ms)", adaptive["target_ms"], fixed["target_ms"])
-    row("settled after the freeze (s)", adaptive["settle_s"], fixed["settle_s"])
+    lines.append(
+        f"{'settled after the freeze (s)':<34} {_settle_cell(adaptive):>10} {_settle_cell(fixed):>10} "
+        f"{_ratio(fixed['settle_s'], adaptive['settle_s']):>15}"
+    )
     for key in ("underruns", "trims", "trimmed_ms", "overflows", "device_underflows", "frames_lost", "restarts"):
         row(key.replace("_", " "), adaptive[key], fixed[key])
+    row("load average at the start", adaptive.get("load_average"), fixed.get("load_average"))
+    row("hypervisor steal (% of cores)", adaptive.get("steal_pct"), fixed.get("steal_pct"))
     lines.append(
         f"targets on this machine (adaptive run; settled = within {SETTLE_TOLERANCE_MS:g} ms of the median, staying):"
     )
@@ -377,7 +392,8 @@ def format_table(measured: dict[str, Any], seconds: float) -> str:
     for label, key, limit in TARGETS:
         result = results[key]
         lines.append(
-            f"  {label:<42} at most {limit:<6g} {_cell(result['value']):>8}  {'met' if result['met'] else 'MISSED'}"
+            f"  {label:<42} at most {limit:<6g} {_cell(result['value'], none='never'):>8}  "
+            f"{'met' if result['met'] else 'MISSED'}"
         )
     return "\n".join(lines)
 
