@@ -6,8 +6,9 @@ whatever `latency=` says (on PulseAudio a 1920-sample block alone costs 160 ms o
 20 ms); the stages assemble them into 1920-sample frames. sounddevice is imported only
 when a device is used, so a machine without PortAudio can still run file-to-file pipelines.
 
-Sinks expose `counters() -> {"underruns": int, "overflows": int, "device_underflows": int}` for the
-report's "playback" section (device_underflows: the output device's own underflows, 0 but for the speaker);
+Sinks expose `counters() -> {"underruns", "overflows", "device_underflows", "trims", "trimmed_ms",
+"target_ms"}` for the report's "playback" section (device_underflows: the output device's own underflows;
+trims, trimmed_ms, target_ms: the speaker's adaptive playout; all 0 but for the speaker);
 SpeakerPlayback also exposes `device_latency_ns` (PortAudio's output latency) and `pop_handoffs()`.
 """
 
@@ -39,6 +40,7 @@ from rtpipe.stages.base import (
 from rtpipe.stages.checkpoint import check_seed
 from rtpipe.stages.errors import AudioError, ConfigError
 from rtpipe.stages.jitter_buffer import JitterBuffer
+from rtpipe.stages.playout import AdaptivePlayout, PlayoutConfig
 
 # The built-in speech sample: a few sentences from espeak-ng, 24 kHz mono (stages/data/make_speech.sh).
 SPEECH_SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "speech.wav"
@@ -524,20 +526,40 @@ class ToneCapture(_ComputedSource):
 
 # --- sinks ---------------------------------------------------------------------------------------
 
-NO_PLAYBACK_COUNTERS = {"underruns": 0, "overflows": 0, "device_underflows": 0}
+NO_PLAYBACK_COUNTERS: dict[str, int | float] = {
+    "underruns": 0,
+    "overflows": 0,
+    "device_underflows": 0,
+    "trims": 0,
+    "trimmed_ms": 0.0,
+    "target_ms": 0.0,
+}
 
 
 @dataclass
 class SpeakerParams:
     device: str = ""  # PortAudio device name (or part of it, or its index); "" = default output
     block_samples: int = 240  # device block; the device path costs about two of these
-    target_latency_ms: float = 120.0  # queue length when a frame lands: one frame plus room for late ones
+    # "adaptive": the queue's target follows the lateness of arriving frames and excess audio is trimmed
+    # (stages/playout.py); "fixed": target_latency_ms always (the behaviour before adaptive playout)
+    playout: Literal["adaptive", "fixed"] = "adaptive"
+    target_latency_ms: float = 120.0  # queue length when a frame lands (adaptive: until lateness is known)
     max_latency_ms: float = 320.0  # more than this queued: trim the oldest back to the target
     watchdog_s: float = 3.0  # write() raises AudioError when no callback came for this long
+    # adaptive only (see stages/playout.py):
+    min_target_ms: float = 90.0  # the target never goes below this
+    max_target_ms: float = 240.0  # ... nor above this (nor above max_latency_ms - one frame)
+    lateness_window_ms: float = 3000.0  # the lateness statistics cover this much recent audio
+    lateness_percentile: float = 95.0  # the target covers this percentile of lateness ...
+    margin_ms: float = 20.0  # ... plus this
+    underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this (for one window)
+    speech_cut_ms: float = 10.0  # the most a frame of speech may lose to a trim (silence: any amount)
 
     def validate(self, where: str) -> None:
         _check_block(where, self.block_samples)
         _check_watchdog(where, self.watchdog_s)
+        if self.playout not in ("adaptive", "fixed"):
+            raise ConfigError(f"{where}.playout = {self.playout!r}: expected 'adaptive' or 'fixed'")
         if not self.target_latency_ms > 0:
             raise ConfigError(f"{where}.target_latency_ms = {self.target_latency_ms}: expected a positive number")
         if self.max_latency_ms < self.target_latency_ms + 1000.0 * FRAME_SAMPLES / SAMPLE_RATE:
@@ -545,6 +567,38 @@ class SpeakerParams:
                 f"{where}.max_latency_ms = {self.max_latency_ms}: expected at least "
                 f"target_latency_ms + one frame (80 ms)"
             )
+        frame_ms = 1000.0 * FRAME_SAMPLES / SAMPLE_RATE
+        if not frame_ms <= self.min_target_ms < math.inf:
+            raise ConfigError(f"{where}.min_target_ms = {self.min_target_ms}: expected at least one frame (80 ms)")
+        if not self.min_target_ms <= self.max_target_ms:
+            raise ConfigError(f"{where}.max_target_ms = {self.max_target_ms}: expected at least min_target_ms")
+        if self.playout == "adaptive" and self.min_target_ms > self.max_latency_ms - frame_ms:
+            raise ConfigError(f"{where}.min_target_ms = {self.min_target_ms}: expected max_latency_ms - 80 ms or less")
+        if not 0 < self.lateness_window_ms < math.inf:
+            raise ConfigError(f"{where}.lateness_window_ms = {self.lateness_window_ms}: expected a positive number")
+        if not 0 <= self.lateness_percentile <= 100:
+            raise ConfigError(f"{where}.lateness_percentile = {self.lateness_percentile}: expected 0..100")
+        for name in ("margin_ms", "underrun_raise_ms"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{where}.{name} = {value}: expected a number of ms, 0 or more")
+        if not 0 <= self.speech_cut_ms <= frame_ms / 2:
+            raise ConfigError(f"{where}.speech_cut_ms = {self.speech_cut_ms}: expected 0..40 ms")
+
+    def playout_config(self) -> PlayoutConfig:
+        """The adaptive playout's parameters from these."""
+        return PlayoutConfig(
+            sample_rate=SAMPLE_RATE,
+            frame_samples=FRAME_SAMPLES,
+            start_target_ms=min(max(self.target_latency_ms, self.min_target_ms), self.max_target_ms),
+            min_target_ms=self.min_target_ms,
+            max_target_ms=min(self.max_target_ms, self.max_latency_ms - 1000.0 * FRAME_SAMPLES / SAMPLE_RATE),
+            window_ms=self.lateness_window_ms,
+            percentile=self.lateness_percentile,
+            margin_ms=self.margin_ms,
+            underrun_raise_ms=self.underrun_raise_ms,
+            speech_cut_ms=self.speech_cut_ms,
+        )
 
 
 @dataclass
@@ -556,8 +610,10 @@ class SpeakerPlayback(Stage):
     """`playback.speaker`: a sounddevice OutputStream fed through a JitterBuffer.
 
     write() never waits on the device: it queues the frame and returns. Interface for the host:
-      counters() -> {"underruns": int, "overflows": int, "device_underflows": int}   cumulative: the
-                     jitter buffer's underruns and overflows, PortAudio's output underflows
+      counters() -> {"underruns": int, "overflows": int, "device_underflows": int, "trims": int,
+                     "trimmed_ms": float, "target_ms": float}   cumulative: the jitter buffer's
+                     underruns, overflows and trims (count, audio dropped), PortAudio's output
+                     underflows; target_ms is the buffer's target now
       output_latency_ns  -> for the frame just written: audio queued ahead of it plus device_latency_ns
       device_latency_ns  -> the output latency PortAudio reports for the open stream
       pop_handoffs() -> [(frame_index, handoff_ns)]  when each frame's first sample went to the device
@@ -592,11 +648,19 @@ class SpeakerPlayback(Stage):
     def output_latency_ns(self) -> int:
         return self._output_latency_ns
 
-    def counters(self) -> dict[str, int]:
-        if self._buffer is None:
+    def counters(self) -> dict[str, int | float]:
+        buffer = self._buffer
+        if buffer is None:
             return dict(NO_PLAYBACK_COUNTERS)
-        c = self._buffer.counters
-        return {"underruns": c.underruns, "overflows": c.overflows, "device_underflows": self._device_underflows}
+        c = buffer.counters
+        return {
+            "underruns": c.underruns,
+            "overflows": c.overflows,
+            "device_underflows": self._device_underflows,
+            "trims": c.trims,
+            "trimmed_ms": round(1000.0 * c.samples_trimmed / SAMPLE_RATE, 3),
+            "target_ms": round(1000.0 * buffer.target_samples / SAMPLE_RATE, 3),
+        }
 
     def device_underflows(self) -> int:
         """Times PortAudio itself reported an output underflow (the device ran ahead of the callback)."""
@@ -616,6 +680,7 @@ class SpeakerPlayback(Stage):
         self._buffer = JitterBuffer(
             target_samples=round(p.target_latency_ms * SAMPLE_RATE / 1000.0),
             max_samples=round(p.max_latency_ms * SAMPLE_RATE / 1000.0),
+            playout=AdaptivePlayout(p.playout_config()) if p.playout == "adaptive" else None,
         )
         # A new PulseAudio stream takes its first blocks at once, then may stall for a second or two;
         # wait until callbacks flow so the first frames are not queued behind the stall.

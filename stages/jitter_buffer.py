@@ -5,14 +5,22 @@ pulls device blocks. When audio arrives after silence it is played behind a pre-
 makes the queue `target_samples` long (so the room for late frames is target minus one frame, without
 waiting for a second frame); running dry plays silence and counts an underrun; more than `max_samples`
 queued trims the oldest audio back to the target and counts an overflow.
+
+With an AdaptivePlayout (stages/playout.py) the target follows the lateness of arriving frames, each
+underrun raises it, and a frame that lands on a queue standing above the target is shortened before it
+is queued (silence first, then a short crossfaded cut), counted as a trim. Without one the target is
+fixed and only the overflow trims (the behaviour `playout = "fixed"` keeps).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from rtpipe.stages.playout import AdaptivePlayout
 
 
 @dataclass
@@ -23,6 +31,8 @@ class JitterCounters:
     overflows: int = 0  # times too much was queued and the oldest audio was dropped
     samples_dropped: int = 0  # samples trimmed by overflows
     samples_silence: int = 0  # silent samples played while running dry after playback had started
+    trims: int = 0  # times audio was dropped to bring the queue down (overflows and adaptive trims)
+    samples_trimmed: int = 0  # samples those trims dropped (samples_dropped included)
 
 
 class JitterBuffer:
@@ -30,11 +40,25 @@ class JitterBuffer:
 
     The lock is held only for a copy of at most one frame: the audio callback never waits on I/O."""
 
-    def __init__(self, target_samples: int, max_samples: int, dtype: str = "float32"):
+    def __init__(
+        self,
+        target_samples: int,
+        max_samples: int,
+        dtype: str = "float32",
+        playout: AdaptivePlayout | None = None,
+        clock_ns=time.monotonic_ns,
+    ):
+        """`playout`: None keeps `target_samples` fixed; an AdaptivePlayout moves the target (starting at
+        its own) and trims. `clock_ns`: the arrival clock the playout sees (ns). Raises ValueError unless
+        1 <= target_samples <= max_samples."""
         if target_samples < 1 or max_samples < target_samples:
             raise ValueError(
                 f"jitter buffer: need 1 <= target_samples ({target_samples}) <= max_samples ({max_samples})"
             )
+        self.playout = playout
+        self._clock_ns = clock_ns
+        if playout is not None:
+            target_samples = min(playout.target_samples, max_samples)
         self.target_samples = target_samples
         self.max_samples = max_samples
         # Room for the largest allowed fill plus one incoming burst, before a trim brings it back.
@@ -68,8 +92,12 @@ class JitterBuffer:
         n = len(samples)
         if n > self._capacity:
             raise ValueError(f"jitter buffer: a push of {n} samples exceeds capacity {self._capacity}")
+        arrival_ns = self._clock_ns() if self.playout is not None else 0
         with self._lock:
             self._draining = False
+            if self.playout is not None:
+                samples = self._adapt(samples, arrival_ns)
+                n = len(samples)
             end = (self._start + self._fill) % self._capacity
             first = min(n, self._capacity - end)
             self._data[end : end + first] = samples[:first]
@@ -87,9 +115,36 @@ class JitterBuffer:
                 self.samples_consumed += drop
                 self.counters.overflows += 1
                 self.counters.samples_dropped += drop
+                self.counters.trims += 1
+                self.counters.samples_trimmed += drop
                 self._preroll = 0
                 ahead = max(0, self._fill - n)
             return ahead
+
+    def _adapt(self, samples: np.ndarray, arrival_ns: int) -> np.ndarray:
+        """Adaptive playout, under the lock: a new target from this arrival, then a trim of the incoming
+        frame when the queue would stand above it. Only the incoming frame is cut: what is queued
+        keeps its stream positions (the speaker's hand-off times rely on them)."""
+        assert self.playout is not None
+        self.target_samples = min(self.playout.on_arrival(arrival_ns, len(samples)), self.max_samples)
+        # the queue this frame will land on: queued audio, plus the pre-roll still to play
+        queued = self._fill + (self._preroll if self._playing else 0) + len(samples)
+        if not self._playing:
+            return samples  # it will be pre-rolled to the target: nothing stands above it
+        excess = self.playout.excess_samples(queued)
+        if excess == 0:
+            return samples
+        if self._preroll:  # pre-roll silence still to come is the cheapest to drop (no audio: not a trim)
+            cut = min(self._preroll, excess)
+            self._preroll -= cut
+            excess -= cut
+        if excess == 0:
+            return samples
+        kept, trim = self.playout.trim(samples, excess)
+        if trim.samples:
+            self.counters.trims += 1
+            self.counters.samples_trimmed += trim.samples
+        return kept
 
     def pull(self, out: np.ndarray) -> int:
         """Fills `out` (1-D, a device block) with queued audio or silence; returns samples of real audio.
@@ -124,6 +179,8 @@ class JitterBuffer:
                     # ran dry mid-stream: the gap is heard as silence; the next audio gets a pre-roll
                     self.counters.underruns += 1
                     self.counters.samples_silence += want - take
+                    if self.playout is not None:
+                        self.target_samples = min(self.playout.on_underrun(), self.max_samples)
             self.last_pull_offset = silent
             return take
 

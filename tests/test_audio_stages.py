@@ -15,6 +15,7 @@ import soundfile
 
 import rtpipe.stages.audio_io as audio_io
 from rtpipe.stages.audio_io import (
+    NO_PLAYBACK_COUNTERS,
     SPEECH_SAMPLE_PATH,
     FileCapture,
     FilePlayback,
@@ -280,7 +281,7 @@ def test_file_playback_writes_every_frame_whole_and_bit_exact(tmp_path):
     data, rate = soundfile.read(path, dtype="float32")
     assert rate == SAMPLE_RATE and data.ndim == 1
     np.testing.assert_array_equal(data, np.concatenate(written))
-    assert sink.counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0} and sink.output_latency_ns == 0
+    assert sink.counters() == NO_PLAYBACK_COUNTERS and sink.output_latency_ns == 0
 
 
 def _write_then_die(path: str, frames: list, torn_samples: int) -> None:
@@ -336,11 +337,7 @@ def test_null_playback_takes_anything_and_counts_it():
     sink.open()
     sink.write(np.zeros(8, dtype=np.int32))
     sink.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))
-    assert sink.state.frames_written == 2 and sink.counters() == {
-        "underruns": 0,
-        "overflows": 0,
-        "device_underflows": 0,
-    }
+    assert sink.state.frames_written == 2 and sink.counters() == NO_PLAYBACK_COUNTERS
 
 
 # --- microphone and speaker on a fake sounddevice ---------------------------------------------
@@ -461,7 +458,10 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
         "_sounddevice",
         fake_sounddevice(OutputStream=lambda **kw: streams.append(FakeOutputStream(**kw)) or streams[-1]),
     )
-    speaker = opened(SpeakerPlayback, {"target_latency_ms": 160.0, "max_latency_ms": 400.0, "watchdog_s": 60.0})
+    # the fixed playout: a steady 160 ms target (tests/test_playout_speaker.py has the adaptive one)
+    speaker = opened(
+        SpeakerPlayback, {"playout": "fixed", "target_latency_ms": 160.0, "max_latency_ms": 400.0, "watchdog_s": 60.0}
+    )
     stream = streams[0]
     assert speaker.device_latency_ns == 20_000_000
     written = [np.full(FRAME_SAMPLES, k + 1, dtype=np.float32) for k in range(3)]
@@ -475,9 +475,10 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
     np.testing.assert_array_equal(played, np.concatenate([np.zeros(1680, np.float32), *written[:2]]))
     handoffs = speaker.pop_handoffs()
     assert [index for index, _ in handoffs] == [0, 1]
-    assert speaker.counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0}
+    fixed = {"device_underflows": 0, "trimmed_ms": 0.0, "target_ms": 160.0}
+    assert speaker.counters() == {"underruns": 0, "overflows": 0, "trims": 0, **fixed}
     stream.pull()  # nothing left: one underrun
-    assert speaker.counters() == {"underruns": 1, "overflows": 0, "device_underflows": 0}
+    assert speaker.counters() == {"underruns": 1, "overflows": 0, "trims": 0, **fixed}
     speaker.write(written[2])
     speaker.close()  # drains: the tail below the target still plays
     assert speaker.state.frames_written == 3
@@ -485,10 +486,15 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
 
 def test_the_speaker_counts_overflows_when_frames_pile_up(monkeypatch):
     monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(OutputStream=lambda **kw: FakeOutputStream(**kw)))
-    speaker = opened(SpeakerPlayback, {"target_latency_ms": 80.0, "max_latency_ms": 240.0, "watchdog_s": 60.0})
+    speaker = opened(
+        SpeakerPlayback, {"playout": "fixed", "target_latency_ms": 80.0, "max_latency_ms": 240.0, "watchdog_s": 60.0}
+    )
     for _ in range(4):
         speaker.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))
-    assert speaker.counters() == {"underruns": 0, "overflows": 1, "device_underflows": 0}
+    counters = speaker.counters()
+    assert (counters["underruns"], counters["overflows"], counters["trims"]) == (0, 1, 1)
+    assert counters["trimmed_ms"] == 240.0  # 320 ms queued, trimmed back to the 80 ms target
+    assert counters["device_underflows"] == 0
 
 
 def test_the_speaker_counts_the_output_devices_own_underflows(monkeypatch):
@@ -507,7 +513,7 @@ def test_the_speaker_counts_the_output_devices_own_underflows(monkeypatch):
 
 
 def test_a_speaker_that_never_opened_reports_zero_counters():
-    assert SpeakerPlayback().counters() == {"underruns": 0, "overflows": 0, "device_underflows": 0}
+    assert SpeakerPlayback().counters() == NO_PLAYBACK_COUNTERS
 
 
 def test_no_portaudio_means_no_devices_not_a_crash(monkeypatch):

@@ -1,0 +1,195 @@
+"""Adaptive playout: how much audio a player keeps queued, and where it drops audio to get back there.
+
+Pure logic (no device, no clock of its own: every call is given the arrival time in ns), used by the
+speaker's JitterBuffer (stages/jitter_buffer.py) and meant for anything else that hands audio out on an
+80 ms clock, e.g. a network edge serving one session per connection.
+
+How it decides. Each arriving frame gets a transit value, its arrival time minus the time its first
+sample would have arrived on a perfect clock (samples seen so far / sample rate); its lateness is that
+transit minus the smallest transit in the last `window_ms` of audio (a sliding minimum, so a clock that
+drifts or a pipeline that settles at a new offset stops counting as late once the window has passed).
+The target queue length, measured when a frame has just landed, is one frame plus the `percentile`-th
+lateness over the window plus `margin_ms`, kept within [`min_target_ms`, `max_target_ms`]. When the
+buffer runs dry (an underrun) the history is cleared, so the frame that ends the gap sets the new
+reference and the gap itself is not counted as lateness to be covered for seconds afterwards; instead
+the target's floor becomes the current target plus `underrun_raise_ms` (adding up over repeated
+underruns) until `window_ms` of audio has arrived without another underrun. Whenever the queue stands
+above the target (by more than one device block) as a frame lands, that frame is shortened before it is
+queued: silent stretches go first (any amount, unheard); only when a frame has less than `speech_cut_ms`
+of silence does it lose one crossfaded cut of at most `speech_cut_ms` in its quietest stretch. So a slow
+start, a restart or a frozen process first costs one gap, then the excess queue is trimmed away within
+(excess / speech_cut_ms) frames, and the early lateness leaves the target after `window_ms`. Compared
+with a classic adaptive jitter buffer (which moves its delay only between talk spurts) it also sheds
+delay in the middle of speech; compared with Kyutai's web client (which drops the oldest audio once the
+queue exceeds a maximum that only grows) its target also comes back down.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class PlayoutConfig:
+    """Adaptive playout parameters (ms of audio unless named otherwise); see the module docstring."""
+
+    sample_rate: int = 24_000
+    frame_samples: int = 1920
+    start_target_ms: float = 120.0  # the target before any lateness is measured
+    min_target_ms: float = 90.0  # one frame and a device block: the queue never aims lower
+    max_target_ms: float = 240.0  # the target never aims higher
+    window_ms: float = 3000.0  # how much recent audio the lateness statistics cover
+    percentile: float = 95.0  # the lateness covered: this percentile over the window
+    margin_ms: float = 20.0  # added on top of that lateness (device blocks, scheduler noise)
+    underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this, for a window
+    speech_cut_ms: float = 10.0  # the most audio a frame may lose when it is not silent
+    crossfade_ms: float = 2.5  # length of the crossfade across a cut in speech
+    silence_level: float = 1e-3  # peak |sample| at or below this is silence (-60 dBFS)
+    hysteresis_ms: float = 10.0  # trim only when the queue stands this much above the target
+
+    def samples(self, ms: float) -> int:
+        return round(ms * self.sample_rate / 1000.0)
+
+
+@dataclass
+class PlayoutState:
+    """What the playout carries from one frame to the next: plain data, dropped on a restart."""
+
+    samples_seen: int = 0  # samples that have arrived (before any trim): the perfect clock
+    first_arrival_ns: int | None = None
+    # (samples_seen at arrival, transit_ns, lateness_ns) for the arrivals inside the window
+    history: collections.deque = field(default_factory=collections.deque)
+    floor_ms: float = 0.0  # the target's floor after underrun(s), until floor_until_samples have arrived
+    floor_until_samples: int = 0
+    target_samples: int = 0
+
+
+@dataclass(frozen=True)
+class Trim:
+    """What a trim took out of a frame: samples dropped from silence and from speech."""
+
+    silence_samples: int = 0
+    speech_samples: int = 0
+
+    @property
+    def samples(self) -> int:
+        return self.silence_samples + self.speech_samples
+
+
+class AdaptivePlayout:
+    """The target queue length (`target_samples`) and the trims that reach it; not thread-safe: its
+    owner (the JitterBuffer) calls it under its own lock."""
+
+    def __init__(self, config: PlayoutConfig | None = None):
+        self.config = config or PlayoutConfig()
+        self.state = PlayoutState(target_samples=self.config.samples(self.config.start_target_ms))
+
+    @property
+    def target_samples(self) -> int:
+        return self.state.target_samples
+
+    def on_arrival(self, arrival_ns: int, n_samples: int) -> int:
+        """Records a frame of `n_samples` arriving at `arrival_ns` (any monotonic clock, ns); returns the
+        new target queue length in samples."""
+        c, s = self.config, self.state
+        if s.first_arrival_ns is None:
+            s.first_arrival_ns = arrival_ns
+        transit_ns = arrival_ns - s.first_arrival_ns - s.samples_seen * NS_PER_S // c.sample_rate
+        window = c.samples(c.window_ms)
+        while s.history and s.history[0][0] < s.samples_seen - window:
+            s.history.popleft()
+        lowest = min([transit_ns] + [t for _, t, _ in s.history])
+        s.history.append((s.samples_seen, transit_ns, transit_ns - lowest))
+        s.samples_seen += n_samples
+        if s.samples_seen >= s.floor_until_samples:
+            s.floor_ms = 0.0
+        s.target_samples = self._target()
+        return s.target_samples
+
+    def on_underrun(self) -> int:
+        """The player ran dry: clears the lateness history and raises the floor; returns the new target."""
+        c, s = self.config, self.state
+        s.history.clear()
+        s.first_arrival_ns = None  # the next arrival is the new reference
+        s.samples_seen = 0
+        target_ms = 1000.0 * s.target_samples / c.sample_rate
+        s.floor_ms = min(max(s.floor_ms, target_ms) + c.underrun_raise_ms, c.max_target_ms)
+        s.floor_until_samples = c.samples(c.window_ms)
+        s.target_samples = self._target()
+        return s.target_samples
+
+    def _target(self) -> int:
+        c, s = self.config, self.state
+        if s.history:
+            lateness_ms = float(np.percentile([late for _, _, late in s.history], c.percentile)) / 1e6
+            wanted = 1000.0 * c.frame_samples / c.sample_rate + lateness_ms + c.margin_ms
+        else:
+            wanted = c.start_target_ms if s.floor_ms == 0.0 else c.min_target_ms
+        wanted = max(wanted, s.floor_ms)
+        return c.samples(min(max(wanted, c.min_target_ms), c.max_target_ms))
+
+    def excess_samples(self, queued_samples: int) -> int:
+        """How much of `queued_samples` (the queue with the new frame in it) a trim should remove: 0
+        unless the queue stands more than the hysteresis above the target."""
+        c = self.config
+        excess = queued_samples - self.state.target_samples
+        return excess if excess > c.samples(c.hysteresis_ms) else 0
+
+    def trim(self, frame: np.ndarray, excess_samples: int) -> tuple[np.ndarray, Trim]:
+        """Shortens `frame` (1-D) by up to `excess_samples`: silence first, then at most one crossfaded
+        cut of `speech_cut_ms`. Returns the shortened frame (a new array) and what was taken."""
+        c = self.config
+        return trim_frame(
+            frame,
+            excess_samples,
+            max_speech_samples=c.samples(c.speech_cut_ms),
+            crossfade_samples=c.samples(c.crossfade_ms),
+            silence_level=c.silence_level,
+        )
+
+
+SILENCE_BLOCK = 48  # 2 ms at 24 kHz: silence is judged on blocks this long, not single zero crossings
+
+
+def trim_frame(
+    frame: np.ndarray, want_samples: int, max_speech_samples: int, crossfade_samples: int, silence_level: float
+) -> tuple[np.ndarray, Trim]:
+    """Removes up to `want_samples` from `frame`: whole silent blocks (peak |x| <= silence_level) first;
+    then, if more is wanted and the silence found was less than `max_speech_samples`, one cut of at most
+    `max_speech_samples` where the frame is quietest, with a linear crossfade of `crossfade_samples`
+    across it (so each call removes at least min(want_samples, max_speech_samples) when it can).
+    Returns (new frame, Trim)."""
+    frame = np.asarray(frame).reshape(-1)
+    if want_samples <= 0 or len(frame) == 0:
+        return frame.copy(), Trim()
+    n_blocks = len(frame) // SILENCE_BLOCK
+    keep = np.ones(len(frame), dtype=bool)
+    silence = 0
+    if n_blocks:
+        peaks = np.abs(frame[: n_blocks * SILENCE_BLOCK]).reshape(n_blocks, SILENCE_BLOCK).max(axis=1)
+        for b in np.flatnonzero(peaks <= silence_level):
+            take = min(SILENCE_BLOCK, want_samples - silence)
+            if take <= 0:
+                break
+            keep[b * SILENCE_BLOCK : b * SILENCE_BLOCK + take] = False
+            silence += take
+    out = frame[keep]
+    # silence worth a speech cut was found: the rest waits for the next frames' silence
+    speech = 0 if silence >= max_speech_samples else min(want_samples - silence, max_speech_samples)
+    fade = crossfade_samples
+    if speech <= 0 or len(out) < speech + fade + 1:
+        return out, Trim(silence_samples=silence)
+    # the quietest stretch of speech+fade samples: where a cut is least heard
+    span = speech + fade
+    energy = np.cumsum(np.concatenate([[0.0], out.astype(np.float64) ** 2]))
+    sums = energy[span:] - energy[:-span]
+    p = int(np.argmin(sums))
+    ramp = (np.arange(1, fade + 1, dtype=np.float64) / (fade + 1)) if fade else np.zeros(0)
+    mixed = out[p : p + fade] * (1.0 - ramp) + out[p + speech : p + speech + fade] * ramp
+    cut = np.concatenate([out[:p], mixed.astype(out.dtype), out[p + speech + fade :]])
+    return cut, Trim(silence_samples=silence, speech_samples=speech)
