@@ -86,6 +86,9 @@ def counters(step: int = 1) -> dict:
         "underruns": step,
         "overflows": 1 if step >= 3 else 0,
         "device_underflows": 4 * step,
+        "trims": 5 * step,
+        "trimmed_ms": 12.5 * step,
+        "target_ms": 100.0 + step,
         "frames_lost": 2 * step + step,
     }
 
@@ -130,6 +133,9 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
             "underruns": count["underruns"],
             "overflows": count["overflows"],
             "device_underflows": count["device_underflows"],
+            "trims": count["trims"],
+            "trimmed_ms": count["trimmed_ms"],
+            "target_ms": count["target_ms"],
         },
         "frames_lost": count["frames_lost"],
     }
@@ -237,6 +243,8 @@ def counters_from_report(report: dict) -> dict:
     expected[("rtpipe_playback_underruns_total", frozenset())] = report["playback"]["underruns"]
     expected[("rtpipe_playback_overflows_total", frozenset())] = report["playback"]["overflows"]
     expected[("rtpipe_playback_device_underflows_total", frozenset())] = report["playback"]["device_underflows"]
+    expected[("rtpipe_playback_trims_total", frozenset())] = report["playback"]["trims"]
+    expected[("rtpipe_playback_trimmed_seconds_total", frozenset())] = report["playback"]["trimmed_ms"] / 1000.0
     expected[("rtpipe_frames_lost_total", frozenset())] = report["frames_lost"]
     expected[("rtpipe_frames_total", frozenset())] = report["frames"]
     return expected

@@ -164,8 +164,11 @@ class DeviceUnderflows(Stage):
     def write(self, frame: np.ndarray) -> None:
         self.frames += 1
 
-    def counters(self) -> dict[str, int]:
-        return {"underruns": 0, "overflows": 0, "device_underflows": self.params.underflows if self.frames else 0}
+    def counters(self) -> dict[str, int | float]:
+        counts: dict[str, int | float] = {"underruns": 0, "overflows": 0}
+        counts["device_underflows"] = self.params.underflows if self.frames else 0
+        counts.update(trims=2, trimmed_ms=7.5, target_ms=100.0)  # as a speaker's adaptive playout reports
+        return counts
 
 
 class Talker(Stage):

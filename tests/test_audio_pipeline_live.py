@@ -142,7 +142,14 @@ def test_speech_into_the_microphone_comes_out_of_the_pipelines_speaker(pulse_nul
     # the report of a live run: frames, end-to-end latency, the speaker's counters and device latency
     assert report["frames"] > 0 and report["stages"].keys() == {"capture", "encode", "lm", "decode", "playback"}
     assert report["end_to_end_ms"]["p50"] > 0
-    assert set(report["playback"]) == {"underruns", "overflows", "device_underflows"}
+    assert set(report["playback"]) == {
+        "underruns",
+        "overflows",
+        "device_underflows",
+        "trims",
+        "trimmed_ms",
+        "target_ms",
+    }
     # the speaker's own device underflow count, from its process through the stats to the report
     assert isinstance(report["playback"]["device_underflows"], int) and report["playback"]["device_underflows"] >= 0
     assert isinstance(report["device_latency_ms"], float) and report["device_latency_ms"] > 0

@@ -170,8 +170,10 @@ def test_the_exporter_gets_the_run_info_the_supervisor_built_with_every_key(obse
 
 
 def test_the_report_counts_device_underflows(observed_run):
-    assert set(observed_run["report"]["playback"]) == {"underruns", "overflows", "device_underflows"}
-    assert observed_run["report"]["playback"]["device_underflows"] == 0  # a file sink has no device
+    playback = observed_run["report"]["playback"]
+    assert set(playback) == {"underruns", "overflows", "device_underflows", "trims", "trimmed_ms", "target_ms"}
+    assert playback["device_underflows"] == 0  # a file sink has no device
+    assert playback["trims"] == 0 and playback["trimmed_ms"] == 0 and playback["target_ms"] == 0  # nor a buffer
 
 
 def test_live_view_drew_the_run_on_a_recorded_console(observed_run):

@@ -75,7 +75,14 @@ def test_wav_through_five_processes_comes_out_delayed_by_exactly_the_declared_de
     assert report["samples"]["seq"] == list(range(n_frames))
     assert len(report["samples"]["stage_ms"]["lm"]) == n_frames
     assert all(v >= 0 for v in report["samples"]["end_to_end_ms"])
-    assert report["playback"] == {"underruns": 0, "overflows": 0, "device_underflows": 0}
+    assert report["playback"] == {
+        "underruns": 0,
+        "overflows": 0,
+        "device_underflows": 0,
+        "trims": 0,
+        "trimmed_ms": 0.0,
+        "target_ms": 0.0,
+    }
     assert run_segments(supervisor.run_id) == []
     json.dumps(report)  # plain data all the way down
 
@@ -94,6 +101,10 @@ def test_the_sinks_device_underflows_reach_the_run_counters_and_the_report():
     assert supervisor.stages["capture"].stats["device_underflows"] == 0  # a stage that is no sink: 0
     assert supervisor._counters().device_underflows == 5
     assert result.report["playback"]["device_underflows"] == 5
+    # the playout's trims and target travel the same way
+    assert supervisor.stages["playback"].stats["trims"] == 2
+    assert (result.report["playback"]["trims"], result.report["playback"]["trimmed_ms"]) == (2, 7.5)
+    assert result.report["playback"]["target_ms"] == 100.0
 
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: float = 120):

@@ -196,7 +196,8 @@ def format_table(report: Report) -> str:
     latency = report.get("device_latency_ms")
     lines.append(
         f"frames lost {report['frames_lost']}; playback underruns {pb['underruns']}, overflows "
-        f"{pb['overflows']}, device underflows {pb['device_underflows']}"
+        f"{pb['overflows']}, device underflows {pb['device_underflows']}, trims {pb['trims']} "
+        f"({pb['trimmed_ms']:.0f} ms), target {pb['target_ms']:.0f} ms"
         + (f"; device output latency {latency:.1f} ms" if latency else "")
     )
     return "\n".join(lines)

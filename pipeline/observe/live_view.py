@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
-from rtpipe.pipeline.observe.report import Playback, Report, Snapshot, final_snapshot
+from rtpipe.pipeline.observe.report import Report, Snapshot, final_snapshot, no_playback
 
 TEXT_CHARS = 100  # the tail of the transcript that fits on one line
 
@@ -115,7 +115,7 @@ def _edge_table(snapshot: Snapshot | None, run_info: RunInfo) -> Table:
 
 def _summary(snapshot: Snapshot | None) -> Text:
     e2e = snapshot["end_to_end_ms"] if snapshot else None
-    playback = snapshot["playback"] if snapshot else Playback(underruns=0, overflows=0, device_underflows=0)
+    playback = snapshot["playback"] if snapshot else no_playback()
     line = Text()
     line.append("end-to-end ", style="bold")
     line.append(
@@ -128,6 +128,7 @@ def _summary(snapshot: Snapshot | None) -> Text:
     line.append(_count(playback["overflows"]))
     line.append("  device underflows ")
     line.append(_count(playback["device_underflows"]))
+    line.append(f"  trims {playback['trims']} ({playback['trimmed_ms']:.0f} ms)  target {playback['target_ms']:.0f} ms")
     line.append("  frames lost ")
     line.append(_count(snapshot["frames_lost"] if snapshot else 0))
     return line

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
-from rtpipe.pipeline.observe.report import Playback, Report, Snapshot, final_snapshot
+from rtpipe.pipeline.observe.report import Report, Snapshot, final_snapshot, no_playback
 from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it
@@ -103,7 +103,7 @@ class _CountsCollector(Collector):
             if edge in run_info["slots"]:
                 slots.add_metric([edge], run_info["slots"][edge])
 
-        playback = counts["playback"] if counts else Playback(underruns=0, overflows=0, device_underflows=0)
+        playback = counts["playback"] if counts else no_playback()
         yield misses
         yield restarts
         yield rtf
@@ -125,6 +125,21 @@ class _CountsCollector(Collector):
             "rtpipe_playback_device_underflows",
             "Times the output device's own buffer ran dry (PortAudio's output underflow).",
             value=playback["device_underflows"],
+        )
+        yield CounterMetricFamily(
+            "rtpipe_playback_trims",
+            "Times the speaker's jitter buffer dropped audio to come down to its target.",
+            value=playback["trims"],
+        )
+        yield CounterMetricFamily(
+            "rtpipe_playback_trimmed_seconds",
+            "Audio the speaker's jitter buffer dropped to come down to its target.",
+            value=playback["trimmed_ms"] / 1000.0,
+        )
+        yield GaugeMetricFamily(
+            "rtpipe_playback_target_ms",
+            "The speaker's jitter buffer target: audio queued when a frame lands, ms.",
+            value=playback["target_ms"],
         )
         yield CounterMetricFamily(
             "rtpipe_frames_lost", "Frames that never reached the sink.", value=counts["frames_lost"] if counts else 0

@@ -59,11 +59,16 @@ class SnapshotEdgeRow(EdgeRow):
 
 class Playback(TypedDict):
     """The sink's glitch counts: its jitter buffer ran empty (underruns) or was too full for a frame
-    (overflows); the speaker's own device buffer ran dry (device_underflows, PortAudio's count)."""
+    (overflows); the speaker's own device buffer ran dry (device_underflows, PortAudio's count); its
+    adaptive playout dropped audio to bring the queue down (trims, trimmed_ms: how many, how much) and
+    aims at target_ms of queued audio now (0 for a sink without a jitter buffer)."""
 
     underruns: int
     overflows: int
     device_underflows: int
+    trims: int
+    trimmed_ms: float
+    target_ms: float
 
 
 class Samples(TypedDict):
@@ -152,6 +157,9 @@ class RunCounters:
     underruns: int = 0
     overflows: int = 0
     device_underflows: int = 0  # times the speaker's own device buffer ran dry (the sink's stats)
+    trims: int = 0  # times the speaker's jitter buffer dropped audio to come down to its target
+    trimmed_ms: float = 0.0  # audio those trims dropped
+    target_ms: float = 0.0  # the speaker's jitter buffer target, last reported
     frames_lost: int = 0
     text: list[str] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)  # every text token id, with or without a tokenizer
@@ -227,11 +235,19 @@ def _with_fill(edges: dict[str, EdgeRow], fill: dict[str, int]) -> dict[str, Sna
     return {name: SnapshotEdgeRow(**row, fill=int(fill.get(name, 0))) for name, row in edges.items()}
 
 
+def no_playback() -> Playback:
+    """The "playback" section before any counts have come (all zero)."""
+    return Playback(underruns=0, overflows=0, device_underflows=0, trims=0, trimmed_ms=0.0, target_ms=0.0)
+
+
 def _playback(counters: RunCounters) -> Playback:
     return Playback(
         underruns=int(counters.underruns),
         overflows=int(counters.overflows),
         device_underflows=int(counters.device_underflows),
+        trims=int(counters.trims),
+        trimmed_ms=round(float(counters.trimmed_ms), 3),
+        target_ms=round(float(counters.target_ms), 3),
     )
 
 

@@ -41,5 +41,6 @@ def format_status(snapshot: Snapshot | Report) -> str:
         f"{snapshot['seconds']:6.1f} s  frames {snapshot['frames']:5d}  "
         f"e2e p99 {snapshot['end_to_end_ms']['p99']:7.2f} ms  {worst_text}  drops {drops}  "
         f"lost {snapshot['frames_lost']}  underruns {playback['underruns']}  "
-        f"device underflows {playback['device_underflows']}"
+        f"device underflows {playback['device_underflows']}  trims {playback['trims']}  "
+        f"target {playback['target_ms']:.0f} ms"
     )

@@ -65,7 +65,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "heartbeat": {"stage": "str", "frames": "int", "paused": "bool"},
     # counters since the process started (a reply to "get_stats", and sent about once a second)
     # (warm_ups: frames whose path the stage warmed up before they came, see runtime/warm_up.py;
-    # underruns, overflows, device_underflows: the sink's playback counters, 0 elsewhere)
+    # underruns, overflows, device_underflows, trims, trimmed_ms, target_ms: the sink's playback
+    # counters, 0 elsewhere; trimmed_ms and target_ms are ms of audio)
     "stats": {
         "stage": "str",
         "frames": "int",
@@ -74,6 +75,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "underruns": "int",
         "overflows": "int",
         "device_underflows": "int",
+        "trims": "int",
+        "trimmed_ms": "number",
+        "target_ms": "number",
         "output_latency_ns": "int",
         "device_latency_ns": "int",
         "warm_ups": "int",

@@ -253,6 +253,9 @@ class StageHost:
             underruns=int(counts.get("underruns", 0) or 0),
             overflows=int(counts.get("overflows", 0) or 0),
             device_underflows=int(counts.get("device_underflows", 0) or 0),
+            trims=int(counts.get("trims", 0) or 0),
+            trimmed_ms=float(counts.get("trimmed_ms", 0.0) or 0.0),
+            target_ms=float(counts.get("target_ms", 0.0) or 0.0),
             output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
             device_latency_ns=int(getattr(stage, "device_latency_ns", 0) or 0),
         )
