@@ -100,6 +100,13 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
     enter = recs["enter_ns"].astype(np.int64)
     leave = recs["exit_ns"].astype(np.int64)
     stage_ms = {name: (leave[:, i] - enter[:, i]) / 1e6 for i, name in enumerate(STAGES)}
+    # the source's parts: a live one's total is its frame, then device input (its work is not stamped
+    # apart); any other's total is its own work
+    capture_total_ms = (leave[:, 0] - recs["capture_ns"]) / 1e6
+    live = bool(info.get("live_source", False))
+    algorithmic_ms = frame_ms if live else 0.0
+    device_ms = np.maximum(capture_total_ms - frame_ms, 0.0) if live else np.zeros(recs.size)
+    stage_ms[STAGES[0]] = np.zeros(recs.size) if live else capture_total_ms
     wait_ms = {edge: (enter[:, i + 1] - leave[:, i]) / 1e6 for i, edge in enumerate(EDGES)}
     e2e_ms = (recs["handoff_ns"] - recs["capture_ns"]) / 1e6
     stages = {}
@@ -128,6 +135,13 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
         "frame_ms": frame_ms,
         "end_to_end_ms": _summary(e2e_ms),
         "stages": stages,
+        "capture": {
+            "live_source": live,
+            "algorithmic_ms": algorithmic_ms,
+            "device_ms": _summary(device_ms),
+            "work_ms": _summary(stage_ms[STAGES[0]]),
+            "total_ms": _summary(capture_total_ms),
+        },
         "edges": edges,
         "playback": {
             "underruns": count["underruns"],
@@ -194,7 +208,7 @@ def check_trace(events) -> dict:
             assert ph not in flows.setdefault(key, {}), f"two flow {ph} events for {key}"
             flows[key][ph] = event
     for track, spans in slices.items():
-        spans.sort()
+        spans.sort(key=lambda span: (span[0], -span[1]))  # on one start the longer slice encloses the rest
         stack: list[float] = []
         for start, end in spans:
             # timestamps are microseconds with 3 decimals: viewers round them to whole nanoseconds

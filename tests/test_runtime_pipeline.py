@@ -26,6 +26,7 @@ REPORT_KEYS = {
     "frame_ms",
     "end_to_end_ms",
     "stages",
+    "capture",
     "edges",
     "playback",
     "frames_lost",

@@ -18,6 +18,7 @@ from rtpipe.shm.frame import FRAME_RECORD_DTYPE
 from rtpipe.stages.base import FRAME_MS
 
 # In a record, stage k's enter/exit are in chain order (0 = source: enter = capture time, exit = publish).
+# What the source's enter..exit holds is split once, by `capture_parts_ms`; every consumer uses that.
 
 PERCENTILE_KEYS = ("p50", "p95", "p99", "max", "mean")
 
@@ -33,8 +34,9 @@ class Percentiles(TypedDict):
 
 
 class StageRow(TypedDict):
-    """One stage: its compute time per frame (enter to exit; a live source's less the frame's own
-    arrival), real-time factor (mean compute / frame), frames over one frame's time, restarts."""
+    """One stage: its compute time per frame (enter to exit; for the source, its own work as
+    `capture_parts_ms` defines it), real-time factor (mean compute / frame), frames over one frame's
+    time, restarts."""
 
     compute_ms: Percentiles
     rtf: float
@@ -71,14 +73,28 @@ class Playback(TypedDict):
     target_ms: float
 
 
+class Capture(TypedDict):
+    """The source's time per frame, capture of the first sample to publish (total_ms), in its parts
+    (`capture_parts_ms`): algorithmic_ms, the frame's own length (a live source must fill the frame
+    before it can go; 0 for a file or tone); device_ms, what is left after the frame's last sample until
+    the source publishes it (a live source: the device's blocks, its input latency, the hand-over);
+    work_ms, the source's own work (a file or tone: the read, publish and pacing wake-up)."""
+
+    live_source: bool
+    algorithmic_ms: float
+    device_ms: Percentiles
+    work_ms: Percentiles
+    total_ms: Percentiles
+
+
 class Samples(TypedDict):
     """The report's per-frame values, one list entry per frame in sequence order (ms unless `_s`)."""
 
     seq: list[int]
     t_s: list[float]  # capture time since the run's start
     end_to_end_ms: list[float]
-    capture_ms: list[float]
-    stage_ms: dict[str, list[float]]
+    capture_ms: list[float]  # the source's total (Capture.total_ms): algorithmic + device + work
+    stage_ms: dict[str, list[float]]  # the source's entry is its own work (Capture.work_ms)
     wait_ms: dict[str, list[float]]
     playback_ms: list[float]
 
@@ -92,6 +108,7 @@ class Snapshot(TypedDict):
     frame_ms: float
     end_to_end_ms: Percentiles
     stages: dict[str, StageRow]
+    capture: Capture
     edges: dict[str, SnapshotEdgeRow]
     playback: Playback
     frames_lost: int
@@ -109,6 +126,7 @@ class Report(TypedDict):
     frame_ms: float
     end_to_end_ms: Percentiles
     stages: dict[str, StageRow]
+    capture: Capture
     edges: dict[str, EdgeRow]
     playback: Playback
     frames_lost: int
@@ -167,6 +185,45 @@ class RunCounters:
 
 
 @dataclass
+class CaptureParts:
+    """The source's time per frame in its parts, ms: algorithmic_ms (one number, the same for every
+    frame), device_ms and work_ms (one entry per frame). Per frame algorithmic + device + work is the
+    total (capture to publish), except where a live source published before its frame's last sample
+    was due (a capture clock error): device_ms is then 0, never negative."""
+
+    live_source: bool
+    algorithmic_ms: float
+    device_ms: np.ndarray
+    work_ms: np.ndarray
+
+
+def capture_parts_ms(total_ms: Sequence[float] | np.ndarray, *, live_source: bool, frame_ms: float) -> CaptureParts:
+    """Splits the source's per-frame total (publish - capture of its first sample, ms) into its parts.
+
+    A live source (a microphone) stamps the capture of the frame's first sample, so its total holds the
+    frame itself (algorithmic: frame_ms, the frame must be filled before it can go) and then device
+    input: the rest, from the frame's last sample to the publish (the device's blocks, PortAudio's
+    input latency, the wait in the capture queue and the publish itself, which are not stamped apart:
+    a live source's work_ms is 0). A file or tone source waits on no device: its capture stamp is when
+    its frame was due, so all of its total is its own work (read, publish, how late its pacing woke)."""
+    total = np.asarray(total_ms, dtype=np.float64)
+    if live_source:
+        return CaptureParts(True, float(frame_ms), np.maximum(total - frame_ms, 0.0), np.zeros_like(total))
+    return CaptureParts(False, 0.0, np.zeros_like(total), total)
+
+
+def _capture(columns: RecordColumns, live_source: bool, frame_ms: float) -> Capture:
+    parts = capture_parts_ms(columns.capture_ms, live_source=live_source, frame_ms=frame_ms)
+    return Capture(
+        live_source=parts.live_source,
+        algorithmic_ms=parts.algorithmic_ms,
+        device_ms=summarize_ms(parts.device_ms),
+        work_ms=summarize_ms(parts.work_ms),
+        total_ms=summarize_ms(columns.capture_ms),
+    )
+
+
+@dataclass
 class RecordColumns:
     """Per-frame latencies (ms) derived from records: one array per column, all the same length."""
 
@@ -179,9 +236,18 @@ class RecordColumns:
     playback_ms: np.ndarray
 
 
-def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list[str], t0_ns: int) -> RecordColumns:
-    """Splits records into per-frame latencies: end to end, per stage (exit - enter), per hop (next
-    stage's enter - this stage's exit), capture (source publish - capture) and playback (handoff - enter)."""
+def record_columns(
+    records: np.ndarray,
+    stage_names: list[str],
+    edge_names: list[str],
+    t0_ns: int,
+    *,
+    live_source: bool = False,
+    frame_ms: float = FRAME_MS,
+) -> RecordColumns:
+    """Splits records into per-frame latencies: end to end, per stage (exit - enter; the source's own
+    work, `capture_parts_ms`), per hop (next stage's enter - this stage's exit), capture (source publish
+    - capture) and playback (handoff - enter)."""
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
     n_stages = len(stage_names)
     enter = records["enter_ns"].astype(np.int64)
@@ -190,11 +256,14 @@ def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list
     stage_ms = {name: (exit_[:, k] - enter[:, k]) * to_ms for k, name in enumerate(stage_names)}
     wait_ms = {name: (enter[:, k + 1] - exit_[:, k]) * to_ms for k, name in enumerate(edge_names)}
     sink = n_stages - 1
+    capture_ms = (exit_[:, 0] - records["capture_ns"]) * to_ms if n_stages else np.zeros(records.size)
+    if n_stages:
+        stage_ms[stage_names[0]] = capture_parts_ms(capture_ms, live_source=live_source, frame_ms=frame_ms).work_ms
     return RecordColumns(
         seq=records["seq"].astype(np.int64),
         t_s=(records["capture_ns"].astype(np.int64) - t0_ns) * 1e-9,
         end_to_end_ms=(records["handoff_ns"] - records["capture_ns"]) * to_ms,
-        capture_ms=(exit_[:, 0] - records["capture_ns"]) * to_ms,
+        capture_ms=capture_ms,
         stage_ms=stage_ms,
         wait_ms=wait_ms,
         playback_ms=(records["handoff_ns"] - enter[:, sink]) * to_ms if n_stages else np.zeros(0),
@@ -203,12 +272,8 @@ def record_columns(records: np.ndarray, stage_names: list[str], edge_names: list
 
 def _stage_table(columns: RecordColumns, counters: RunCounters, frame_ms: float) -> dict[str, StageRow]:
     stages = {}
-    for k, name in enumerate(counters.stage_names):
-        compute = columns.stage_ms[name]
-        if k == 0 and counters.live_source:
-            # A live source's enter is the capture of its first sample: the frame itself takes
-            # frame_ms to arrive, so only what comes after that is the source's own work.
-            compute = np.maximum(compute - frame_ms, 0.0)
+    for name in counters.stage_names:
+        compute = columns.stage_ms[name]  # the source's: its own work (capture_parts_ms)
         stages[name] = StageRow(
             compute_ms=summarize_ms(compute),
             rtf=round(float(np.mean(compute)) / frame_ms, 4) if compute.size else 0.0,
@@ -268,13 +333,16 @@ def build_report(
 ) -> Report:
     """The run report over every record, with per-frame samples (`Report`)."""
     records = np.asarray(records, dtype=FRAME_RECORD_DTYPE)
-    columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
+    columns = record_columns(
+        records, counters.stage_names, counters.edge_names, t0_ns, live_source=counters.live_source, frame_ms=frame_ms
+    )
     return Report(
         frames=int(records.size),
         seconds=round(float(seconds), 3),
         frame_ms=float(frame_ms),
         end_to_end_ms=summarize_ms(columns.end_to_end_ms),
         stages=_stage_table(columns, counters, frame_ms),
+        capture=_capture(columns, counters.live_source, frame_ms),
         edges=_edge_table(columns, counters),
         playback=_playback(counters),
         frames_lost=int(counters.frames_lost),
@@ -307,7 +375,9 @@ def build_snapshot(
     """What observers get once a second (`Snapshot`): percentiles over `recent_records` (the last few
     seconds), counters for the whole run, each edge's current fill and the latest text."""
     records = np.asarray(recent_records, dtype=FRAME_RECORD_DTYPE)
-    columns = record_columns(records, counters.stage_names, counters.edge_names, t0_ns)
+    columns = record_columns(
+        records, counters.stage_names, counters.edge_names, t0_ns, live_source=counters.live_source, frame_ms=frame_ms
+    )
     fill = {name: c.fill for name, c in counters.edges.items()}
     return Snapshot(
         frames=int(frames_total),
@@ -315,6 +385,7 @@ def build_snapshot(
         frame_ms=float(frame_ms),
         end_to_end_ms=summarize_ms(columns.end_to_end_ms),
         stages=_stage_table(columns, counters, frame_ms),
+        capture=_capture(columns, counters.live_source, frame_ms),
         edges=_with_fill(_edge_table(columns, counters), fill),
         playback=_playback(counters),
         frames_lost=int(counters.frames_lost),
@@ -337,6 +408,7 @@ def final_snapshot(report: Report, last: Snapshot | None) -> Snapshot:
         frame_ms=report["frame_ms"],
         end_to_end_ms=report["end_to_end_ms"],
         stages=report["stages"],
+        capture=report["capture"],
         edges=_with_fill(report["edges"], fill),
         playback=report["playback"],
         frames_lost=report["frames_lost"],
