@@ -178,8 +178,12 @@ def format_table(report: Report) -> str:
         f"{'stage':<12} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rtf':>7} "
         f"{'misses':>6} {'restarts':>8}"
     ]
-    for name, s in report["stages"].items():
+    capture = report.get("capture")
+    for index, (name, s) in enumerate(report["stages"].items()):
         lines.append(f"{name:<12} {p(s['compute_ms'])} {s['rtf']:7.4f} {s['deadline_misses']:6d} {s['restarts']:8d}")
+        if index == 0 and capture and capture["live_source"]:  # the source's row is its own work; its other parts:
+            lines.append(f"{'  + device':<12} {p(capture['device_ms'])}   (input: its last sample to the publish)")
+            lines.append(f"{'  + frame':<12} {capture['algorithmic_ms']:8.3f}   (algorithmic: the frame fills first)")
     lines.append(
         f"{'edge (wait)':<20} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'drop-old':>8} {'drop-new':>8} {'blocked':>7}"

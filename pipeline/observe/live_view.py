@@ -82,6 +82,14 @@ def _stage_table(snapshot: Snapshot | None, run_info: RunInfo) -> Table:
             _count(row["deadline_misses"]),
             _count(row["restarts"]),
         )
+        capture = snapshot["capture"] if snapshot and name == run_info["stages"][0] else None
+        if capture and capture["live_source"]:  # the rest of a live source's time (report.capture_parts_ms)
+            device = capture["device_ms"]
+            table.add_row(
+                "  + device input", "", _ms(device["p50"]), _ms(device["p99"]), "", Text(""), Text(""), Text("")
+            )
+            frame = _ms(capture["algorithmic_ms"])
+            table.add_row("  + frame (algorithmic)", "", frame, frame, "", Text(""), Text(""), Text(""))
     return table
 
 

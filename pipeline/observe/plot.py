@@ -1,7 +1,8 @@
 """Latency plots from a run report's per-frame samples (no re-run needed): used by `rtpipe plot`.
 
 Three panels: end-to-end latency over time against the frame (the deadline), each stage's compute-time
-distribution, and a stacked bar of the median budget (capture, each stage, each hop, playback buffer).
+distribution, and a stacked bar of the median budget (capture in its parts, each stage, each hop, playback
+buffer). The source's parts (the algorithmic frame, device input, its own work) are report.capture_parts_ms's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from rtpipe.pipeline.observe.report import Report
+from rtpipe.pipeline.observe.report import CaptureParts, Report, capture_parts_ms
 from rtpipe.stages.base import FRAME_MS
 from rtpipe.stages.errors import RtpipeError
 
@@ -103,8 +104,37 @@ def _values(values: Sequence[float | None]) -> np.ndarray:
     return np.where(array >= 0, array, np.nan)
 
 
+BUDGET_ALGORITHMIC = "capture: frame (algorithmic)"
+BUDGET_DEVICE = "capture: device input"
+
+
+def report_capture_parts(report: Report) -> CaptureParts:
+    """The source's per-frame parts for `report` (report.capture_parts_ms over samples.capture_ms); a
+    report written before the "capture" section counts as a file source's (no algorithmic frame)."""
+    capture = report.get("capture")
+    live_source = bool(capture.get("live_source", False)) if isinstance(capture, dict) else False
+    return capture_parts_ms(
+        _values(report["samples"]["capture_ms"]), live_source=live_source, frame_ms=float(report["frame_ms"])
+    )
+
+
+def compute_panel_ms(report: Report) -> list[tuple[str, np.ndarray]]:
+    """What the per-stage panel draws, in chain order: (label, per-frame ms) per stage. The source's
+    entry is its own work, or for a live source its device input (its work is not stamped apart), never
+    the frame's own length."""
+    samples = report["samples"]
+    names = list(samples["stage_ms"])
+    panel = [(name, _values(samples["stage_ms"][name])) for name in names]
+    if panel:
+        parts = report_capture_parts(report)
+        source = names[0]
+        panel[0] = (f"{source} (device input)", parts.device_ms) if parts.live_source else (source, parts.work_ms)
+    return panel
+
+
 def budget_segments_ms(report: Report) -> list[tuple[str, float]]:
-    """The median of each part of the end-to-end latency, in chain order: capture, then each hop's wait
+    """The median of each part of the end-to-end latency, in chain order: capture in its parts (a live
+    source: the algorithmic frame, then device input; any other: its own work), then each hop's wait
     and each following stage's compute, then the playback buffer (hand-off minus the sink's exit).
     Per frame these parts add up to the end-to-end latency."""
     samples = report["samples"]
@@ -112,7 +142,14 @@ def budget_segments_ms(report: Report) -> list[tuple[str, float]]:
     wait_ms = {name: _values(v) for name, v in samples["wait_ms"].items()}
     stages = list(report.get("stages") or stage_ms) or list(stage_ms)
     stages = [s for s in stages if s in stage_ms]
-    segments = [("capture", _values(samples["capture_ms"]))]
+    parts = report_capture_parts(report)
+    if parts.live_source:
+        segments = [
+            (BUDGET_ALGORITHMIC, np.full(parts.device_ms.shape, parts.algorithmic_ms)),
+            (BUDGET_DEVICE, parts.device_ms),
+        ]
+    else:
+        segments = [("capture", parts.work_ms)]
     for upstream, downstream in itertools.pairwise(stages):
         edge = f"{upstream}->{downstream}"
         if edge in wait_ms:
@@ -163,10 +200,10 @@ def plot_report(
     ax_time.legend(loc="upper right", fontsize="small")
     ax_time.grid(alpha=0.3)
 
-    names = list(samples["stage_ms"])
+    panel = compute_panel_ms(report)
+    names = [name for name, _ in panel]
     data = []
-    for name in names:
-        values = _values(samples["stage_ms"][name])
+    for _, values in panel:
         values = values[np.isfinite(values)]
         data.append(np.maximum(values, 1e-3) if values.size else np.array([1e-3]))
     ax_compute.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})

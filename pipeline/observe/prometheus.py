@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
-from rtpipe.pipeline.observe.report import Report, Snapshot, final_snapshot, no_playback
+from rtpipe.pipeline.observe.report import Report, Snapshot, capture_parts_ms, final_snapshot, no_playback
 from rtpipe.stages.errors import ConfigError
 
 # fractions of one frame: fine below the 80 ms deadline, coarse above it
@@ -141,6 +141,14 @@ class _CountsCollector(Collector):
             "The speaker's jitter buffer target: audio queued when a frame lands, ms.",
             value=playback["target_ms"],
         )
+        yield GaugeMetricFamily(
+            "rtpipe_capture_algorithmic_seconds",
+            "The frame's own length a live source waits to fill before it can go (0 for a file or tone).",
+            value=capture_parts_ms(
+                [], live_source=run_info["live_source"], frame_ms=run_info["frame_ms"]
+            ).algorithmic_ms
+            / 1000.0,
+        )
         yield CounterMetricFamily(
             "rtpipe_frames_lost", "Frames that never reached the sink.", value=counts["frames_lost"] if counts else 0
         )
@@ -200,8 +208,15 @@ class PrometheusExporter(Observer):
         )
         self.compute = Histogram(
             "rtpipe_stage_compute_seconds",
-            "Time a stage spent on one frame, enter to exit (a live source: less the frame's own 80 ms).",
+            "Time a stage spent on one frame, enter to exit (the source: its own work, without the frame's "
+            "own length or device input).",
             ["stage"],
+            registry=self.registry,
+            buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES),
+        )
+        self.capture_device = Histogram(
+            "rtpipe_capture_device_input_seconds",
+            "A live source: from the frame's last sample to its publish (device blocks, input latency); 0 otherwise.",
             registry=self.registry,
             buckets=_buckets_s(frame_ms, COMPUTE_BUCKETS_FRAMES),
         )
@@ -260,22 +275,27 @@ class PrometheusExporter(Observer):
             return
         enter = records["enter_ns"].astype(np.int64)
         leave = records["exit_ns"].astype(np.int64)
-        frame_ns = int(self.run_info["frame_ms"] * 1e6)
+        capture = records["capture_ns"].astype(np.int64)
         for index, stage in enumerate(stages):
             seen = (enter[:, index] > 0) & (leave[:, index] >= enter[:, index])
-            compute_ns = leave[seen, index] - enter[seen, index]
-            if index == 0 and self.run_info["live_source"]:
-                # as in the report: a live source's frame takes one frame to arrive; only the rest is work
-                compute_ns = np.maximum(compute_ns - frame_ns, 0)
+            compute_s = (leave[seen, index] - enter[seen, index]) / 1e9
+            if index == 0:  # the source's parts, as the report counts them
+                parts = capture_parts_ms(
+                    (leave[seen, 0] - capture[seen]) / 1e6,
+                    live_source=self.run_info["live_source"],
+                    frame_ms=self.run_info["frame_ms"],
+                )
+                compute_s = parts.work_ms / 1000.0
+                for value_ms in parts.device_ms:
+                    self.capture_device.observe(value_ms / 1000.0)
             child = self.compute.labels(stage=stage)
-            for value_ns in compute_ns:
-                child.observe(value_ns / 1e9)
+            for value_s in compute_s:
+                child.observe(value_s)
         for index, edge in enumerate(edges[: max(len(stages) - 1, 0)]):
             seen = (leave[:, index] > 0) & (enter[:, index + 1] >= leave[:, index])
             child = self.wait.labels(edge=edge)
             for value_ns in enter[seen, index + 1] - leave[seen, index]:
                 child.observe(value_ns / 1e9)
-        capture = records["capture_ns"].astype(np.int64)
         handoff = records["handoff_ns"].astype(np.int64)
         seen = (capture > 0) & (handoff >= capture)
         for value_ns in handoff[seen] - capture[seen]:

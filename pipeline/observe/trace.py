@@ -1,8 +1,10 @@
 """`rtpipe run --trace run.json`: a Chrome/Perfetto trace of the run (open it in ui.perfetto.dev).
 
 One track per stage process, one slice per frame per stage, flow arrows carrying each frame from one
-process to the next, and counters for ring fill levels. Written as it goes in the JSON array format, which
-trace viewers read even when a crashed run never wrote the closing bracket; `on_stop` closes it.
+process to the next, and counters for ring fill levels. The source's slice carries its parts
+(report.capture_parts_ms) as args; a live source's nests its frame (algorithmic) and then device input.
+Written as it goes in the JSON array format, which trace viewers read even when a crashed run never wrote
+the closing bracket; `on_stop` closes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
-from rtpipe.pipeline.observe.report import Report, Snapshot
+from rtpipe.pipeline.observe.report import Report, Snapshot, capture_parts_ms
 from rtpipe.stages.errors import ConfigError
 
 MAX_LANES = 8  # slices of one stage that overlap in time (a source's 80 ms capture windows) go on lanes
@@ -112,6 +114,31 @@ class TraceWriter(Observer):
         self._file.write(prefix + ",\n".join(parts))
         self._events_written += len(parts)
 
+    def _capture_parts(self, source_slice: TraceEvent, algorithmic_ms: float, device_ms: float) -> list[TraceEvent]:
+        """A live source's slice (capture to publish) split into two nested slices: its frame filling
+        (algorithmic) and then device input; none for a source whose algorithmic part is 0."""
+        if algorithmic_ms <= 0:
+            return []
+        start_us, end_us = source_slice["ts"], source_slice["ts"] + source_slice["dur"]
+        frame_end_us = round(min(start_us + algorithmic_ms * 1000.0, end_us), 3)
+        common = {"cat": "capture", "ph": "X", "pid": source_slice["pid"], "tid": source_slice["tid"]}
+        return [
+            {
+                **common,
+                "name": "frame (algorithmic)",
+                "ts": start_us,
+                "dur": round(frame_end_us - start_us, 3),
+                "args": {},
+            },
+            {
+                **common,
+                "name": "device input",
+                "ts": frame_end_us,
+                "dur": round(max(end_us - frame_end_us, 0.0), 3),
+                "args": {"device_ms": round(device_ms, 3)},
+            },
+        ]
+
     # -- observer hooks -----------------------------------------------------------------------------------
 
     def on_start(self, run_info: RunInfo) -> None:
@@ -139,7 +166,11 @@ class TraceWriter(Observer):
             return
         n_stages = len(self.stages)
         events: list[TraceEvent] = []
-        for record in records:
+        total_ms = (records["exit_ns"][:, 0].astype(np.int64) - records["capture_ns"].astype(np.int64)) / 1e6
+        parts = capture_parts_ms(
+            total_ms, live_source=bool(self.run_info["live_source"]), frame_ms=float(self.run_info["frame_ms"])
+        )
+        for index_in_batch, record in enumerate(records):
             seq = int(record["seq"])
             flags = int(record["flags"])
             enter_ns = record["enter_ns"]
@@ -166,6 +197,15 @@ class TraceWriter(Observer):
                         "args": {"seq": seq, "flags": flags},
                     }
                 )
+                if stage == 0:  # the source's parts, as the report counts them
+                    device_ms = float(parts.device_ms[index_in_batch])
+                    source_slice = events[-1]
+                    source_slice["args"].update(
+                        algorithmic_ms=round(parts.algorithmic_ms, 3),
+                        device_ms=round(device_ms, 3),
+                        work_ms=round(float(parts.work_ms[index_in_batch]), 3),
+                    )
+                    events += self._capture_parts(source_slice, parts.algorithmic_ms, device_ms)
                 # flow arrows bind to the enclosing slice ("bp": "e") at the slice's midpoint
                 bind_us = round(start_us + dur_us / 2, 3)
                 if previous is not None and previous[0] == stage - 1:
