@@ -4,15 +4,15 @@ decode, each in its own process, end to end on speech, as `rtpipe run` does."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import soundfile as sf
 
 from rtpipe.pipeline.cli import run as cmd_run
 from rtpipe.pipeline.runtime import config as pipeline_config
+from rtpipe.shm import cleanup
 
-from runtime_support import TESTS_DIR
+from runtime_support import TESTS_DIR, run_segments
 
 SPEECH = TESTS_DIR.parent / "stages" / "data" / "speech.wav"
 
@@ -24,10 +24,17 @@ def test_default_config_names_the_model_stages_one_thread_each():
     assert [stage.threads for stage in config.stages[1:4]] == [1, 1, 1]
 
 
-def test_default_pipeline_runs_speech_through_five_processes_frame_for_frame(tmp_path, capsys):
+def test_default_pipeline_runs_speech_through_five_processes_frame_for_frame(tmp_path, capsys, monkeypatch):
     speech, rate = sf.read(str(SPEECH), dtype="float32")
     assert rate == 24_000
-    before = set(os.listdir("/dev/shm"))
+    # this run's id, to look for its own segments afterwards (other runs may share /dev/shm meanwhile)
+    run_ids = []
+
+    def recording_new_run_id(new_run_id=cleanup.new_run_id):
+        run_ids.append(new_run_id())
+        return run_ids[-1]
+
+    monkeypatch.setattr(cleanup, "new_run_id", recording_new_run_id)
     code = cmd_run.main(
         [
             "--input",
@@ -51,4 +58,4 @@ def test_default_pipeline_runs_speech_through_five_processes_frame_for_frame(tmp
     assert out_rate == 24_000 and len(out) == frames * 1920
     # random weights: the audio is not speech, but it is audio, not silence or garbage
     assert np.isfinite(out).all() and 0 < np.abs(out[1920:]).max() <= 1.5
-    assert set(os.listdir("/dev/shm")) <= before
+    assert len(run_ids) == 1 and run_segments(run_ids[0]) == []
