@@ -122,7 +122,8 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
 
 
 def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_when_they_pile_up(pulse_null_sink):
-    speaker = SpeakerPlayback(SpeakerParams(target_latency_ms=120.0, max_latency_ms=400.0))
+    # the fixed buffer: its underrun and overflow are what this counts (the adaptive one trims instead)
+    speaker = SpeakerPlayback(SpeakerParams(playout="fixed", target_latency_ms=120.0, max_latency_ms=400.0))
     speaker.open()
     try:
         for _ in range(3):
@@ -131,7 +132,14 @@ def test_the_live_speaker_counts_an_underrun_when_frames_stop_and_an_overflow_wh
         deadline = time.monotonic() + PROCESS_TIMEOUT_S
         while speaker.counters()["underruns"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert speaker.counters() == {"underruns": 1, "overflows": 0, "device_underflows": 0}
+        assert speaker.counters() == {
+            "underruns": 1,
+            "overflows": 0,
+            "device_underflows": 0,
+            "trims": 0,
+            "trimmed_ms": 0.0,
+            "target_ms": 120.0,
+        }
         # a burst far beyond max_latency_ms is trimmed back to the target (at least once)
         for _ in range(12):
             speaker.write(np.zeros(FRAME_SAMPLES, dtype=np.float32))

@@ -402,7 +402,7 @@ def test_a_reset_microphone_drops_frames_captured_before_it(monkeypatch):
         "_sounddevice",
         fake_sounddevice(InputStream=lambda **kw: streams.append(FakeInputStream(8 * 3, **kw)) or streams[-1]),
     )
-    mic = opened(MicrophoneCapture, {"watchdog_s": 30.0})
+    mic = opened(MicrophoneCapture, {"block_samples": 240, "watchdog_s": 30.0})
     assert streams[0].done.wait(10)
     assert mic.read(1.0) is not None
     mic.reset()
@@ -411,7 +411,7 @@ def test_a_reset_microphone_drops_frames_captured_before_it(monkeypatch):
 
 def test_the_microphone_watchdog_raises_when_callbacks_stop(monkeypatch):
     monkeypatch.setattr(audio_io, "_sounddevice", fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8, **kw)))
-    mic = opened(MicrophoneCapture, {"watchdog_s": 0.2})
+    mic = opened(MicrophoneCapture, {"block_samples": 240, "watchdog_s": 0.2})
     assert mic.read(5.0) is not None
     with pytest.raises(AudioError, match="capture.microphone: no audio from input device 'default'"):
         for _ in range(100):
@@ -422,7 +422,7 @@ def test_the_microphone_stops_after_seconds(monkeypatch):
     monkeypatch.setattr(
         audio_io, "_sounddevice", fake_sounddevice(InputStream=lambda **kw: FakeInputStream(8 * 3, **kw))
     )
-    mic = opened(MicrophoneCapture, {"seconds": 0.1, "watchdog_s": 30.0})
+    mic = opened(MicrophoneCapture, {"block_samples": 240, "seconds": 0.1, "watchdog_s": 30.0})
     assert mic.read(5.0) is not None and mic.read(5.0) is not None
     with pytest.raises(EndOfStream):
         mic.read(5.0)
