@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+
 NS_PER_S = 1_000_000_000
 
 
@@ -38,8 +40,8 @@ NS_PER_S = 1_000_000_000
 class PlayoutConfig:
     """Adaptive playout parameters (ms of audio unless named otherwise); see the module docstring."""
 
-    sample_rate: int = 24_000
-    frame_samples: int = 1920
+    sample_rate: int = SAMPLE_RATE
+    frame_samples: int = FRAME_SAMPLES
     start_target_ms: float = 120.0  # the target before any lateness is measured
     min_target_ms: float = 90.0  # one frame and a device block: the queue never aims lower
     max_target_ms: float = 240.0  # the target never aims higher
