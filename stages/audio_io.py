@@ -548,14 +548,14 @@ class SpeakerParams:
     target_latency_ms: float = 120.0  # queue length when a frame lands (adaptive: until lateness is known)
     max_latency_ms: float = 320.0  # more than this queued: trim the oldest back to the target
     watchdog_s: float = 3.0  # write() raises AudioError when no callback came for this long
-    # adaptive only (see stages/playout.py):
-    min_target_ms: float = 90.0  # the target never goes below this
-    max_target_ms: float = 240.0  # ... nor above this (nor above max_latency_ms - one frame)
-    lateness_window_ms: float = 3000.0  # the lateness statistics cover this much recent audio
-    lateness_percentile: float = 95.0  # the target covers this percentile of lateness ...
-    margin_ms: float = 20.0  # ... plus this
-    underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this (for one window)
-    speech_cut_ms: float = 10.0  # the most a frame of speech may lose to a trim (silence: any amount)
+    # adaptive only (see stages/playout.py, whose PlayoutConfig holds the defaults):
+    min_target_ms: float = PlayoutConfig.min_target_ms  # the target never goes below this
+    max_target_ms: float = PlayoutConfig.max_target_ms  # ... nor above this (nor max_latency_ms - a frame)
+    lateness_window_ms: float = PlayoutConfig.window_ms  # the lateness statistics cover this much audio
+    lateness_percentile: float = PlayoutConfig.percentile  # the target covers this percentile of lateness
+    margin_ms: float = PlayoutConfig.margin_ms  # ... plus this
+    underrun_raise_ms: float = PlayoutConfig.underrun_raise_ms  # an underrun raises the floor this (a window)
+    speech_cut_ms: float = PlayoutConfig.speech_cut_ms  # the most a frame of speech loses to a trim
 
     def validate(self, where: str) -> None:
         _check_block(where, self.block_samples)

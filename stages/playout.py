@@ -34,6 +34,7 @@ import numpy as np
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
 NS_PER_S = 1_000_000_000
+ANCHOR_AFTER_FRAMES = 12  # about a second of frames: anchor even if none came on pace
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,12 @@ class PlayoutConfig:
 class PlayoutState:
     """What the playout carries from one frame to the next: plain data, dropped on a restart."""
 
-    samples_seen: int = 0  # samples that have arrived (before any trim): the perfect clock
-    first_arrival_ns: int | None = None
+    samples_seen: int = 0  # samples that have arrived (before any trim) since the reference: the perfect clock
+    first_arrival_ns: int | None = None  # the reference: the arrival lateness is measured against
+    # False at the start and after an underrun, until frames arrive on pace again (see on_arrival)
+    anchored: bool = False
+    last_arrival_ns: int | None = None
+    arrivals_unanchored: int = 0
     # (samples_seen at arrival, transit_ns, lateness_ns) for the arrivals inside the window
     history: collections.deque = field(default_factory=collections.deque)
     floor_ms: float = 0.0  # the target's floor after underrun(s), until floor_until_samples have arrived
@@ -99,8 +104,12 @@ class AdaptivePlayout:
         """Records a frame of `n_samples` arriving at `arrival_ns` (any monotonic clock, ns); returns the
         new target queue length in samples."""
         c, s = self.config, self.state
-        if s.first_arrival_ns is None:
-            s.first_arrival_ns = arrival_ns
+        if not s.anchored and not self._anchors(arrival_ns):
+            # a start or the burst after a gap: these frames are late or early because of the gap,
+            # which the underrun already paid for; their lateness is no jitter to cover from now on
+            s.target_samples = self._target()
+            return s.target_samples
+        assert s.first_arrival_ns is not None  # set by _anchors
         transit_ns = arrival_ns - s.first_arrival_ns - s.samples_seen * NS_PER_S // c.sample_rate
         window = c.samples(c.window_ms)
         while s.history and s.history[0][0] < s.samples_seen - window:
@@ -113,15 +122,38 @@ class AdaptivePlayout:
         s.target_samples = self._target()
         return s.target_samples
 
+    def _anchors(self, arrival_ns: int) -> bool:
+        """Whether this arrival becomes the reference lateness is measured from: the first to come on pace
+        (between half a frame and a frame and a half after the one before it), or, if none does, the
+        one after ANCHOR_AFTER_FRAMES arrivals (a stream that is never on pace is jitter to cover)."""
+        c, s = self.config, self.state
+        frame_ns = c.frame_samples * NS_PER_S // c.sample_rate
+        gap_ns = None if s.last_arrival_ns is None else arrival_ns - s.last_arrival_ns
+        s.last_arrival_ns = arrival_ns
+        s.arrivals_unanchored += 1
+        on_pace = gap_ns is not None and frame_ns // 2 <= gap_ns <= 3 * frame_ns // 2
+        if not (on_pace or s.arrivals_unanchored > ANCHOR_AFTER_FRAMES):
+            return False
+        s.anchored = True
+        s.first_arrival_ns = arrival_ns
+        s.samples_seen = 0
+        return True
+
     def on_underrun(self) -> int:
-        """The player ran dry: clears the lateness history and raises the floor; returns the new target."""
+        """The player ran dry: clears the lateness history and raises the floor; returns the new target.
+
+        An underrun before frames came on pace (a slow start, or still the burst after a gap) raises
+        nothing: those frames are late because of one stall, not because of jitter to cover."""
         c, s = self.config, self.state
         s.history.clear()
-        s.first_arrival_ns = None  # the next arrival is the new reference
-        s.samples_seen = 0
-        target_ms = 1000.0 * s.target_samples / c.sample_rate
-        s.floor_ms = min(max(s.floor_ms, target_ms) + c.underrun_raise_ms, c.max_target_ms)
-        s.floor_until_samples = c.samples(c.window_ms)
+        was_anchored = s.anchored
+        s.anchored = False  # the frames that end the gap come late, then in a burst: anchor after them
+        s.last_arrival_ns = None
+        s.arrivals_unanchored = 0
+        if was_anchored:
+            target_ms = 1000.0 * s.target_samples / c.sample_rate
+            s.floor_ms = min(max(s.floor_ms, target_ms) + c.underrun_raise_ms, c.max_target_ms)
+            s.floor_until_samples = c.samples(c.window_ms)
         s.target_samples = self._target()
         return s.target_samples
 

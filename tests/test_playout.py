@@ -123,6 +123,11 @@ def test_an_underrun_raises_the_target_and_the_raise_expires_after_a_window():
     assert before == CONFIG.samples(80 + CONFIG.margin_ms)
     raised = playout.on_underrun()
     assert raised >= before + CONFIG.samples(CONFIG.underrun_raise_ms)
+    # an underrun before frames come on pace again is the same stall: no second raise
+    assert playout.on_underrun() == raised
+    for _ in range(2):  # on pace again: the next underrun is a new one, and raises it further
+        playout.on_arrival(t, FRAME)
+        t += 80_000_000
     assert playout.on_underrun() > raised  # repeated underruns keep raising it
     for _ in range(int(CONFIG.window_ms / 80) + 2):
         playout.on_arrival(t, FRAME)
@@ -209,3 +214,29 @@ def test_the_fixed_buffer_has_no_playout_and_keeps_its_target():
     for frame in tone_frames(3):
         buffer.push(frame)
     assert buffer.playout is None and buffer.target_samples == 120 * MS and buffer.counters.trims == 0
+
+
+def test_a_slow_start_is_no_lateness_to_cover_once_frames_come_on_pace():
+    # a model warming up: its first 4 frames 250 ms apart, the 8 queued behind them in a burst, then on
+    # time: the start is paid once (the queue is trimmed back), and once frames come on pace the target
+    # does not carry the start's lateness for a window
+    times = [250.0 * k for k in range(4)] + [750.0 + i for i in range(1, 9)]
+    times += [times[-1] + 80.0 * k for k in range(1, 60)]
+    sim = Simulation()
+    sim.run(times, tone_frames(len(times)), until_ms=times[-1] + 100)
+    on_pace = [target for _, target in sim.at_push[13:40]]
+    assert max(on_pace) <= CONFIG.samples(CONFIG.start_target_ms), [round(t / MS) for t in on_pace]
+
+
+def test_frames_that_never_come_on_pace_are_still_measured():
+    # every frame alternates 0 and 160 ms apart: never on pace, so after ANCHOR_AFTER_FRAMES arrivals
+    # the playout anchors anyway and covers that jitter
+    from rtpipe.stages.playout import ANCHOR_AFTER_FRAMES
+
+    playout = AdaptivePlayout(CONFIG)
+    t_ns = 0
+    for k in range(ANCHOR_AFTER_FRAMES + 40):
+        t_ns += 0 if k % 2 else 160_000_000
+        playout.on_arrival(t_ns, FRAME)
+    assert playout.state.anchored
+    assert playout.target_samples >= CONFIG.samples(80 + 80)  # one frame plus the 80 ms it is late every other time
