@@ -5,9 +5,17 @@ cross-correlation, never assuming a lag, and the child processes that play and r
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
+import psutil
+import pytest
 
 from rtpipe.stages.audio_io import (
     FileCapture,
@@ -18,6 +26,9 @@ from rtpipe.stages.audio_io import (
     SpeakerPlayback,
 )
 from rtpipe.stages.base import EndOfStream
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_TIMEOUT_S = 90.0
 
 
 def find_lag(recording: np.ndarray, played: np.ndarray) -> tuple[int, float]:
@@ -125,3 +136,51 @@ def speech(seconds: float) -> np.ndarray:
     except EndOfStream:
         pass
     return np.concatenate(frames)
+
+
+class PipelineRun:
+    """`rtpipe run` in a subprocess; `running` is set once its status line counts frames."""
+
+    def __init__(self, args: list[str], env: dict):
+        self.lines: list[str] = []
+        self.running = threading.Event()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rtpipe.pipeline.cli", "run", *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if "ALSA lib" in line or "Expression '" in line:
+                continue  # PortAudio/ALSA chatter on PulseAudio's null sink: harmless
+            self.lines.append(line.rstrip())
+            match = re.search(r"frames\s+(\d+)", line)
+            if match and int(match.group(1)) > 0:
+                self.running.set()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # a clean stop: the report is still written
+        try:
+            return self.process.wait(PIPELINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail("rtpipe run did not stop after SIGINT:\n" + self.output())
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def stage_pid(self, stage: str) -> int:
+        """The pid of this run's process for `stage` (`python -m rtpipe.pipeline.runtime.host STAGE`)."""
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if child.cmdline()[-2:] == ["rtpipe.pipeline.runtime.host", stage]:
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        raise LookupError(f"no process for stage {stage!r}:\n{self.output()}")

@@ -144,6 +144,29 @@ class HangOnce(Stage):
 
 
 @dataclass
+class SlowStartParams:
+    frames: int = 4  # how many of the first frames are slow
+    sleep_ms: float = 250.0  # how long each of them takes: longer than a frame, so the ones after queue
+
+
+class SlowStart(Stage):
+    """A pass-through processor whose first frames each take `sleep_ms`, as a model warming up does:
+    the frames behind them queue, then arrive late and in a burst."""
+
+    role = Role.PROCESSOR
+    Params = SlowStartParams
+
+    def open(self, device: str = "cpu") -> None:
+        self.seen = 0
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        self.seen += 1
+        if self.seen <= self.params.frames:
+            time.sleep(self.params.sleep_ms / 1000.0)
+        return frame
+
+
+@dataclass
 class DeviceUnderflowsParams:
     underflows: int = 3
 

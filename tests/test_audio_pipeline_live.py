@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,50 +16,11 @@ import pytest
 
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
 
-from audio_support import chunk_lags, play_speech, record_microphone, speech
+from audio_support import PipelineRun, chunk_lags, play_speech, record_microphone, speech
 
-REPO = Path(__file__).resolve().parents[1]
 SPEECH_SECONDS = 5.0
 CHUNK_SAMPLES = SAMPLE_RATE // 2
 TIMEOUT_S = 90.0
-
-
-class PipelineRun:
-    """`rtpipe run` in a subprocess; `running` is set once its status line counts frames."""
-
-    def __init__(self, args: list[str], env: dict):
-        self.lines: list[str] = []
-        self.running = threading.Event()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "rtpipe.pipeline.cli", "run", *args],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            if "ALSA lib" in line or "Expression '" in line:
-                continue  # PortAudio/ALSA chatter on PulseAudio's null sink: harmless
-            self.lines.append(line.rstrip())
-            match = re.search(r"frames\s+(\d+)", line)
-            if match and int(match.group(1)) > 0:
-                self.running.set()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # a clean stop: the report is still written
-        try:
-            return self.process.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            pytest.fail("rtpipe run did not stop after SIGINT:\n" + self.output())
-
-    def output(self) -> str:
-        return "\n".join(self.lines[-40:])
 
 
 def _one_take(session, out_sink: str, tmp_path: Path, take: int) -> dict:
