@@ -81,24 +81,24 @@ def test_settling_time_is_from_the_freeze_to_the_first_frame_back_in_the_band_fo
     playback[20:26] = [200.0, 150.0, 90.0, 50.0, 40.0, 60.0]  # frame 25 out again: not settled until 26
     samples = _samples(playback)
     freeze_s = 1.5  # frame 19 reaches the speaker at 1.62 s, frame 18 at 1.54 s
-    settle = live.settling_time_s(samples, freeze_s)
+    settle = live.settling_time_s(samples, freeze_s, smooth_frames=1)
     # frame 26 is the first in the band for good: it reaches the speaker at 26 * 0.08 + 0.1 s
     assert settle == pytest.approx(26 * 0.08 + 0.1 - freeze_s)
 
 
 def test_a_buffer_that_never_left_its_band_settled_at_once():
     samples = _samples([40.0, 45.0, 35.0, 52.0, 40.0] * 10)
-    assert live.settling_time_s(samples, freeze_s=1.0) == 0.0
+    assert live.settling_time_s(samples, freeze_s=1.0, smooth_frames=1) == 0.0
 
 
 def test_a_buffer_still_out_of_its_band_at_the_end_never_settled():
     playback = [40.0] * 40 + [120.0] * 5
-    assert live.settling_time_s(_samples(playback), freeze_s=1.0) is None
+    assert live.settling_time_s(_samples(playback), freeze_s=1.0, smooth_frames=1) is None
 
 
 def test_no_frame_after_the_freeze_means_no_settling_time():
-    assert live.settling_time_s(_samples([40.0] * 10), freeze_s=60.0) is None
-    assert live.settling_time_s(_samples([]), freeze_s=0.0) is None
+    assert live.settling_time_s(_samples([40.0] * 10), freeze_s=60.0, smooth_frames=1) is None
+    assert live.settling_time_s(_samples([]), freeze_s=0.0, smooth_frames=1) is None
 
 
 def test_frames_held_up_by_the_freeze_count_when_they_reach_the_speaker():
@@ -107,15 +107,25 @@ def test_frames_held_up_by_the_freeze_count_when_they_reach_the_speaker():
     playback[9] = 140.0
     samples = _samples(playback, e2e_ms=300.0)
     freeze_s = 0.9  # frame 9 captured at 0.72 s, at the speaker at 1.02 s
-    assert live.settling_time_s(samples, freeze_s) == pytest.approx(10 * 0.08 + 0.3 - freeze_s)
+    assert live.settling_time_s(samples, freeze_s, smooth_frames=1) == pytest.approx(10 * 0.08 + 0.3 - freeze_s)
+
+
+def test_one_slow_frame_is_jitter_not_the_buffers_level():
+    # the running median over about a second: a single frame far out does not unsettle the buffer, a
+    # level that stays out does
+    playback = [40.0] * 60
+    playback[40] = 140.0
+    assert live.settling_time_s(_samples(playback), freeze_s=0.0) == 0.0
+    playback[40:] = [80.0] * 20
+    assert live.settling_time_s(_samples(playback), freeze_s=0.0) is None
 
 
 def test_the_band_is_the_tolerance_around_the_runs_median():
     playback = [40.0] * 30
     playback[15] = 56.0  # 16 ms off: out at 15 ms, in at 20 ms
     samples = _samples(playback)
-    assert live.settling_time_s(samples, 0.0, tolerance_ms=15.0) == pytest.approx(16 * 0.08 + 0.1)
-    assert live.settling_time_s(samples, 0.0, tolerance_ms=20.0) == 0.0
+    assert live.settling_time_s(samples, 0.0, tolerance_ms=15.0, smooth_frames=1) == pytest.approx(16 * 0.08 + 0.1)
+    assert live.settling_time_s(samples, 0.0, tolerance_ms=20.0, smooth_frames=1) == 0.0
 
 
 # --- budget by part ------------------------------------------------------------------------------
