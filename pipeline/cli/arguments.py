@@ -3,10 +3,25 @@ failure is a ConfigError naming the flag, printed as one line with exit code 2."
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
 from rtpipe.stages.errors import ConfigError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG (a TOML file, optional) and --set A.B.C=VALUE (repeatable, into args.overrides): how every
+    command that takes a pipeline config is told which one."""
+    parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B.C=VALUE",
+        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)",
+    )
 
 
 def check_range(flag: str, value: float, low: float, high: float | None = None) -> None:

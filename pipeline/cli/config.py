@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from rtpipe.pipeline.cli.arguments import add_config_arguments
 from rtpipe.pipeline.runtime import config as pipeline_config
 
 
@@ -14,15 +15,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rtpipe config", description="print the effective pipeline config, or its first error"
     )
-    parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="A.B.C=VALUE",
-        help="override one field, e.g. --set stages.lm.kind=echo (repeatable)",
-    )
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     raw = pipeline_config.apply_overrides(pipeline_config.load_raw(args.config), args.overrides)
     cfg = pipeline_config.validate(raw)  # ConfigError -> one line from rtpipe.pipeline.cli.main

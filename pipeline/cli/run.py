@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtpipe.pipeline.cli.arguments import check_output_path, file_identity
+from rtpipe.pipeline.cli.arguments import add_config_arguments, check_output_path, file_identity
 from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
 from rtpipe.pipeline.observe import observers
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
@@ -54,15 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit code: 0 healthy, 1 failed (a stage could not start or kept dying), 2 bad config or\n"
         "arguments, 3 finished degraded (a stage was restarted or frames were lost).",
     )
-    parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="A.B.C=VALUE",
-        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--input", metavar="FILE.wav", help="capture from this file instead of the source")
     parser.add_argument("--output", metavar="FILE.wav", help="play into this file instead of the sink")
     parser.add_argument(
