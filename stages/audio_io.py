@@ -30,6 +30,7 @@ from rtpipe.stages.base import (
     AUDIO_FRAME,
     FRAME_NS,
     FRAME_SAMPLES,
+    PLAYBACK_COUNTERS,
     SAMPLE_RATE,
     EndOfStream,
     PayloadSpec,
@@ -528,14 +529,7 @@ class ToneCapture(_ComputedSource):
 
 # --- sinks ---------------------------------------------------------------------------------------
 
-NO_PLAYBACK_COUNTERS: dict[str, int | float] = {
-    "underruns": 0,
-    "overflows": 0,
-    "device_underflows": 0,
-    "trims": 0,
-    "trimmed_ms": 0.0,
-    "target_ms": 0.0,
-}
+NO_PLAYBACK_COUNTERS: dict[str, int | float] = {name: kind() for name, kind in PLAYBACK_COUNTERS.items()}
 
 
 @dataclass

@@ -30,6 +30,21 @@ FRAME_MS = 1000.0 * FRAME_SAMPLES / SAMPLE_RATE
 FRAME_NS = FRAME_SAMPLES * 1_000_000_000 // SAMPLE_RATE
 
 
+# What a sink's `counters()` reports, name -> type, for the report's "playback" section: its jitter
+# buffer ran dry (underruns) or was too full for a frame (overflows), the output device's own buffer ran
+# dry (device_underflows), its adaptive playout dropped audio (trims, trimmed_ms) and aims at target_ms
+# of queued audio now. A sink without a jitter buffer reports zeros. The stats message, the stage host
+# and the supervisor carry exactly these.
+PLAYBACK_COUNTERS: dict[str, type[int] | type[float]] = {
+    "underruns": int,
+    "overflows": int,
+    "device_underflows": int,
+    "trims": int,
+    "trimmed_ms": float,
+    "target_ms": float,
+}
+
+
 @dataclass(frozen=True)
 class PayloadSpec:
     """What one frame on an edge holds: a numpy dtype name and a fixed shape."""

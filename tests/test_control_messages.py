@@ -173,3 +173,22 @@ def test_live_supervisor_answers_bad_messages_with_errors_and_keeps_running():
             supervisor.request_stop("test failed")
             thread.join(30)
         context.term()
+
+
+def test_the_playback_counters_are_one_list_from_the_sink_to_the_report():
+    # stages.base.PLAYBACK_COUNTERS names what a sink reports; the stats message, RunCounters and the
+    # report's Playback section must carry exactly those, with the same kinds of number
+    import dataclasses
+
+    from rtpipe.pipeline.observe.report import Playback, RunCounters
+    from rtpipe.stages.base import PLAYBACK_COUNTERS
+
+    stats = control.SCHEMAS["stats"]
+    assert {name: stats[name] for name in PLAYBACK_COUNTERS} == {
+        name: "int" if kind is int else "number" for name, kind in PLAYBACK_COUNTERS.items()
+    }
+    assert set(Playback.__annotations__) == set(PLAYBACK_COUNTERS)
+    run_counters = {f.name: f.type for f in dataclasses.fields(RunCounters)}
+    assert {name: run_counters[name] for name in PLAYBACK_COUNTERS} == {
+        name: kind.__name__ for name, kind in PLAYBACK_COUNTERS.items()
+    }

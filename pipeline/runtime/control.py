@@ -22,6 +22,7 @@ import msgpack
 import zmq
 
 from rtpipe.shm.owner import process_alive, process_start_ticks
+from rtpipe.stages.base import PLAYBACK_COUNTERS
 from rtpipe.stages.errors import RtpipeError
 
 log = logging.getLogger("rtpipe.control")
@@ -72,12 +73,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "frames": "int",
         "seq_gaps": "int",
         "duplicates": "int",
-        "underruns": "int",
-        "overflows": "int",
-        "device_underflows": "int",
-        "trims": "int",
-        "trimmed_ms": "number",
-        "target_ms": "number",
+        **{name: "int" if kind is int else "number" for name, kind in PLAYBACK_COUNTERS.items()},
         "output_latency_ns": "int",
         "device_latency_ns": "int",
         "warm_ups": "int",

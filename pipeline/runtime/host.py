@@ -29,7 +29,7 @@ from rtpipe.pipeline.runtime.stage_process import STAGE_SPEC_ENV, StageProcessSp
 from rtpipe.pipeline.runtime.warm_up import WarmUpSchedule
 from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, FRAME_RECORD_DTYPE, HEADER_DTYPE
 from rtpipe.shm.ring import Consumer, EdgePolicy, Producer, ReadSlot, Ring, WriteSlot
-from rtpipe.stages.base import EndOfStream, Role, Stage
+from rtpipe.stages.base import PLAYBACK_COUNTERS, EndOfStream, Role, Stage
 
 WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (each wake costs CPU)
 STATS_EVERY_NS = 1_000_000_000
@@ -250,12 +250,7 @@ class StageHost:
             seq_gaps=self.seq_gaps,
             duplicates=self.duplicates,
             warm_ups=self.warming.warm_ups,
-            underruns=int(counts.get("underruns", 0) or 0),
-            overflows=int(counts.get("overflows", 0) or 0),
-            device_underflows=int(counts.get("device_underflows", 0) or 0),
-            trims=int(counts.get("trims", 0) or 0),
-            trimmed_ms=float(counts.get("trimmed_ms", 0.0) or 0.0),
-            target_ms=float(counts.get("target_ms", 0.0) or 0.0),
+            **{name: kind(counts.get(name, 0) or 0) for name, kind in PLAYBACK_COUNTERS.items()},
             output_latency_ns=int(stage.output_latency_ns) if stage and self.role is Role.SINK else 0,
             device_latency_ns=int(getattr(stage, "device_latency_ns", 0) or 0),
         )

@@ -34,7 +34,7 @@ from rtpipe.pipeline.runtime.records import FrameRecords
 from rtpipe.pipeline.runtime.stage_process import STAGE_SPEC_ENV, RingAttachment, StageProcessSpec
 from rtpipe.shm.frame import FRAME_RECORD_DTYPE
 from rtpipe.shm.ring import EdgePolicy, Ring, RingError, RingSpec
-from rtpipe.stages.base import FRAME_MS
+from rtpipe.stages.base import FRAME_MS, PLAYBACK_COUNTERS
 
 log = logging.getLogger("rtpipe.supervisor")
 
@@ -554,12 +554,8 @@ class Supervisor:
             )
             dropped += int(stats.dropped_oldest) + int(stats.dropped_newest)
         sink_stats = self.stages[self.stage_names[-1]].stats
-        counters.underruns = int(sink_stats.get("underruns", 0))
-        counters.overflows = int(sink_stats.get("overflows", 0))
-        counters.device_underflows = int(sink_stats.get("device_underflows", 0))
-        counters.trims = int(sink_stats.get("trims", 0))
-        counters.trimmed_ms = float(sink_stats.get("trimmed_ms", 0.0))
-        counters.target_ms = float(sink_stats.get("target_ms", 0.0))
+        for name, kind in PLAYBACK_COUNTERS.items():
+            setattr(counters, name, kind(sink_stats.get(name, 0)))
         counters.frames_lost = self.frame_records.frames_lost(dropped)
         counters.text = list(self.text)
         counters.text_tokens = list(self.text_tokens)
