@@ -122,6 +122,8 @@ def play_speech(path: str, seconds: float, env: dict | None = None) -> None:
         device_latency_ns=speaker.device_latency_ns,
         underruns=counters["underruns"],
         overflows=counters["overflows"],
+        trims=counters["trims"],
+        trimmed_ms=counters["trimmed_ms"],
     )
 
 
