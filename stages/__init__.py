@@ -20,6 +20,7 @@ from rtpipe.stages.base import (
     SourceFrame,
     Stage,
 )
+from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.errors import AudioError, CheckpointError, ConfigError, RtpipeError
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "FRAME_MS",
     "FRAME_NS",
     "FRAME_SAMPLES",
+    "MAX_SESSIONS",
     "SAMPLE_RATE",
     "AudioError",
     "CheckpointError",

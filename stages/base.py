@@ -8,6 +8,16 @@ frame at a time, resets it on request and closes it. What it carries from one fr
     source  -> read(timeout_s) -> SourceFrame         (capture: microphone, file, tone)
     middle  -> process(frame)  -> frame | None         (codec, transformer, echo)
     sink    -> write(frame)                             (playback: speaker, file)
+
+Sessions: every edge carries `session_slots` conversations per frame, one payload row each
+([slots, *spec.shape]); the frame says which slots are live and which were just (re)assigned. A stage
+that sets `sessions = True` takes all live slots of a frame at once and resets one slot at a time:
+
+    source  -> read(timeout_s) -> SourceFrame(payload [slots, ...], live=..., fresh=...)
+    middle  -> reset_session(k) for each fresh slot, then process_sessions(frames, live) -> frames
+    sink    -> reset_session(k) for each fresh slot, then write_sessions(frames, live)
+
+Any other stage runs with one slot only, through read/process/write (the defaults adapt it).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -67,10 +78,16 @@ class Role(enum.Enum):
 
 @dataclass
 class SourceFrame:
-    """One frame from a source, with the time its first sample was captured (time.monotonic_ns())."""
+    """One frame from a source, with the time its first sample was captured (time.monotonic_ns()).
+
+    A one-slot source leaves `live` None: its payload is one row, and its conversation starts with its
+    first frame. A source with `sessions = True` gives [slots, ...] rows, the slots that carry a
+    conversation in this frame (`live`), and those whose conversation starts with it (`fresh`)."""
 
     payload: np.ndarray
     capture_ns: int
+    live: Sequence[int] | None = None
+    fresh: Sequence[int] = ()
 
 
 class EndOfStream(Exception):
@@ -94,6 +111,9 @@ class Stage:
     Params: ClassVar[type] = NoParams
     # A live source (a microphone) never blocks: the supervisor refuses a `block` policy on its edge.
     live: ClassVar[bool] = False
+    # True: the stage carries many sessions at once (the *_sessions methods below, reset_session per
+    # slot). False: it is refused when the pipeline has more than one session slot.
+    sessions: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
@@ -104,6 +124,8 @@ class Stage:
         # Set with it for a source: how many frames the processes before this one handed out. A
         # source that can (a file, a tone) carries on at that frame instead of replaying from the start.
         self.resume_frame = 0
+        # Set by the host before open(): how many session slots each frame carries (rows of the payload).
+        self.session_slots = 1
 
     @classmethod
     def from_config(cls, raw: dict, where: str = "params") -> Stage:
@@ -117,6 +139,16 @@ class Stage:
         Raises ConfigError when `input_spec` is not something this stage can take."""
         return input_spec
 
+    def check_sessions(self, slots: int, where: str) -> None:
+        """Called in the supervisor before any process starts: ConfigError naming `where` when this
+        stage cannot carry `slots` sessions. A stage with `sessions = True` that holds per-session
+        memory (a KV cache) extends it to check that N of them fit."""
+        if slots > 1 and not self.sessions:
+            raise ConfigError(
+                f"{where}: {type(self).__name__} carries one conversation only, and this pipeline has {slots} "
+                "session slots (a stage that handles many sets `sessions = True`; see README, Sessions)"
+            )
+
     @property
     def delay_frames(self) -> int:
         """Frames of algorithmic delay this stage adds (output frame k answers input frame k - delay)."""
@@ -129,6 +161,11 @@ class Stage:
     def reset(self) -> None:
         """Drops everything carried from frame to frame, as after a restart."""
         self.state = type(self.state)()
+
+    def reset_session(self, slot: int) -> None:
+        """Drops what slot `slot` carries from frame to frame, and nothing of any other slot: called
+        before the first frame of the slot's new conversation. A one-slot stage resets whole."""
+        self.reset()
 
     def close(self) -> None:
         """Releases devices, files and models."""
@@ -149,6 +186,19 @@ class Stage:
     def write(self, frame: np.ndarray) -> None:
         """Sink: hands one frame to the output (device or file)."""
         raise NotImplementedError
+
+    # --- the same, all session slots at once (a stage with `sessions = True` overrides these) ---
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray | None:
+        """Processor: frames [slots, *input shape]; `live`, the ascending int64 indices of the slots
+        that carry a conversation (never empty) -> [slots, *output shape], whose rows outside `live`
+        are not read, or None (nothing to emit). The default is process() on the only slot."""
+        out = self.process(frames[0])
+        return None if out is None else np.asarray(out)[None]
+
+    def write_sessions(self, frames: np.ndarray, live: np.ndarray) -> None:
+        """Sink: frames [slots, ...] and the live slots, as for process_sessions. The default is
+        write() of the only slot."""
+        self.write(frames[0])
 
     # Optional, for processors: `process_offline(frames: np.ndarray[N, ...]) -> np.ndarray[N, ...]`
     # runs a whole signal at once. `rtpipe check-causal` compares it with frame-by-frame process();

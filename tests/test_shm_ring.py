@@ -53,10 +53,11 @@ def drain(consumer):
 
 
 def test_header_layout_is_fixed():
-    assert HEADER_DTYPE.itemsize == 152
-    assert HEADER_DTYPE.names == ("seq", "capture_ns", "enter_ns", "exit_ns", "flags", "checksum")
+    assert HEADER_DTYPE.itemsize == 168
+    assert HEADER_DTYPE.names == ("seq", "capture_ns", "enter_ns", "exit_ns", "live", "fresh", "flags", "checksum")
     assert HEADER_DTYPE["enter_ns"].shape == (MAX_STAGES,)
-    assert HEADER_DTYPE.fields["flags"][1] == 144
+    assert HEADER_DTYPE.fields["live"][1] == 144
+    assert HEADER_DTYPE.fields["flags"][1] == 160
 
 
 def test_zero_copy_slot_round_trip_with_stage_timestamps(ring_name):

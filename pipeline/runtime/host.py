@@ -47,7 +47,7 @@ _monotonic_ns = time.monotonic_ns
 
 # The per-frame path reads and writes the frame header as 8-byte words of one memoryview (a plain
 # index is a Python int; a numpy field access builds an array each time, slow on a cache that is cold
-# after the 80 ms between frames) and hands a frame's stage times on with one 152-byte copy. Native
+# after the 80 ms between frames) and hands a frame's stage times on with one 168-byte copy. Native
 # order is little-endian here, as the ring's own word stores already assume (shm/ring.py).
 
 
