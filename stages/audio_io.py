@@ -20,9 +20,9 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -216,6 +216,13 @@ class MicrophoneCapture(Stage):
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         return AUDIO_FRAME
 
+    def check_sessions(self, slots: int, where: str) -> None:
+        if slots > 1:
+            raise ConfigError(
+                f"{where}: a microphone is one conversation, and this pipeline has {slots} sessions "
+                "(use capture.file with one input per session, or sessions = 1)"
+            )
+
     def reset(self) -> None:
         """Starts afresh from what the device captures next: frames queued before the reset are dropped."""
         super().reset()
@@ -348,6 +355,7 @@ class _ComputedSource(Stage):
     come as fast as read() is called; capture_ns is the time of the read."""
 
     role = Role.SOURCE
+    sessions = True
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -359,18 +367,36 @@ class _ComputedSource(Stage):
     def open(self, device: str = "cpu") -> None:
         self.state.next_frame = self.resume_frame  # a restart carries on where the last process stopped
 
-    def _frame(self, k: int) -> np.ndarray | None:
-        """Frame k (float32 [1920]), or None past the end."""
+    def _frame(self, k: int, slot: int) -> np.ndarray | None:
+        """Frame k (float32 [1920]) of session slot `slot`, or None past the end of its input."""
         raise NotImplementedError
+
+    def _frames(self, k: int) -> SourceFrame | None:
+        """Frame k of every slot; a slot whose input has ended is not live; None when none is left.
+        With one slot, the frame itself, as a one-slot source gives it."""
+        if self.session_slots == 1:
+            frame = self._frame(k, 0)
+            return None if frame is None else SourceFrame(frame, 0)
+        rows = np.zeros((self.session_slots, FRAME_SAMPLES), dtype=np.float32)
+        live = []
+        for slot in range(self.session_slots):
+            frame = self._frame(k, slot)
+            if frame is not None:
+                rows[slot] = frame
+                live.append(slot)
+        if not live:
+            return None
+        return SourceFrame(rows, 0, live=live, fresh=live if k == 0 else ())
 
     def read(self, timeout_s: float) -> SourceFrame | None:
         k = self.state.next_frame
-        frame = self._frame(k)
+        frame = self._frames(k)
         if frame is None:
             raise EndOfStream()
         if not self.params.pace:
             self.state.next_frame += 1
-            return SourceFrame(frame, time.monotonic_ns())
+            frame.capture_ns = time.monotonic_ns()
+            return frame
         now_ns = time.monotonic_ns()
         if self.state.t0_ns is None:  # the first frame read (frame 0, or the first after a restart) is due now
             self.state.t0_ns = now_ns - k * FRAME_NS
@@ -382,22 +408,44 @@ class _ComputedSource(Stage):
         if wait_ns > 0:
             time.sleep(wait_ns / NS_PER_S)
         self.state.next_frame += 1
-        return SourceFrame(frame, capture_ns)
+        frame.capture_ns = capture_ns
+        return frame
 
 
 @dataclass
 class FileParams:
     path: str = ""  # WAV (or anything libsndfile reads); "" = the built-in speech sample
+    # one input per session (session k reads paths[k % len(paths)]); empty: every session reads `path`
+    paths: list[str] = field(default_factory=list)
     pace: bool = True  # real time, like a microphone; false: as fast as the pipeline takes it
     loop: bool = False  # start over at the end (with `seconds`, to make a long run from a sample)
     seconds: float | None = None  # stop after this much audio (the last frame is zero-padded)
 
     def validate(self, where: str) -> None:
         _check_seconds(where, self.seconds)
-        _check_readable_audio(f"{where}.path", self.resolved_path())
+        if self.paths:
+            for i, path in enumerate(self.paths):
+                _check_finite_audio(f"{where}.paths[{i}]", _resolved(path))
+        else:
+            _check_finite_audio(f"{where}.path", self.resolved_path())
 
     def resolved_path(self) -> Path:
-        return Path(self.path).expanduser() if self.path else SPEECH_SAMPLE_PATH
+        return _resolved(self.path)
+
+    def session_path(self, slot: int) -> Path:
+        """The input of session slot `slot`: inputs are reused in turn when fewer than the slots."""
+        return _resolved(self.paths[slot % len(self.paths)]) if self.paths else self.resolved_path()
+
+
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser() if path else SPEECH_SAMPLE_PATH
+
+
+def _check_finite_audio(where: str, path: Path) -> None:
+    """AudioError naming the file when it cannot be read, or holds NaN or infinite samples (they would
+    reach the models as they are)."""
+    _check_readable_audio(where, path)
+    load_audio_24k_mono(path, where)
 
 
 def _check_readable_audio(where: str, path: Path):
@@ -431,18 +479,24 @@ class FileCapture(_ComputedSource):
 
     def __init__(self, params: FileParams | None = None):
         super().__init__(params)
-        self._samples: np.ndarray | None = None
+        self._inputs: list[np.ndarray] = []  # per session slot (a file read once, shared by its slots)
         self.source_samplerate: int | None = None
         self.source_channels: int | None = None
 
     def open(self, device: str = "cpu") -> None:
         super().open(device)
-        self._samples = load_audio_24k_mono(self.params.resolved_path())
+        loaded: dict[Path, np.ndarray] = {}
+        for slot in range(self.session_slots):
+            path = self.params.session_path(slot)
+            if path not in loaded:
+                loaded[path] = load_audio_24k_mono(path)
+            self._inputs.append(loaded[path])
 
-    def _frame(self, k: int) -> np.ndarray | None:
-        if self._samples is None:
+    def _frame(self, k: int, slot: int) -> np.ndarray | None:
+        if not self._inputs:
             raise AudioError("capture.file: read() before open()")
-        n = len(self._samples)
+        samples = self._inputs[slot]
+        n = len(samples)
         total = _total_samples(self.params.seconds)
         if not self.params.loop:
             total = n if total is None else min(total, n)
@@ -452,30 +506,38 @@ class FileCapture(_ComputedSource):
         stop = start + FRAME_SAMPLES if total is None else min(start + FRAME_SAMPLES, total)
         frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
         if self.params.loop:
-            frame[: stop - start] = np.take(self._samples, np.arange(start, stop), mode="wrap")
+            frame[: stop - start] = np.take(samples, np.arange(start, stop), mode="wrap")
         else:
-            frame[: stop - start] = self._samples[start:stop]
+            frame[: stop - start] = samples[start:stop]
         return frame
 
     def close(self) -> None:
-        self._samples = None
+        self._inputs = []
 
 
-def load_audio_24k_mono(path: Path | str) -> np.ndarray:
+def load_audio_24k_mono(path: Path | str, where: str = "capture.file.path") -> np.ndarray:
     """The whole file as float32 mono at 24 kHz (channels averaged, soxr HQ resampling).
 
-    Raises AudioError naming the file when it is missing, unreadable or holds no samples."""
+    Raises AudioError naming the file when it is missing, unreadable, holds no samples, or holds NaN or
+    infinite ones."""
     import soundfile
     import soxr
 
     path = Path(path)
-    _check_readable_audio("capture.file.path", path)
+    _check_readable_audio(where, path)
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioError(f"{path}: cannot read audio ({_one_line(e)})") from e
     if data.size == 0:
         raise AudioError(f"{path}: holds no audio samples")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise AudioError(
+            f"{where} = '{path}': holds {int(bad.sum())} NaN or infinite samples (the first at "
+            f"{first / rate:.3f} s); audio must be finite"
+        )
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
@@ -502,11 +564,12 @@ class ToneParams:
 
 class ToneCapture(_ComputedSource):
     """`capture.tone`: a sine, white noise or silence, for tests and benchmarks. Frame k depends only on
-    the params and k, so a run (or a restart) is reproducible."""
+    the params, k and the session slot (noise differs per slot), so a run (or a restart) is
+    reproducible."""
 
     Params = ToneParams
 
-    def _frame(self, k: int) -> np.ndarray | None:
+    def _frame(self, k: int, slot: int) -> np.ndarray | None:
         p = self.params
         total = _total_samples(p.seconds)
         start = k * FRAME_SAMPLES
@@ -518,7 +581,7 @@ class ToneCapture(_ComputedSource):
             cycles = np.mod(p.frequency_hz * n, SAMPLE_RATE) / SAMPLE_RATE
             frame = (p.amplitude * np.sin(2.0 * math.pi * cycles)).astype(np.float32)
         elif p.signal == "noise":
-            rng = np.random.default_rng([p.seed, k])
+            rng = np.random.default_rng([p.seed, k] if slot == 0 else [p.seed, k, slot])
             frame = rng.uniform(-p.amplitude, p.amplitude, FRAME_SAMPLES).astype(np.float32)
         else:
             frame = np.zeros(FRAME_SAMPLES, dtype=np.float32)
@@ -635,6 +698,13 @@ class SpeakerPlayback(Stage):
     def output_spec(self, input_spec: PayloadSpec | None) -> None:
         _require_audio_input("playback.speaker", input_spec)
         return None
+
+    def check_sessions(self, slots: int, where: str) -> None:
+        if slots > 1:
+            raise ConfigError(
+                f"{where}: a speaker is one conversation, and this pipeline has {slots} sessions "
+                "(use playback.file with output_dir for one WAV per session, or sessions = 1)"
+            )
 
     @property
     def device_latency_ns(self) -> int:
@@ -761,10 +831,22 @@ WAV_FORMATS = ("WAV", "WAVEX", "RF64")  # soundfile's names for what a .wav may 
 class FilePlaybackParams:
     path: str = "rtpipe-out.wav"
     subtype: Literal["FLOAT", "PCM_16", "PCM_24"] = "FLOAT"  # FLOAT keeps the samples bit-exact
+    # one WAV per session, <output_dir>/session-<k>.wav (k from 0); "": the one file `path` (one session)
+    output_dir: str = ""
 
     def validate(self, where: str) -> None:
         import soundfile
 
+        if self.output_dir:
+            directory = Path(self.output_dir).expanduser()
+            if directory.exists() and not directory.is_dir():
+                raise ConfigError(f"{where}.output_dir = '{self.output_dir}': is a file, not a directory")
+            parent = directory.resolve().parent
+            if not directory.exists() and not parent.is_dir():
+                raise ConfigError(f"{where}.output_dir = '{self.output_dir}': directory {parent} does not exist")
+            if not os.access(directory if directory.exists() else parent, os.W_OK):
+                raise ConfigError(f"{where}.output_dir = '{self.output_dir}': not writable")
+            return
         if not self.path:
             raise ConfigError(f"{where}.path = '': expected the path of the WAV file to write")
         path = Path(self.path).expanduser()
@@ -787,63 +869,98 @@ class CountingState:
 
 class FilePlayback(Stage):
     """`playback.file`: writes what the speaker would have played, one whole frame per write(), so the
-    output holds exactly frames x 1920 samples at 24 kHz mono. Restarted mid-run, it goes on after the
-    last whole frame its predecessor wrote (libsndfile reads a WAV whose writer was killed by its
-    length)."""
+    output holds exactly frames x 1920 samples at 24 kHz mono. With sessions, one WAV per session slot
+    in `output_dir` (session-<k>.wav, opened at the slot's first frame), each holding the frames where
+    its slot was live. Restarted mid-run, it goes on after the last whole frame its predecessor wrote
+    (libsndfile reads a WAV whose writer was killed by its length)."""
 
     role = Role.SINK
     Params = FilePlaybackParams
+    sessions = True
 
     def __init__(self, params: FilePlaybackParams | None = None):
         super().__init__(params)
         self.state = CountingState()
-        self._file = None
+        self._files: dict[int, Any] = {}  # session slot -> its open soundfile.SoundFile
 
     def output_spec(self, input_spec: PayloadSpec | None) -> None:
         _require_audio_input("playback.file", input_spec)
         return None
 
+    def check_sessions(self, slots: int, where: str) -> None:
+        if slots > 1 and not self.params.output_dir:
+            raise ConfigError(
+                f"{where}.params.output_dir: {slots} sessions write one WAV each; give a directory "
+                "(rtpipe run --output-dir DIR) rather than the one file path"
+            )
+
+    def session_path(self, slot: int) -> Path:
+        """Where session slot `slot`'s audio goes."""
+        if self.params.output_dir:
+            return Path(self.params.output_dir).expanduser() / f"session-{slot}.wav"
+        return Path(self.params.path).expanduser()
+
     def counters(self) -> dict:
         return dict(NO_PLAYBACK_COUNTERS)
 
     def open(self, device: str = "cpu") -> None:
+        if self.params.output_dir:
+            Path(self.params.output_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        else:
+            self._file_of(0)  # the one file exists from the start, even if no frame comes
+
+    def _file_of(self, slot: int):
+        file = self._files.get(slot)
+        if file is None:
+            file = self._files[slot] = self._open_file(self.session_path(slot))
+        return file
+
+    def _open_file(self, path: Path):
         import soundfile
 
-        path = Path(self.params.path).expanduser()
         if self.restarted and path.is_file() and path.stat().st_size > 0:
             try:
-                self._file = written = soundfile.SoundFile(str(path), "r+")
+                written = soundfile.SoundFile(str(path), "r+")
             except Exception as e:
-                raise AudioError(f"playback.file: cannot go on writing {self.params.path}: {_one_line(e)}") from e
+                raise AudioError(f"playback.file: cannot go on writing {path}: {_one_line(e)}") from e
             if written.samplerate != SAMPLE_RATE or written.channels != 1:
-                self.close()
-                raise AudioError(f"playback.file: {self.params.path} is no longer this run's 24 kHz mono output")
-            self.state.frames_written = written.frames // FRAME_SAMPLES
-            written.seek(self.state.frames_written * FRAME_SAMPLES)  # a torn last frame is overwritten
-            return
+                written.close()
+                raise AudioError(f"playback.file: {path} is no longer this run's 24 kHz mono output")
+            whole_frames = written.frames // FRAME_SAMPLES
+            written.seek(whole_frames * FRAME_SAMPLES)  # a torn last frame is overwritten
+            self.state.frames_written += whole_frames
+            return written
         try:
-            self._file = soundfile.SoundFile(
+            return soundfile.SoundFile(
                 str(path), "w", samplerate=SAMPLE_RATE, channels=1, subtype=self.params.subtype, format="WAV"
             )
         except Exception as e:
-            raise AudioError(f"playback.file: cannot write {self.params.path}: {_one_line(e)}") from e
+            raise AudioError(f"playback.file: cannot write {path}: {_one_line(e)}") from e
 
     def write(self, frame: np.ndarray) -> None:
-        if self._file is None:
+        self._write(0, frame)
+
+    def write_sessions(self, frames: np.ndarray, live: np.ndarray) -> None:
+        for slot in live.tolist():
+            self._write(slot, frames[slot])
+
+    def _write(self, slot: int, frame: np.ndarray) -> None:
+        if not self._files and not self.params.output_dir:
             raise AudioError("playback.file: write() before open()")
-        self._file.write(np.asarray(frame, dtype=np.float32).reshape(FRAME_SAMPLES))
+        self._file_of(slot).write(np.asarray(frame, dtype=np.float32).reshape(FRAME_SAMPLES))
         self.state.frames_written += 1
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        files, self._files = self._files, {}
+        for file in files.values():
+            file.close()
 
 
 class NullPlayback(Stage):
     """`playback.null`: takes any frame and discards it (benchmarks of the pipeline itself)."""
 
     role = Role.SINK
+    sessions = True
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -859,3 +976,6 @@ class NullPlayback(Stage):
 
     def write(self, frame: np.ndarray) -> None:
         self.state.frames_written += 1
+
+    def write_sessions(self, frames: np.ndarray, live: np.ndarray) -> None:
+        self.state.frames_written += len(live)

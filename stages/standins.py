@@ -1,6 +1,7 @@
 """Stand-ins for the model stages, so a pipeline runs before any model exists and an experiment can
 swap a model out: `codec.pcm` (encode/decode as identity on samples) and `echo` (its input, N frames
-later). Both are exact, so a test can check the pipeline's output sample for sample.
+later). Both are exact, so a test can check the pipeline's output sample for sample, and both carry
+any number of sessions, each slot on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class PcmCodec(Stage):
     process() returns its input array itself (no copy): the host copies it into the output slot."""
 
     role = Role.PROCESSOR
+    sessions = True
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         if input_spec != AUDIO_FRAME:
@@ -36,6 +38,12 @@ class PcmCodec(Stage):
     def process(self, frame: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(frame))
 
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(frames))  # rows are independent; the host reads the live ones
+
+    def reset_session(self, slot: int) -> None:
+        """Nothing is carried from frame to frame."""
+
 
 @dataclass
 class EchoParams:
@@ -49,6 +57,8 @@ class EchoParams:
 @dataclass
 class EchoState:
     held: collections.deque = field(default_factory=collections.deque)  # copies of the last inputs
+    # with sessions: one such deque per slot
+    held_by_slot: dict[int, collections.deque] = field(default_factory=dict)
 
 
 class Echo(Stage):
@@ -57,6 +67,7 @@ class Echo(Stage):
 
     role = Role.PROCESSOR
     Params = EchoParams
+    sessions = True
 
     def __init__(self, params: EchoParams | None = None):
         super().__init__(params)
@@ -72,10 +83,25 @@ class Echo(Stage):
         return self.params.delay_frames
 
     def process(self, frame: np.ndarray) -> np.ndarray:
+        return self._delayed(self.state.held, frame)
+
+    def _delayed(self, held: collections.deque, frame: np.ndarray) -> np.ndarray:
         if self.params.delay_frames == 0:
             return frame
         # copy: the input is a view of a ring slot that is reused once released
-        self.state.held.append(np.array(frame, copy=True))
-        if len(self.state.held) > self.params.delay_frames:
-            return self.state.held.popleft()
+        held.append(np.array(frame, copy=True))
+        if len(held) > self.params.delay_frames:
+            return held.popleft()
         return np.zeros_like(frame)
+
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray:
+        if self.params.delay_frames == 0:
+            return frames
+        out = np.zeros_like(frames)
+        by_slot = self.state.held_by_slot
+        for k in live.tolist():  # each slot's own history: a frame where a slot is not live does not count
+            out[k] = self._delayed(by_slot.setdefault(k, collections.deque()), frames[k])
+        return out
+
+    def reset_session(self, slot: int) -> None:
+        self.state.held_by_slot.pop(slot, None)

@@ -289,8 +289,8 @@ def _write_then_die(path: str, frames: list, torn_samples: int) -> None:
     sink = opened(FilePlayback, {"path": path})
     for frame in frames:
         sink.write(frame)
-    sink._file.write(np.ones(torn_samples, np.float32))
-    sink._file.flush()
+    sink._file_of(0).write(np.ones(torn_samples, np.float32))
+    sink._file_of(0).flush()
     os._exit(0)
 
 

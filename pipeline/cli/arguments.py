@@ -7,13 +7,15 @@ import argparse
 import math
 import os
 
+from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.errors import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG (a TOML file, optional) and --set A.B.C=VALUE (repeatable, into args.overrides): how every
-    command that takes a pipeline config is told which one."""
+    """CONFIG (a TOML file, optional), --sessions N and --set A.B.C=VALUE (repeatable, into
+    args.overrides): how every command that takes a pipeline config is told which one."""
     parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
+    add_sessions_argument(parser)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -22,6 +24,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A.B.C=VALUE",
         help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)",
     )
+
+
+def add_sessions_argument(parser: argparse.ArgumentParser) -> None:
+    """--sessions N: how many conversations each frame carries (the config's `sessions` key)."""
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        metavar="N",
+        help=f"conversations the pipeline carries at once, 1 to {MAX_SESSIONS} (default: the config's, else 1)",
+    )
+
+
+def with_sessions(raw: dict, sessions: int | None) -> dict:
+    """The config with --sessions applied (checked with the rest of the config: one line if bad)."""
+    if sessions is not None:
+        raw["sessions"] = sessions
+    return raw
 
 
 def check_range(flag: str, value: float, low: float, high: float | None = None) -> None:

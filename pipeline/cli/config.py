@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from rtpipe.pipeline.cli.arguments import add_config_arguments
+from rtpipe.pipeline.cli.arguments import add_config_arguments, with_sessions
 from rtpipe.pipeline.runtime import config as pipeline_config
 
 
@@ -17,7 +17,8 @@ def main(argv: list[str]) -> int:
     )
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    raw = pipeline_config.apply_overrides(pipeline_config.load_raw(args.config), args.overrides)
+    raw = with_sessions(pipeline_config.load_raw(args.config), args.sessions)
+    raw = pipeline_config.apply_overrides(raw, args.overrides)
     cfg = pipeline_config.validate(raw)  # ConfigError -> one line from rtpipe.pipeline.cli.main
     print(
         f"# {args.config or 'built-in default'}; chain: "

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtpipe.pipeline.cli.arguments import add_config_arguments, check_output_path, file_identity
+from rtpipe.pipeline.cli.arguments import add_config_arguments, check_output_path, file_identity, with_sessions
 from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
 from rtpipe.pipeline.observe import observers
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
+DEFAULT_OUTPUT_DIR = "rtpipe-out"  # with more than one session: one WAV each, session-<k>.wav
 
 
 def _seconds(text: str) -> float:
@@ -50,13 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="run the pipeline: one process per stage, shared-memory rings",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With no CONFIG, --input or --output: microphone -> speaker when audio devices exist, else\n"
-        f"the built-in speech sample -> {DEFAULT_OUTPUT}.\n"
+        f"the built-in speech sample -> {DEFAULT_OUTPUT} ({DEFAULT_OUTPUT_DIR}/ with --sessions over 1).\n"
         "Exit code: 0 healthy, 1 failed (a stage could not start or kept dying), 2 bad config or\n"
         "arguments, 3 finished degraded (a stage was restarted or frames were lost).",
     )
     add_config_arguments(parser)
-    parser.add_argument("--input", metavar="FILE.wav", help="capture from this file instead of the source")
+    parser.add_argument(
+        "--input",
+        metavar="FILE.wav",
+        action="append",
+        help="capture from this file instead of the source; repeated, one per session (reused in turn)",
+    )
     parser.add_argument("--output", metavar="FILE.wav", help="play into this file instead of the sink")
+    parser.add_argument(
+        "--output-dir", metavar="DIR", help="play each session into DIR/session-<k>.wav instead of the sink"
+    )
     parser.add_argument(
         "--no-pace", action="store_true", help="read --input as fast as the pipeline takes it, not at real time"
     )
@@ -71,11 +80,16 @@ def effective_raw(
     devices_available: Callable[[], bool] | None = None,
     say: Callable[[str], object] = print,
 ) -> dict[str, Any]:
-    """The config a run uses: file or default, then --input/--output/--no-pace, then --set.
+    """The config a run uses: file or default, then --sessions, --input/--output/--output-dir/--no-pace,
+    then --set.
 
-    With the built-in config, a microphone or speaker on a machine without audio devices becomes the
-    built-in speech sample / rtpipe-out.wav; `say` is told which was chosen."""
-    raw = pipeline_config.load_raw(args.config)
+    With the built-in config, a microphone or speaker on a machine without audio devices (or with more
+    than one session, which they cannot carry) becomes the built-in speech sample / rtpipe-out.wav
+    (rtpipe-out/ for many sessions); `say` is told which was chosen."""
+    if args.output is not None and args.output_dir is not None:
+        raise ConfigError("--output and --output-dir: give one (a file for one session, a directory for many)")
+    raw = with_sessions(pipeline_config.load_raw(args.config), args.sessions)
+    many_sessions = isinstance(raw.get("sessions"), int) and raw["sessions"] > 1
     stages = raw.get("stages", {})
     names = list(stages)
     source, sink = (names[0], names[-1]) if names else (None, None)
@@ -87,28 +101,32 @@ def effective_raw(
                 return table
         return None
 
-    input_path, output_path = args.input, args.output
+    inputs: list[str] | None = args.input
+    output_path, output_dir = args.output, args.output_dir
     announce = None
     if args.config is None:
-        # the built-in config wants a microphone and a speaker: without devices, use the built-in
-        # speech sample and rtpipe-out.wav for whichever end was not given
-        needs_devices = input_path is None or output_path is None
+        # the built-in config wants a microphone and a speaker: without devices (or with many sessions),
+        # use the built-in speech sample and rtpipe-out.wav (or rtpipe-out/) for whichever end was not given
+        needs_devices = inputs is None or (output_path is None and output_dir is None)
         if devices_available is None:
             from rtpipe.stages.audio_io import audio_devices_available
 
             devices_available = audio_devices_available
-        if needs_devices and devices_available():
+        if needs_devices and many_sessions:
+            inputs = [""] if inputs is None else inputs
+            if output_path is None and output_dir is None:
+                output_dir = DEFAULT_OUTPUT_DIR
+            announce = "rtpipe: many sessions: "
+        elif needs_devices and devices_available():
             announce = "rtpipe: audio devices found: "
         elif needs_devices:
-            input_path = "" if input_path is None else input_path
-            output_path = DEFAULT_OUTPUT if output_path is None else output_path
+            inputs = [""] if inputs is None else inputs
+            if output_path is None and output_dir is None:
+                output_path = DEFAULT_OUTPUT
             announce = "rtpipe: no audio devices: "
-    if input_path is not None and source is not None:
-        stages[source] = {
-            **stages[source],
-            "kind": "capture.file",
-            "params": {"path": str(input_path), "pace": not args.no_pace},
-        }
+    if inputs is not None and source is not None:
+        files: dict[str, Any] = {"path": inputs[0]} if len(inputs) == 1 else {"paths": list(inputs)}
+        stages[source] = {**stages[source], "kind": "capture.file", "params": {**files, "pace": not args.no_pace}}
         edge = first_edge()
         if edge is not None:
             edge["policy"] = "block"  # a file can wait; nothing of it is lost
@@ -116,6 +134,8 @@ def effective_raw(
         stages[source].setdefault("params", {})["pace"] = False
     if output_path is not None and sink is not None:
         stages[sink] = {**stages[sink], "kind": "playback.file", "params": {"path": str(output_path)}}
+    elif output_dir is not None and sink is not None:
+        stages[sink] = {**stages[sink], "kind": "playback.file", "params": {"output_dir": str(output_dir)}}
     raw = pipeline_config.apply_overrides(raw, args.overrides)
     if announce:  # what was chosen, as --set left it
         final = raw.get("stages", {})
@@ -134,8 +154,11 @@ def _end_name(table: object) -> str:
     kind, params = table.get("kind"), table.get("params") or {}
     names = {"capture.microphone": "microphone", "playback.speaker": "speaker"}
     if kind == "capture.file":
-        return str(params.get("path") or "the built-in speech sample")
+        paths = params.get("paths") or [params.get("path")]
+        return ", ".join(str(p or "the built-in speech sample") for p in paths)
     if kind == "playback.file":
+        if params.get("output_dir"):
+            return f"{params['output_dir']}/session-<k>.wav"
         return str(params.get("path") or DEFAULT_OUTPUT)
     return names.get(str(kind), str(kind))
 
@@ -144,14 +167,21 @@ def check_distinct_files(cfg: pipeline_config.PipelineConfig, args: argparse.Nam
     """ConfigError when two of the run's files (input, output, --report, --trace) are one file: the
     output or a report would overwrite the input, or each other, while the run reads or writes them."""
     source, sink = cfg.stages[0], cfg.stages[-1]
-    files: dict[str, str | None] = {}
-    if source.kind == "capture.file" and source.params_raw.get("path"):
-        files["the input"] = source.params_raw["path"]
+    files: list[tuple[str, str | None]] = []
+    if source.kind == "capture.file":
+        inputs = source.params_raw.get("paths") or [source.params_raw.get("path")]
+        files += [("the input", path) for path in dict.fromkeys(inputs)]  # one input may serve many sessions
     if sink.kind == "playback.file":
-        files["the output"] = sink.params_raw.get("path") or DEFAULT_OUTPUT
-    files.update({"--report": args.report, "--trace": args.trace})
+        output_dir = sink.params_raw.get("output_dir")
+        if output_dir:
+            files += [
+                (f"the output of session {k}", str(Path(output_dir) / f"session-{k}.wav")) for k in range(cfg.sessions)
+            ]
+        else:
+            files.append(("the output", sink.params_raw.get("path") or DEFAULT_OUTPUT))
+    files += [("--report", args.report), ("--trace", args.trace)]
     seen: dict[object, str] = {}
-    for name, path in files.items():
+    for name, path in files:
         if not path:
             continue
         key = file_identity(path)

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from rtpipe.pipeline.runtime import realtime
-from rtpipe.shm.frame import MAX_STAGES
+from rtpipe.shm.frame import MAX_SESSIONS, MAX_STAGES
 from rtpipe.shm.ring import MAX_SPIN_US, EdgePolicy, RingError, RingSpec
 from rtpipe.stages.base import FRAME_NS, PayloadSpec, Role, Stage, parse_params
 from rtpipe.stages.errors import ConfigError, raised_as
@@ -31,7 +31,7 @@ EDGE_POLICIES = tuple(p.value for p in EdgePolicy)  # as written in a config: bl
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 STAGE_FIELDS = ("kind", "params", "cores", "threads", "device", "priority")
 EDGE_FIELDS = ("slots", "policy", "spin_us")
-TOP_LEVEL = ("supervisor", "stages", "edges")
+TOP_LEVEL = ("sessions", "supervisor", "stages", "edges")
 
 
 @dataclass
@@ -90,17 +90,24 @@ class EdgeSpec:
     slots: int
     policy: EdgePolicy
     spin_us: int
-    payload: PayloadSpec
+    payload: PayloadSpec  # one session's part of a frame
+    sessions: int = 1  # the ring's payload is [sessions, *payload.shape]
+
+    @property
+    def ring_shape(self) -> tuple[int, ...]:
+        return (self.sessions, *self.payload.shape)
 
 
 @dataclass
 class PipelineConfig:
-    """A validated config: stages in chain order, the edges between them, supervisor settings."""
+    """A validated config: session slots, stages in chain order, the edges between them, supervisor
+    settings."""
 
     stages: list[StageSpec]
     edges: list[EdgeSpec]
     supervisor: SupervisorSettings
     raw: dict = field(default_factory=dict)  # the effective config as plain data (for reports)
+    sessions: int = 1  # conversations each frame carries (`sessions = N`, `--sessions N`)
 
     @property
     def delay_frames(self) -> int:
@@ -309,6 +316,7 @@ def validate(raw: dict) -> PipelineConfig:
     _check_table(raw, "config")
     _check_unknown(raw, TOP_LEVEL, "config")
     supervisor = parse_params(SupervisorSettings, _check_table(raw.get("supervisor", {}), "supervisor"), "supervisor")
+    sessions = _sessions(raw.get("sessions", 1))
     stages_raw = _check_table(raw.get("stages", {}), "stages")
     if not stages_raw:
         raise ConfigError("stages: no stages (a pipeline needs at least a source and a sink)")
@@ -361,6 +369,8 @@ def validate(raw: dict) -> PipelineConfig:
             ) from None
         if role is not Role.SINK and out is None:
             raise ConfigError(f"{where}.kind = {kind!r}: emits nothing for the next stage")
+        with raised_as(ConfigError, f"{where}.kind = {kind!r}: its check_sessions() failed"):
+            stage.check_sessions(sessions, where)
         stages.append(
             StageSpec(
                 name=name,
@@ -391,7 +401,7 @@ def validate(raw: dict) -> PipelineConfig:
             )
         payload = a.output_spec
         assert payload is not None  # every stage but the sink emits something: checked above
-        _check_ring_layout(label, slots, policy, spin_us, payload)
+        _check_ring_layout(label, slots, policy, spin_us, (sessions, *payload.shape), payload.dtype)
         edges.append(
             EdgeSpec(
                 name=f"{a.name}->{b.name}",
@@ -401,17 +411,27 @@ def validate(raw: dict) -> PipelineConfig:
                 policy=policy,
                 spin_us=spin_us,
                 payload=payload,
+                sessions=sessions,
             )
         )
-    return PipelineConfig(stages=stages, edges=edges, supervisor=supervisor, raw=copy.deepcopy(raw))
+    return PipelineConfig(stages=stages, edges=edges, supervisor=supervisor, raw=copy.deepcopy(raw), sessions=sessions)
 
 
-def _check_ring_layout(label: str, slots: int, policy: EdgePolicy, spin_us: int, payload: PayloadSpec) -> None:
+def _sessions(value: Any) -> int:
+    """The `sessions` key: how many conversations each frame carries."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SESSIONS:
+        raise ConfigError(
+            f"sessions = {value!r}: expected an integer from 1 to {MAX_SESSIONS} (conversations per frame)"
+        )
+    return value
+
+
+def _check_ring_layout(
+    label: str, slots: int, policy: EdgePolicy, spin_us: int, shape: tuple[int, ...], dtype: str
+) -> None:
     """What the ring itself will refuse (a payload dtype or shape it cannot carry), said now."""
     try:
-        RingSpec(slots=slots, dtype=payload.dtype, shape=tuple(payload.shape), policy=policy, spin_us=spin_us).validate(
-            f'edges."{label}"'
-        )
+        RingSpec(slots=slots, dtype=dtype, shape=shape, policy=policy, spin_us=spin_us).validate(f'edges."{label}"')
     except RingError as e:
         raise ConfigError(str(e).removeprefix("ring ")) from None
 
@@ -448,7 +468,9 @@ def to_toml(raw: dict) -> str:
     """Writes a config (plain data) back as TOML that load_raw reads to the same data: a table per
     top-level key, one line per stage and per edge."""
     lines: list[str] = []
-    for section, table in raw.items():
+    # plain keys (sessions) first: after a [table] header they would belong to that table
+    scalars_first = sorted(raw.items(), key=lambda item: isinstance(item[1], dict))
+    for section, table in scalars_first:
         if not isinstance(table, dict):
             lines.append(f"{_toml_key(section)} = {_toml_value(table)}")
             continue

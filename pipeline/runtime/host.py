@@ -27,7 +27,14 @@ import zmq
 from rtpipe.pipeline.runtime import control, realtime
 from rtpipe.pipeline.runtime.stage_process import STAGE_SPEC_ENV, StageProcessSpec
 from rtpipe.pipeline.runtime.warm_up import WarmUpSchedule
-from rtpipe.shm.frame import FLAG_DISCONTINUITY, FLAG_END_OF_STREAM, FRAME_RECORD_DTYPE, HEADER_DTYPE
+from rtpipe.shm.frame import (
+    FLAG_DISCONTINUITY,
+    FLAG_END_OF_STREAM,
+    FRAME_RECORD_DTYPE,
+    HEADER_DTYPE,
+    bit_slots,
+    slot_bits,
+)
 from rtpipe.shm.ring import Consumer, EdgePolicy, Producer, ReadSlot, Ring, WriteSlot
 from rtpipe.stages.base import PLAYBACK_COUNTERS, EndOfStream, Role, Stage
 
@@ -67,6 +74,8 @@ _SEQ_W = _offset(HEADER_DTYPE, "seq") // 8
 _CAPTURE_W = _offset(HEADER_DTYPE, "capture_ns") // 8
 _ENTER_W = _offset(HEADER_DTYPE, "enter_ns") // 8
 _EXIT_W = _offset(HEADER_DTYPE, "exit_ns") // 8
+_LIVE_W = _offset(HEADER_DTYPE, "live") // 8
+_FRESH_W = _offset(HEADER_DTYPE, "fresh") // 8
 _FLAGS_W = _offset(HEADER_DTYPE, "flags") // 8  # flags in the low half, checksum in the high half
 _U32_MASK = 0xFFFFFFFF
 # a frame record starts with the header's seq, capture_ns, enter_ns and exit_ns, at the same offsets
@@ -79,10 +88,11 @@ _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
 if (
     sys.byteorder != "little"
-    or any(_offset(HEADER_DTYPE, f) % 8 for f in ("seq", "capture_ns", "enter_ns", "flags"))
+    or any(_offset(HEADER_DTYPE, f) % 8 for f in ("seq", "capture_ns", "enter_ns", "live", "fresh", "flags"))
     or _offset(HEADER_DTYPE, "checksum") != _offset(HEADER_DTYPE, "flags") + 4
     or any(
-        _field(FRAME_RECORD_DTYPE, f) != _field(HEADER_DTYPE, f) for f in ("seq", "capture_ns", "enter_ns", "exit_ns")
+        _field(FRAME_RECORD_DTYPE, f) != _field(HEADER_DTYPE, f)
+        for f in ("seq", "capture_ns", "enter_ns", "exit_ns", "live", "fresh")
     )
 ):
     raise ImportError(
@@ -195,6 +205,12 @@ class StageHost:
         self.warming = WarmUpSchedule(spec.warm_up_us, self.warm_up)
         self.FLAG_DISCONTINUITY = FLAG_DISCONTINUITY
         self.FLAG_END_OF_STREAM = FLAG_END_OF_STREAM
+        # Sessions: the slots this stage has carried a conversation in since it (or the slot) was last
+        # reset; a fresh slot is reset only when it is here (a just-opened stage has nothing to drop).
+        self.used_slots = 0
+        self.live_rows: dict[int, np.ndarray] = {}  # live bitmask -> its slot indices, made once each
+        # a one-slot source's conversation starts with its first frame (not again after a restart)
+        self.source_fresh = 0 if spec.incarnation > 0 else 1
         if spec.incarnation > 0:
             self.pending_flags = FLAG_DISCONTINUITY
 
@@ -234,6 +250,7 @@ class StageHost:
             self.send_heartbeat(time.monotonic_ns())
         elif kind == "reset" and self.stage is not None:
             self.stage.reset()
+            self.used_slots = 0
             self.pending_flags |= self.FLAG_DISCONTINUITY
         elif kind == "get_stats":
             self.send_stats()
@@ -309,6 +326,7 @@ class StageHost:
             if last is not None:  # a restarted sink: the frame its predecessor took last is not taken twice
                 self.last_seq = int(last.view(FRAME_RECORD_DTYPE)["seq"][0])
         stage.restarted = spec.incarnation > 0
+        stage.session_slots = spec.sessions
         if self.role is Role.SOURCE:
             stage.resume_frame = self.next_seq
         pin(spec.cores, spec.threads)
@@ -399,28 +417,39 @@ class StageHost:
         payload: Any,
         upstream: memoryview | None,
         enter_ns: int,
+        sessions: tuple[int, int] = (1, 0),
     ) -> None:
         """Fills the claimed `slot` and publishes it. `upstream`: the input frame's header bytes, whose
-        stage times go on (None at the source); `enter_ns`: when this stage took the frame."""
+        stage times and session bits go on (None at the source, which gives `sessions`, its live and
+        fresh bits); `enter_ns`: when this stage took the frame."""
         raw, words = self.views(slot)
         if upstream is not None:
             raw[:] = upstream  # every earlier stage's enter and exit times, in one copy
+        else:
+            words[_LIVE_W], words[_FRESH_W] = sessions
         words[_SEQ_W] = seq
         words[_CAPTURE_W] = capture_ns
         words[_ENTER_W + self.index] = enter_ns
         words[_FLAGS_W] = flags  # checksum 0: not computed on this path (the slot may hold an older one)
         if payload is not None:
             if getattr(payload, "shape", None) != slot.payload.shape:
-                edge_dtype = self.out_ring.spec.dtype if self.out_ring is not None else slot.payload.dtype
-                raise ValueError(
-                    f"stages.{self.name}: produced a frame of shape "
-                    f"{getattr(payload, 'shape', type(payload).__name__)}; its edge carries "
-                    f"{edge_dtype}{list(slot.payload.shape)}"
-                )
+                raise ValueError(self.wrong_shape(payload, slot))
             slot.payload[...] = payload
         # the ring stamps exit_ns[index] as its last store before the frame is visible, so a hop's
         # wait starts at the publish itself
         slot.publish(exit_stage=self.index)
+
+    def wrong_shape(self, payload: Any, slot: WriteSlot) -> str:
+        """Says what a stage emitted that does not fit its edge, in the stage's own terms: one session's
+        frame for a one-slot stage, all slots' rows for a stage with `sessions`."""
+        edge_dtype = self.out_ring.spec.dtype if self.out_ring is not None else slot.payload.dtype
+        shape = getattr(payload, "shape", None)
+        if self.stage is not None and not self.stage.sessions and shape is not None and len(shape) >= 1:
+            carries = list(slot.payload.shape[1:])
+            return f"stages.{self.name}: produced a frame of shape {shape[1:]}; its edge carries {edge_dtype}{carries}"
+        what = shape if shape is not None else type(payload).__name__
+        carries = list(slot.payload.shape)
+        return f"stages.{self.name}: produced frames of shape {what}; its edge carries {edge_dtype}{carries}"
 
     def end_of_stream_out(
         self, seq: int, capture_ns: int, flags: int, upstream: memoryview | None, enter_ns: int
@@ -445,7 +474,12 @@ class StageHost:
         if slot is None:  # drop-newest on a full ring: counted by the ring, seen downstream as a gap
             return False
         flags, self.pending_flags = self.pending_flags, 0
-        self.publish(slot, seq, frame.capture_ns, flags, frame.payload, None, frame.capture_ns)
+        if frame.live is None:  # a one-slot source: its payload is the frame's only row
+            payload, sessions = frame.payload[None], (1, self.source_fresh)
+            self.source_fresh = 0
+        else:
+            payload, sessions = frame.payload, (slot_bits(frame.live), slot_bits(frame.fresh))
+        self.publish(slot, seq, frame.capture_ns, flags, payload, None, frame.capture_ns, sessions)
         self.frames += 1
         return False
 
@@ -511,15 +545,25 @@ class StageHost:
                 flags |= self.FLAG_DISCONTINUITY
             self.last_seq = seq
             self.pending_flags = 0
+            live = words[_LIVE_W]
+            fresh = words[_FRESH_W] & self.used_slots
+            if fresh:
+                self.reset_slots(stage, fresh)
+            self.used_slots |= live
+            rows = self.live_rows.get(live)
+            if rows is None:
+                rows = self.live_rows[live] = np.array(bit_slots(live), dtype=np.int64)
             if self.role is Role.SINK:
-                self.sink_frame(stage, slot.payload, seq, capture_ns, flags, upstream, enter)
+                self.sink_frame(stage, slot.payload, rows, seq, capture_ns, flags, upstream, enter)
             else:
-                if self.on_device:
+                if not live:  # no conversation in this frame: nothing to compute, the frame goes on
+                    out = None
+                elif self.on_device:
                     with self.device_ctx:
-                        out = stage.process(slot.payload)
+                        out = stage.process_sessions(slot.payload, rows)
                 else:
-                    out = stage.process(slot.payload)
-                if out is not None:
+                    out = stage.process_sessions(slot.payload, rows)
+                if out is not None or not live:
                     out_slot = self.claim()
                     if out_slot is not None:
                         self.publish(out_slot, seq, capture_ns, flags, out, upstream, enter)
@@ -528,17 +572,29 @@ class StageHost:
         finally:
             slot.release()
 
+    def reset_slots(self, stage: Stage, slots: int) -> None:
+        """Resets each slot in the `slots` bitmask whose conversation starts over (used before)."""
+        for k in bit_slots(slots):
+            if self.on_device:
+                with self.device_ctx:
+                    stage.reset_session(k)
+            else:
+                stage.reset_session(k)
+        self.used_slots &= ~slots
+
     def sink_frame(
         self,
         stage: Stage,
         payload: np.ndarray,
+        rows: np.ndarray,
         seq: int,
         capture_ns: int,
         flags: int,
         upstream: memoryview,
         enter_ns: int,
     ) -> None:
-        stage.write(payload)
+        if len(rows):
+            stage.write_sessions(payload, rows)
         now = _monotonic_ns()
         if self.records_out is None:
             return

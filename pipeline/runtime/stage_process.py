@@ -60,6 +60,7 @@ class StageProcessSpec:
     warm_up_us: int = 0  # 0: no warm-ups
     sys_path: list[str] = field(default_factory=list)  # the supervisor's import path, put first
     start_paused: bool = False  # the source waits for "resume" before its first frame
+    sessions: int = 1  # session slots per frame: the first dimension of every ring's payload
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -98,6 +99,7 @@ class StageProcessSpec:
             warm_up_us=_take(data, "warm_up_us", int),
             sys_path=_str_list(data, "sys_path"),
             start_paused=_take(data, "start_paused", bool),
+            sessions=_take(data, "sessions", int),
         )
 
 

@@ -216,7 +216,7 @@ class Supervisor:
                 spec = RingSpec(
                     slots=edge.slots,
                     dtype=edge.payload.dtype,
-                    shape=tuple(edge.payload.shape),
+                    shape=edge.ring_shape,
                     policy=edge.policy,
                     spin_us=edge.spin_us,
                 )
@@ -270,6 +270,7 @@ class Supervisor:
             # the source waits until every stage is up, so the first frames do not queue behind loading
             # (also one restarted before then: it would block behind the loading, then burst)
             start_paused=index == 0 and not self.ready_event.is_set(),
+            sessions=self.config.sessions,
         )
         env = dict(os.environ, **self.extra_env)
         env[STAGE_SPEC_ENV] = process_spec.to_json()
