@@ -23,7 +23,9 @@ EDGES = ["mic->encode", "encode->lm", "lm->decode", "decode->speaker"]
 COMPUTE_MEAN_MS = {"mic": 0.3, "encode": 20.0, "lm": 60.0, "decode": 15.0, "speaker": 0.5}
 
 
-def run_info(t0_ns: int = 10_000_000_000, pids: dict | None = None, live_source: bool = False) -> RunInfo:
+def run_info(
+    t0_ns: int = 10_000_000_000, pids: dict | None = None, live_source: bool = False, sessions: int = 1
+) -> RunInfo:
     return RunInfo(
         run_id="synthetic1",
         stages=list(STAGES),
@@ -34,11 +36,15 @@ def run_info(t0_ns: int = 10_000_000_000, pids: dict | None = None, live_source:
         t0_ns=t0_ns,
         slots={edge: 8 for edge in EDGES},
         live_source=live_source,
+        sessions=sessions,
     )
 
 
-def records(n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_seqs=()) -> np.ndarray:
-    """Frame records of a 5-stage chain; the lm stage sometimes overruns the frame (deadline misses)."""
+def records(
+    n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_seqs=(), live=lambda seq: 1
+) -> np.ndarray:
+    """Frame records of a 5-stage chain; the lm stage sometimes overruns the frame (deadline misses).
+    `live(seq)`: the frame's live session bits (slot 0 alone unless told)."""
     rng = np.random.default_rng(seed)
     out = np.zeros(n_frames, dtype=FRAME_RECORD_DTYPE)
     busy_until = np.zeros(len(STAGES), dtype=np.int64)
@@ -46,6 +52,7 @@ def records(n_frames: int, *, t0_ns: int = 10_000_000_000, seed: int = 0, skip_s
         seq = k + sum(1 for s in skip_seqs if s <= k)
         capture = t0_ns + seq * FRAME_NS
         out[k]["seq"] = seq
+        out[k]["live"] = live(seq)
         out[k]["capture_ns"] = capture
         t = capture
         for i, name in enumerate(STAGES):
@@ -152,10 +159,13 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
             "target_ms": count["target_ms"],
         },
         "frames_lost": count["frames_lost"],
+        "sessions": _sessions(recs, e2e_ms),
     }
     if fill:
         out["text"] = list(text)
         out["text_tokens"] = []
+        latest = recs[int(np.argmax(recs["seq"]))] if recs.size else None
+        out["live_sessions"] = 0 if latest is None else bin(int(latest["live"])).count("1")
         return out
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731
     out["samples"] = {
@@ -173,6 +183,22 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
     out["config"] = {}
     out["device_latency_ms"] = None
     return out
+
+
+def _sessions(recs: np.ndarray, e2e_ms: np.ndarray) -> dict:
+    """Per slot, frame by frame: the frames whose live bit it has, their end to end, sequence gaps."""
+    sessions = {}
+    for k in range(64):
+        mine = [i for i in range(recs.size) if int(recs[i]["live"]) >> k & 1]
+        if not mine:
+            continue
+        seqs = sorted(int(recs[i]["seq"]) for i in mine)
+        sessions[str(k)] = {
+            "frames": len(mine),
+            "end_to_end_ms": _summary(e2e_ms[mine]),
+            "frames_lost": sum(b - a - 1 for a, b in zip(seqs, seqs[1:])),
+        }
+    return sessions
 
 
 def check_trace(events) -> dict:

@@ -9,13 +9,13 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from rtpipe.stages.base import AUDIO_FRAME, PayloadSpec, Role, Stage
+from rtpipe.stages.base import AUDIO_FRAME, EndOfStream, PayloadSpec, Role, SourceFrame, Stage
 from rtpipe.stages.errors import ConfigError
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -278,3 +278,50 @@ def gone(process) -> bool:
         return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@dataclass
+class ScriptedSessionsParams:
+    inputs: list[str]  # WAV files (24 kHz mono float)
+    # [frame, slot, input]: from `frame` on, `slot` carries inputs[input] from its start, as a new
+    # conversation (fresh), until that input ends or the slot is given another one
+    joins: list[list[int]]
+    leaves: list[list[int]] = field(default_factory=list)  # [frame, slot]: the slot's conversation ends
+
+
+class ScriptedSessions(Stage):
+    """A session source for tests: conversations join, leave and reuse slots when the script says,
+    unpaced; it ends when no slot is live and no join is left."""
+
+    role = Role.SOURCE
+    Params = ScriptedSessionsParams
+    sessions = True
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    def open(self, device: str = "cpu") -> None:
+        self.samples = [sf.read(path, dtype="float32")[0] for path in self.params.inputs]
+        self.frame = 0
+        self.playing: dict[int, tuple[int, int]] = {}  # slot -> (input, frame it started at)
+
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        k, fresh = self.frame, []
+        for frame, slot, which in self.params.joins:
+            if frame == k:
+                self.playing[slot] = (which, k)
+                fresh.append(slot)
+        for frame, slot in self.params.leaves:
+            if frame == k:
+                self.playing.pop(slot, None)
+        rows = np.zeros((self.session_slots, 1920), np.float32)
+        for slot, (which, start) in list(self.playing.items()):
+            chunk = self.samples[which][(k - start) * 1920 : (k - start + 1) * 1920]
+            if chunk.size == 0:
+                del self.playing[slot]
+                continue
+            rows[slot, : chunk.size] = chunk
+        if not self.playing and all(frame <= k for frame, _, _ in self.params.joins):
+            raise EndOfStream()
+        self.frame += 1
+        return SourceFrame(rows, time.monotonic_ns(), live=sorted(self.playing), fresh=fresh)

@@ -142,6 +142,27 @@ def _summary(snapshot: Snapshot | None) -> Text:
     return line
 
 
+SESSIONS_SHOWN = 8  # more sessions than this: the worst ones by P99, then how many more
+
+
+def _sessions(snapshot: Snapshot | None) -> Text | None:
+    """With more than one session: how many are live, and each one's end to end (the worst first)."""
+    sessions = snapshot.get("sessions", {}) if snapshot else {}
+    if snapshot is None or (len(sessions) <= 1 and set(sessions) <= {"0"}):
+        return None
+    line = Text("sessions ", style="bold")
+    line.append(f"{snapshot.get('live_sessions', 0)} live")
+    worst = sorted(sessions.items(), key=lambda item: -item[1]["end_to_end_ms"]["p99"])
+    for slot, row in worst[:SESSIONS_SHOWN]:
+        e2e = row["end_to_end_ms"]
+        line.append(f"   #{slot} P50 {e2e['p50']:.0f} P99 {e2e['p99']:.0f} ms")
+        if row["frames_lost"]:
+            line.append(f" lost {row['frames_lost']}", style="red")
+    if len(worst) > SESSIONS_SHOWN:
+        line.append(f"   (+{len(worst) - SESSIONS_SHOWN} more)")
+    return line
+
+
 def _transcript(snapshot: Snapshot | None) -> Text | None:
     if snapshot is None:
         return None
@@ -167,9 +188,9 @@ def render_snapshot(snapshot: Snapshot | None, run_info: RunInfo) -> Panel:
         Text(""),
         _summary(snapshot),
     ]
-    transcript = _transcript(snapshot)
-    if transcript is not None:
-        parts.append(transcript)
+    for extra in (_sessions(snapshot), _transcript(snapshot)):
+        if extra is not None:
+            parts.append(extra)
     title = f"rtpipe run {run_info['run_id']}".rstrip()
     if snapshot is not None:
         title += f" — {snapshot['seconds']:.1f} s, {snapshot['frames']} frames"

@@ -27,6 +27,7 @@ class RunInfo(TypedDict):
     t0_ns: int  # time.monotonic_ns() when the run started; a report's t_s counts from it
     slots: dict[str, int]  # edge -> the frames its ring holds
     live_source: bool  # the source captures live (a microphone): its frame takes frame_ms to arrive
+    sessions: int  # session slots each frame carries
 
 
 class Observer:

@@ -158,6 +158,26 @@ class _CountsCollector(Collector):
         yield GaugeMetricFamily(
             "rtpipe_running", "1 while the pipeline runs, 0 once it stopped.", value=0 if self.exporter.stopped else 1
         )
+        yield GaugeMetricFamily(
+            "rtpipe_sessions_live",
+            "Session slots carrying a conversation in the latest frame.",
+            value=counts.get("live_sessions", 0) if counts else 0,
+        )
+        yield GaugeMetricFamily("rtpipe_session_slots", "Session slots each frame carries.", value=run_info["sessions"])
+        session_e2e = GaugeMetricFamily(
+            "rtpipe_session_end_to_end_seconds",
+            "A session's end to end over the last few seconds, by quantile.",
+            labels=["session", "quantile"],
+        )
+        session_lost = CounterMetricFamily(
+            "rtpipe_session_frames_lost", "Frames a session lost (sequence gaps while it was live).", labels=["session"]
+        )
+        for slot, row in (counts.get("sessions", {}) if counts else {}).items():
+            for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
+                session_e2e.add_metric([slot, quantile], row["end_to_end_ms"][key] / 1000.0)
+            session_lost.add_metric([slot], row["frames_lost"])
+        yield session_e2e
+        yield session_lost
         info = GaugeMetricFamily(
             "rtpipe_stage_info", "A stage's kind (registered name or import path).", labels=["stage", "kind", "run_id"]
         )

@@ -87,6 +87,15 @@ class Capture(TypedDict):
     total_ms: Percentiles
 
 
+class SessionRow(TypedDict):
+    """One session slot's conversation(s): the frames it carried (those whose `live` bit for it was
+    set), their end to end, and the frames lost between two of them (sequence gaps while it was live)."""
+
+    frames: int
+    end_to_end_ms: Percentiles
+    frames_lost: int
+
+
 class Samples(TypedDict):
     """The report's per-frame values, one list entry per frame in sequence order (ms unless `_s`)."""
 
@@ -114,6 +123,8 @@ class Snapshot(TypedDict):
     frames_lost: int
     text: list[str]
     text_tokens: list[int]
+    sessions: dict[str, SessionRow]  # over the last few seconds, by slot ("0", "1", ...)
+    live_sessions: int  # slots live in the latest frame
 
 
 class Report(TypedDict):
@@ -130,6 +141,7 @@ class Report(TypedDict):
     edges: dict[str, EdgeRow]
     playback: Playback
     frames_lost: int
+    sessions: dict[str, SessionRow]  # by slot ("0", "1", ...): each slot's frames, end to end, losses
     samples: Samples
     text: list[str]
     text_tokens: list[int]
@@ -316,6 +328,35 @@ def _playback(counters: RunCounters) -> Playback:
     )
 
 
+def session_table(records: np.ndarray, end_to_end_ms: np.ndarray) -> dict[str, SessionRow]:
+    """Per session slot, from each record's `live` bits: the slot's frames, their end to end, and its
+    lost frames (sequence numbers missing between two frames it carried)."""
+    live = records["live"].astype(np.uint64)
+    seq = records["seq"].astype(np.int64)
+    present = np.bitwise_or.reduce(live) if live.size else np.uint64(0)
+    sessions = {}
+    for k in range(int(present).bit_length()):
+        mine = (live >> np.uint64(k)) & np.uint64(1) == 1
+        if not mine.any():
+            continue
+        my_seq = np.sort(seq[mine])
+        gaps = np.diff(my_seq) - 1
+        sessions[str(k)] = SessionRow(
+            frames=int(mine.sum()),
+            end_to_end_ms=summarize_ms(end_to_end_ms[mine]),
+            frames_lost=int(gaps[gaps > 0].sum()),
+        )
+    return sessions
+
+
+def live_sessions(records: np.ndarray) -> int:
+    """How many slots the latest record (highest sequence number) carried."""
+    if not records.size:
+        return 0
+    latest = records[int(np.argmax(records["seq"]))]
+    return int(latest["live"]).bit_count()
+
+
 def _round_list(values: np.ndarray) -> list[float]:
     return [round(float(v), 3) for v in values]
 
@@ -346,6 +387,7 @@ def build_report(
         edges=_edge_table(columns, counters),
         playback=_playback(counters),
         frames_lost=int(counters.frames_lost),
+        sessions=session_table(records, columns.end_to_end_ms),
         samples=Samples(
             seq=[int(s) for s in columns.seq],
             t_s=_round_list(columns.t_s),
@@ -391,6 +433,8 @@ def build_snapshot(
         frames_lost=int(counters.frames_lost),
         text=list(counters.text[-20:]),
         text_tokens=list(counters.text_tokens[-20:]),
+        sessions=session_table(records, columns.end_to_end_ms),
+        live_sessions=live_sessions(records),
     )
 
 
@@ -414,6 +458,8 @@ def final_snapshot(report: Report, last: Snapshot | None) -> Snapshot:
         frames_lost=report["frames_lost"],
         text=list(report["text"] if has_text or last is None else last["text"]),
         text_tokens=list(report["text_tokens"] if has_text or last is None else last["text_tokens"]),
+        sessions=report["sessions"],
+        live_sessions=last["live_sessions"] if last else 0,
     )
 
 

@@ -360,6 +360,7 @@ class Supervisor:
             t0_ns=self.t0_ns,
             slots={e.name: e.slots for e in self.config.edges},
             live_source=self.config.stages[0].live,
+            sessions=self.config.sessions,
         )
 
     def _send(self, stage: str, type_: str, **fields: Any) -> None:
