@@ -218,6 +218,13 @@ def format_table(report: Report) -> str:
         f"{'end to end':<20} {p(report['end_to_end_ms'])}   ({report['frames']} frames, "
         f"{report['seconds']:.1f} s, declared delay {report['delay_frames']} frames)"
     )
+    sessions = report.get("sessions", {})
+    if len(sessions) > 1 or set(sessions) - {"0"}:
+        for slot, row in sessions.items():
+            lines.append(
+                f"{'  session ' + slot:<20} {p(row['end_to_end_ms'])}   ({row['frames']} frames, "
+                f"{row['frames_lost']} lost)"
+            )
     pb = report["playback"]
     latency = report.get("device_latency_ms")
     lines.append(
