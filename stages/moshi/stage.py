@@ -1,14 +1,16 @@
 """`moshi.step`: each frame, the user's Mimi codes in, the model's Mimi codes out (one LM step).
 
 Text tokens go out through events(). The model, its weights and the KV caches are built in open(), in
-the stage's own process; the supervisor only reads the (cheap) architecture to size the edges.
+the stage's own process; the supervisor only reads the (cheap) architecture to size the edges. With
+`session_slots` = N it carries N conversations, each with its own caches, step, random generator and
+sampling settings (set_session_sampling), and steps the live ones of a frame as one batch.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -27,6 +29,7 @@ from rtpipe.stages.moshi.config import LmConfig, config_for_size, load_config_fi
 from rtpipe.stages.moshi.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # torch is imported in open() only: the supervisor builds this stage without it
+    from rtpipe.stages.moshi.sampling import SamplingParams
     from rtpipe.stages.moshi.streaming import LmStreamer, LmStreamState
 
 WARM_UP_STEPS = 3
@@ -75,12 +78,15 @@ def lm_config(params: MoshiStepParams, where: str = "params") -> LmConfig:
     return config_for_size(params.size, f"{where}.size")
 
 
-def check_lm_memory(config: LmConfig, params: MoshiStepParams, where: str) -> None:
-    """ConfigError when the model (its parameters and one conversation's KV cache in params.dtype, plus
-    the checkpoint file read whole while it loads) would not fit in the memory available now."""
-    elements = config.parameter_count() + config.kv_cache_elements(params.context)
+def check_lm_memory(config: LmConfig, params: MoshiStepParams, where: str, sessions: int = 1) -> None:
+    """ConfigError when the model (its parameters and `sessions` conversations' KV caches in
+    params.dtype, plus the checkpoint file read whole while it loads) would not fit in the memory
+    available now."""
+    elements = config.parameter_count() + sessions * config.kv_cache_elements(params.context)
     need = elements * DTYPE_BYTES[params.dtype] + checkpoint_load_bytes(params.weights)
     what = f"a {_parameters_text(config.parameter_count())} Moshi LM in {params.dtype}"
+    if sessions > 1:
+        what += f" with {sessions} sessions' KV caches"
     check_memory_fits(need, what, where)
 
 
@@ -90,10 +96,25 @@ def _parameters_text(count: int) -> str:
 
 @dataclass
 class MoshiStepState:
-    """The conversation so far: the LM's stream state (KV caches, delay buffer, step, RNG)."""
+    """The conversations so far: each session slot's LM stream state (KV caches, delay buffer, step,
+    RNG, sampling) and frames stepped since its reset."""
 
-    lm: LmStreamState | None = None  # once opened
-    frames: int = 0
+    sessions: list[LmStreamState] = field(default_factory=list)  # one per slot, once opened
+    frames: list[int] = field(default_factory=list)
+
+    @property
+    def lm(self) -> LmStreamState | None:
+        """Slot 0's stream state: the one conversation of process()."""
+        return self.sessions[0] if self.sessions else None
+
+
+@dataclass(frozen=True)
+class SessionSampling:
+    """What one slot's conversations sample with: `sampling` (None: the stage's params) and `seed`
+    (None: the stage's params.seed, or a fresh random seed at each reset when that is None too)."""
+
+    sampling: SamplingParams | None = None
+    seed: int | None = None
 
 
 class MoshiStep(Stage):
@@ -107,6 +128,7 @@ class MoshiStep(Stage):
 
     role = Role.PROCESSOR
     Params = MoshiStepParams
+    sessions = True
 
     def __init__(self, params: MoshiStepParams | None = None):
         super().__init__(params)
@@ -115,6 +137,11 @@ class MoshiStep(Stage):
         self._streamer: LmStreamer | None = None
         self._tokenizer: TextTokenizer | None = None
         self._events: list[dict] = []
+        self._session_sampling: dict[int, SessionSampling] = {}  # slot -> its own; absent: the params'
+
+    def check_sessions(self, slots: int, where: str) -> None:
+        super().check_sessions(slots, where)
+        check_lm_memory(self.config, self.params, where, sessions=slots)
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         want = PayloadSpec("int32", (self.config.user_q,))
@@ -136,10 +163,11 @@ class MoshiStep(Stage):
         p = self.params
         # before the model: a bad tokenizer is said at once, not after a minute of loading weights
         self._tokenizer = self._open_tokenizer()
+        slots = self.session_slots
         if device == "cpu":
             # again here: other stages may have taken memory since validate(), and a stage built from
             # params directly never ran it
-            check_lm_memory(self.config, p, "moshi.step")
+            check_lm_memory(self.config, p, "moshi.step", sessions=slots)
         dtype = torch.bfloat16 if p.dtype == "bfloat16" else torch.float32
         model = LmModel(self.config, dtype=dtype, device=device)
         if p.weights is None:
@@ -161,12 +189,16 @@ class MoshiStep(Stage):
         else:
             sampling = SamplingParams(p.temperature, p.top_k, p.text_temperature, p.text_top_k)
         streamer = self._streamer = LmStreamer(model, sampling, context=p.context)
+        states = [streamer.new_state(0) for _ in range(slots)]
+        self.state = MoshiStepState(states, [0] * slots)
         # A few throwaway steps so the first live frame does not pay for first-call kernel setup
-        # (oneDNN primitives, allocator growth) and miss its deadline.
-        scratch = streamer.new_state(0)
+        # (oneDNN primitives, allocator growth, the batch path's kernel probes) and miss its deadline;
+        # reset() then starts every slot over.
+        silence = [0] * self.config.user_q
         for _ in range(WARM_UP_STEPS):
-            streamer.step(scratch, [0] * self.config.user_q)
-        del scratch
+            streamer.step(states[0], silence)
+            if slots > 1:
+                streamer.step_many(states, [silence] * slots)
         self.reset()
 
     def _open_tokenizer(self) -> TextTokenizer | None:
@@ -178,14 +210,48 @@ class MoshiStep(Stage):
         )
 
     def reset(self) -> None:
-        seed = self.params.seed
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        lm = self._streamer.new_state(seed) if self._streamer is not None else None
-        self.state = MoshiStepState(lm=lm)
+        """Starts every slot's conversation over (and drops pending events)."""
+        for slot in range(len(self.state.sessions)):
+            self.reset_session(slot)
         self._events = []
 
+    def reset_session(self, slot: int) -> None:
+        """Starts slot `slot`'s conversation over, reseeded from its seed (set_session_sampling, else
+        params.seed, else a fresh random one); no other slot changes. Raises IndexError for a slot
+        this stage does not have (before open(): it has none)."""
+        if self._streamer is None:
+            raise RuntimeError("moshi.step: reset_session() before open()")
+        state = self.state.sessions[slot]
+        settings = self._session_sampling.get(slot, SessionSampling())
+        seed = settings.seed if settings.seed is not None else self.params.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        self._streamer.restart(state, seed)
+        state.sampling = settings.sampling
+        self.state.frames[slot] = 0
+
+    def set_session_sampling(self, slot: int, sampling: SamplingParams | None, seed: int | None = None) -> None:
+        """What slot `slot` samples with, for every client of a server its own: `sampling` (its
+        temperatures and top-k; SamplingParams.greedy() for greedy; None: the stage's params) applies
+        from the slot's next step; `seed` (None: params.seed, else random) reseeds the slot now and
+        at each reset_session(slot), so one seed gives one slot the same tokens for the same input,
+        whatever the other slots do. Call it between frames, from the thread that steps the stage.
+        Raises ConfigError for a bad setting, IndexError for a slot outside 0..session_slots - 1."""
+        where = f"moshi.step: session {slot}"
+        if not 0 <= slot < self.session_slots:
+            raise IndexError(f"{where}: this stage has session slots 0..{self.session_slots - 1}")
+        if sampling is not None:
+            sampling.validate(f"{where}.sampling")
+        check_seed(seed, f"{where}.seed")
+        settings = self._session_sampling[slot] = SessionSampling(sampling, seed)
+        if slot < len(self.state.sessions) and self._streamer is not None:
+            state = self.state.sessions[slot]
+            state.sampling = settings.sampling
+            if seed is not None:
+                self._streamer.reseed(state, seed)
+
     def process(self, frame: np.ndarray) -> np.ndarray:
+        """One frame of one conversation (session slot 0): int32 [user_q] -> int32 [dep_q]."""
         if self._streamer is None:
             raise RuntimeError("moshi.step: process() before open()")
         c = self.config
@@ -196,13 +262,45 @@ class MoshiStep(Stage):
             raise ValueError(
                 f"moshi.step: input codes must be in 0..{c.card - 1}, got {int(codes.min())}..{int(codes.max())}"
             )
-        tokens = self._streamer.step(self.state.lm, codes.tolist())
-        self.state.frames += 1
+        tokens = self._streamer.step(self.state.sessions[0], codes.tolist())
+        self.state.frames[0] += 1
+        return self._emit(0, tokens)
+
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """All live slots of a frame as one batch: frames int32 [slots, user_q], `live` the ascending
+        slot indices to step -> int32 [slots, dep_q] (rows outside `live`: zeros). Slots outside `live`
+        are not touched. Raises ValueError naming the slot for codes outside 0..card - 1."""
+        if self._streamer is None:
+            raise RuntimeError("moshi.step: process_sessions() before open()")
+        c = self.config
+        slots = len(self.state.sessions)
+        codes = np.asarray(frames)
+        if codes.shape != (slots, c.user_q):
+            raise ValueError(f"moshi.step: input frames have shape {codes.shape}, expected ({slots}, {c.user_q})")
+        indices = [int(k) for k in live]
+        rows = codes[indices]
+        bad = ((rows < 0) | (rows >= c.card)).any(axis=1)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise ValueError(
+                f"moshi.step: session {indices[b]}: input codes must be in 0..{c.card - 1}, "
+                f"got {int(rows[b].min())}..{int(rows[b].max())}"
+            )
+        states = [self.state.sessions[k] for k in indices]
+        results = self._streamer.step_many(states, rows.tolist())
+        out = np.zeros((slots, c.dep_q), dtype=np.int32)
+        for k, tokens in zip(indices, results):
+            self.state.frames[k] += 1
+            out[k] = self._emit(k, tokens)
+        return out
+
+    def _emit(self, slot: int, tokens: list[int] | None) -> np.ndarray:
+        """The model's codes for `slot` this frame, its text token queued as an event."""
         if tokens is None:
-            return np.zeros(c.dep_q, dtype=np.int32)  # warm-up: see delay_frames
+            return np.zeros(self.config.dep_q, dtype=np.int32)  # warm-up: see delay_frames
         text = tokens[0]
         piece = self._tokenizer.piece(text) if self._tokenizer is not None else None
-        self._events.append({"text_token": int(text), "text": piece})
+        self._events.append({"text_token": int(text), "text": piece, "session": slot})
         return np.asarray(tokens[1:], dtype=np.int32)
 
     def events(self) -> list[dict]:
