@@ -18,10 +18,12 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 import psutil
 
+from rtpipe.pipeline.cli.arguments import add_sessions_argument
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
 from rtpipe.pipeline.observe.report import Snapshot
 from rtpipe.pipeline.runtime import realtime
 from rtpipe.shm import wakeup
+from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.shm.ring import MAX_SPIN_US, EdgePolicy
 from rtpipe.stages.base import AUDIO_FRAME, FRAME_NS, FRAME_SAMPLES, EndOfStream, PayloadSpec, Role, SourceFrame, Stage
 
@@ -30,19 +32,27 @@ WARMUP_FRAMES = 10  # first frames pay for page faults and imports; both chains 
 
 class PacedNoopSource(Stage):
     """A source that hands out the same silent frame every 80 ms, stamped when it is handed out, so
-    the added latency measured downstream is the transport's alone. `frames` frames, then the end."""
+    the added latency measured downstream is the transport's alone. `frames` frames, then the end.
+    With sessions, every slot is live from the first frame on."""
 
     role = Role.SOURCE
+    sessions = True
 
     def __init__(self, params=None):
         super().__init__(params)
         self.frames = int(os.environ.get("RTPIPE_BENCH_FRAMES", "900"))
         self.payload = np.zeros(FRAME_SAMPLES, np.float32)
+        self.live: list[int] | None = None
         self.next_ns = 0
         self.count = 0
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         return AUDIO_FRAME
+
+    def open(self, device: str = "cpu") -> None:
+        if self.session_slots > 1:
+            self.payload = np.zeros((self.session_slots, FRAME_SAMPLES), np.float32)
+            self.live = list(range(self.session_slots))
 
     def read(self, timeout_s: float) -> SourceFrame | None:
         if self.count >= self.frames:
@@ -58,7 +68,11 @@ class PacedNoopSource(Stage):
             time.sleep(wait_ns / 1e9)
         self.next_ns += FRAME_NS
         self.count += 1
-        return SourceFrame(self.payload, time.monotonic_ns())
+        if self.live is None:
+            return SourceFrame(self.payload, time.monotonic_ns())
+        return SourceFrame(
+            self.payload, time.monotonic_ns(), live=self.live, fresh=self.live if self.count == 1 else ()
+        )
 
 
 def summary_us(values_ns: np.ndarray) -> dict:
@@ -156,7 +170,7 @@ def edge_spins(cores: list[int] | None, spin_us: int) -> list[int]:
     return [spin_us if x != y else 0 for x, y in itertools.pairwise(cores)]
 
 
-def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int = 0) -> dict:
+def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int = 0, sessions: int = 1) -> dict:
     from rtpipe.pipeline.runtime import config as pipeline_config
     from rtpipe.pipeline.runtime.supervisor import Supervisor
 
@@ -164,6 +178,7 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
     kinds = ["rtpipe.bench.pipeline:PacedNoopSource", "echo", "echo", "echo", "playback.null"]
     spins = edge_spins(cores, spin_us)
     raw = {
+        "sessions": sessions,
         "stages": {
             n: {"kind": k, "priority": priority, **({"cores": [cores[i]]} if cores else {})}
             for i, (n, k) in enumerate(zip(names, kinds))
@@ -211,11 +226,11 @@ def run_rtpipe(frames: int, spin_us: int, cores: list[int] | None, priority: int
 # --- the baseline: the same chain on multiprocessing.Queue ------------------------------------------
 
 
-def _mp_source(out_q, frames: int, ready, go):
+def _mp_source(out_q, frames: int, ready, go, sessions: int = 1):
     from rtpipe.pipeline.runtime.host import precise_timers
 
     precise_timers()  # as rtpipe's stage processes do: both sources keep the same pace
-    payload = np.zeros(FRAME_SAMPLES, np.float32)
+    payload = np.zeros((sessions, FRAME_SAMPLES) if sessions > 1 else FRAME_SAMPLES, np.float32)
     ready.wait()
     go.wait()
     next_ns = time.monotonic_ns()
@@ -254,13 +269,13 @@ def started_pid(process: BaseProcess) -> int:
     return process.pid
 
 
-def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0) -> dict:
+def run_mp_queue(frames: int, cores: list[int] | None, priority: int = 0, sessions: int = 1) -> dict:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(4)]
     result_q = ctx.Queue()
     ready, go = ctx.Event(), ctx.Event()
     procs = [
-        ctx.Process(target=_mp_source, args=(queues[0], frames, ready, go)),
+        ctx.Process(target=_mp_source, args=(queues[0], frames, ready, go, sessions)),
         *[ctx.Process(target=_mp_middle, args=(queues[i], queues[i + 1])) for i in range(3)],
         ctx.Process(target=_mp_sink, args=(queues[3], result_q)),
     ]
@@ -363,8 +378,12 @@ def main(argv: list[str]) -> int:
         "CAP_SYS_NICE or ulimit -r; 0: the normal scheduler; default auto: "
         f"{AUTO_PRIORITY} where this process may, else 0)",
     )
+    add_sessions_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON: {rtpipe: {...}, mp_queue: {...}}")
     args = parser.parse_args(argv)
+    sessions = 1 if args.sessions is None else args.sessions
+    if not 1 <= sessions <= MAX_SESSIONS:
+        parser.error(f"--sessions {sessions}: expected 1 to {MAX_SESSIONS}")
     if args.frames <= WARMUP_FRAMES + 10:
         parser.error(f"--frames {args.frames}: need more than {WARMUP_FRAMES + 10}")
     if not 0 <= args.spin_us <= MAX_SPIN_US:
@@ -383,8 +402,8 @@ def main(argv: list[str]) -> int:
         refused = args.priority and realtime.refusal(args.priority)
         if refused:
             parser.error(f"--priority {args.priority}: real-time priority is {refused}")
-    rtpipe = run_rtpipe(args.frames, args.spin_us, cores, args.priority)
-    baseline = run_mp_queue(args.frames, cores, args.priority)
+    rtpipe = run_rtpipe(args.frames, args.spin_us, cores, args.priority, sessions)
+    baseline = run_mp_queue(args.frames, cores, args.priority, sessions)
     keys = ("p50_us", "p99_us", "max_us", "cpu_pct")
     if args.json:
         print(
@@ -393,6 +412,7 @@ def main(argv: list[str]) -> int:
                     "rtpipe": {k: rtpipe[k] for k in keys},
                     "mp_queue": {k: baseline[k] for k in keys},
                     "priority": args.priority,
+                    "sessions": sessions,
                     "futex": wakeup.IMPLEMENTATION,
                     "warm_ups": rtpipe["warm_ups"],
                     "steal_pct": {"rtpipe": rtpipe["steal_pct"], "mp_queue": baseline["steal_pct"]},
@@ -402,6 +422,7 @@ def main(argv: list[str]) -> int:
         return 0
     print(
         f"rtpipe bench pipeline: 5 no-op stage processes, 4 hops, 80 ms pace, {args.frames} frames "
+        f"of {sessions} session{'s' if sessions > 1 else ''} "
         f"({WARMUP_FRAMES} warm-up frames not counted), rtpipe edges' spin_us "
         f"{','.join(map(str, edge_spins(cores, args.spin_us)))}"
         + (f", both chains' stages pinned to cores {','.join(map(str, cores))}" if cores else ", not pinned")

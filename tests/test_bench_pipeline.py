@@ -99,3 +99,16 @@ def test_where_real_time_priority_is_refused_auto_falls_back_to_the_normal_sched
     assert main(["--frames", "24"]) == 0
     out = capsys.readouterr().out
     assert "normal scheduler (SCHED_FIFO is not permitted here (test))" in out
+
+
+def test_both_chains_carry_sessions_when_asked(capsys):
+    assert main(["--frames", "24", "--sessions", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sessions"] == 4
+    assert all(0 < chain["p50_us"] for chain in (report["rtpipe"], report["mp_queue"]))
+
+
+def test_a_session_count_outside_1_to_64_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--frames", "30", "--sessions", "65"])
+    assert "--sessions 65: expected 1 to 64" in capsys.readouterr().err
