@@ -5,6 +5,8 @@ report.py), a trace checker and a /metrics parser.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from rtpipe.pipeline.observe.observer import RunInfo
@@ -196,7 +198,9 @@ def _sessions(recs: np.ndarray, e2e_ms: np.ndarray) -> dict:
         sessions[str(k)] = {
             "frames": len(mine),
             "end_to_end_ms": _summary(e2e_ms[mine]),
-            "frames_lost": sum(b - a - 1 for a, b in zip(seqs, seqs[1:])),
+            "frames_lost": sum(b - a - 1 for a, b in itertools.pairwise(seqs)),
+            "text": [],
+            "text_tokens": [],
         }
     return sessions
 

@@ -325,3 +325,29 @@ class ScriptedSessions(Stage):
             raise EndOfStream()
         self.frame += 1
         return SourceFrame(rows, time.monotonic_ns(), live=sorted(self.playing), fresh=fresh)
+
+
+class SessionTalker(Stage):
+    """A session-aware pass-through that says, per live slot and frame, one text event naming its slot:
+    token slot * 1000 + the slot's frame count."""
+
+    role = Role.PROCESSOR
+    sessions = True
+
+    def open(self, device: str = "cpu") -> None:
+        self.counts: dict[int, int] = {}
+        self.pending: list[dict] = []
+
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray:
+        for slot in live.tolist():
+            count = self.counts.get(slot, 0)
+            self.pending.append({"text_token": slot * 1000 + count, "text": f"s{slot}.{count} ", "session": slot})
+            self.counts[slot] = count + 1
+        return frames
+
+    def reset_session(self, slot: int) -> None:
+        self.counts.pop(slot, None)
+
+    def events(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out

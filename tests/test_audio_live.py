@@ -5,6 +5,7 @@ device path's latency is measured (printed, never asserted against a threshold).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
 
@@ -88,7 +89,7 @@ def test_speech_played_by_the_speaker_comes_back_through_the_microphone(pulse_nu
     lags = [lag - start for start, lag in found]
     # Audio comes back later after an underrun; it comes back earlier only by what the adaptive playout
     # trimmed (counted), never by more.
-    came_back_earlier = sum(max(0, a - b) for a, b in zip(lags, lags[1:]))
+    came_back_earlier = sum(max(0, a - b) for a, b in itertools.pairwise(lags))
     trimmed_samples = round(float(play["trimmed_ms"]) * SAMPLE_RATE / 1000)
     assert came_back_earlier <= trimmed_samples + 1, (
         f"audio came back {came_back_earlier} samples earlier, but the speaker trimmed only {trimmed_samples} "

@@ -136,3 +136,20 @@ def test_a_snapshot_it_cannot_draw_gives_the_terminal_back():
         view.on_tick(snapshot)
     assert view._live is None
     view.on_stop(support.report(support.records(5), info))  # still safe to call
+
+
+def test_with_sessions_the_view_shows_how_many_are_live_and_each_ones_end_to_end():
+    info = support.run_info(sessions=3)
+    # slots 0 and 2 carry every frame, slot 1 only the first 20 (then it left)
+    recs = support.records(40, live=lambda seq: 0b101 | (0b010 if seq < 20 else 0))
+    snapshot = support.report(recs, info, step=1, fill=True)
+    console = _console()
+    console.print(render_snapshot(snapshot, info))
+    text = console.export_text()
+    assert "sessions 2 live" in text
+    for slot in ("0", "1", "2"):
+        assert f"#{slot} P50 {snapshot['sessions'][slot]['end_to_end_ms']['p50']:.0f}" in text
+    one = support.report(support.records(10), support.run_info(), step=1, fill=True)
+    console = _console()
+    console.print(render_snapshot(one, support.run_info()))
+    assert "sessions" not in console.export_text()  # one session: nothing more to say

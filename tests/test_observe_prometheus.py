@@ -150,3 +150,23 @@ def test_device_underflows_are_served_as_a_counter(exporter):
     assert _scrape(exporter.url)[key] == 8
     exporter.on_stop(support.report(recs, info, step=3))
     assert _scrape(exporter.url)[key] == 12
+
+
+def test_sessions_are_served_live_and_one_by_one():
+    info = support.run_info(sessions=4)
+    exporter = PrometheusExporter(info, port=0)
+    try:
+        recs = support.records(30, live=lambda seq: 0b0011 if seq % 10 else 0b0001, skip_seqs=(5,))
+        exporter.on_start(info)
+        snapshot = support.report(recs, info, step=1, fill=True)
+        exporter.on_tick(snapshot)
+        metrics = _scrape(exporter.url)
+        assert metrics[("rtpipe_session_slots", frozenset())] == 4
+        assert metrics[("rtpipe_sessions_live", frozenset())] == snapshot["live_sessions"]
+        for slot, row in snapshot["sessions"].items():
+            p99 = metrics[("rtpipe_session_end_to_end_seconds", frozenset({("session", slot), ("quantile", "0.99")}))]
+            assert p99 == pytest.approx(row["end_to_end_ms"]["p99"] / 1000)
+            assert metrics[("rtpipe_session_frames_lost_total", frozenset({("session", slot)}))] == row["frames_lost"]
+        assert snapshot["sessions"]["0"]["frames_lost"] == 1  # the frame that never came
+    finally:
+        exporter.close()

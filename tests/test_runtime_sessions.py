@@ -225,3 +225,17 @@ def test_one_session_is_what_it_was(tmp_path):
     assert np.array_equal(out[: samples.size], -samples)
     report = json.loads((tmp_path / "r.json").read_text())
     assert list(report["sessions"]) == ["0"] and report["sessions"]["0"]["frames"] == report["frames"] == 7
+
+
+def test_each_sessions_text_is_its_own_in_the_report(tmp_path):
+    raw = _config(tmp_path, 2, middle=[{"kind": "runtime_support:SessionTalker"}])
+    noise_wav(tmp_path / "short.wav", 0.2)
+    raw["stages"]["capture"]["params"] = {"paths": [str(tmp_path / "in.wav"), str(tmp_path / "short.wav")]}
+    raw["stages"]["capture"]["params"]["pace"] = False
+    run = run_cli([str(write_config(tmp_path / "c.toml", raw)), "--report", "r.json"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    sessions = report["sessions"]
+    assert sessions["0"]["text_tokens"] == list(range(4)) and sessions["1"]["text_tokens"] == [1000, 1001, 1002]
+    assert "".join(sessions["1"]["text"]) == "s1.0 s1.1 s1.2 "
+    assert sorted(report["text_tokens"]) == sorted(sessions["0"]["text_tokens"] + sessions["1"]["text_tokens"])

@@ -89,11 +89,14 @@ class Capture(TypedDict):
 
 class SessionRow(TypedDict):
     """One session slot's conversation(s): the frames it carried (those whose `live` bit for it was
-    set), their end to end, and the frames lost between two of them (sequence gaps while it was live)."""
+    set), their end to end, the frames lost between two of them (sequence gaps while it was live), and
+    the model's text for it (a snapshot: the last 20 pieces)."""
 
     frames: int
     end_to_end_ms: Percentiles
     frames_lost: int
+    text: list[str]
+    text_tokens: list[int]
 
 
 class Samples(TypedDict):
@@ -193,6 +196,9 @@ class RunCounters:
     frames_lost: int = 0
     text: list[str] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)  # every text token id, with or without a tokenizer
+    # the same by session slot (events that name a "session"; 0 for those that do not)
+    session_text: dict[int, list[str]] = field(default_factory=dict)
+    session_text_tokens: dict[int, list[int]] = field(default_factory=dict)
     live_source: bool = False
 
 
@@ -328,9 +334,13 @@ def _playback(counters: RunCounters) -> Playback:
     )
 
 
-def session_table(records: np.ndarray, end_to_end_ms: np.ndarray) -> dict[str, SessionRow]:
+def session_table(
+    records: np.ndarray, end_to_end_ms: np.ndarray, counters: RunCounters, text_pieces: int | None = None
+) -> dict[str, SessionRow]:
     """Per session slot, from each record's `live` bits: the slot's frames, their end to end, and its
-    lost frames (sequence numbers missing between two frames it carried)."""
+    lost frames (sequence numbers missing between two frames it carried); its text from `counters`
+    (the last `text_pieces` pieces, all when None)."""
+    first = 0 if text_pieces is None else -text_pieces
     live = records["live"].astype(np.uint64)
     seq = records["seq"].astype(np.int64)
     present = np.bitwise_or.reduce(live) if live.size else np.uint64(0)
@@ -345,6 +355,8 @@ def session_table(records: np.ndarray, end_to_end_ms: np.ndarray) -> dict[str, S
             frames=int(mine.sum()),
             end_to_end_ms=summarize_ms(end_to_end_ms[mine]),
             frames_lost=int(gaps[gaps > 0].sum()),
+            text=list(counters.session_text.get(k, [])[first:]),
+            text_tokens=list(counters.session_text_tokens.get(k, [])[first:]),
         )
     return sessions
 
@@ -387,7 +399,7 @@ def build_report(
         edges=_edge_table(columns, counters),
         playback=_playback(counters),
         frames_lost=int(counters.frames_lost),
-        sessions=session_table(records, columns.end_to_end_ms),
+        sessions=session_table(records, columns.end_to_end_ms, counters),
         samples=Samples(
             seq=[int(s) for s in columns.seq],
             t_s=_round_list(columns.t_s),
@@ -433,7 +445,7 @@ def build_snapshot(
         frames_lost=int(counters.frames_lost),
         text=list(counters.text[-20:]),
         text_tokens=list(counters.text_tokens[-20:]),
-        sessions=session_table(records, columns.end_to_end_ms),
+        sessions=session_table(records, columns.end_to_end_ms, counters, text_pieces=20),
         live_sessions=live_sessions(records),
     )
 

@@ -132,6 +132,8 @@ class Supervisor:
         self.observers: list[Observer] = []
         self.text: list[str] = []
         self.text_tokens: list[int] = []
+        self.session_text: dict[int, list[str]] = {}
+        self.session_text_tokens: dict[int, list[int]] = {}
         self.stop_reason: str | None = None
         self.stop_requested_ns: int | None = None
         self.stop_all_sent_ns: int | None = None
@@ -414,10 +416,14 @@ class Supervisor:
                 log.warning("rtpipe: stage %s restarted (restart %d)", name, sp.restarts)
         elif kind == "events":
             for event in message["events"]:
+                session = event.get("session", 0)
+                session = session if isinstance(session, int) and not isinstance(session, bool) else 0
                 if isinstance(event.get("text_token"), int):
                     self.text_tokens.append(event["text_token"])
+                    self.session_text_tokens.setdefault(session, []).append(event["text_token"])
                 if isinstance(event.get("text"), str):
                     self.text.append(event["text"])
+                    self.session_text.setdefault(session, []).append(event["text"])
         elif kind == "heartbeat":
             sp.paused = message["paused"]
         elif kind == "stats":
@@ -561,6 +567,8 @@ class Supervisor:
         counters.frames_lost = self.frame_records.frames_lost(dropped)
         counters.text = list(self.text)
         counters.text_tokens = list(self.text_tokens)
+        counters.session_text = {k: list(v) for k, v in self.session_text.items()}
+        counters.session_text_tokens = {k: list(v) for k, v in self.session_text_tokens.items()}
         return counters
 
     def _report(self) -> Report:
