@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline, live"
+SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline, live, sessions"
 
 BENCHMARKS = {
     "ring": "shared-memory ring vs multiprocessing / zmq, one hop",
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "lm": "Moshi transformer step per frame, ours vs the reference",
     "inline": "encode -> step -> decode in one process, as Moshi's server runs them",
     "live": "the default pipeline on PulseAudio null sinks, LM frozen 300 ms: adaptive vs fixed playout",
+    "sessions": "sessions held in real time: one pipeline batching N vs N separate pipelines",
 }
 
 
