@@ -15,6 +15,9 @@ calls and page faults are not judged), all of:
 and it ran cleanly: no stage failed or restarted, no frame was lost, and it finished its audio within
 CAP_FACTOR x --seconds (+ CAP_EXTRA_S) of its start. The first edge blocks (as `rtpipe run --input`):
 a pipeline that cannot keep up holds its source back, which shows as growing end to end, not as drops.
+"Stage" in 1 and 2 means every stage after the source: the source's own time is how late it published
+a frame that was due, which under `block` is its wait for room in the first ring (rule 3 judges that);
+it is reported as source_ms.
 
 The separate pipelines load their models together, then all start once every one is up (a barrier),
 their sources a fraction of a frame apart (pipeline k at k/N of 80 ms), as independent calls would be.
@@ -103,7 +106,8 @@ class Configuration(TypedDict):
     holds: bool
     why_not: list[str]  # empty when it holds
     error: str | None
-    stages: dict[str, StageCompute]
+    stages: dict[str, StageCompute]  # every stage after the source, in chain order
+    source_ms: Percentiles | None  # the source's time per frame: its read and publish, waits included
     frames: int  # ticks that reached the sink, all pipelines together
     frames_judged: int  # of those, after the warm-up
     deadline_misses: int  # judged frames on which some stage took over 80 ms
@@ -199,7 +203,8 @@ def summarize(
     """One configuration's entry from its pipelines' reports (one batched, or N separate), pooled."""
     entry = not_run(sessions, len(reports), "; ".join(errors) if errors else None)
     entry["started_together"] = started_together
-    names = list(reports[0]["stages"]) if reports else []
+    source, *names = list(reports[0]["stages"]) if reports else [""]
+    source_ms: list[np.ndarray] = []
     stage_ms: dict[str, list[np.ndarray]] = {name: [] for name in names}
     e2e: list[np.ndarray] = []
     growths: list[float] = []
@@ -208,6 +213,7 @@ def summarize(
         samples = report["samples"]
         keep = judged(report)
         per_stage = [np.asarray(samples["stage_ms"][name], dtype=np.float64)[keep] for name in names]
+        source_ms.append(np.asarray(samples["stage_ms"][source], dtype=np.float64)[keep])
         for name, values in zip(names, per_stage):
             stage_ms[name].append(values)
         if per_stage:
@@ -238,6 +244,7 @@ def summarize(
     if judged_frames:
         entry["miss_pct"] = round(100.0 * misses / judged_frames, 3)
         entry["end_to_end_ms"] = summarize_ms(np.concatenate(e2e))
+        entry["source_ms"] = summarize_ms(np.concatenate(source_ms))
         entry["compute_ms_per_session"] = round(sum(s["per_session_ms"] for s in entry["stages"].values()), 3)
     entry["e2e_growth_ms"] = max(growths) if len(growths) == len(reports) and growths else None
     entry["per_session"] = _per_session(reports)
@@ -276,6 +283,7 @@ def not_run(sessions: int, pipelines: int, error: str | None) -> Configuration:
         why_not=[error] if error else [],
         error=error,
         stages={},
+        source_ms=None,
         frames=0,
         frames_judged=0,
         deadline_misses=0,
@@ -564,11 +572,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"machine: {result['machine']}; torch threads "
         + (", ".join(f"{name} {count}" for name, count in result["torch_threads"].items()) or "default"),
         f"holds = every stage's P99 < {P99_LIMIT_MS:g} ms, misses <= {MISS_LIMIT_PCT:g} %, end to end growth "
-        f"(last third - first third, medians) < {GROWTH_LIMIT_MS:g} ms, after a {WARMUP_S:g} s warm-up; "
-        "stage cells: compute per tick P50/P99 ms",
+        f"(last third - first third, medians) < {GROWTH_LIMIT_MS:g} ms, after a {WARMUP_S:g} s warm-up",
+        "stage cells: compute per tick P50/P99 ms; misses: frames a stage took over a frame on; e2e p99, growth: "
+        "ms; cpu %: all its processes, % of one core; ms/sess: compute per frame per session, all stages; "
+        "load: load average at its start",
         f"{'mode':<9} {'N':>3} {'holds':<5} "
         + " ".join(f"{name:>13}" for name in names)
-        + f" {'misses':>7} {'e2e p99':>8} {'growth':>7} {'cpu %':>6} {'ms/sess':>8} {'cpu/sess':>8}",
+        + f" {'misses':>7} {'e2e p99':>8} {'growth':>7} {'cpu %':>6} {'ms/sess':>8} {'cpu/sess':>8} {'load':>5}",
     ]
     notes = []
     for mode_name, mode in (("batched", batched), ("separate", separate)):
@@ -585,7 +595,7 @@ def format_table(result: dict[str, Any]) -> str:
                 + " ".join(cells)
                 + f" {misses:>7} {_num(e2e['p99'] if e2e else None):>8} {_num(entry['e2e_growth_ms']):>7}"
                 f" {_num(entry['cpu_pct']):>6} {_num(entry['compute_ms_per_session'], 2):>8}"
-                f" {_num(entry['cpu_pct_per_session']):>8}"
+                f" {_num(entry['cpu_pct_per_session']):>8} {_num(entry['load_average']):>5}"
             )
             if entry["why_not"]:
                 notes.append(f"  {mode_name} N={key}: {'; '.join(entry['why_not'])}")
