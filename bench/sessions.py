@@ -198,10 +198,17 @@ def reasons_not_holding(entry: Configuration) -> list[str]:
 
 
 def summarize(
-    sessions: int, reports: list[Report], errors: list[str], cpu_pct: float | None, started_together: bool = True
+    sessions: int,
+    reports: list[Report],
+    errors: list[str],
+    cpu_pct: float | None,
+    started_together: bool = True,
+    pipelines: int | None = None,
 ) -> Configuration:
-    """One configuration's entry from its pipelines' reports (one batched, or N separate), pooled."""
-    entry = not_run(sessions, len(reports), "; ".join(errors) if errors else None)
+    """One configuration's entry from its pipelines' reports (one batched, or N separate), pooled.
+    `pipelines`: how many were started (default: one per report; a failed one may leave no report)."""
+    pipelines = len(reports) if pipelines is None else pipelines
+    entry = not_run(sessions, pipelines, "; ".join(errors) if errors else None)
     entry["started_together"] = started_together
     source, *names = list(reports[0]["stages"]) if reports else [""]
     source_ms: list[np.ndarray] = []
@@ -227,7 +234,7 @@ def summarize(
         entry["frames"] += int(report["frames"])
         entry["frames_lost"] += int(report["frames_lost"])
         entry["restarts"] += sum(int(row["restarts"]) for row in report["stages"].values())
-    share = len(reports) / sessions  # pipelines per session: 1/N batched, 1 separate
+    share = pipelines / sessions  # pipelines per session: 1/N batched, 1 separate
     for name in names:
         values = np.concatenate(stage_ms[name]) if stage_ms[name] else np.zeros(0)
         summary = summarize_ms(values)
@@ -524,8 +531,7 @@ def measure_separate(sessions: int, seconds: float, overrides: Sequence[str]) ->
     cpus = [o["cpu_pct"] for o in outcomes if o and o.get("cpu_pct") is not None]
     steals = [o["steal_pct"] for o in outcomes if o and o.get("steal_pct") is not None]
     together = all(o is not None and o.get("started_together", False) for o in outcomes)
-    entry = summarize(sessions, reports, errors, sum(cpus) if len(cpus) == sessions else None, together)
-    entry["pipelines"] = sessions
+    entry = summarize(sessions, reports, errors, sum(cpus) if len(cpus) == sessions else None, together, sessions)
     entry["steal_pct"] = max(steals) if steals else None
     entry["cut_short"] = any(o is not None and o.get("cut_short") for o in outcomes)
     entry["wall_s"] = round(time.monotonic() - started, 1)
@@ -677,8 +683,7 @@ def main(argv: list[str]) -> int:
     overrides = [*(STANDIN_OVERRIDES if args.standins else ()), *args.overrides]
     first = pipeline_config.validate(bench_config(1, args.seconds, overrides))  # a bad --set: one line, now
     counts = session_counts(args.max)
-    batched = measure_mode("batched", counts, args.seconds, overrides)
-    separate = measure_mode("separate", counts, args.seconds, overrides)
+    batched, separate = (measure_mode(mode, counts, args.seconds, overrides) for mode in MODES)
     result: dict[str, Any] = {
         "batched": batched,
         "separate": separate,

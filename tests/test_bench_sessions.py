@@ -106,6 +106,12 @@ def test_a_failed_pipeline_never_holds():
     assert not entry["holds"] and "died" in entry["why_not"][0]
 
 
+def test_a_separate_pipeline_that_left_no_report_still_counts_as_one_pipeline_per_session():
+    entry = summarize(2, [fake_report()], ["pipeline 1 ended without a result"], cpu_pct=None, pipelines=2)
+    assert entry["pipelines"] == 2 and not entry["holds"]
+    assert entry["compute_ms_per_session"] == pytest.approx(4 * 10.0)
+
+
 def test_max_realtime_sessions_is_the_last_n_before_the_first_that_fails():
     held, failed = summarize(1, [fake_report()], [], None), summarize(1, [fake_report()], ["x"], None)
     assert max_realtime_sessions({"1": held, "2": held, "4": failed}) == 2
@@ -161,6 +167,7 @@ def test_every_session_tried_had_its_frames_counted(standin_run):
                 assert {"p50", "p99", "deadline_misses", "per_session_ms"} <= set(stage)
                 assert 0 <= stage["p50"] <= stage["p99"] <= stage["max"]
             assert entry["cpu_pct"] is not None and entry["cpu_pct"] >= 0
+            assert entry["started_together"]
             assert entry["holds"] == (entry["why_not"] == [])
 
 
