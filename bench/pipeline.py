@@ -42,7 +42,7 @@ class PacedNoopSource(Stage):
         super().__init__(params)
         self.frames = int(os.environ.get("RTPIPE_BENCH_FRAMES", "900"))
         self.payload = np.zeros(FRAME_SAMPLES, np.float32)
-        self.live: list[int] | None = None
+        self.live_slots: list[int] | None = None
         self.next_ns = 0
         self.count = 0
 
@@ -52,7 +52,7 @@ class PacedNoopSource(Stage):
     def open(self, device: str = "cpu") -> None:
         if self.session_slots > 1:
             self.payload = np.zeros((self.session_slots, FRAME_SAMPLES), np.float32)
-            self.live = list(range(self.session_slots))
+            self.live_slots = list(range(self.session_slots))
 
     def read(self, timeout_s: float) -> SourceFrame | None:
         if self.count >= self.frames:
@@ -68,10 +68,10 @@ class PacedNoopSource(Stage):
             time.sleep(wait_ns / 1e9)
         self.next_ns += FRAME_NS
         self.count += 1
-        if self.live is None:
+        if self.live_slots is None:
             return SourceFrame(self.payload, time.monotonic_ns())
         return SourceFrame(
-            self.payload, time.monotonic_ns(), live=self.live, fresh=self.live if self.count == 1 else ()
+            self.payload, time.monotonic_ns(), live=self.live_slots, fresh=self.live_slots if self.count == 1 else ()
         )
 
 

@@ -6,6 +6,7 @@ What a stage author needs is importable from here:
     from rtpipe.stages import AUDIO_FRAME, PayloadSpec, Role, Stage
 """
 
+from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.base import (
     AUDIO_FRAME,
     FRAME_MS,
@@ -17,10 +18,10 @@ from rtpipe.stages.base import (
     NoState,
     PayloadSpec,
     Role,
+    SessionSettings,
     SourceFrame,
     Stage,
 )
-from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.errors import AudioError, CheckpointError, ConfigError, RtpipeError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "PayloadSpec",
     "Role",
     "RtpipeError",
+    "SessionSettings",
     "SourceFrame",
     "Stage",
 ]

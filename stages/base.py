@@ -27,8 +27,8 @@ import enum
 import math
 import types
 import typing
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +76,19 @@ class Role(enum.Enum):
     SINK = "sink"
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """What one conversation asks of the model stages, e.g. a network client's sampling parameters.
+    None: the stage's own setting. Seeds make a conversation's sampling repeatable."""
+
+    text_temperature: float | None = None
+    text_top_k: int | None = None
+    audio_temperature: float | None = None
+    audio_top_k: int | None = None
+    text_seed: int | None = None
+    audio_seed: int | None = None
+
+
 @dataclass
 class SourceFrame:
     """One frame from a source, with the time its first sample was captured (time.monotonic_ns()).
@@ -88,6 +101,8 @@ class SourceFrame:
     capture_ns: int
     live: Sequence[int] | None = None
     fresh: Sequence[int] = ()
+    # for fresh slots: what their conversation asks of the model stages (absent: the stages' own)
+    settings: Mapping[int, SessionSettings] = field(default_factory=dict)
 
 
 class EndOfStream(Exception):
@@ -114,6 +129,9 @@ class Stage:
     # True: the stage carries many sessions at once (the *_sessions methods below, reset_session per
     # slot). False: it is refused when the pipeline has more than one session slot.
     sessions: ClassVar[bool] = False
+    # A source that also takes the chain's output back (a network edge answering its clients): the
+    # host gives it `replies`, a consumer of the frames the sink was handed, before open().
+    hears_output: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
@@ -126,6 +144,7 @@ class Stage:
         self.resume_frame = 0
         # Set by the host before open(): how many session slots each frame carries (rows of the payload).
         self.session_slots = 1
+        self.replies: Any = None  # a source with hears_output: an rtpipe.shm.ring.Consumer
 
     @classmethod
     def from_config(cls, raw: dict, where: str = "params") -> Stage:
@@ -166,6 +185,13 @@ class Stage:
         """Drops what slot `slot` carries from frame to frame, and nothing of any other slot: called
         before the first frame of the slot's new conversation. A one-slot stage resets whole."""
         self.reset()
+
+    def configure_session(self, slot: int, settings: SessionSettings) -> None:
+        """What slot `slot`'s new conversation asks (called with its first frame, after
+        reset_session); a stage without per-session settings ignores it."""
+
+    def hear_events(self, events: list[dict]) -> None:
+        """A source with hears_output: other stages' events that name a "session" (e.g. text)."""
 
     def close(self) -> None:
         """Releases devices, files and models."""
@@ -226,10 +252,10 @@ def parse_params(params_cls: type, raw: dict, where: str) -> Any:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields)) or 'none'})")
     hints = typing.get_type_hints(params_cls)
     values = {}
-    for name, field in fields.items():
+    for name, declared in fields.items():
         if name in raw:
             values[name] = _coerce(raw[name], hints[name], f"{where}.{name}")
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        elif declared.default is dataclasses.MISSING and declared.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required field is missing")
     params = params_cls(**values)
     check = getattr(params, "validate", None)

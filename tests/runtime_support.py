@@ -4,7 +4,9 @@ configs for real multi-process runs, and waiting on processes without sleeping b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import os
 import select
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from rtpipe.stages.base import AUDIO_FRAME, EndOfStream, PayloadSpec, Role, SourceFrame, Stage
+from rtpipe.stages.base import AUDIO_FRAME, EndOfStream, PayloadSpec, Role, SessionSettings, SourceFrame, Stage
 from rtpipe.stages.errors import ConfigError
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -347,6 +349,83 @@ class SessionTalker(Stage):
 
     def reset_session(self, slot: int) -> None:
         self.counts.pop(slot, None)
+
+    def events(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+@dataclass
+class ReplyListenerParams:
+    out: str  # where it writes what it heard (JSON) when its frames are done
+    frames: int = 12
+    slots_settings: list[float] = field(default_factory=list)  # text_temperature per slot (fresh at frame 0)
+
+
+class ReplyListener(Stage):
+    """A source that hears the output, as a network edge does: it sends `frames` frames (slot k's rows
+    are k + frame / 100), each slot fresh at frame 0 with its settings, then waits for their replies and
+    the events that name a session, and writes all it heard to `out`."""
+
+    role = Role.SOURCE
+    Params = ReplyListenerParams
+    sessions = True
+    hears_output = True
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    def open(self, device: str = "cpu") -> None:
+        self.sent = 0
+        self.answers: list[dict] = []
+        self.heard: list[dict] = []
+
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        self._take_answers()
+        if self.sent == self.params.frames:
+            deadline = time.monotonic() + 5
+            while len(self.answers) < self.params.frames and time.monotonic() < deadline:
+                time.sleep(0.01)
+                self._take_answers()
+            time.sleep(0.3)  # the last events come over the control channel
+            with open(self.params.out, "w") as f:
+                json.dump({"answers": self.answers, "heard": self.heard}, f)
+            raise EndOfStream()
+        slots = range(self.session_slots)
+        rows = np.array([[k + self.sent / 100] * 1920 for k in slots], np.float32)
+        settings = {
+            k: SessionSettings(text_temperature=t, audio_seed=k) for k, t in enumerate(self.params.slots_settings)
+        }
+        fresh = list(slots) if self.sent == 0 else []
+        self.sent += 1
+        time.sleep(0.01)
+        return SourceFrame(rows, time.monotonic_ns(), live=list(slots), fresh=fresh, settings=settings)
+
+    def _take_answers(self) -> None:
+        while (slot := self.replies.acquire(timeout_s=0)) is not None:
+            self.answers.append(
+                {"seq": int(slot.header["seq"]), "live": int(slot.header["live"]), "rows": slot.payload[:, 0].tolist()}
+            )
+            slot.release()
+
+    def hear_events(self, events: list[dict]) -> None:
+        self.heard.extend(events)
+
+
+class SettingsTeller(Stage):
+    """A session-aware pass-through that tells, as an event naming the slot, each settings it is given."""
+
+    role = Role.PROCESSOR
+    sessions = True
+
+    def open(self, device: str = "cpu") -> None:
+        self.pending: list[dict] = []
+
+    def configure_session(self, slot: int, settings) -> None:
+        self.pending.append({"session": slot, "settings": dataclasses.asdict(settings)})
+
+    def process_sessions(self, frames: np.ndarray, live: np.ndarray) -> np.ndarray:
+        return frames
 
     def events(self) -> list[dict]:
         out, self.pending = self.pending, []

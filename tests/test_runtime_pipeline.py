@@ -29,6 +29,7 @@ REPORT_KEYS = {
     "capture",
     "edges",
     "playback",
+    "sessions",
     "frames_lost",
     "samples",
     "text",

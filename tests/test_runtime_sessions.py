@@ -239,3 +239,29 @@ def test_each_sessions_text_is_its_own_in_the_report(tmp_path):
     assert sessions["0"]["text_tokens"] == list(range(4)) and sessions["1"]["text_tokens"] == [1000, 1001, 1002]
     assert "".join(sessions["1"]["text"]) == "s1.0 s1.1 s1.2 "
     assert sorted(report["text_tokens"]) == sorted(sessions["0"]["text_tokens"] + sessions["1"]["text_tokens"])
+
+
+def test_settings_reach_every_stage_with_the_first_frame_and_the_output_comes_back_to_the_source(tmp_path):
+    """A source that hears the output (as the network edge does): each fresh slot's settings reach the
+    stages with the slot's first frame, the sink hands every frame back, and events naming a session
+    are relayed to the source."""
+    raw = chain_config(
+        {
+            "kind": "runtime_support:ReplyListener",
+            "params": {"out": str(tmp_path / "heard.json"), "frames": 12, "slots_settings": [0.25, 0.5]},
+        },
+        [{"kind": "runtime_support:SettingsTeller"}, {"kind": "echo"}],
+        {"kind": "playback.null"},
+    )
+    raw["sessions"] = 3
+    run = run_cli([str(write_config(tmp_path / "c.toml", raw))], tmp_path)
+    assert run.returncode == 0, run.stderr
+    heard = json.loads((tmp_path / "heard.json").read_text())
+    assert [a["seq"] for a in heard["answers"]] == list(range(12))
+    for answer in heard["answers"]:
+        assert answer["live"] == 0b111
+        assert answer["rows"] == pytest.approx([k + answer["seq"] / 100 for k in range(3)])
+    told = {e["session"]: e["settings"] for e in heard["heard"]}
+    assert told[0]["text_temperature"] == 0.25 and told[0]["audio_seed"] == 0
+    assert told[1]["text_temperature"] == 0.5 and told[1]["audio_seed"] == 1
+    assert told[2] == {field: None for field in told[2]}  # no settings: the stages' own

@@ -173,8 +173,9 @@ class _CountsCollector(Collector):
             "rtpipe_session_frames_lost", "Frames a session lost (sequence gaps while it was live).", labels=["session"]
         )
         for slot, row in (counts.get("sessions", {}) if counts else {}).items():
-            for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
-                session_e2e.add_metric([slot, quantile], row["end_to_end_ms"][key] / 1000.0)
+            e2e = row["end_to_end_ms"]
+            session_e2e.add_metric([slot, "0.5"], e2e["p50"] / 1000.0)
+            session_e2e.add_metric([slot, "0.99"], e2e["p99"] / 1000.0)
             session_lost.add_metric([slot], row["frames_lost"])
         yield session_e2e
         yield session_lost

@@ -93,12 +93,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "get_stats": {},
     "pause": {},
     "resume": {},
+    # other stages' events that name a session, for a source that hears the output (a network edge)
+    "session_events": {"events": "list[map]"},
     # a reply to a message that could not be used, naming what was wrong
     "error": {"error": "str"},
 }
 
 STAGE_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "stats", "events", "eos", "bye", "failed", "error"})
-SUPERVISOR_TO_STAGE = frozenset({"ping", "stop", "reset", "get_stats", "pause", "resume", "error"})
+SUPERVISOR_TO_STAGE = frozenset({"ping", "stop", "reset", "get_stats", "pause", "resume", "session_events", "error"})
 
 
 def encode(type_: str, **fields: Any) -> bytes:

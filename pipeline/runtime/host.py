@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -36,7 +37,8 @@ from rtpipe.shm.frame import (
     slot_bits,
 )
 from rtpipe.shm.ring import Consumer, EdgePolicy, Producer, ReadSlot, Ring, WriteSlot
-from rtpipe.stages.base import PLAYBACK_COUNTERS, EndOfStream, Role, Stage
+from rtpipe.shm.session_settings import SessionSettingsTable
+from rtpipe.stages.base import PLAYBACK_COUNTERS, EndOfStream, Role, SessionSettings, Stage
 
 WAIT_S = 0.2  # longest wait on a ring before looking at the control channel (each wake costs CPU)
 STATS_EVERY_NS = 1_000_000_000
@@ -188,6 +190,9 @@ class StageHost:
         self.next_seq = 0
         # the first frame out of a restarted stage says that something was lost or reset before it
         self.pending_flags = 0
+        self.session_settings: SessionSettingsTable | None = None
+        self.reply_ring: Ring | None = None  # sink -> a source that hears the output
+        self.reply_out: Producer | None = None  # the sink's end of it
         self.records_ring: Ring | None = None  # the sink's: where each frame's record goes
         self.records_out: Producer | None = None
         self.record_views: dict[WriteSlot, memoryview] = {}  # per records-ring slot, made once
@@ -254,6 +259,8 @@ class StageHost:
             self.pending_flags |= self.FLAG_DISCONTINUITY
         elif kind == "get_stats":
             self.send_stats()
+        elif kind == "session_events" and self.stage is not None:
+            self.stage.hear_events(message["events"])
         elif kind == "error":
             log.warning("rtpipe: stage %s: supervisor says: %s", self.name, message["error"])
 
@@ -327,6 +334,14 @@ class StageHost:
                 self.last_seq = int(last.view(FRAME_RECORD_DTYPE)["seq"][0])
         stage.restarted = spec.incarnation > 0
         stage.session_slots = spec.sessions
+        if spec.session_settings:
+            self.session_settings = SessionSettingsTable.attach(spec.session_settings)
+        if spec.reply is not None:
+            self.reply_ring = Ring.attach(spec.reply.name, spec.reply.ring_spec())
+            if self.role is Role.SOURCE:
+                stage.replies = self.reply_ring.consumer()
+            else:
+                self.reply_out = self.reply_ring.producer()
         if self.role is Role.SOURCE:
             stage.resume_frame = self.next_seq
         pin(spec.cores, spec.threads)
@@ -358,6 +373,8 @@ class StageHost:
             getattr(self.in_ring, "close", None),
             getattr(self.out_ring, "close", None),
             getattr(self.records_ring, "close", None),
+            getattr(self.reply_ring, "close", None),
+            getattr(self.session_settings, "close", None),
         ):
             if closer is not None:
                 try:
@@ -479,6 +496,10 @@ class StageHost:
             self.source_fresh = 0
         else:
             payload, sessions = frame.payload, (slot_bits(frame.live), slot_bits(frame.fresh))
+            if self.session_settings is not None:  # before the publish that makes the slots fresh
+                for k in frame.fresh:
+                    settings = frame.settings.get(k)
+                    self.session_settings.write(k, dataclasses.asdict(settings) if settings else {})
         self.publish(slot, seq, frame.capture_ns, flags, payload, None, frame.capture_ns, sessions)
         self.frames += 1
         return False
@@ -546,9 +567,9 @@ class StageHost:
             self.last_seq = seq
             self.pending_flags = 0
             live = words[_LIVE_W]
-            fresh = words[_FRESH_W] & self.used_slots
+            fresh = words[_FRESH_W]
             if fresh:
-                self.reset_slots(stage, fresh)
+                self.start_sessions(stage, fresh)
             self.used_slots |= live
             rows = self.live_rows.get(live)
             if rows is None:
@@ -572,14 +593,15 @@ class StageHost:
         finally:
             slot.release()
 
-    def reset_slots(self, stage: Stage, slots: int) -> None:
-        """Resets each slot in the `slots` bitmask whose conversation starts over (used before)."""
-        for k in bit_slots(slots):
-            if self.on_device:
-                with self.device_ctx:
+    def start_sessions(self, stage: Stage, slots: int) -> None:
+        """Each slot in the `slots` bitmask starts a conversation with this frame: its state is reset
+        (if it was used since the last reset) and the stage is told what the conversation asks."""
+        with self.device_ctx if self.on_device else contextlib.nullcontext():
+            for k in bit_slots(slots):
+                if self.used_slots >> k & 1:
                     stage.reset_session(k)
-            else:
-                stage.reset_session(k)
+                if self.session_settings is not None:
+                    stage.configure_session(k, SessionSettings(**self.session_settings.read(k)))
         self.used_slots &= ~slots
 
     def sink_frame(
@@ -595,6 +617,8 @@ class StageHost:
     ) -> None:
         if len(rows):
             stage.write_sessions(payload, rows)
+            if self.reply_out is not None:
+                self.hand_back(payload, upstream)
         now = _monotonic_ns()
         if self.records_out is None:
             return
@@ -609,6 +633,19 @@ class StageHost:
         _I64.pack_into(record, _REC_EXIT + 8 * self.index, now)
         _U32.pack_into(record, _REC_FLAGS, flags)
         _I64.pack_into(record, _REC_HANDOFF, now + int(stage.output_latency_ns))
+        slot.publish()
+
+    def hand_back(self, payload: np.ndarray, upstream: memoryview) -> None:
+        """The sink's frame, header and all, to the source that hears the output (drop-oldest: a
+        source that stopped reading never holds the sink up)."""
+        assert self.reply_out is not None
+        slot = self.reply_out.claim(timeout_s=0)
+        if slot is None:
+            return
+        raw, words = self.views(slot)
+        raw[:] = upstream
+        words[_EXIT_W + self.index] = _monotonic_ns()
+        slot.payload[...] = payload
         slot.publish()
 
     # --- the loop ---------------------------------------------------------------------------------

@@ -61,10 +61,13 @@ class StageProcessSpec:
     sys_path: list[str] = field(default_factory=list)  # the supervisor's import path, put first
     start_paused: bool = False  # the source waits for "resume" before its first frame
     sessions: int = 1  # session slots per frame: the first dimension of every ring's payload
+    session_settings: str = ""  # the segment of per-slot settings (shm/session_settings.py); "": none
+    # the sink hands each frame back here, and a source that hears the output reads it; None elsewhere
+    reply: RingAttachment | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
-        for ring in ("input", "output", "records"):
+        for ring in ("input", "output", "records", "reply"):
             if data[ring] is not None:
                 data[ring]["policy"] = data[ring]["policy"].value
                 data[ring]["shape"] = list(data[ring]["shape"])
@@ -100,6 +103,8 @@ class StageProcessSpec:
             sys_path=_str_list(data, "sys_path"),
             start_paused=_take(data, "start_paused", bool),
             sessions=_take(data, "sessions", int),
+            session_settings=_take(data, "session_settings", str),
+            reply=_ring(data, "reply"),
         )
 
 

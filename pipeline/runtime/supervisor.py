@@ -34,6 +34,8 @@ from rtpipe.pipeline.runtime.records import FrameRecords
 from rtpipe.pipeline.runtime.stage_process import STAGE_SPEC_ENV, RingAttachment, StageProcessSpec
 from rtpipe.shm.frame import FRAME_RECORD_DTYPE
 from rtpipe.shm.ring import EdgePolicy, Ring, RingError, RingSpec
+from rtpipe.shm.segment import SegmentError
+from rtpipe.shm.session_settings import SessionSettingsTable
 from rtpipe.stages.base import FRAME_MS, PLAYBACK_COUNTERS
 
 log = logging.getLogger("rtpipe.supervisor")
@@ -43,6 +45,9 @@ TICK_NS = 1_000_000_000  # observers' on_tick period
 # that the loop empties at every wake (<= heartbeat_ms): 4096 records are minutes at the 80 ms pace and
 # still a good second of an unpaced pcm/echo run.
 RECORDS_RING = "records"
+REPLY_RING = "reply"  # sink -> a source that hears the output (a network edge)
+REPLY_RING_SLOTS = 16
+SESSION_SETTINGS = "session-settings"
 RECORDS_RING_SLOTS = 4096
 BYE_GRACE_S = 0.2  # how long a stage's last words may take to arrive after it has exited
 EXIT_GRACE_S = 2.0  # after "stop", how long a stage may take to exit before SIGKILL
@@ -128,6 +133,8 @@ class Supervisor:
         self.stages = {s.name: StageProcess(spec=s) for s in config.stages}
         self.rings: dict[str, Ring] = {}
         self.records_ring: Ring | None = None  # the sink's frame records, written as frames leave
+        self.reply_ring: Ring | None = None  # sink -> source, when the source hears the output
+        self.session_settings: SessionSettingsTable | None = None
         self.frame_records = FrameRecords()
         self.observers: list[Observer] = []
         self.text: list[str] = []
@@ -238,6 +245,20 @@ class Supervisor:
             self.error = f"cannot create the frame records' ring: {e}"
             return False
         self.frame_records.consumer = self.records_ring.consumer()
+        try:
+            self.session_settings = SessionSettingsTable.create(segment_name(self.run_id, SESSION_SETTINGS))
+            if self.config.stages[0].stage_class.hears_output:
+                last = self.config.edges[-1]
+                spec = RingSpec(
+                    slots=REPLY_RING_SLOTS,
+                    dtype=last.payload.dtype,
+                    shape=last.ring_shape,
+                    policy=EdgePolicy.DROP_OLDEST,
+                )
+                self.reply_ring = Ring.create(segment_name(self.run_id, REPLY_RING), spec)
+        except (RingError, SegmentError, OSError) as e:
+            self.error = f"cannot create the session settings or the reply ring: {e}"
+            return False
         return True
 
     @staticmethod
@@ -266,6 +287,8 @@ class Supervisor:
             input=self._attachment(self.rings[self.edge_names[index - 1]] if index > 0 else None),
             output=self._attachment(self.rings[self.edge_names[index]] if index < n - 1 else None),
             records=self._attachment(self.records_ring if index == n - 1 else None),
+            reply=self._attachment(self.reply_ring if index in (0, n - 1) else None),
+            session_settings=self.session_settings.segment.name if self.session_settings else "",
             incarnation=sp.incarnation,
             warm_up_us=self.settings.warm_up_us,
             sys_path=[p for p in sys.path if p],
@@ -415,6 +438,11 @@ class Supervisor:
             if sp.incarnation > 0:
                 log.warning("rtpipe: stage %s restarted (restart %d)", name, sp.restarts)
         elif kind == "events":
+            source = self.stage_names[0]
+            if name != source and self.reply_ring is not None:  # the source answers clients: tell it
+                for_sessions = [event for event in message["events"] if "session" in event]
+                if for_sessions and self.stages[source].state is StageState.RUNNING:
+                    self._send(source, "session_events", events=for_sessions)
             for event in message["events"]:
                 session = event.get("session", 0)
                 session = session if isinstance(session, int) and not isinstance(session, bool) else 0
@@ -586,7 +614,10 @@ class Supervisor:
 
     def _release(self) -> None:
         self.frame_records.close()
-        for ring in [*self.rings.values(), *([self.records_ring] if self.records_ring else [])]:
+        if self.session_settings is not None:
+            self.session_settings.close()
+        extra = [ring for ring in (self.records_ring, self.reply_ring) if ring is not None]
+        for ring in [*self.rings.values(), *extra]:
             for action in (ring.close, ring.unlink):
                 try:
                     action()
