@@ -6,14 +6,14 @@ Mimi decode; random weights unless --set gives some), the built-in speech sample
 and paced at real time (capture.file), and discard the output (playback.null). N goes 1, 2, 4, 8, 12, 16,
 then up by 8, to --max; each mode stops at the first N that does not hold.
 
-A configuration HOLDS real time when, over its frames captured after the first WARMUP_S second (first
+A configuration HOLDS real time when, over its frames captured after its first second (WARMUP_S; first
 calls and page faults are not judged), all of:
   1. every stage's P99 compute per tick (one frame: N sessions batched, one session separate) < 80 ms;
   2. at most 0.5 % of frames miss a deadline (a frame misses when any stage took over 80 ms on it);
   3. end to end does not grow: the median end to end of the last third of those frames minus that of
      the first third is under one frame (80 ms), in every pipeline;
 and it ran cleanly: no stage failed or restarted, no frame was lost, and it finished its audio within
-CAP_FACTOR x --seconds (+ CAP_EXTRA_S) of its start. The first edge blocks (as `rtpipe run --input`):
+twice --seconds + 10 s of its start (CAP_FACTOR, CAP_EXTRA_S). The first edge blocks (as `rtpipe run --input`):
 a pipeline that cannot keep up holds its source back, which shows as growing end to end, not as drops.
 "Stage" in 1 and 2 means every stage after the source: the source's own time is how late it published
 a frame that was due, which under `block` is its wait for room in the first ring (rule 3 judges that);
@@ -650,7 +650,13 @@ def _seconds(text: str) -> float:
 
 @one_line_errors(PROG)
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    paragraphs = (__doc__ or "").split("\n\n")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=paragraphs[0],
+        epilog="\n\n".join(paragraphs[1:3]),  # the rule a configuration is judged by
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--max",
         type=_positive_int("--max"),
