@@ -233,9 +233,10 @@ class MoshiStep(Stage):
     def set_session_sampling(self, slot: int, sampling: SamplingParams | None, seed: int | None = None) -> None:
         """What slot `slot` samples with, for every client of a server its own: `sampling` (its
         temperatures and top-k; SamplingParams.greedy() for greedy; None: the stage's params) applies
-        from the slot's next step; `seed` (None: params.seed, else random) reseeds the slot now and
-        at each reset_session(slot), so one seed gives one slot the same tokens for the same input,
-        whatever the other slots do. Call it between frames, from the thread that steps the stage.
+        from the slot's next step; `seed` reseeds the slot now and at each reset_session(slot), so
+        one seed gives one slot the same tokens for the same input, whatever the other slots do
+        (None: the slot's resets seed from params.seed, else at random). Settings outlast resets and
+        may be given before open(). Call it between frames, from the thread that steps the stage.
         Raises ConfigError for a bad setting, IndexError for a slot outside 0..session_slots - 1."""
         where = f"moshi.step: session {slot}"
         if not 0 <= slot < self.session_slots:
