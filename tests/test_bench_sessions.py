@@ -12,10 +12,12 @@ import pytest
 
 from rtpipe.bench import cli
 from rtpipe.bench.sessions import (
+    STANDIN_OVERRIDES,
     e2e_growth_ms,
     format_table,
     main,
     max_realtime_sessions,
+    measure_batched,
     session_counts,
     summarize,
 )
@@ -117,6 +119,13 @@ def test_max_realtime_sessions_is_the_last_n_before_the_first_that_fails():
     assert max_realtime_sessions({"1": held, "2": held, "4": failed}) == 2
     assert max_realtime_sessions({"1": failed}) == 0
     assert max_realtime_sessions({"1": held, "2": held, "4": held, "8": failed, "12": held}) == 4
+
+
+def test_a_pipeline_refusing_n_sessions_does_not_hold_and_says_why_without_running():
+    speaker = [*STANDIN_OVERRIDES, "stages.playback.kind=playback.speaker"]  # a speaker is one conversation
+    entry = measure_batched(2, 3.0, speaker)
+    assert not entry["holds"] and entry["frames"] == 0 and entry["stages"] == {}
+    assert entry["why_not"][0].startswith("refused: config error: stages.playback")
 
 
 def test_bench_cli_lists_sessions():
