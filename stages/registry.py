@@ -23,6 +23,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "playback.speaker": "rtpipe.stages.audio_io:SpeakerPlayback",
     "playback.file": "rtpipe.stages.audio_io:FilePlayback",
     "playback.null": "rtpipe.stages.audio_io:NullPlayback",
+    "network.edge": "rtpipe.stages.network.edge:NetworkEdge",
     "echo": "rtpipe.stages.standins:Echo",
     "codec.pcm": "rtpipe.stages.standins:PcmCodec",
     "mimi.encode": "rtpipe.stages.mimi.stage:MimiEncode",

@@ -168,6 +168,7 @@ def report(recs: np.ndarray, info: dict, *, step: int = 3, fill: bool = False, t
         out["text_tokens"] = []
         latest = recs[int(np.argmax(recs["seq"]))] if recs.size else None
         out["live_sessions"] = 0 if latest is None else bin(int(latest["live"])).count("1")
+        out["network"] = {}
         return out
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731
     out["samples"] = {

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("rtpipe.pipeline.cli.infer", "offline replay: encode -> Moshi step -> decode, in one process"),
     "check-causal": ("rtpipe.pipeline.cli.check_causal", "does a stage give the same frame by frame as offline?"),
     "plot": ("rtpipe.pipeline.cli.plot", "plot a run report's latency"),
+    "serve": ("rtpipe.pipeline.cli.serve", "serve the pipeline over Kyutai's /api/chat websocket protocol"),
 }
 
 

@@ -128,6 +128,9 @@ class Snapshot(TypedDict):
     text_tokens: list[int]
     sessions: dict[str, SessionRow]  # over the last few seconds, by slot ("0", "1", ...)
     live_sessions: int  # slots live in the latest frame
+    # a network edge's latest word on its clients (rtpipe serve): active, queued, slots, bad_messages,
+    # clients {slot: its summary}; {} for any other source
+    network: dict[str, Any]
 
 
 class Report(TypedDict):
@@ -199,6 +202,7 @@ class RunCounters:
     # the same by session slot (events that name a "session"; 0 for those that do not)
     session_text: dict[int, list[str]] = field(default_factory=dict)
     session_text_tokens: dict[int, list[int]] = field(default_factory=dict)
+    network: dict[str, Any] = field(default_factory=dict)  # the network edge's latest status, if any
     live_source: bool = False
 
 
@@ -447,6 +451,7 @@ def build_snapshot(
         text_tokens=list(counters.text_tokens[-20:]),
         sessions=session_table(records, columns.end_to_end_ms, counters, text_pieces=20),
         live_sessions=live_sessions(records),
+        network=dict(counters.network),
     )
 
 
@@ -472,6 +477,7 @@ def final_snapshot(report: Report, last: Snapshot | None) -> Snapshot:
         text_tokens=list(report["text_tokens"] if has_text or last is None else last["text_tokens"]),
         sessions=report["sessions"],
         live_sessions=last["live_sessions"] if last else 0,
+        network=last["network"] if last else {},
     )
 
 

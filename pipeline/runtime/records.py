@@ -88,6 +88,33 @@ class FrameRecords:
             device_latency_ms=device_latency_ms,
         )
 
+    def session_report(
+        self, counters: RunCounters, *, slot: int, first_capture_ns: int, last_capture_ns: int, t0_ns: int
+    ) -> Report:
+        """The report's shape over one conversation's frames: those that carried slot `slot` live,
+        captured from `first_capture_ns` to `last_capture_ns` (the run's counters, its text left out)."""
+        records = np.concatenate(self.batches) if self.batches else np.zeros(0, FRAME_RECORD_DTYPE)
+        live = (records["live"].astype(np.uint64) >> np.uint64(slot)) & np.uint64(1) == 1
+        captured = records["capture_ns"].astype(np.int64)
+        mine = records[live & (captured >= first_capture_ns) & (captured <= last_capture_ns)]
+        mine = mine[np.argsort(mine["seq"], kind="stable")]
+        only_slot = RunCounters(
+            stage_names=counters.stage_names,
+            edge_names=counters.edge_names,
+            restarts=counters.restarts,
+            edges=counters.edges,
+            live_source=counters.live_source,
+        )
+        return build_report(
+            mine,
+            only_slot,
+            seconds=(last_capture_ns - first_capture_ns) / 1e9 if mine.size else 0.0,
+            t0_ns=t0_ns,
+            delay_frames=0,
+            config={},
+            device_latency_ms=None,
+        )
+
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close()

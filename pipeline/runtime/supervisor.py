@@ -10,6 +10,7 @@ and the tests use `Supervisor.run()`.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import queue
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -47,6 +49,7 @@ TICK_NS = 1_000_000_000  # observers' on_tick period
 RECORDS_RING = "records"
 REPLY_RING = "reply"  # sink -> a source that hears the output (a network edge)
 REPLY_RING_SLOTS = 16
+SESSION_REPORT_AFTER_NS = 1_000_000_000  # an ended conversation's last frames reach the sink within this
 SESSION_SETTINGS = "session-settings"
 RECORDS_RING_SLOTS = 4096
 BYE_GRACE_S = 0.2  # how long a stage's last words may take to arrive after it has exited
@@ -121,6 +124,7 @@ class Supervisor:
         seconds: float | None = None,
         handle_signals: bool = True,
         extra_env: dict[str, str] | None = None,
+        session_report_dir: str | None = None,
     ):
         self.config = config
         self.settings = config.supervisor
@@ -141,6 +145,10 @@ class Supervisor:
         self.text_tokens: list[int] = []
         self.session_text: dict[int, list[str]] = {}
         self.session_text_tokens: dict[int, list[int]] = {}
+        self.network: dict[str, Any] = {}  # a network edge's latest status event
+        # rtpipe serve --report-dir: each ended conversation's report, written once its last frames are in
+        self.session_report_dir = session_report_dir
+        self.session_reports_due: list[tuple[int, dict]] = []
         self.stop_reason: str | None = None
         self.stop_requested_ns: int | None = None
         self.stop_all_sent_ns: int | None = None
@@ -178,6 +186,9 @@ class Supervisor:
                 self._loop()
         finally:
             self._stop_everything()
+            if hasattr(self, "socket"):
+                self._drain_messages()  # the last events (sessions the stop ended) before the reports
+            self._write_session_reports()
             report = self._report()
             _call_observers(self.observers, "on_stop", report)
             self._release()
@@ -444,6 +455,10 @@ class Supervisor:
                 if for_sessions and self.stages[source].state is StageState.RUNNING:
                     self._send(source, "session_events", events=for_sessions)
             for event in message["events"]:
+                if name == source and isinstance(event.get("network"), dict):
+                    self.network = event["network"]
+                if name == source and isinstance(event.get("session_ended"), dict) and self.session_report_dir:
+                    self.session_reports_due.append((time.monotonic_ns() + SESSION_REPORT_AFTER_NS, event))
                 session = event.get("session", 0)
                 session = session if isinstance(session, int) and not isinstance(session, bool) else 0
                 if isinstance(event.get("text_token"), int):
@@ -544,6 +559,33 @@ class Supervisor:
     def _tick(self, now: int) -> None:
         snapshot = self.frame_records.snapshot(self._counters(), now_ns=now, t0_ns=self.t0_ns)
         _call_observers(self.observers, "on_tick", snapshot)
+        self._write_session_reports(now)
+
+    def _write_session_reports(self, now: int | None = None) -> None:
+        """Each ended conversation's report (its frames; the client's summary) into the report dir, once
+        its last frames have had time to reach the sink (all of them at the end: `now` None)."""
+        due = [item for item in self.session_reports_due if now is None or item[0] <= now]
+        if not due or not self.session_report_dir:
+            return
+        self.session_reports_due = [item for item in self.session_reports_due if item not in due]
+        counters = self._counters()
+        for _, event in due:
+            summary = event["session_ended"]
+            try:
+                report = dict(
+                    self.frame_records.session_report(
+                        counters,
+                        slot=int(event["slot"]),
+                        first_capture_ns=int(event["first_capture_ns"]),
+                        last_capture_ns=int(event["last_capture_ns"]),
+                        t0_ns=self.t0_ns,
+                    )
+                )
+                report["client"] = summary
+                path = Path(self.session_report_dir) / f"session-{int(summary['id'])}.json"
+                path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                log.warning("rtpipe: session report not written: %s", e)
 
     # --- the end ----------------------------------------------------------------------------------
     def _stop_everything(self) -> None:
@@ -597,6 +639,7 @@ class Supervisor:
         counters.text_tokens = list(self.text_tokens)
         counters.session_text = {k: list(v) for k, v in self.session_text.items()}
         counters.session_text_tokens = {k: list(v) for k, v in self.session_text_tokens.items()}
+        counters.network = dict(self.network)
         return counters
 
     def _report(self) -> Report:

@@ -1,0 +1,282 @@
+"""`network.edge`: the pipeline's source and its way back out for `rtpipe serve`, a process of its own.
+
+It holds the clients' sockets and Opus codecs (server.py, session.py) and never runs model code. It is
+the sessions' clock: every 80 ms its tick hands the pipeline one frame per live slot (the client's audio,
+or silence where it has not come: that session's underrun), marking a slot fresh, with its client's
+sampling settings, on the tick after the client took it, and sending that client the handshake. The
+sink hands every frame back (the reply ring, `Stage.hears_output`): an answers thread encodes each live
+slot's row and sends it to the client holding the slot, as soon as it comes. Text pieces come as the
+LM's events, relayed by the supervisor (`hear_events`). While a model stage restarts and no answer comes,
+the answers thread keeps each client's audio flowing with silence (Kyutai's web client hangs up after
+10 s of quiet).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtpipe.stages.base import (
+    AUDIO_FRAME,
+    FRAME_NS,
+    FRAME_SAMPLES,
+    PayloadSpec,
+    Role,
+    SourceFrame,
+    Stage,
+)
+from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.network.protocol import HANDSHAKE_MESSAGE, audio_message, text_message
+from rtpipe.stages.network.server import ChatServer, SlotBoard
+from rtpipe.stages.network.session import ClientSession
+
+log = logging.getLogger("rtpipe.network")
+KEEP_ALIVE_AFTER_NS = 4 * FRAME_NS  # no answer for this long: silence goes out, one frame per frame
+STATUS_EVERY_NS = 1_000_000_000
+
+
+@dataclass
+class NetworkEdgeParams:
+    host: str = "127.0.0.1"  # loopback unless told (rtpipe serve refuses a public host without auth)
+    port: int = 8998  # Kyutai's server's default; 0: any free port
+    ssl_dir: str = ""  # cert.pem and key.pem: wss/https
+    auth_token_file: str = ""  # a client must send its content (kyutai-api-key header or auth_id); "": none
+    static_dir: str = ""  # a web UI served at /
+    queue_timeout_s: float = 30.0  # a client waits this long for a slot, then 0x05 and close 1013
+    max_session_s: float = 0.0  # a conversation's longest length; 0: no limit
+    idle_timeout_s: float = 10.0  # a client that sends nothing this long is gone
+    input_bound_ms: float = 400.0  # a client's audio buffered past this (faster than real time) is trimmed
+    max_message_bytes: int = 65_536  # a bigger message is refused (0x05)
+    abuse_limit: int = 10  # bad messages before the client is closed (1008)
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{where}.port = {self.port}: expected 0 to 65535")
+        for name in ("queue_timeout_s", "idle_timeout_s", "input_bound_ms"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{where}.{name} = {value}: expected a positive number")
+        if not (self.max_session_s >= 0 and math.isfinite(self.max_session_s)):
+            raise ConfigError(f"{where}.max_session_s = {self.max_session_s}: expected 0 (no limit) or more")
+        if self.max_message_bytes < 1024 or self.abuse_limit < 1:
+            raise ConfigError(f"{where}: max_message_bytes must be at least 1024 and abuse_limit at least 1")
+        if self.ssl_dir:
+            for name in ("cert.pem", "key.pem"):
+                if not (Path(self.ssl_dir).expanduser() / name).is_file():
+                    raise ConfigError(f"{where}.ssl_dir = '{self.ssl_dir}': no {name} in it")
+        if self.auth_token_file:
+            read_token(self.auth_token_file, f"{where}.auth_token_file")
+        if self.static_dir and not (Path(self.static_dir).expanduser() / "index.html").is_file():
+            raise ConfigError(f"{where}.static_dir = '{self.static_dir}': no index.html in it")
+
+
+def read_token(path: str, where: str) -> str:
+    """The auth token in `path` (surrounding whitespace dropped); ConfigError if unreadable or empty."""
+    try:
+        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} = '{path}': cannot read it ({e.__class__.__name__})") from None
+    if not token:
+        raise ConfigError(f"{where} = '{path}': the file is empty")
+    return token
+
+
+class NetworkEdge(Stage):
+    """Clients over Kyutai's /api/chat websocket protocol in, their answers back out; see the module."""
+
+    role = Role.SOURCE
+    Params = NetworkEdgeParams
+    sessions = True
+    hears_output = True
+    live = True  # a real-time source: it never waits on the pipeline
+
+    def __init__(self, params: NetworkEdgeParams | None = None):
+        super().__init__(params)
+        self.board: SlotBoard | None = None
+        self.server: ChatServer | None = None
+        self.answers: threading.Thread | None = None
+        self.running = False
+        self.next_tick_ns = 0
+        self.rows = np.zeros((1, FRAME_SAMPLES), np.float32)
+        self.pending_events: list[dict] = []
+        self.events_lock = threading.Lock()
+        self.next_status_ns = 0
+        self.errors = 0
+
+    def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
+        return AUDIO_FRAME
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one given, or the one the system chose for port 0)."""
+        return self.server.port if self.server is not None else self.params.port
+
+    def open(self, device: str = "cpu") -> None:
+        p = self.params
+        token = read_token(p.auth_token_file, "network.edge.auth_token_file") if p.auth_token_file else None
+        self.board = SlotBoard(self.session_slots)
+        self.rows = np.zeros((self.session_slots, FRAME_SAMPLES), np.float32)
+        self.server = ChatServer(p, self.board, token, self._client_error)
+        try:
+            self.server.start()
+        except OSError as e:
+            raise ConfigError(f"network.edge: cannot listen on {p.host}:{p.port}: {e.strerror or e}") from None
+        scheme = "wss" if p.ssl_dir else "ws"
+        log.info("rtpipe: serving ws on %s://%s:%d/api/chat (%d slots)", scheme, p.host, self.port, self.session_slots)
+        self.running = True
+        if self.replies is not None:
+            self.answers = threading.Thread(target=self._answer, name="rtpipe-answers", daemon=True)
+            self.answers.start()
+
+    def close(self) -> None:
+        self.running = False
+        if self.server is not None:
+            self.server.stop()
+        if self.answers is not None:
+            self.answers.join(2.0)
+
+    def _client_error(self, text: str) -> None:
+        self.errors += 1
+        log.warning("rtpipe: network edge: %s", text)
+
+    # --- the clock: one frame of every live slot per tick ---
+    def read(self, timeout_s: float) -> SourceFrame | None:
+        board = self.board
+        if board is None:
+            raise RuntimeError("network.edge: read() before open()")
+        now = time.monotonic_ns()
+        if not self.next_tick_ns:
+            self.next_tick_ns = now
+        wait_ns = self.next_tick_ns - now
+        if wait_ns > timeout_s * 1e9:
+            time.sleep(max(timeout_s, 0.0))
+            return None
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9)
+        tick_ns = self.next_tick_ns
+        self.next_tick_ns += FRAME_NS
+        if time.monotonic_ns() - self.next_tick_ns > 4 * FRAME_NS:  # fell far behind (a freeze): no burst
+            self.next_tick_ns = time.monotonic_ns()
+        self._report_status(tick_ns)
+        with board.lock:
+            live = [k for k, holder in enumerate(board.holders) if holder is not None]
+            fresh = sorted(board.joined)
+            board.joined.clear()
+            holders = list(board.holders)
+        if not live:
+            return None
+        settings = {}
+        for k in fresh:
+            session = holders[k]
+            assert session is not None
+            session.first_capture_ns = tick_ns
+            session.live_ns = time.monotonic_ns()
+            settings[k] = session.settings
+            assert self.server is not None
+            self.server.send(session, HANDSHAKE_MESSAGE)
+        for k in live:
+            session = holders[k]
+            assert session is not None
+            session.take_frame(self.rows[k])
+            session.last_capture_ns = tick_ns
+        return SourceFrame(self.rows, tick_ns, live=live, fresh=fresh, settings=settings)
+
+    # --- the way back out ---
+    def _answer(self) -> None:
+        """The answers thread: every frame the sink was handed, each live row to the client holding that
+        slot (if the frame is of its conversation); silence to clients no answer reached for a while."""
+        replies, board, server = self.replies, self.board, self.server
+        assert replies is not None and board is not None and server is not None
+        silence = np.zeros(FRAME_SAMPLES, np.float32)
+        while self.running:
+            slot = replies.acquire(timeout_s=FRAME_NS / 2e9)
+            now = time.monotonic_ns()
+            with board.lock:
+                holders = list(board.holders)
+            if slot is not None:
+                try:
+                    live = int(slot.header["live"])
+                    capture_ns = int(slot.header["capture_ns"])
+                    for k, session in enumerate(holders):
+                        if session is None or not live >> k & 1 or capture_ns < session.first_capture_ns:
+                            continue  # not live in this frame, or an answer to the slot's previous client
+                        self._send_audio(server, session, slot.payload[k], now)
+                        session.counts.lag_ms.append((now - capture_ns) / 1e6)
+                finally:
+                    slot.release()
+            for session in holders:
+                if (
+                    session is not None
+                    and session.live_ns
+                    and now - max(session.last_sent_ns, session.live_ns) > KEEP_ALIVE_AFTER_NS
+                ):
+                    self._send_audio(server, session, silence, now - KEEP_ALIVE_AFTER_NS + FRAME_NS)
+
+    @staticmethod
+    def _send_audio(server: ChatServer, session: ClientSession, pcm: np.ndarray, sent_ns: int) -> None:
+        ogg = session.encode(pcm)
+        if ogg:
+            server.send(session, audio_message(ogg))
+        session.counts.frames_out += 1
+        session.last_sent_ns = sent_ns
+
+    def hear_events(self, events: list[dict]) -> None:
+        """Text pieces from the LM (padding comes without a piece) to the client holding the slot."""
+        if self.board is None or self.server is None:
+            return
+        for event in events:
+            slot, piece = event.get("session"), event.get("text")
+            if not isinstance(slot, int) or not isinstance(piece, str) or not piece:
+                continue
+            if 0 <= slot < len(self.board.holders):
+                session = self.board.holders[slot]
+                if session is not None:
+                    self.server.send(session, text_message(piece))
+
+    # --- what the supervisor hears: sessions that ended, and the clients' state about once a second ---
+    def events(self) -> list[dict]:
+        board = self.board
+        if board is None:
+            return []
+        with board.lock:
+            ended, board.ended = board.ended, []
+        out = []
+        for session in ended:
+            if session.slot is None or not session.live_ns:
+                continue  # never got a slot: no frames of its own
+            out.append(
+                {
+                    "session_ended": session.summary(),
+                    "slot": session.slot,
+                    "first_capture_ns": session.first_capture_ns,
+                    "last_capture_ns": session.last_capture_ns,
+                }
+            )
+        with self.events_lock:
+            out.extend(self.pending_events)
+            self.pending_events = []
+        return out
+
+    def _report_status(self, now: int) -> None:
+        if now < self.next_status_ns or self.board is None:
+            return
+        self.next_status_ns = now + STATUS_EVERY_NS
+        with self.board.lock:
+            holders = list(self.board.holders)
+        status = {
+            "network": {
+                "active": sum(1 for h in holders if h is not None),
+                "queued": self.board.queued(),
+                "slots": len(holders),
+                "bad_messages": self.errors,
+                "clients": {str(k): h.summary() for k, h in enumerate(holders) if h is not None},
+            }
+        }
+        with self.events_lock:
+            self.pending_events.append(status)
