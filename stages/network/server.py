@@ -132,7 +132,11 @@ class ChatServer:
         app.router.add_get("/healthz", self._health)
         if self.params.static_dir:
             static = Path(self.params.static_dir).expanduser()
-            app.router.add_get("/", lambda request: web.FileResponse(static / "index.html"))
+
+            async def index(request: web.Request) -> web.FileResponse:
+                return web.FileResponse(static / "index.html")
+
+            app.router.add_get("/", index)
             app.router.add_static("/", static, show_index=False)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
