@@ -8,6 +8,7 @@ sampling settings (set_session_sampling), and steps the live ones of a frame as 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from rtpipe.stages.base import PayloadSpec, Role, Stage
+from rtpipe.stages.base import PayloadSpec, Role, SessionSettings, Stage
 from rtpipe.stages.checkpoint import (
     DTYPE_BYTES,
     check_local_file,
@@ -218,7 +219,7 @@ class MoshiStep(Stage):
     def reset_session(self, slot: int) -> None:
         """Starts slot `slot`'s conversation over, reseeded from its seed (set_session_sampling, else
         params.seed, else a fresh random one); no other slot changes. Raises IndexError for a slot
-        this stage does not have (before open(): it has none)."""
+        this stage does not have, RuntimeError before open()."""
         if self._streamer is None:
             raise RuntimeError("moshi.step: reset_session() before open()")
         state = self.state.sessions[slot]
@@ -250,6 +251,34 @@ class MoshiStep(Stage):
             state.sampling = settings.sampling
             if seed is not None:
                 self._streamer.reseed(state, seed)
+
+    def configure_session(self, slot: int, settings: SessionSettings) -> None:
+        """A conversation's own sampling (a network client's query parameters), on the stage's params
+        where it gives none; its seed is audio_seed, else text_seed (one generator per slot). A setting
+        this stage cannot take is logged and the stage's own used: a client never stops the stage."""
+        from rtpipe.stages.moshi.sampling import SamplingParams
+
+        p = self.params
+        given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
+        seed = given.get("audio_seed", given.get("text_seed"))
+        sampling = None
+        if set(given) - {"audio_seed", "text_seed"}:
+            default = (
+                SamplingParams.greedy()
+                if p.greedy
+                else SamplingParams(p.temperature, p.top_k, p.text_temperature, p.text_top_k)
+            )
+            sampling = SamplingParams(
+                given.get("audio_temperature", default.temperature),
+                given.get("audio_top_k", default.top_k),
+                given.get("text_temperature", default.text_temperature),
+                given.get("text_top_k", default.text_top_k),
+            )
+        try:
+            self.set_session_sampling(slot, sampling, seed)
+        except (ConfigError, IndexError) as e:
+            print(f"rtpipe: moshi.step: session {slot}: settings not used: {e}", file=sys.stderr, flush=True)
+            self.set_session_sampling(slot, None, None)
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         """One frame of one conversation (session slot 0): int32 [user_q] -> int32 [dep_q]."""

@@ -33,8 +33,8 @@ QUERY_SETTINGS: dict[str, tuple[str, type, float, float]] = {
     "text_topk": ("text_top_k", int, 0, 1 << 20),
     "audio_temperature": ("audio_temperature", float, 0.0, 100.0),
     "audio_topk": ("audio_top_k", int, 0, 1 << 20),
-    "text_seed": ("text_seed", int, -(1 << 63), (1 << 63) - 1),
-    "audio_seed": ("audio_seed", int, -(1 << 63), (1 << 63) - 1),
+    "text_seed": ("text_seed", int, 0, (1 << 63) - 1),
+    "audio_seed": ("audio_seed", int, 0, (1 << 63) - 1),
 }
 
 
