@@ -153,3 +153,26 @@ def test_with_sessions_the_view_shows_how_many_are_live_and_each_ones_end_to_end
     console = _console()
     console.print(render_snapshot(one, support.run_info()))
     assert "sessions" not in console.export_text()  # one session: nothing more to say
+
+
+NETWORK = {
+    "active": 2,
+    "queued": 1,
+    "slots": 2,
+    "bad_messages": 3,
+    "clients": {
+        "0": {"lag_ms_p50": 91.0, "lag_ms_p99": 140.0, "underruns": 4, "trims": 1},
+        "1": {"lag_ms_p50": 95.0, "lag_ms_p99": 150.0, "underruns": 0, "trims": 0},
+    },
+}
+
+
+def test_rtpipe_serve_shows_active_and_queued_clients():
+    info = support.run_info(sessions=2)
+    snapshot = support.report(support.records(20, live=lambda seq: 0b11), info, step=1, fill=True)
+    snapshot["network"] = NETWORK
+    console = _console()
+    console.print(render_snapshot(snapshot, info))
+    text = console.export_text()
+    assert "clients 2/2 active, 1 queued, 3 bad messages" in text
+    assert "#0 lag P50 91 P99 140 ms underruns 4 trims 1" in text

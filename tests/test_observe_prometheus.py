@@ -170,3 +170,23 @@ def test_sessions_are_served_live_and_one_by_one():
         assert snapshot["sessions"]["0"]["frames_lost"] == 1  # the frame that never came
     finally:
         exporter.close()
+
+
+def test_rtpipe_serve_clients_are_served():
+    from test_observe_live_view import NETWORK
+
+    info = support.run_info(sessions=2)
+    exporter = PrometheusExporter(info, port=0)
+    try:
+        exporter.on_start(info)
+        snapshot = support.report(support.records(20, live=lambda seq: 0b11), info, step=1, fill=True)
+        snapshot["network"] = NETWORK
+        exporter.on_tick(snapshot)
+        metrics = _scrape(exporter.url)
+        assert metrics[("rtpipe_clients_active", frozenset())] == 2
+        assert metrics[("rtpipe_clients_queued", frozenset())] == 1
+        assert metrics[("rtpipe_client_bad_messages_total", frozenset())] == 3
+        assert metrics[("rtpipe_client_underruns", frozenset({("session", "0")}))] == 4
+        assert metrics[("rtpipe_client_lag_seconds", frozenset({("session", "1"), ("quantile", "0.99")}))] == 0.15
+    finally:
+        exporter.close()

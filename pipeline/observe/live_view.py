@@ -163,6 +163,24 @@ def _sessions(snapshot: Snapshot | None) -> Text | None:
     return line
 
 
+def _clients(snapshot: Snapshot | None) -> Text | None:
+    """rtpipe serve: active and queued clients, each one's lag, underruns and trims."""
+    network = snapshot.get("network", {}) if snapshot else {}
+    if not network:
+        return None
+    line = Text("clients ", style="bold")
+    line.append(f"{network.get('active', 0)}/{network.get('slots', 0)} active, {network.get('queued', 0)} queued")
+    bad = network.get("bad_messages", 0)
+    if bad:
+        line.append(f", {bad} bad messages", style="red")
+    for slot, client in list(network.get("clients", {}).items())[:SESSIONS_SHOWN]:
+        line.append(
+            f"   #{slot} lag P50 {client.get('lag_ms_p50', 0):.0f} P99 {client.get('lag_ms_p99', 0):.0f} ms"
+            f" underruns {client.get('underruns', 0)} trims {client.get('trims', 0)}"
+        )
+    return line
+
+
 def _transcript(snapshot: Snapshot | None) -> Text | None:
     if snapshot is None:
         return None
@@ -188,7 +206,7 @@ def render_snapshot(snapshot: Snapshot | None, run_info: RunInfo) -> Panel:
         Text(""),
         _summary(snapshot),
     ]
-    for extra in (_sessions(snapshot), _transcript(snapshot)):
+    for extra in (_clients(snapshot), _sessions(snapshot), _transcript(snapshot)):
         if extra is not None:
             parts.append(extra)
     title = f"rtpipe run {run_info['run_id']}".rstrip()

@@ -179,6 +179,38 @@ class _CountsCollector(Collector):
             session_lost.add_metric([slot], row["frames_lost"])
         yield session_e2e
         yield session_lost
+        network = counts.get("network", {}) if counts else {}
+        if network:  # rtpipe serve: its clients
+            yield GaugeMetricFamily("rtpipe_clients_active", "Clients holding a session slot.", value=network["active"])
+            yield GaugeMetricFamily(
+                "rtpipe_clients_queued", "Clients waiting for a free slot.", value=network["queued"]
+            )
+            yield CounterMetricFamily(
+                "rtpipe_client_bad_messages", "Protocol errors clients were told about.", value=network["bad_messages"]
+            )
+            underruns = GaugeMetricFamily(
+                "rtpipe_client_underruns",
+                "Ticks the slot's client had sent no audio for (silence went in), this conversation.",
+                labels=["session"],
+            )
+            trims = GaugeMetricFamily(
+                "rtpipe_client_trims",
+                "Times the slot's client's audio came faster than real time and was cut, this conversation.",
+                labels=["session"],
+            )
+            lag = GaugeMetricFamily(
+                "rtpipe_client_lag_seconds",
+                "The slot's client: an answer's send time behind its input frame's tick, by quantile.",
+                labels=["session", "quantile"],
+            )
+            for slot, client in network.get("clients", {}).items():
+                underruns.add_metric([slot], client.get("underruns", 0))
+                trims.add_metric([slot], client.get("trims", 0))
+                lag.add_metric([slot, "0.5"], client.get("lag_ms_p50", 0.0) / 1000.0)
+                lag.add_metric([slot, "0.99"], client.get("lag_ms_p99", 0.0) / 1000.0)
+            yield underruns
+            yield trims
+            yield lag
         info = GaugeMetricFamily(
             "rtpipe_stage_info", "A stage's kind (registered name or import path).", labels=["stage", "kind", "run_id"]
         )
