@@ -145,6 +145,7 @@ class Stage:
         # Set by the host before open(): how many session slots each frame carries (rows of the payload).
         self.session_slots = 1
         self.replies: Any = None  # a source with hears_output: an rtpipe.shm.ring.Consumer
+        self.chain: list[str] = []  # set by the host: the pipeline's stage names, source first
 
     @classmethod
     def from_config(cls, raw: dict, where: str = "params") -> Stage:

@@ -334,6 +334,7 @@ class StageHost:
                 self.last_seq = int(last.view(FRAME_RECORD_DTYPE)["seq"][0])
         stage.restarted = spec.incarnation > 0
         stage.session_slots = spec.sessions
+        stage.chain = list(spec.chain)
         if spec.session_settings:
             self.session_settings = SessionSettingsTable.attach(spec.session_settings)
         if spec.reply is not None:
@@ -618,7 +619,7 @@ class StageHost:
         if len(rows):
             stage.write_sessions(payload, rows)
             if self.reply_out is not None:
-                self.hand_back(payload, upstream)
+                self.hand_back(payload, upstream, enter_ns)
         now = _monotonic_ns()
         if self.records_out is None:
             return
@@ -635,7 +636,7 @@ class StageHost:
         _I64.pack_into(record, _REC_HANDOFF, now + int(stage.output_latency_ns))
         slot.publish()
 
-    def hand_back(self, payload: np.ndarray, upstream: memoryview) -> None:
+    def hand_back(self, payload: np.ndarray, upstream: memoryview, enter_ns: int) -> None:
         """The sink's frame, header and all, to the source that hears the output (drop-oldest: a
         source that stopped reading never holds the sink up)."""
         assert self.reply_out is not None
@@ -644,6 +645,7 @@ class StageHost:
             return
         raw, words = self.views(slot)
         raw[:] = upstream
+        words[_ENTER_W + self.index] = enter_ns
         words[_EXIT_W + self.index] = _monotonic_ns()
         slot.payload[...] = payload
         slot.publish()

@@ -62,6 +62,7 @@ class StageProcessSpec:
     start_paused: bool = False  # the source waits for "resume" before its first frame
     sessions: int = 1  # session slots per frame: the first dimension of every ring's payload
     session_settings: str = ""  # the segment of per-slot settings (shm/session_settings.py); "": none
+    chain: list[str] = field(default_factory=list)  # every stage's name, source first (a header's index)
     # the sink hands each frame back here, and a source that hears the output reads it; None elsewhere
     reply: RingAttachment | None = None
 
@@ -104,6 +105,7 @@ class StageProcessSpec:
             start_paused=_take(data, "start_paused", bool),
             sessions=_take(data, "sessions", int),
             session_settings=_take(data, "session_settings", str),
+            chain=_str_list(data, "chain"),
             reply=_ring(data, "reply"),
         )
 

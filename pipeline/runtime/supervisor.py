@@ -300,6 +300,7 @@ class Supervisor:
             records=self._attachment(self.records_ring if index == n - 1 else None),
             reply=self._attachment(self.reply_ring if index in (0, n - 1) else None),
             session_settings=self.session_settings.segment.name if self.session_settings else "",
+            chain=list(self.stage_names),
             incarnation=sp.incarnation,
             warm_up_us=self.settings.warm_up_us,
             sys_path=[p for p in sys.path if p],

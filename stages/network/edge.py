@@ -32,6 +32,7 @@ from rtpipe.stages.base import (
     Stage,
 )
 from rtpipe.stages.errors import ConfigError
+from rtpipe.stages.network.latency import LatencyWindow, latency_message
 from rtpipe.stages.network.protocol import HANDSHAKE_MESSAGE, audio_message, text_message
 from rtpipe.stages.network.server import ChatServer, SlotBoard
 from rtpipe.stages.network.session import ClientSession
@@ -177,6 +178,7 @@ class NetworkEdge(Stage):
             assert session is not None
             session.first_capture_ns = tick_ns
             session.live_ns = time.monotonic_ns()
+            session.latency = LatencyWindow(self.chain or ["source", "sink"])
             settings[k] = session.settings
             assert self.server is not None
             self.server.send(session, HANDSHAKE_MESSAGE)
@@ -208,6 +210,7 @@ class NetworkEdge(Stage):
                             continue  # not live in this frame, or an answer to the slot's previous client
                         self._send_audio(server, session, slot.payload[k], now)
                         session.counts.lag_ms.append((now - capture_ns) / 1e6)
+                        self._note_latency(server, session, slot.header, now)
                 finally:
                     slot.release()
             for session in holders:
@@ -217,6 +220,19 @@ class NetworkEdge(Stage):
                     and now - max(session.last_sent_ns, session.live_ns) > KEEP_ALIVE_AFTER_NS
                 ):
                     self._send_audio(server, session, silence, now - KEEP_ALIVE_AFTER_NS + FRAME_NS)
+
+    def _note_latency(self, server: ChatServer, session: ClientSession, header: np.ndarray, sent_ns: int) -> None:
+        """The answer's path into the client's latency window; once a second, the window to the client
+        (a 0x04 metadata message, latency.py)."""
+        window = session.latency
+        if window is None or len(self.chain) < 2:
+            return
+        window.add(int(header["capture_ns"]), header["enter_ns"], header["exit_ns"], sent_ns)
+        if sent_ns >= session.next_latency_ns:
+            session.next_latency_ns = sent_ns + STATUS_EVERY_NS
+            c = session.counts
+            content = {**window.summary(), "underruns": c.underruns, "trims": c.trims, "client": session.id}
+            server.send(session, latency_message({**content, "slot": session.slot}))
 
     @staticmethod
     def _send_audio(server: ChatServer, session: ClientSession, pcm: np.ndarray, sent_ns: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE, SessionSettings
+from rtpipe.stages.network.latency import LatencyWindow
 from rtpipe.stages.network.protocol import ClientError
 
 _ids = itertools.count(1)
@@ -54,6 +55,8 @@ class ClientSession:
         self.last_heard_ns = self.connected_ns  # the client's last message
         self.last_sent_ns = 0  # our last audio message
         self.counts = SessionCounts()
+        self.latency: LatencyWindow | None = None  # made by the edge when the session goes live
+        self.next_latency_ns = 0
         self.lock = threading.Lock()
         self._pending: collections.deque[np.ndarray] = collections.deque()
         self._pending_samples = 0
