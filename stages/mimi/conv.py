@@ -1,8 +1,9 @@
 """Causal 1-D convolution and transposed convolution that run frame by frame, for Mimi's SEANet.
 
 Weights keep Kyutai's key nesting (`conv.conv.weight`, `convtr.convtr.weight`) so checkpoints load
-as they are. Activations are time-major [T, C]: each convolution is one matrix product over a
-strided (overlapping) view of a window buffer, and what it carries to the next frame is a dataclass.
+as they are. Activations are time-major per session, [sessions, T, C]: each convolution is one matrix
+product over a strided (overlapping) view of a window buffer, and what it carries to the next frame is a
+dataclass holding one row per session slot (see slots.py for how a step picks its rows).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rtpipe.stages.mimi.matmul import Linear
+from rtpipe.stages.mimi.slots import LiveSlots
 
 
 class _ConvNesting(nn.Module):
@@ -34,20 +36,29 @@ class _ConvTrNesting(nn.Module):
 
 @dataclass
 class ConvWindow:
-    """What a causal convolution carries: its input window, the last `context_rows` rows of the previous
-    frames followed by the current frame's rows. `primed` is for replicate padding (first frame seen)."""
+    """What a causal convolution carries, per session slot: its input window, the last `context_rows`
+    rows of the previous frames followed by the current frame's rows. `primed[k]`: slot k has seen its
+    first frame (for replicate padding)."""
 
-    window: torch.Tensor  # [context_rows + frame_rows, in_channels]
+    window: torch.Tensor  # [slots, context_rows + frame_rows, in_channels]
     context_rows: int
-    primed: bool = False
+    primed: list[bool]
+
+    def reset_slot(self, slot: int) -> None:
+        """Slot `slot` starts over: zero context, not primed; no other slot changes."""
+        self.window[slot, : self.context_rows].zero_()
+        self.primed[slot] = False
 
 
 @dataclass
 class ConvTrOverlap:
-    """What a causal transposed convolution carries: the output rows the last frame started but its next
-    input still adds to (kernel - stride rows, bias not yet added)."""
+    """What a causal transposed convolution carries, per session slot: the output rows the last frame
+    started but its next input still adds to (kernel - stride rows, bias not yet added)."""
 
-    tail: torch.Tensor  # [kernel - stride, out_channels]
+    tail: torch.Tensor  # [slots, kernel - stride, out_channels]
+
+    def reset_slot(self, slot: int) -> None:
+        self.tail[slot].zero_()
 
 
 class CausalConv1d(nn.Module):
@@ -83,46 +94,58 @@ class CausalConv1d(nn.Module):
             w.permute(0, 2, 1).reshape(self.out_channels, -1), self.conv.conv.bias, dtype, out_rows_hint
         )
 
-    def new_state(self, frame_rows: int, dtype: torch.dtype) -> ConvWindow:
-        window = torch.zeros(self.context_rows + frame_rows, self.in_channels, dtype=dtype)
-        return ConvWindow(window, self.context_rows)
+    def new_state(self, frame_rows: int, dtype: torch.dtype, slots: int = 1) -> ConvWindow:
+        window = torch.zeros(slots, self.context_rows + frame_rows, self.in_channels, dtype=dtype)
+        return ConvWindow(window, self.context_rows, [False] * slots)
 
-    def step(self, x: torch.Tensor, state: ConvWindow, activate: bool = False) -> torch.Tensor:
-        """x: [T, in_channels] (T a multiple of stride) -> [T / stride, out_channels].
+    def step(self, x: torch.Tensor, state: ConvWindow, live: LiveSlots, activate: bool = False) -> torch.Tensor:
+        """x: [sessions, T, in_channels] (T a multiple of stride), row b for slot live.slots[b]
+        -> [sessions, T / stride, out_channels].
 
         `activate` applies ELU to x first (SEANet puts an ELU before most convolutions)."""
-        rows = x.shape[0]
+        sessions, rows = x.shape[0], x.shape[1]
         ctx = state.context_rows
-        window = state.window
-        if window.shape[0] != ctx + rows:  # another chunk length (a whole signal): a window of that size
-            grown = window.new_zeros(ctx + rows, self.in_channels)
-            grown[:ctx] = window[:ctx]
-            state.window = window = grown
-        current = window[ctx:]
+        span = live.span
+        if span is not None:  # one stretch of slots: their rows of the state are the window, in place
+            if state.window.shape[1] != ctx + rows:  # another chunk length (a whole signal): resize
+                grown = state.window.new_zeros(state.window.shape[0], ctx + rows, self.in_channels)
+                grown[:, :ctx] = state.window[:, :ctx]
+                state.window = grown
+            window = state.window[span]
+        else:  # scattered slots: gather their context rows, scatter them back below
+            window = state.window.new_empty(sessions, ctx + rows, self.in_channels)
+            if ctx:
+                window[:, :ctx] = state.window[:, :ctx].index_select(0, live.index)
+        current = window[:, ctx:]
         current.copy_(x)
         if activate:
             F.elu_(current)
-        if self.pad_mode == "replicate" and not state.primed:
-            window[:ctx] = current[:1]
-            state.primed = True
+        if self.pad_mode == "replicate":
+            for row, slot in enumerate(live.slots):
+                if not state.primed[slot]:
+                    window[row, :ctx] = current[row, :1]
+                    state.primed[slot] = True
         out_rows = rows // self.stride
         if self.dilation == 1:
             cols = window.as_strided(
-                (out_rows, self.kernel_size * self.in_channels), (self.stride * self.in_channels, 1)
+                (sessions, out_rows, self.kernel_size * self.in_channels),
+                (window.stride(0), self.stride * self.in_channels, 1),
             )
         else:  # not used by Mimi; correct but copies
             cols = window.as_strided(
-                (out_rows, self.kernel_size, self.in_channels),
-                (self.stride * self.in_channels, self.dilation * self.in_channels, 1),
-            ).reshape(out_rows, -1)
+                (sessions, out_rows, self.kernel_size, self.in_channels),
+                (window.stride(0), self.stride * self.in_channels, self.dilation * self.in_channels, 1),
+            ).reshape(sessions, out_rows, -1)
         if self._product is None:
             raise RuntimeError("CausalConv1d.step() before prepare()")
-        y = self._product(cols)
+        y = self._product.per_session(cols)
         if ctx:
-            if ctx <= rows:
-                window[:ctx] = window[rows:]
+            if span is None:
+                state.window[:, :ctx].index_copy_(0, live.index, window[:, rows:])
+            elif ctx <= rows:
+                window[:, :ctx] = window[:, rows:]
             else:  # overlapping rows: copy through a temporary
-                window[:ctx] = window[rows:].clone()
+                window[:, :ctx] = window[:, rows:].clone()
         return y
 
 
@@ -158,27 +181,34 @@ class CausalConvTranspose1d(nn.Module):
         b = self.convtr.convtr.bias
         self._bias = None if b is None else b.detach().to(dtype).contiguous()
 
-    def new_state(self, dtype: torch.dtype) -> ConvTrOverlap:
-        return ConvTrOverlap(torch.zeros(self.kernel_size - self.stride, self.out_channels, dtype=dtype))
+    def new_state(self, dtype: torch.dtype, slots: int = 1) -> ConvTrOverlap:
+        return ConvTrOverlap(torch.zeros(slots, self.kernel_size - self.stride, self.out_channels, dtype=dtype))
 
-    def step(self, x: torch.Tensor, state: ConvTrOverlap, activate: bool = False) -> torch.Tensor:
-        """x: [T, in_channels] -> [T * stride, out_channels]. `activate` applies ELU to x first."""
+    def step(self, x: torch.Tensor, state: ConvTrOverlap, live: LiveSlots, activate: bool = False) -> torch.Tensor:
+        """x: [sessions, T, in_channels], row b for slot live.slots[b] -> [sessions, T * stride, out_channels].
+        `activate` applies ELU to x first."""
         if activate:
             x = F.elu(x)
-        rows, stride, channels = x.shape[0], self.stride, self.out_channels
+        sessions, rows, stride, channels = x.shape[0], x.shape[1], self.stride, self.out_channels
         if self._product is not None:  # groups == 1
-            parts = self._product(x).view(rows, 2, stride, channels)
+            parts = self._product.per_session(x).view(sessions, rows, 2, stride, channels)
         elif self._weight is not None:  # channel-wise
-            parts = (x[:, None, :] * self._weight[None]).view(rows, 2, stride, channels)
+            parts = (x[:, :, None, :] * self._weight).view(sessions, rows, 2, stride, channels)
         else:
             raise RuntimeError("CausalConvTranspose1d.step() before prepare()")
         # input row t writes its first half to output block t and its second half to block t + 1
-        out = parts[:, 0].clone().view(rows * stride, channels)
-        out_blocks = out.view(rows, stride, channels)
+        out = parts[:, :, 0].clone().view(sessions, rows * stride, channels)
+        out_blocks = out.view(sessions, rows, stride, channels)
         if rows > 1:
-            out_blocks[1:] += parts[:-1, 1]
-        out_blocks[0] += state.tail
-        state.tail.copy_(parts[-1, 1])
+            out_blocks[:, 1:] += parts[:, :-1, 1]
+        span = live.span
+        if span is not None:
+            tail = state.tail[span]
+            out_blocks[:, 0] += tail
+            tail.copy_(parts[:, -1, 1])
+        else:
+            out_blocks[:, 0] += state.tail.index_select(0, live.index)
+            state.tail.index_copy_(0, live.index, parts[:, -1, 1])
         if self._bias is not None:
             out += self._bias
         return out

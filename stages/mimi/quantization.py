@@ -117,3 +117,14 @@ class SplitResidualVectorQuantizer(nn.Module):
         if codes.shape[1] > self.n_q_semantic:
             quantized = quantized + self.rvq_rest.decode(codes[:, self.n_q_semantic :])
         return quantized
+
+    # Sessions one at a time: these products go through BLAS, whose sum for a row changes with the number
+    # of rows beside it, and the codes of a session must not depend on the others. They are a small part
+    # of a frame (a few rows against 2048-entry codebooks).
+    def encode_sessions(self, latent: torch.Tensor, n_q: int) -> torch.Tensor:
+        """latent [sessions, T, 512] -> codes [sessions, T, n_q], each session's as `encode` gives alone."""
+        return torch.stack([self.encode(latent[b], n_q) for b in range(latent.shape[0])])
+
+    def decode_sessions(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [sessions, T, n] -> latent [sessions, T, 512], each session's as `decode` gives alone."""
+        return torch.stack([self.decode(codes[b]) for b in range(codes.shape[0])])

@@ -1,7 +1,8 @@
 """SEANet encoder and decoder of Mimi: causal convolutions with ELU, one residual unit per level.
 
 Module order (and so the state-dict indices `model.N`) follows Kyutai's layout. `step` runs one chunk
-of time-major [T, C] activations through every layer, carrying each layer's state in a list.
+of time-major [sessions, T, C] activations through every layer, carrying each layer's state (one row per
+session slot) in a list.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from rtpipe.stages.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvTrOverlap, ConvWindow
+from rtpipe.stages.mimi.slots import LiveSlots
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class SEANetState:
 
     layers: list[LayerState] = field(default_factory=list)
 
+    def reset_slot(self, slot: int) -> None:
+        """Slot `slot` starts over in every layer; no other slot changes."""
+        for layer in self.layers:
+            for part in layer if isinstance(layer, list) else [layer]:
+                part.reset_slot(slot)
+
 
 class ResidualUnit(nn.Module):
     """x + conv1x1(ELU(conv_k(ELU(x)))), as `block.1` and `block.3` (the ELUs are block.0 and block.2)."""
@@ -60,18 +68,18 @@ class ResidualUnit(nn.Module):
         for conv in self._convs():
             conv.prepare(dtype, rows_hint)
 
-    def new_state(self, frame_rows: int, dtype: torch.dtype) -> list[ConvWindow]:
-        return [conv.new_state(frame_rows, dtype) for conv in self._convs()]
+    def new_state(self, frame_rows: int, dtype: torch.dtype, slots: int = 1) -> list[ConvWindow]:
+        return [conv.new_state(frame_rows, dtype, slots) for conv in self._convs()]
 
-    def step(self, x: torch.Tensor, state: list[ConvWindow]) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: list[ConvWindow], live: LiveSlots) -> torch.Tensor:
         first, second = self._convs()
-        h = first.step(x, state[0], activate=True)
-        y = second.step(h, state[1], activate=True)
+        h = first.step(x, state[0], live, activate=True)
+        y = second.step(h, state[1], live, activate=True)
         y += x
         return y
 
 
-def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
+def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState, live: LiveSlots) -> torch.Tensor:
     activate = False
     i = 0
     for layer in model:
@@ -80,11 +88,11 @@ def _step_layers(model: nn.Sequential, x: torch.Tensor, state: SEANetState) -> t
             continue
         layer_state = state.layers[i]
         if isinstance(layer, ResidualUnit) and isinstance(layer_state, list):
-            x = layer.step(x, layer_state)
+            x = layer.step(x, layer_state, live)
         elif isinstance(layer, CausalConv1d) and isinstance(layer_state, ConvWindow):
-            x = layer.step(x, layer_state, activate=activate)
+            x = layer.step(x, layer_state, live, activate=activate)
         elif isinstance(layer, CausalConvTranspose1d) and isinstance(layer_state, ConvTrOverlap):
-            x = layer.step(x, layer_state, activate=activate)
+            x = layer.step(x, layer_state, live, activate=activate)
         else:
             raise TypeError(f"SEANet state entry {i}: a {type(layer).__name__} given a {type(layer_state).__name__}")
         activate = False
@@ -105,23 +113,24 @@ def _prepare_layers(model: nn.Sequential, rows: int, dtype: torch.dtype) -> None
             layer.prepare(dtype, rows)
 
 
-def _new_layer_states(model: nn.Sequential, rows: int, dtype: torch.dtype) -> SEANetState:
-    """Window buffers sized for `rows` input rows (one frame), following each layer's stride."""
+def _new_layer_states(model: nn.Sequential, rows: int, dtype: torch.dtype, slots: int) -> SEANetState:
+    """Window buffers sized for `rows` input rows (one frame) of `slots` sessions, following each layer's
+    stride."""
     layers: list[LayerState] = []
     for layer in model:
         if isinstance(layer, CausalConv1d):
-            layers.append(layer.new_state(rows, dtype))
+            layers.append(layer.new_state(rows, dtype, slots))
             rows //= layer.stride
         elif isinstance(layer, CausalConvTranspose1d):
-            layers.append(layer.new_state(dtype))
+            layers.append(layer.new_state(dtype, slots))
             rows *= layer.stride
         elif isinstance(layer, ResidualUnit):
-            layers.append(layer.new_state(rows, dtype))
+            layers.append(layer.new_state(rows, dtype, slots))
     return SEANetState(layers)
 
 
 class SEANetEncoder(nn.Module):
-    """Audio [T, 1] at 24 kHz -> latent [T / hop, dimension] (hop 960: 25 Hz)."""
+    """Audio [sessions, T, 1] at 24 kHz -> latent [sessions, T / hop, dimension] (hop 960: 25 Hz)."""
 
     def __init__(self, cfg: SEANetConfig = SEANetConfig()):
         super().__init__()
@@ -142,15 +151,15 @@ class SEANetEncoder(nn.Module):
     def prepare(self, dtype: torch.dtype, frame_samples: int) -> None:
         _prepare_layers(self.model, frame_samples, dtype)
 
-    def new_state(self, frame_samples: int, dtype: torch.dtype) -> SEANetState:
-        return _new_layer_states(self.model, frame_samples, dtype)
+    def new_state(self, frame_samples: int, dtype: torch.dtype, slots: int = 1) -> SEANetState:
+        return _new_layer_states(self.model, frame_samples, dtype, slots)
 
-    def step(self, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
-        return _step_layers(self.model, x, state)
+    def step(self, x: torch.Tensor, state: SEANetState, live: LiveSlots) -> torch.Tensor:
+        return _step_layers(self.model, x, state, live)
 
 
 class SEANetDecoder(nn.Module):
-    """Latent [T, dimension] at 25 Hz -> audio [T * hop, 1]."""
+    """Latent [sessions, T, dimension] at 25 Hz -> audio [sessions, T * hop, 1]."""
 
     def __init__(self, cfg: SEANetConfig = SEANetConfig()):
         super().__init__()
@@ -171,8 +180,8 @@ class SEANetDecoder(nn.Module):
     def prepare(self, dtype: torch.dtype, frame_rows: int) -> None:
         _prepare_layers(self.model, frame_rows, dtype)
 
-    def new_state(self, frame_rows: int, dtype: torch.dtype) -> SEANetState:
-        return _new_layer_states(self.model, frame_rows, dtype)
+    def new_state(self, frame_rows: int, dtype: torch.dtype, slots: int = 1) -> SEANetState:
+        return _new_layer_states(self.model, frame_rows, dtype, slots)
 
-    def step(self, x: torch.Tensor, state: SEANetState) -> torch.Tensor:
-        return _step_layers(self.model, x, state)
+    def step(self, x: torch.Tensor, state: SEANetState, live: LiveSlots) -> torch.Tensor:
+        return _step_layers(self.model, x, state, live)

@@ -2,7 +2,9 @@
 
 Key names follow Kyutai's (`transformer.layers.N.self_attn.in_projs.0.weight`, ...). Streaming keeps
 a ring of the last `context` keys and values per layer, written before attending, exactly as Kyutai's
-streaming does: past 250 steps the first step of a two-step chunk sees 249 past keys, not 250.
+streaming does: past 250 steps the first step of a two-step chunk sees 249 past keys, not 250. Each
+session slot has its own ring and position; the live sessions of a step share the projections (one
+matrix product) and attend each over its own ring.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rtpipe.stages.mimi.matmul import Linear
+from rtpipe.stages.mimi.slots import LiveSlots
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,21 @@ class TransformerConfig:
 
 @dataclass
 class KVWindow:
-    """The last `context` keys and values of every layer, in ring slots (slot = position % context)."""
+    """Per session slot, the last `context` keys and values of every layer in a ring (ring index =
+    position % context), the position each ring entry holds and how many positions the slot consumed."""
 
-    keys: torch.Tensor  # [layers, heads, context, head_dim]
-    values: torch.Tensor  # [layers, heads, context, head_dim]
-    slot_positions: torch.Tensor  # [context] int64, the position held by each slot, -1 if empty
-    steps: int = 0  # positions consumed so far
+    keys: torch.Tensor  # [layers, slots, heads, context, head_dim]
+    values: torch.Tensor  # [layers, slots, heads, context, head_dim]
+    ring_positions: torch.Tensor  # [slots, context] int64, the position held by each entry, -1 if empty
+    steps: list[int]  # [slots], positions consumed so far
+
+    def reset_slot(self, slot: int) -> None:
+        """Slot `slot` starts over at position 0 with an empty ring; no other slot changes. The keys and
+        values are zeroed too: masked entries still enter the product, and a NaN left there would stay."""
+        self.keys[:, slot].zero_()
+        self.values[:, slot].zero_()
+        self.ring_positions[slot].fill_(-1)
+        self.steps[slot] = 0
 
 
 class LayerScale(nn.Module):
@@ -45,7 +57,8 @@ class LayerScale(nn.Module):
         self.scale = nn.Parameter(torch.full((channels,), init))
 
 
-# attend(q, k, v) -> [heads, T, head_dim]: attention over what it holds, storing k and v as it needs
+# attend(q, k, v), each [sessions, heads, T, head_dim] -> [sessions, heads, T, head_dim]: attention over
+# what it holds, storing k and v as it needs
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -91,8 +104,12 @@ class TransformerLayer(nn.Module):
         self._n1 = (self.norm1.weight.detach().to(dtype), self.norm1.bias.detach().to(dtype))
         self._n2 = (self.norm2.weight.detach().to(dtype), self.norm2.bias.detach().to(dtype))
 
-    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """x: [T, d_model]. `attend(q, k, v) -> [heads, T, head_dim]` stores k, v as it needs."""
+    def forward_step(
+        self, x: torch.Tensor, sessions: int, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """x: [sessions * T, d_model], session after session; cos, sin: [sessions * T, 1, head_dim / 2].
+        `attend(q, k, v)` stores k, v as it needs. Every product here gives a row the same result whatever
+        the number of rows (2 or more, see Linear.per_session), so a session's rows come out as alone."""
         cfg = self.cfg
         rows, heads = x.shape[0], cfg.num_heads
         head_dim = cfg.d_model // heads
@@ -100,9 +117,9 @@ class TransformerLayer(nn.Module):
         qkv = self._in(h).view(rows, 3, heads, head_dim)
         q = _rotate(qkv[:, 0], cos, sin)
         k = _rotate(qkv[:, 1], cos, sin)
-        v = qkv[:, 2].transpose(0, 1)
-        attn = attend(q, k, v)  # [heads, T, head_dim]
-        x = x + self._out(attn.transpose(0, 1).reshape(rows, cfg.d_model))
+        v = qkv[:, 2]
+        attn = attend(*(t.view(sessions, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v)))
+        x = x + self._out(attn.transpose(1, 2).reshape(rows, cfg.d_model))
         h = F.layer_norm(x, (cfg.d_model,), *self._n2, eps=1e-5)
         return x + self._ff2(F.gelu(self._ff1(h)))
 
@@ -120,12 +137,12 @@ def _mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved (real, imaginary) pairs, in float32. x: [T, heads, head_dim] -> [heads, T, head_dim]."""
+    """RoPE on interleaved (real, imaginary) pairs, in float32. x: [rows, heads, head_dim] -> the same."""
     rows, heads, head_dim = x.shape
     pairs = x.view(rows, heads, head_dim // 2, 2).float()
     re, im = pairs[..., 0], pairs[..., 1]
     out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return out.to(x.dtype).view(rows, heads, head_dim).transpose(0, 1)
+    return out.to(x.dtype).view(rows, heads, head_dim)
 
 
 class StreamingTransformer(nn.Module):
@@ -161,34 +178,56 @@ class ProjectedTransformer(nn.Module):
         for layer in self._layers:
             layer.prepare(dtype)
 
-    def _angles(self, first_position: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(rows, dtype=torch.float32) + float(first_position)
-        angles = self._freqs * positions.view(rows, 1, 1)  # [T, 1 (heads), head_dim / 2]
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [rows] int64 -> cos, sin [rows, 1 (heads), head_dim / 2]."""
+        angles = self._freqs * positions.to(torch.float32).view(-1, 1, 1)
         return torch.cos(angles), torch.sin(angles)
 
-    def new_state(self, dtype: torch.dtype) -> KVWindow:
+    def new_state(self, dtype: torch.dtype, slots: int = 1) -> KVWindow:
         cfg = self.cfg
-        shape = (cfg.num_layers, cfg.num_heads, cfg.context, cfg.d_model // cfg.num_heads)
+        shape = (cfg.num_layers, slots, cfg.num_heads, cfg.context, cfg.d_model // cfg.num_heads)
         return KVWindow(
             torch.zeros(shape, dtype=dtype),
             torch.zeros(shape, dtype=dtype),
-            torch.full((cfg.context,), -1, dtype=torch.long),
+            torch.full((slots, cfg.context), -1, dtype=torch.long),
+            [0] * slots,
         )
 
-    def step(self, x: torch.Tensor, state: KVWindow) -> torch.Tensor:
-        """Streaming: x [T, d_model] (T <= context) continues the sequence held in `state`."""
+    def step(self, x: torch.Tensor, state: KVWindow, live: LiveSlots) -> torch.Tensor:
+        """Streaming: x [sessions, T, d_model] (T <= context), row b continuing the sequence that slot
+        live.slots[b] holds in `state`."""
         cfg = self.cfg
-        rows = x.shape[0]
+        sessions, rows = x.shape[0], x.shape[1]
         if rows > cfg.context:
             raise ValueError(f"a streaming step of {rows} rows exceeds the context of {cfg.context}")
-        first = state.steps
-        positions = torch.arange(first, first + rows)
-        slots = positions % cfg.context
-        state.slot_positions.index_copy_(0, slots, positions)
-        delta = positions.view(rows, 1) - state.slot_positions.view(1, -1)
-        allowed = (state.slot_positions >= 0) & (delta >= 0) & (delta < cfg.context)  # [T, context]
-        bias = _mask_bias(allowed, x.dtype)
-        cos, sin = self._angles(first, rows)
+        firsts = torch.tensor([state.steps[k] for k in live.slots], dtype=torch.long)
+        positions = firsts.view(-1, 1) + torch.arange(rows)  # [sessions, T]
+        ring = positions % cfg.context
+        span = live.span
+        if span is not None:
+            held = state.ring_positions[span]
+            held.scatter_(1, ring, positions)
+        else:
+            held = state.ring_positions.index_select(0, live.index).scatter_(1, ring, positions)
+            state.ring_positions.index_copy_(0, live.index, held)
+        delta = positions.view(sessions, rows, 1) - held.view(sessions, 1, -1)
+        allowed = (held.view(sessions, 1, -1) >= 0) & (delta >= 0) & (delta < cfg.context)
+        bias = _mask_bias(allowed, x.dtype)  # [sessions, T, context]
+        heads, head_dim = cfg.num_heads, cfg.d_model // cfg.num_heads
+        # per stretch of neighbouring slots (see slots.py): its rows of the batch, its slots' rings, the
+        # ring index of each key it writes and the mask of each of its heads. A slot alone attends exactly
+        # as a lone session does (the mask broadcast over its heads).
+        runs = []
+        for run in live.runs:
+            rows_of = slice(run.row, run.row + run.count)
+            run_ring = ring[rows_of].view(run.count, 1, rows, 1).expand(run.count, heads, rows, head_dim)
+            if run.count == 1:
+                run_bias = bias[run.row]
+            else:
+                run_bias = bias[rows_of, None].expand(-1, heads, -1, -1).reshape(run.count * heads, rows, -1)
+            runs.append((rows_of, slice(run.slot, run.slot + run.count), run_ring, run_bias))
+        cos, sin = self._angles(positions.view(-1))
+        h = x.reshape(sessions * rows, cfg.d_model)
         for i, layer in enumerate(self._layers):
             keys, values = state.keys[i], state.values[i]
 
@@ -199,25 +238,38 @@ class ProjectedTransformer(nn.Module):
                 keys: torch.Tensor = keys,
                 values: torch.Tensor = values,
             ) -> torch.Tensor:
-                keys.index_copy_(1, slots, k)
-                values.index_copy_(1, slots, v)
-                return _attention(q, keys, values, bias)
+                outs = []
+                for rows_of, slots_of, run_ring, run_bias in runs:
+                    run_keys, run_values = keys[slots_of], values[slots_of]
+                    run_keys.scatter_(2, run_ring, k[rows_of])
+                    run_values.scatter_(2, run_ring, v[rows_of])
+                    count = run_keys.shape[0]
+                    if count == 1:
+                        outs.append(_attention(q[rows_of][0], run_keys[0], run_values[0], run_bias)[None])
+                    else:
+                        # the stretch's heads side by side: [count * heads, ...]
+                        run_q = q[rows_of].flatten(0, 1)
+                        attn = _attention(run_q, run_keys.flatten(0, 1), run_values.flatten(0, 1), run_bias)
+                        outs.append(attn.view(count, heads, rows, head_dim))
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-            x = layer.forward_step(x, cos, sin, attend)
-        state.steps += rows
-        return x
+            h = layer.forward_step(h, sessions, cos, sin, attend)
+        for k in live.slots:
+            state.steps[k] += rows
+        return h.view(sessions, rows, cfg.d_model)
 
     def forward_offline(self, x: torch.Tensor) -> torch.Tensor:
-        """A whole sequence at once, each position seeing the `context` positions up to itself."""
+        """A whole sequence at once, each position seeing the `context` positions up to itself.
+        x [T, d_model] -> [T, d_model]."""
         rows = x.shape[0]
         positions = torch.arange(rows)
         delta = positions.view(-1, 1) - positions.view(1, -1)
         bias = _mask_bias((delta >= 0) & (delta < self.cfg.context), x.dtype)
-        cos, sin = self._angles(0, rows)
+        cos, sin = self._angles(positions)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return _attention(q, k, v, bias)
+            return _attention(q[0], k[0], v[0], bias)[None]
 
         for layer in self._layers:
-            x = layer.forward_step(x, cos, sin, attend)
+            x = layer.forward_step(x, 1, cos, sin, attend)
         return x
