@@ -1,5 +1,5 @@
 """Shared by the deploy tests: README's quick-start commands, pipeline configs checked the way `rtpipe run`
-checks them, and the shared memory their rings take."""
+and `rtpipe serve` check them, and the shared memory a run of them takes."""
 
 from __future__ import annotations
 
@@ -46,9 +46,32 @@ def validated_config(toml_text: str, tmp_path: Path):
     provides (weights, tokenizer) are empty stand-ins under tmp_path, the host's memory is taken to be
     ample (the 7B needs ~21 GiB free), and a GPU becomes the CPU (this machine has none) after being
     recorded."""
+    return _validated_raw(tomllib.loads(toml_text), tmp_path)
+
+
+def served_config(argv: list[str], toml_text: str, tmp_path: Path):
+    """What `rtpipe serve ARGV` would run, validated as validated_config does: CONFIG (ARGV's, e.g.
+    /etc/rtpipe/pipeline.toml, absent here) is `toml_text` written under tmp_path, and --auth-token-file
+    (a mounted Secret, absent here) a stand-in token there too; then serve's own serve_raw turns it into
+    the network edge's pipeline. Returns (config, {stage: device}, the parsed arguments as given)."""
+    from rtpipe.pipeline.cli.serve import serve_raw
+
+    args = serve_arguments(argv)
+    on_this_machine = serve_arguments(argv)
+    assert args.config, f"rtpipe serve {argv}: no CONFIG, so the built-in pipeline, not the deployed one"
+    on_this_machine.config = str(tmp_path / Path(args.config).name)
+    Path(on_this_machine.config).write_text(toml_text, encoding="utf-8")
+    if args.auth_token_file:
+        token = tmp_path / "stand-in-token"
+        token.write_text("a stand-in token\n", encoding="utf-8")
+        on_this_machine.auth_token_file = str(token)
+    config, devices = _validated_raw(serve_raw(on_this_machine), tmp_path)
+    return config, devices, args
+
+
+def _validated_raw(raw: dict, tmp_path: Path):
     from rtpipe.pipeline.runtime import config as pipeline_config
 
-    raw = tomllib.loads(toml_text)
     devices = {}
     for name, stage in raw["stages"].items():
         devices[name] = stage.pop("device", "cpu")
@@ -64,19 +87,36 @@ def validated_config(toml_text: str, tmp_path: Path):
 
 
 def ring_bytes(config) -> int:
-    """Bytes of /dev/shm the config's rings take (shm's own layout arithmetic)."""
+    """Bytes of /dev/shm a run of the config takes (shm's own layout arithmetic, the supervisor's own
+    sizes): each edge's ring with a row per session slot, the frame records' ring, the session settings
+    table, and the reply ring when the source hears the sink's output (rtpipe serve's network edge)."""
+    from rtpipe.pipeline.runtime import supervisor
+    from rtpipe.shm.frame import FRAME_RECORD_DTYPE, MAX_SESSIONS
     from rtpipe.shm.ring_layout import segment_bytes
+    from rtpipe.shm.session_settings import SETTINGS_DTYPE
 
-    total = 0
-    for edge in config.edges:
-        payload_bytes = int(np.dtype(edge.payload.dtype).itemsize * np.prod(edge.payload.shape))
-        total += segment_bytes(edge.slots, payload_bytes)
+    def ring(slots: int, dtype: str, shape: tuple[int, ...]) -> int:
+        return segment_bytes(slots, int(np.dtype(dtype).itemsize * np.prod(shape)))
+
+    total = sum(ring(edge.slots, edge.payload.dtype, edge.ring_shape) for edge in config.edges)
+    total += ring(supervisor.RECORDS_RING_SLOTS, "uint8", (FRAME_RECORD_DTYPE.itemsize,))
+    total += MAX_SESSIONS * SETTINGS_DTYPE.itemsize
+    if config.stages[0].stage_class.hears_output:
+        last = config.edges[-1]
+        total += ring(supervisor.REPLY_RING_SLOTS, last.payload.dtype, last.ring_shape)
     return total
 
 
 def run_arguments(argv: list[str]):
     """Parse `rtpipe run` arguments with its own parser (SystemExit if a flag does not exist)."""
     from rtpipe.pipeline.cli.run import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def serve_arguments(argv: list[str]):
+    """Parse `rtpipe serve` arguments with its own parser (SystemExit if a flag does not exist)."""
+    from rtpipe.pipeline.cli.serve import build_parser
 
     return build_parser().parse_args(argv)
 

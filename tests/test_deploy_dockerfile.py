@@ -93,12 +93,35 @@ def test_build_context_leaves_a_hosts_venv_out():
 
 
 def test_image_user_is_the_one_the_pods_run_as():
-    import yaml
-
     instructions = _instructions()
     user = [text for s, w, text in instructions if s == "runtime" and w == "USER"][-1]
-    for path in sorted((support.DEPLOY / "k8s").glob("pipeline-*.yaml")):
-        deployment = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "Deployment")
-        pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    pods = _pod_specs()
+    for pod in pods:
+        pod_security = pod["securityContext"]
         assert user == f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"
         assert pod_security["runAsNonRoot"] is True
+
+
+def test_image_exposes_the_ports_the_pods_serve_on():
+    instructions = _instructions()
+    exposed = {
+        int(port.split("/")[0])
+        for s, w, text in instructions
+        if s == "runtime" and w == "EXPOSE"
+        for port in text.split()
+    }
+    for pod in _pod_specs():
+        assert {p["containerPort"] for p in pod["containers"][0]["ports"]} <= exposed
+
+
+def _pod_specs() -> list[dict]:
+    """The pod templates of deploy/k8s's Deployments (one per serve-*.yaml)."""
+    import yaml
+
+    paths = sorted((support.DEPLOY / "k8s").glob("serve-*.yaml"))
+    assert paths, "deploy/k8s has no serve-*.yaml"
+    pods = []
+    for path in paths:
+        deployment = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "Deployment")
+        pods.append(deployment["spec"]["template"]["spec"])
+    return pods
