@@ -250,3 +250,24 @@ def test_the_batch_path_keeps_rows_exact_by_probing_the_kernel():
     w = streamer.text_linear
     rows = streamer._rows(x, w)
     assert torch.equal(rows, torch.stack([streamer.matvec(row, w) for row in x]))
+
+
+def test_a_clients_settings_become_its_slots_sampling_and_bad_ones_leave_the_stage_running():
+    from rtpipe.stages.base import SessionSettings
+
+    stage = MoshiStep(MoshiStepParams(greedy=True, seed=3))
+    stage.session_slots = 2
+    stage.open()
+    try:
+        stage.configure_session(1, SessionSettings(audio_temperature=0.5, text_top_k=5, text_seed=11))
+        chosen = stage._session_sampling[1]
+        assert chosen.seed == 11
+        assert (chosen.sampling.temperature, chosen.sampling.text_top_k) == (0.5, 5)
+        assert (chosen.sampling.top_k, chosen.sampling.text_temperature) == (0, 0.0)  # the rest: greedy params
+        stage.configure_session(0, SessionSettings(audio_seed=-1))  # refused: the stage's own settings
+        assert stage._session_sampling[0].seed is None and stage._session_sampling[0].sampling is None
+        stage.configure_session(5, SessionSettings(audio_temperature=0.3))  # no such slot: said, not raised
+        codes = np.zeros((2, stage.config.user_q), np.int32)
+        assert stage.process_sessions(codes, np.array([0, 1])).shape == (2, stage.config.dep_q)
+    finally:
+        stage.close()

@@ -276,9 +276,11 @@ class MoshiStep(Stage):
             )
         try:
             self.set_session_sampling(slot, sampling, seed)
-        except (ConfigError, IndexError) as e:
+        except ConfigError as e:
             print(f"rtpipe: moshi.step: session {slot}: settings not used: {e}", file=sys.stderr, flush=True)
             self.set_session_sampling(slot, None, None)
+        except IndexError as e:  # not a slot of this stage: nothing to set
+            print(f"rtpipe: moshi.step: {e}", file=sys.stderr, flush=True)
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         """One frame of one conversation (session slot 0): int32 [user_q] -> int32 [dep_q]."""
