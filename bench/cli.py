@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline, live, sessions"
+SUMMARY = "benchmarks: ring, pipeline, mimi, lm, inline, live, sessions, serve"
 
 BENCHMARKS = {
     "ring": "shared-memory ring vs multiprocessing / zmq, one hop",
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "inline": "encode -> step -> decode in one process, as Moshi's server runs them",
     "live": "the default pipeline on PulseAudio null sinks, LM frozen 300 ms: adaptive vs fixed playout",
     "sessions": "sessions held in real time: one pipeline batching N vs N separate pipelines",
+    "serve": "rtpipe serve (or --url) with N websocket clients at real time: handshake, audio back, lag",
 }
 
 

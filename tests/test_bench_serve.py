@@ -1,0 +1,183 @@
+"""`rtpipe bench serve`: its lag pairing and real-time rule on made-up logs, one short run against a
+started `rtpipe serve` on the stand-ins (codec.pcm, echo) in the documented JSON shape with the server
+gone afterwards, and bad arguments in one line (no timing is asserted: the machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psutil
+import pytest
+
+from rtpipe.bench import cli
+from rtpipe.bench import serve as bench_serve
+from rtpipe.bench.serve import (
+    STANDIN_OVERRIDES,
+    ClientLog,
+    auto_shift,
+    client_ladder,
+    client_lags_ms,
+    client_result,
+    growth_ms,
+    main,
+    reasons_not_holding,
+)
+
+STANDIN_ARGS = [arg for override in STANDIN_OVERRIDES for arg in ("--set", override)]
+CLIENT_KEYS = {
+    "client",
+    "handshake_wait_ms",
+    "frames_sent",
+    "frames_returned",
+    "frames_answered",
+    "audio_back",
+    "answer_shift",
+    "lag_ms",
+    "lag_growth_ms",
+    "send_late_ms_p99",
+    "text_messages",
+    "errors",
+}
+
+
+def made_up_log(sent: int, returned: int, lag_ms: float, shift: int = 1) -> ClientLog:
+    """Frames sent every 80 ms; returned frame k + shift completes lag_ms after input frame k."""
+    log = ClientLog()
+    log.connect_ns, log.handshake_ns = 1, 50_000_001
+    log.send_ns = [10**9 + k * 80_000_000 for k in range(sent)]
+    log.late_ns = [0] * sent
+    log.returned_ns = [10**9 + (j - shift) * 80_000_000 + int(lag_ms * 1e6) for j in range(returned)]
+    return log
+
+
+def test_the_answer_to_frame_k_is_returned_frame_k_plus_the_shift():
+    send = [0, 80, 160, 240]
+    returned = [10, 100, 190, 280, 370]
+    assert list(client_lags_ms(send, returned, 1)) == pytest.approx([100e-6, 110e-6, 120e-6, 130e-6])
+    input_driven = [150, 230, 310]  # nothing for input frame 0, then an answer per input frame
+    assert list(client_lags_ms(send, input_driven, -1)) == pytest.approx([70e-6] * 3)
+
+
+def test_auto_shift_tells_a_clocked_server_from_an_input_driven_one():
+    assert auto_shift(250, 263) == 1  # rtpipe serve: a frame per tick, the handshake tick's first
+    assert auto_shift(250, 249) == -1  # Kyutai's server: nothing for its model's first step
+    assert auto_shift(250, 250) == 0
+
+
+def test_lag_growth_is_last_third_median_minus_first_third_median():
+    assert growth_ms(np.array([50.0] * 6 + [150.0] * 6)) == 100.0
+    assert growth_ms(np.array([70.0] * 30)) == 0.0
+    assert growth_ms(np.array([1.0, 2.0])) is None
+
+
+def test_a_client_that_got_all_its_answers_in_time_holds():
+    result = client_result(0, made_up_log(100, 101, 70.0), shift=1)
+    assert result["frames_answered"] == 100 and result["audio_back"] == 1.0
+    assert result["lag_ms"]["p50"] == pytest.approx(70.0)
+    assert result["handshake_wait_ms"] == pytest.approx(50.0)
+    assert reasons_not_holding([result]) == []
+
+
+def test_missing_audio_slow_answers_and_no_handshake_are_each_named():
+    short = client_result(0, made_up_log(100, 80, 70.0), shift=1)
+    slow = client_result(1, made_up_log(100, 101, 300.0), shift=1)
+    silent = made_up_log(100, 0, 70.0)
+    silent.handshake_ns = 0
+    why = reasons_not_holding([short, slow, client_result(2, silent, shift=1)])
+    assert any("client 0: 79.0 % of its audio back" in w for w in why)
+    assert any("client 1: lag P99 300 ms" in w for w in why)
+    assert "client 2: no handshake" in why
+
+
+def test_clients_step_by_doubling_up_to_the_most_asked_for():
+    assert client_ladder(8) == [1, 2, 4, 8]
+    assert client_ladder(6) == [1, 2, 4, 6]
+    assert client_ladder(1) == [1]
+
+
+def test_serve_is_listed_among_the_benchmarks():
+    assert "serve" in cli.BENCHMARKS and "serve" in cli.SUMMARY
+
+
+def _servers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "rtpipe.pipeline.cli" in cmdline and "serve" in cmdline:
+            found.append(process)
+    return found
+
+
+def test_short_run_on_standins_reports_every_client_and_stops_its_server(monkeypatch, capsys):
+    started = []
+    real_server = bench_serve.ServerProcess
+
+    def remembered(*args, **kwargs):
+        server = real_server(*args, **kwargs)
+        started.append(server.process.pid)
+        return server
+
+    monkeypatch.setattr(bench_serve, "ServerProcess", remembered)
+    assert main(["--clients", "2", "--seconds", "1.5", "--json", *STANDIN_ARGS]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"server", "runs", "max_realtime_clients", "kyutai", "targets", "seconds", "machine"} <= set(report)
+    assert report["server"]["sessions"] == 2
+    assert report["server"]["kinds"][0] == "network.edge" and "echo" in report["server"]["kinds"]
+    assert [run["clients"] for run in report["runs"]] in ([1], [1, 2])
+    assert report["kyutai"] is None and report["targets"]["lag_p50_vs_kyutai"]["met"] is None
+    for run in report["runs"]:
+        assert len(run["per_client"]) == run["clients"]
+        assert {"holds", "why_not", "lag_ms", "server_cpu_pct"} <= set(run)
+        for client in run["per_client"]:
+            assert set(client) == CLIENT_KEYS
+            assert client["handshake_wait_ms"] is not None and client["handshake_wait_ms"] >= 0
+            assert client["frames_sent"] > 0 and client["frames_returned"] > 0 and client["frames_answered"] > 0
+            assert 0 < client["audio_back"] <= 1
+            assert client["answer_shift"] == 1
+            assert client["lag_ms"]["p50"] is not None
+    assert 0 <= report["max_realtime_clients"] <= 2
+    assert len(started) == 1 and not psutil.pid_exists(started[0])
+    assert _servers() == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--clients", "0"], "--clients 0: expected 1 to 64"),
+        (["--clients", "many"], "--clients 'many': expected a whole number"),
+        (["--seconds", "0.2"], "--seconds 0.2: expected 1.0 to 600.0"),
+        (["--seconds", "nan"], "--seconds 'nan': expected a finite number"),
+        (["--sessions", "65"], "--sessions 65: expected 1 to 64"),
+        (["--url", "http://x/api/chat"], "--url 'http://x/api/chat': expected ws://HOST:PORT/api/chat"),
+        (["--url", "ws://127.0.0.1:1/api/chat", "--sessions", "2"], "configure the server this benchmark starts"),
+        (["--set", "stages.lm.kind=nosuch"], "stages.lm.kind = 'nosuch': unknown stage"),
+        (["--answer-shift", "x"], "--answer-shift 'x': expected a whole number"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_anything_starts(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("rtpipe bench serve: ")
+    assert _servers() == []
+
+
+def test_the_server_is_stopped_when_the_benchmark_fails_midway(monkeypatch):
+    started = []
+    real_server = bench_serve.ServerProcess
+
+    def remembered(*args, **kwargs):
+        server = real_server(*args, **kwargs)
+        started.append(server.process.pid)
+        return server
+
+    def broken_measure(*args, **kwargs):
+        raise RuntimeError("a client crashed (test)")
+
+    monkeypatch.setattr(bench_serve, "ServerProcess", remembered)
+    monkeypatch.setattr(bench_serve, "measure", broken_measure)
+    with pytest.raises(RuntimeError, match="a client crashed"):
+        main(["--clients", "1", "--seconds", "1", *STANDIN_ARGS])
+    assert len(started) == 1 and not psutil.pid_exists(started[0])
+    assert _servers() == []
