@@ -13,7 +13,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-HOST_MEMORY_BYTES = 64 << 30  # a host the 7B fits on (it needs about 21 GiB free)
+HOST_MEMORY_BYTES = 96 << 30  # a host the 7B and its sessions fit on, checkpoint read whole while loading
+# Kyutai's released files as Hugging Face lists them (kyutai/moshiko-pytorch-bf16: model.safetensors
+# 15.4 GB, i.e. 7.69 B parameters in bfloat16; tokenizer-e351c8d8-checkpoint125.safetensors 385 MB;
+# tokenizer_spm_32k_3.model 553 kB), rounded up: a model is refused when its checkpoint, read whole while
+# it loads, would not fit beside it, so the stand-ins have these sizes (sparse: no disk is taken)
+RELEASED_FILE_BYTES = {
+    "model.safetensors": 15_500_000_000,
+    "tokenizer-e351c8d8-checkpoint125.safetensors": 390_000_000,
+    "tokenizer_spm_32k_3.model": 1_000_000,
+}
 
 
 def readme_quick_start() -> list[list[str]]:
@@ -41,15 +50,15 @@ def readme_commands() -> tuple[list[str], list[str]]:
     return run[0], test[0]
 
 
-def validated_config(toml_text: str, tmp_path: Path):
-    """rtpipe.pipeline.runtime.config.validate on a deploy config, as on the host it is written for: the files the host
-    provides (weights, tokenizer) are empty stand-ins under tmp_path, the host's memory is taken to be
-    ample (the 7B needs ~21 GiB free), and a GPU becomes the CPU (this machine has none) after being
-    recorded."""
-    return _validated_raw(tomllib.loads(toml_text), tmp_path)
+def validated_config(toml_text: str, tmp_path: Path, memory_bytes: int = HOST_MEMORY_BYTES):
+    """rtpipe.pipeline.runtime.config.validate on a deploy config, as on the host it is written for: the
+    files the host provides (weights, tokenizer) are stand-ins under tmp_path with the released files'
+    sizes, the memory this process may take is `memory_bytes` (a host with ample memory unless told, or
+    a pod's or a unit's cap), and a GPU becomes the CPU (this machine has none) after being recorded."""
+    return _validated_raw(tomllib.loads(toml_text), tmp_path, memory_bytes)
 
 
-def served_config(argv: list[str], toml_text: str, tmp_path: Path):
+def served_config(argv: list[str], toml_text: str, tmp_path: Path, memory_bytes: int = HOST_MEMORY_BYTES):
     """What `rtpipe serve ARGV` would run, validated as validated_config does: CONFIG (ARGV's, e.g.
     /etc/rtpipe/pipeline.toml, absent here) is `toml_text` written under tmp_path, and --auth-token-file
     (a mounted Secret, absent here) a stand-in token there too; then serve's own serve_raw turns it into
@@ -65,11 +74,11 @@ def served_config(argv: list[str], toml_text: str, tmp_path: Path):
         token = tmp_path / "stand-in-token"
         token.write_text("a stand-in token\n", encoding="utf-8")
         on_this_machine.auth_token_file = str(token)
-    config, devices = _validated_raw(serve_raw(on_this_machine), tmp_path)
+    config, devices = _validated_raw(serve_raw(on_this_machine), tmp_path, memory_bytes)
     return config, devices, args
 
 
-def _validated_raw(raw: dict, tmp_path: Path):
+def _validated_raw(raw: dict, tmp_path: Path, memory_bytes: int):
     from rtpipe.pipeline.runtime import config as pipeline_config
 
     devices = {}
@@ -79,10 +88,11 @@ def _validated_raw(raw: dict, tmp_path: Path):
         for field in ("weights", "tokenizer"):
             if field in params and not params[field].startswith("hf://"):
                 stand_in = tmp_path / Path(params[field]).name
-                stand_in.write_bytes(b"")
+                with stand_in.open("wb") as sparse:
+                    sparse.truncate(RELEASED_FILE_BYTES.get(stand_in.name, 0))
                 params[field] = str(stand_in)
-    host_memory = mock.Mock(available=HOST_MEMORY_BYTES)
-    with mock.patch("psutil.virtual_memory", return_value=host_memory):
+    # what the stages' memory checks ask (psutil, less any cgroup cap): `memory_bytes`, not this machine's
+    with mock.patch("rtpipe.stages.checkpoint.memory_available", return_value=memory_bytes):
         return pipeline_config.validate(raw), devices
 
 

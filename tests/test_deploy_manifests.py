@@ -45,11 +45,11 @@ def _container(deployment):
     return deployment["spec"]["template"]["spec"]["containers"][0]
 
 
-def _served(path, tmp_path):
+def _served(path, tmp_path, memory_bytes=support.HOST_MEMORY_BYTES):
     """(validated config, {stage: device}, serve's parsed arguments): what the pod's command would run."""
     config_map, deployment = _pipeline(path)
     container = _container(deployment)
-    return support.served_config(container["args"], config_map["data"]["pipeline.toml"], tmp_path)
+    return support.served_config(container["args"], config_map["data"]["pipeline.toml"], tmp_path, memory_bytes)
 
 
 def test_there_is_a_cpu_and_a_gpu_pipeline():
@@ -224,3 +224,15 @@ def test_grace_period_holds_the_drain_after_sigterm(path, tmp_path):
     # the sink and the stages EXIT_GRACE_S to exit, before the kubelet's SIGKILL would leave rings behind
     drain_s = pre_stop_s + config.supervisor.stop_timeout_s + EXIT_GRACE_S
     assert pod["terminationGracePeriodSeconds"] >= 2 * drain_s
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_memory_limit_holds_what_the_stages_ask_for(path, tmp_path):
+    # each model stage refuses to start (exit 2, one line) unless its weights, its sessions' state and the
+    # checkpoint read whole while loading fit in what the pod's cgroup leaves: less the tmpfs volumes
+    _, deployment = _pipeline(path)
+    pod = deployment["spec"]["template"]["spec"]
+    tmpfs = sum(_bytes(v["emptyDir"]["sizeLimit"]) for v in pod["volumes"] if v.get("emptyDir", {}).get("medium"))
+    limit = _bytes(_container(deployment)["resources"]["limits"]["memory"])
+    config, _, _ = _served(path, tmp_path, memory_bytes=limit - tmpfs)
+    assert config.sessions > 1
