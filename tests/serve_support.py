@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -325,6 +326,49 @@ class ChatClient:
         except (TimeoutError, asyncio.CancelledError):
             pass
         await self.session.close()
+
+
+class ClientInThread:
+    """A ChatClient streaming speech on an event loop of its own thread, while the test does other
+    things: `start()` returns once it has the handshake, `stop()` closes it and returns it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.client: ChatClient | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:
+            self.error = e
+            self.ready.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.client = await ChatClient.connect(self.url)
+        self.client.stream(speech())
+        await self.client.wait_handshake()
+        self.ready.set()
+        await self.stopping.wait()
+        await self.client.close()
+
+    def start(self, timeout_s: float = 60.0) -> ChatClient:
+        self.thread.start()
+        assert self.ready.wait(timeout_s), "the client thread never got its handshake"
+        if self.error is not None:
+            raise self.error
+        assert self.client is not None
+        return self.client
+
+    def stop(self, timeout_s: float = 30.0) -> ChatClient:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(timeout_s)
+        assert self.client is not None
+        return self.client
 
 
 def run(coroutine, timeout_s: float = 120.0):

@@ -74,6 +74,11 @@ class ClientSession:
         try:
             pcm = self._reader.append_bytes(ogg)
         except Exception as e:
+            # sphn's reader keeps the bad bytes and fails on every message after: a fresh one takes the
+            # client's next page (it needs no headers), so one bad message costs one message, not the session
+            import sphn
+
+            self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
             raise ClientError(f"audio that is not Ogg/Opus ({' '.join(str(e).split())[:120]})") from None
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if pcm.size == 0:
