@@ -100,25 +100,39 @@ def test_serve_is_listed_among_the_benchmarks():
     assert "serve" in cli.BENCHMARKS and "serve" in cli.SUMMARY
 
 
-def _servers() -> list[psutil.Process]:
+def _serving_on(port: int) -> list[psutil.Process]:
+    """Processes whose command line is an rtpipe serve on `port` (other tests' servers use other ports)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "rtpipe.pipeline.cli" in cmdline and "serve" in cmdline:
+        if "serve" in cmdline and "--port" in cmdline and str(port) in cmdline:
             found.append(process)
     return found
 
 
-def test_short_run_on_standins_reports_every_client_and_stops_its_server(monkeypatch, capsys):
-    started = []
+def remember_servers(monkeypatch) -> list[tuple[int, int]]:
+    """(pid, port) of every server the benchmark starts from now on."""
+    started: list[tuple[int, int]] = []
     real_server = bench_serve.ServerProcess
 
     def remembered(*args, **kwargs):
         server = real_server(*args, **kwargs)
-        started.append(server.process.pid)
+        started.append((server.process.pid, server.port))
         return server
 
     monkeypatch.setattr(bench_serve, "ServerProcess", remembered)
+    return started
+
+
+def assert_gone(started: list[tuple[int, int]]) -> None:
+    assert len(started) == 1
+    pid, port = started[0]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _serving_on(port) == []
+
+
+def test_short_run_on_standins_reports_every_client_and_stops_its_server(monkeypatch, capsys):
+    started = remember_servers(monkeypatch)
     assert main(["--clients", "2", "--seconds", "1.5", "--json", *STANDIN_ARGS]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"server", "runs", "max_realtime_clients", "kyutai", "targets", "seconds", "machine"} <= set(report)
@@ -137,8 +151,7 @@ def test_short_run_on_standins_reports_every_client_and_stops_its_server(monkeyp
             assert client["answer_shift"] == 1
             assert client["lag_ms"]["p50"] is not None
     assert 0 <= report["max_realtime_clients"] <= 2
-    assert len(started) == 1 and not psutil.pid_exists(started[0])
-    assert _servers() == []
+    assert_gone(started)
 
 
 @pytest.mark.parametrize(
@@ -155,29 +168,22 @@ def test_short_run_on_standins_reports_every_client_and_stops_its_server(monkeyp
         (["--answer-shift", "x"], "--answer-shift 'x': expected a whole number"),
     ],
 )
-def test_bad_arguments_are_one_line_errors_before_anything_starts(args, message, capsys):
+def test_bad_arguments_are_one_line_errors_before_anything_starts(args, message, monkeypatch, capsys):
+    started = remember_servers(monkeypatch)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and err.startswith("rtpipe bench serve: ")
-    assert _servers() == []
+    assert started == []
 
 
 def test_the_server_is_stopped_when_the_benchmark_fails_midway(monkeypatch):
-    started = []
-    real_server = bench_serve.ServerProcess
-
-    def remembered(*args, **kwargs):
-        server = real_server(*args, **kwargs)
-        started.append(server.process.pid)
-        return server
+    started = remember_servers(monkeypatch)
 
     def broken_measure(*args, **kwargs):
         raise RuntimeError("a client crashed (test)")
 
-    monkeypatch.setattr(bench_serve, "ServerProcess", remembered)
     monkeypatch.setattr(bench_serve, "measure", broken_measure)
     with pytest.raises(RuntimeError, match="a client crashed"):
         main(["--clients", "1", "--seconds", "1", *STANDIN_ARGS])
-    assert len(started) == 1 and not psutil.pid_exists(started[0])
-    assert _servers() == []
+    assert_gone(started)
