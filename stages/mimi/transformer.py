@@ -108,20 +108,24 @@ class TransformerLayer(nn.Module):
         self, x: torch.Tensor, sessions: int, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
     ) -> torch.Tensor:
         """x: [sessions * T, d_model], session after session; cos, sin: [sessions * T, 1, head_dim / 2].
-        `attend(q, k, v)` stores k, v as it needs. Every product here gives a row the same result whatever
-        the number of rows (2 or more, see Linear.per_session), so a session's rows come out as alone."""
+        `attend(q, k, v)` stores k, v as it needs. The products go through Linear.per_session, so a
+        session's rows come out as they would alone."""
         cfg = self.cfg
         rows, heads = x.shape[0], cfg.num_heads
         head_dim = cfg.d_model // heads
+
+        def product(linear: Linear, h: torch.Tensor) -> torch.Tensor:
+            return linear.per_session(h.view(sessions, rows // sessions, -1)).view(rows, -1)
+
         h = F.layer_norm(x, (cfg.d_model,), *self._n1, eps=1e-5)
-        qkv = self._in(h).view(rows, 3, heads, head_dim)
+        qkv = product(self._in, h).view(rows, 3, heads, head_dim)
         q = _rotate(qkv[:, 0], cos, sin)
         k = _rotate(qkv[:, 1], cos, sin)
         v = qkv[:, 2]
         attn = attend(*(t.view(sessions, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v)))
-        x = x + self._out(attn.transpose(1, 2).reshape(rows, cfg.d_model))
+        x = x + product(self._out, attn.transpose(1, 2).reshape(rows, cfg.d_model))
         h = F.layer_norm(x, (cfg.d_model,), *self._n2, eps=1e-5)
-        return x + self._ff2(F.gelu(self._ff1(h)))
+        return x + product(self._ff2, F.gelu(product(self._ff1, h)))
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
