@@ -126,6 +126,7 @@ def test_page_talks_through_the_server_and_shows_where_the_milliseconds_went(ser
     assert 0 < p50 <= p99, shown
     assert "80 ms frame" in panel["frame_line"]
     assert int(panel["counters"]["frames played"]) > 0 and panel["counters"]["page buffer"].endswith(" ms")
+    assert status["arrivalGapMs"]["p50"] > 0, status  # the page's own measure of the answers' spacing
     save_screenshot(page, tmp_path, "web-page-live.png")
 
     # what the page sent is an Ogg/Opus stream Kyutai's sphn reads back to the speech (not silence)

@@ -34,7 +34,11 @@ const status = {
   closeReason: "",
   messagesIn: 0,
   bytesSent: 0,
+  arrivalGapMs: { p50: 0, p99: 0 }, // between the server's audio messages, last 5 s (network jitter as seen here)
+  outputLatencyMs: 0, // the audio context's own output latency (base + device), after the jitter buffer
 };
+const ARRIVAL_WINDOW_MS = 5000;
+let arrivals = []; // performance.now() of each audio message, last ARRIVAL_WINDOW_MS
 
 let session = null; // {ws, context, mic, player}
 const $ = (selector) => document.querySelector(selector);
@@ -86,11 +90,19 @@ function render() {
     ["page drops", status.drops, "the page's jitter buffer dropped its oldest audio (too much buffered)"],
     ["server underruns", latency ? latency.underruns : "–", "ticks where the server had no audio from this page"],
     ["server trims", latency ? latency.trims : "–", "times the server cut audio that came faster than real time"],
+    ["arrival gap P50/P99", `${status.arrivalGapMs.p50.toFixed(0)} / ${status.arrivalGapMs.p99.toFixed(0)} ms`,
+      "time between the server's audio messages here, last 5 s: the network's jitter the buffer absorbs"],
+    ["page output latency", `${status.outputLatencyMs.toFixed(0)} ms`, "the audio context's base and output latency"],
     ["text pieces", status.textReceived, ""],
   ]);
 }
 
 async function start() {
+  if (!window.isSecureContext) {
+    // browsers give the microphone and WebCodecs to https pages and to localhost only
+    set({ state: "failed", lastError: "open this page over https or on localhost (e.g. through an ssh tunnel)" });
+    return;
+  }
   const unsupported = (await Microphone.supported()) || Player.supported();
   if (unsupported) {
     set({ state: "failed", lastError: `${unsupported}; use a recent Chromium, Chrome or Edge` });
@@ -99,8 +111,10 @@ async function start() {
   Object.assign(status, {
     handshake: false, framesSent: 0, framesPlayed: 0, underruns: 0, drops: 0, bufferMs: 0, playedPeak: 0,
     textReceived: 0, text: "", latency: null, lastError: "", closeCode: null, closeReason: "", messagesIn: 0,
-    bytesSent: 0,
+    bytesSent: 0, arrivalGapMs: { p50: 0, p99: 0 }, outputLatencyMs: 0,
   });
+  arrivals = [];
+  panel.clear();
   $("#text").textContent = "";
   set({ state: "connecting" });
   // made on the click: a context made later may not be allowed to play
@@ -137,6 +151,7 @@ function receive(current, data) {
       if (!status.handshake) goLive(current);
       break;
     case KIND.AUDIO:
+      noteArrival(current);
       current.player?.push(payload);
       break;
     case KIND.TEXT:
@@ -199,6 +214,18 @@ async function goLive(current) {
   }
 }
 
+function noteArrival(current) {
+  const now = performance.now();
+  arrivals.push(now);
+  while (arrivals.length && now - arrivals[0] > ARRIVAL_WINDOW_MS) arrivals.shift();
+  const gaps = arrivals.slice(1).map((t, i) => t - arrivals[i]).sort((a, b) => a - b);
+  if (gaps.length) {
+    const at = (q) => gaps[Math.min(gaps.length - 1, Math.floor(q * gaps.length))];
+    status.arrivalGapMs = { p50: at(0.5), p99: at(0.99) };
+  }
+  status.outputLatencyMs = 1000 * ((current.context.baseLatency || 0) + (current.context.outputLatency || 0));
+}
+
 function closed(current, event) {
   let reason;
   if (!current.opened) reason = "not authorized / could not connect"; // a 401 on the upgrade looks like this
@@ -238,6 +265,7 @@ function base64(bytes) {
 }
 
 $("#start").addEventListener("click", () => {
+  if (status.state === "connecting" && !session) return; // still setting up the audio: one start at a time
   if (session) stop();
   else start().catch((e) => set({ state: "failed", lastError: `could not start: ${e.message || e}` }));
 });

@@ -30,6 +30,12 @@ export class LatencyPanel {
       (latency.client !== undefined ? `, client ${latency.client}` : "");
   }
 
+  /** Empties the bars for a new conversation. */
+  clear() {
+    this.bars.replaceChildren();
+    this.summary.textContent = "waiting for the server's first report";
+  }
+
   /** Key-value counters: [[label, value, hint], ...]. */
   showCounters(items) {
     this.counters.replaceChildren(
