@@ -187,3 +187,12 @@ def test_the_server_is_stopped_when_the_benchmark_fails_midway(monkeypatch):
     with pytest.raises(RuntimeError, match="a client crashed"):
         main(["--clients", "1", "--seconds", "1", *STANDIN_ARGS])
     assert_gone(started)
+
+
+def test_eight_sessions_count_as_missed_when_fewer_were_not_held():
+    from rtpipe.bench.serve import target_results
+
+    failed = {"clients": 2, "holds": False, "why_not": ["x"], "lag_ms": {}, "server_cpu_pct": None, "per_client": []}
+    targets = target_results([failed], None)
+    assert targets["8_sessions_realtime"]["met"] is False
+    assert targets["lag_p50_vs_kyutai"]["met"] is None  # no Kyutai server measured
