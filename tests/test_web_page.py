@@ -21,6 +21,7 @@ from web_support import (
     chromium_paths,
     console,
     fake_microphone_wav,
+    ogg_pages,
     open_browser,
     page_status,
     wait_for_page,
@@ -129,8 +130,19 @@ def test_page_talks_through_the_server_and_shows_where_the_milliseconds_went(ser
     assert status["arrivalGapMs"]["p50"] > 0, status  # the page's own measure of the answers' spacing
     save_screenshot(page, tmp_path, "web-page-live.png")
 
-    # what the page sent is an Ogg/Opus stream Kyutai's sphn reads back to the speech (not silence)
+    # what the page sent: an Ogg Opus stream (RFC 7845) whose pages check out one by one...
     sent = base64.b64decode(page.execute_script("return window.rtpipe.sentOgg()"))
+    pages = ogg_pages(sent)
+    assert all(p.crc_ok for p in pages), [p.sequence for p in pages if not p.crc_ok]
+    assert [p.sequence for p in pages] == list(range(len(pages)))
+    assert len({p.serial for p in pages}) == 1
+    head, tags, audio = pages[0], pages[1], pages[2:]
+    assert head.flags == 0x02 and head.packets[0][:8] == b"OpusHead" and head.granule == 0
+    assert head.packets[0][9] == 1 and int.from_bytes(head.packets[0][12:16], "little") == 24_000  # mono, 24 kHz
+    assert tags.packets[0][:8] == b"OpusTags" and tags.granule == 0
+    assert all(len(p.packets) == 2 for p in audio)  # two 20 ms packets a page, one page a message
+    assert [p.granule for p in audio] == [1920 * (k + 1) for k in range(len(audio))]  # 48 kHz samples
+    # ... and that Kyutai's sphn reads back to the speech (not silence)
     pcm = np.asarray(sphn.OpusStreamReader(24_000).append_bytes(sent), dtype=np.float32)
     assert pcm.size >= 30 * 1920, f"sphn read {pcm.size} samples from {len(sent)} bytes"
     assert float(np.sqrt(np.mean(pcm**2))) > 0.01, "the page sent silence"

@@ -5,7 +5,9 @@ driven by selenium, with a fake microphone that plays a WAV, and the page's `win
 from __future__ import annotations
 
 import shutil
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,49 @@ class RefusingServer:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+# --- Ogg, read independently of the page's JS, to check what it wrote ---------------------------------
+
+
+@dataclass
+class OggPage:
+    flags: int
+    granule: int
+    serial: int
+    sequence: int
+    crc_ok: bool
+    packets: list[bytes]
+
+
+def ogg_crc32(data: bytes) -> int:
+    """Ogg's CRC-32 (RFC 3533): polynomial 0x04c11db7, not reflected, initial 0, no final xor."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else (crc << 1)
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def ogg_pages(data: bytes) -> list[OggPage]:
+    """The pages of an Ogg stream, each packet whole (none here spans pages); AssertionError on bytes
+    that are not back-to-back pages."""
+    pages, at = [], 0
+    while at < len(data):
+        assert data[at : at + 4] == b"OggS", f"no Ogg capture pattern at byte {at}"
+        flags, granule, serial, sequence, crc, segments = struct.unpack_from("<xBqIIIB", data, at + 4)
+        lacing = data[at + 27 : at + 27 + segments]
+        end = at + 27 + segments + sum(lacing)
+        page = bytearray(data[at:end])
+        page[22:26] = b"\0\0\0\0"
+        packets, start, size = [], at + 27 + segments, 0
+        for n in lacing:
+            size += n
+            if n < 255:
+                packets.append(data[start : start + size])
+                start, size = start + size, 0
+        pages.append(OggPage(flags, granule, serial, sequence, ogg_crc32(bytes(page)) == crc, packets))
+        at = end
+    return pages

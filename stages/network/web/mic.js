@@ -40,6 +40,7 @@ export class Microphone {
       audio: { channelCount: 1, sampleRate: SAMPLE_RATE, echoCancellation: true, noiseSuppression: true },
     });
     this.writer = new OggOpusWriter({ inputSampleRate: SAMPLE_RATE });
+    this.headerPages = this.writer.headers(); // pages 0 and 1: written first, sent with the first audio page
     this.encoder = new AudioEncoder({
       output: (chunk) => this._packet(chunk),
       error: (e) => this.onError(`Opus encoder: ${e.message || e}`),
@@ -77,7 +78,7 @@ export class Microphone {
     if (this.pending.length < PACKETS_PER_PAGE) return;
     const samples48k = Math.round((this.pending.length * PACKET_MS * GRANULE_RATE) / 1000);
     let out = this.writer.page(this.pending, samples48k);
-    if (this.pages === 0) out = concat([this.writer.headers(), out]);
+    if (this.pages === 0) out = concat([this.headerPages, out]);
     this.pending = [];
     this.pages++;
     this.bytesSent += out.length;
