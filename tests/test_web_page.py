@@ -163,7 +163,7 @@ def test_a_second_page_waits_for_the_only_slot_and_gets_it_when_the_first_stops(
     first, second = browsers(), browsers()
     start(first, f"http://127.0.0.1:{server.port}/")
     wait_for_page(first, lambda s: s["state"] == "live" and s["framesPlayed"] > 0, 30, "the first page live")
-    start(second, f"http://127.0.0.1:{server.port}/")
+    start(second, f"http://127.0.0.1:{server.port}/?page_rate=48000")  # and resampling to and from 24 kHz
     wait_for_page(second, lambda s: s["state"] == "waiting", 15, "the second page connected and queued")
     # while the first talks on for another 2 s, the second still waits: no handshake, no microphone
     sent = page_status(first)["framesSent"]
@@ -175,7 +175,13 @@ def test_a_second_page_waits_for_the_only_slot_and_gets_it_when_the_first_stops(
 
     stop(first)
     wait_for_page(second, lambda s: s["handshake"] and s["state"] == "live", 30, "the second page to get the slot")
-    wait_for_page(second, lambda s: s["framesSent"] > 0 and s["framesPlayed"] > 0, 30, "the second page talking")
+    talking = wait_for_page(
+        second,
+        lambda s: s["framesSent"] >= 10 and s["framesPlayed"] >= 5 and s["playedPeak"] > 0.01,
+        30,
+        "the second page talking (at 48 kHz) and hearing its echo",
+    )
+    assert talking["contextRate"] == 48_000 and talking["lastError"] == "", talking
     stop(second)
 
 

@@ -36,6 +36,7 @@ const status = {
   bytesSent: 0,
   arrivalGapMs: { p50: 0, p99: 0 }, // between the server's audio messages, last 5 s (network jitter as seen here)
   outputLatencyMs: 0, // the audio context's own output latency (base + device), after the jitter buffer
+  contextRate: 0, // the audio context's sample rate (24000 unless the browser refused it)
 };
 const ARRIVAL_WINDOW_MS = 5000;
 let arrivals = []; // performance.now() of each audio message, last ARRIVAL_WINDOW_MS
@@ -118,15 +119,19 @@ async function start() {
   $("#text").textContent = "";
   set({ state: "connecting" });
   // made on the click: a context made later may not be allowed to play
+  // ?page_rate=48000 runs the audio at another rate (resampled to and from 24 kHz), as a browser that
+  // refuses a 24 kHz context would; the server ignores the parameter
+  const pageRate = Number(new URLSearchParams(location.search).get("page_rate")) || 24000;
   let context;
   try {
-    context = new AudioContext({ sampleRate: 24000, latencyHint: "interactive" });
+    context = new AudioContext({ sampleRate: pageRate, latencyHint: "interactive" });
   } catch {
     context = new AudioContext({ latencyHint: "interactive" }); // resampled in mic.js / player.js
   }
   await context.audioWorklet.addModule("capture-worklet.js");
   await context.audioWorklet.addModule("playback-worklet.js");
   await context.resume();
+  status.contextRate = context.sampleRate;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${scheme}//${location.host}/api/chat${location.search}`); // sampling settings ride along
   ws.binaryType = "arraybuffer";
