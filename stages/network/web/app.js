@@ -16,8 +16,8 @@ const CLOSE_WORDS = {
   1013: "server full, try again",
 };
 
-// what the page shows and the test reads; only this module writes it
-const status = {
+// what the page shows and the test reads; only this module writes it (reset on each start)
+const freshStatus = () => ({
   state: "idle", // idle | connecting | waiting | live | closed | failed
   handshake: false,
   framesSent: 0, // 80 ms frames of microphone audio sent (as Opus, 2 pages each)
@@ -37,7 +37,8 @@ const status = {
   arrivalGapMs: { p50: 0, p99: 0 }, // between the server's audio messages, last 5 s (network jitter as seen here)
   outputLatencyMs: 0, // the audio context's own output latency (base + device), after the jitter buffer
   contextRate: 0, // the audio context's sample rate (24000 unless the browser refused it)
-};
+});
+const status = freshStatus();
 const ARRIVAL_WINDOW_MS = 5000;
 let arrivals = []; // performance.now() of each audio message, last ARRIVAL_WINDOW_MS
 
@@ -47,20 +48,15 @@ const panel = new LatencyPanel($("#latency"));
 
 // a read-only view: getters over `status`, and the bytes the microphone sent (base64) for a test
 let lastRecording = new Uint8Array(0); // what the last session's microphone sent
-Object.defineProperty(window, "rtpipe", {
-  value: Object.freeze(
-  Object.defineProperties(
-    {},
-    {
-      ...Object.fromEntries(
-        Object.keys(status).map((key) => [key, { get: () => status[key], enumerable: true }]),
-      ),
-      sentOgg: { value: () => base64(session?.mic?.recording() ?? lastRecording) },
-      snapshot: { value: () => JSON.parse(JSON.stringify(status)) },
-    },
-  ),
-  ),
-});
+const view = Object.defineProperties(
+  {},
+  {
+    ...Object.fromEntries(Object.keys(status).map((key) => [key, { get: () => status[key], enumerable: true }])),
+    sentOgg: { value: () => base64(session?.mic?.recording() ?? lastRecording) },
+    snapshot: { value: () => JSON.parse(JSON.stringify(status)) },
+  },
+);
+Object.defineProperty(window, "rtpipe", { value: Object.freeze(view), enumerable: true });
 
 function set(changes) {
   Object.assign(status, changes);
@@ -109,11 +105,7 @@ async function start() {
     set({ state: "failed", lastError: `${unsupported}; use a recent Chromium, Chrome or Edge` });
     return;
   }
-  Object.assign(status, {
-    handshake: false, framesSent: 0, framesPlayed: 0, underruns: 0, drops: 0, bufferMs: 0, playedPeak: 0,
-    textReceived: 0, text: "", latency: null, lastError: "", closeCode: null, closeReason: "", messagesIn: 0,
-    bytesSent: 0, arrivalGapMs: { p50: 0, p99: 0 }, outputLatencyMs: 0,
-  });
+  Object.assign(status, freshStatus());
   arrivals = [];
   panel.clear();
   $("#text").textContent = "";
