@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtpipe.stages.base import FRAME_SAMPLES, SAMPLE_RATE
+from rtpipe.stages.errors import ConfigError
 from rtpipe.stages.mimi.codes import CODEBOOK_BINS
 from rtpipe.stages.mimi.slots import LiveSlots
 from rtpipe.stages.mimi.stage import DECODE_SESSION_ELEMENTS, ENCODE_SESSION_ELEMENTS, MimiDecode, MimiEncode
@@ -387,3 +388,9 @@ def test_session_state_elements_known_without_torch_match_the_model(encoders, de
     assert numbers(model.new_encode_state(2)) - numbers(model.new_encode_state(1)) == ENCODE_SESSION_ELEMENTS
     assert numbers(model.new_decode_state(2)) - numbers(model.new_decode_state(1)) == DECODE_SESSION_ELEMENTS
     assert numbers(decoders[0].state) == SLOTS * DECODE_SESSION_ELEMENTS
+
+
+def test_more_sessions_than_memory_holds_are_refused_before_anything_loads():
+    MimiEncode().check_sessions(SLOTS, "stages.encode")
+    with pytest.raises(ConfigError, match=r"stages\.decode: a Mimi codec needs .* GiB of memory"):
+        MimiDecode().check_sessions(1_000_000, "stages.decode")
