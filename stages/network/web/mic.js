@@ -26,6 +26,7 @@ export class Microphone {
     this.bytesSent = 0;
     this.recorded = [];
     this.recordedBytes = 0;
+    this.ownContext = null; // a capture-only context, where the shared one could not take the microphone
     this.onError = () => {};
   }
 
@@ -46,7 +47,18 @@ export class Microphone {
       error: (e) => this.onError(`Opus encoder: ${e.message || e}`),
     });
     this.encoder.configure(encoderConfig());
-    const source = this.context.createMediaStreamSource(this.stream);
+    let source;
+    try {
+      source = this.context.createMediaStreamSource(this.stream);
+    } catch (e) {
+      // Firefox will not connect a microphone to a context at another rate (bugzilla 1674892): capture in
+      // a context of the microphone's own rate, resampled to 24 kHz in _block
+      if (e.name !== "NotSupportedError") throw e;
+      this.context = new AudioContext();
+      this.ownContext = this.context;
+      await this.context.audioWorklet.addModule("capture-worklet.js");
+      source = this.context.createMediaStreamSource(this.stream);
+    }
     // no outputs: the worklet is pulled by the context on its own, nothing reaches the speaker
     this.node = new AudioWorkletNode(this.context, "rtpipe-capture", { numberOfInputs: 1, numberOfOutputs: 0 });
     this.node.port.onmessage = (event) => this._block(event.data);
@@ -99,6 +111,7 @@ export class Microphone {
     if (this.node) this.node.port.onmessage = null;
     if (this.stream) for (const track of this.stream.getTracks()) track.stop();
     if (this.encoder && this.encoder.state !== "closed") this.encoder.close();
+    if (this.ownContext) this.ownContext.close();
     this.encoder = null;
   }
 }
