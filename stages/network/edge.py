@@ -40,9 +40,10 @@ from rtpipe.stages.network.session import ClientSession
 log = logging.getLogger("rtpipe.network")
 KEEP_ALIVE_AFTER_NS = 4 * FRAME_NS  # no answer for this long: silence goes out, one frame per frame
 STATUS_EVERY_NS = 1_000_000_000
-# a stage's events reach the edge up to its control interval (100 ms) plus the supervisor's relay after the
-# frame that made them: text without its frame's time is held back this long after a slot changes hands
-TEXT_HANDOVER_NS = 400_000_000
+# a stage's events reach the edge up to two control intervals (the stage's sending, the edge's reading:
+# 100 ms each) plus the supervisor's relay after the frame that made them, more on a loaded machine: text
+# without its frame's time is held back this long after a slot changes hands (400 ms was seen to leak)
+TEXT_HANDOVER_NS = 1_000_000_000
 
 
 @dataclass
