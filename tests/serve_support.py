@@ -6,12 +6,14 @@ Kyutai's /api/chat protocol that streams speech at real-time pace and keeps ever
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -369,6 +371,33 @@ class ClientInThread:
         self.thread.join(timeout_s)
         assert self.client is not None
         return self.client
+
+
+def websocket_upgrade(port: int) -> socket.socket:
+    """A raw TCP connection upgraded to a websocket on /api/chat (no library: it must die mid-frame)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed during the upgrade: {response!r}"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response[:80]
+    return sock
+
+
+def masked_binary_frame(payload: bytes) -> bytes:
+    """A client's websocket frame: FIN + binary, masked (RFC 6455 5.2)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def run(coroutine, timeout_s: float = 120.0):

@@ -6,13 +6,11 @@ vanishes mid-frame (no close frame) frees its slot at once.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import socket
 import struct
 
 import pytest
-from serve_support import ChatClient, ServeProcess, run, speech, until
+from serve_support import ChatClient, ServeProcess, masked_binary_frame, run, speech, until, websocket_upgrade
 
 QUEUE_TIMEOUT_S = 6.0
 
@@ -53,33 +51,6 @@ def test_more_clients_than_slots_wait_in_turn_then_time_out_with_1013(server):
     assert b"no free slot" in d.heard[0].payload
     assert d.close_code == 1013
     assert b_still_talking
-
-
-def websocket_upgrade(port: int) -> socket.socket:
-    """A raw TCP connection upgraded to a websocket on /api/chat (no library: it must die mid-frame)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(4096)
-        assert chunk, f"closed during the upgrade: {response!r}"
-        response += chunk
-    assert response.startswith(b"HTTP/1.1 101"), response[:80]
-    return sock
-
-
-def masked_binary_frame(payload: bytes) -> bytes:
-    """A client's websocket frame: FIN + binary, masked (RFC 6455 5.2)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def test_a_client_vanishing_mid_frame_frees_its_slot_at_once(server):
