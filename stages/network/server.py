@@ -26,7 +26,7 @@ from rtpipe.stages.network.session import ClientSession
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from rtpipe.stages.network.edge import NetworkEdgeParams
+    from rtpipe.stages.network.params import NetworkEdgeParams
 
 log = logging.getLogger("rtpipe.network")
 CLOSE_TRY_AGAIN_LATER = 1013  # no free slot within the queue timeout
