@@ -14,6 +14,8 @@ with_tests=0
 # (shm/_futex.c; without them the rings make the same calls through ctypes, slower).
 if command -v apt-get >/dev/null 2>&1; then
   packages="libportaudio2 pulseaudio pulseaudio-utils espeak-ng sox gcc"
+  # the web page's tests drive Debian's Chromium headless
+  [ "$with_tests" = 1 ] && packages="$packages chromium chromium-driver"
   python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || packages="$packages python3-dev"
   missing=""

@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import socket
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients must send F's content as a kyutai-api-key header or an auth_id query parameter",
     )
     auth.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without a token")
-    parser.add_argument("--static", metavar="DIR", help="serve a web UI (DIR/index.html) at /")
+    parser.add_argument(
+        "--static", metavar="DIR", help="serve this web UI (DIR/index.html) at / instead of the built-in page"
+    )
     parser.add_argument(
         "--queue-timeout",
         type=_positive_seconds("--queue-timeout"),
@@ -141,10 +144,26 @@ def serve_raw(args: argparse.Namespace) -> dict[str, Any]:
     return pipeline_config.apply_overrides(raw, args.overrides)
 
 
+def any_free_port(host: str) -> int:
+    """A port free on `host` now, for --port 0: chosen here, once, so that the URL printed is the one
+    served and a restarted network edge listens where its clients reconnect. ConfigError if the host
+    cannot be bound at all."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+            return int(probe.getsockname()[1])
+    except OSError as e:
+        raise ConfigError(f"--host {host}: cannot listen there ({e.strerror or e})") from None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = pipeline_config.validate(serve_raw(args))  # ConfigError -> one line, before anything starts
+    raw = serve_raw(args)  # ConfigError -> one line, before anything starts
+    edge = raw["stages"][next(iter(raw["stages"]))].get("params", {})
+    if isinstance(edge, dict) and edge.get("port") == 0:
+        edge["port"] = any_free_port(str(edge.get("host", args.host)))
+    cfg = pipeline_config.validate(raw)
     if cfg.stages[0].kind != "network.edge":
         raise ConfigError(f"stages.{cfg.stages[0].name}.kind: rtpipe serve's source is network.edge")
     if args.report_dir:
@@ -168,8 +187,9 @@ def main(argv: list[str]) -> int:
         return observers.make_observers(choices, run_info, console=console)
 
     scheme = "wss" if args.ssl else "ws"
+    served = cfg.stages[0].params_raw  # --host and --port, or what --set made of them
     print(
-        f"rtpipe: serving {scheme}://{args.host}:{args.port}/api/chat, {cfg.sessions} session slot"
+        f"rtpipe: serving {scheme}://{served.get('host')}:{served.get('port')}/api/chat, {cfg.sessions} session slot"
         f"{'s' if cfg.sessions > 1 else ''} (Ctrl-C to stop)",
         file=sys.stderr,
         flush=True,

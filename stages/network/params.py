@@ -15,7 +15,7 @@ class NetworkEdgeParams:
     port: int = 8998  # Kyutai's server's default; 0: any free port
     ssl_dir: str = ""  # cert.pem and key.pem: wss/https
     auth_token_file: str = ""  # a client must send its content (kyutai-api-key header or auth_id); "": none
-    static_dir: str = ""  # a web UI served at /
+    static_dir: str = ""  # a web UI served at / ("": the built-in page, web/)
     queue_timeout_s: float = 30.0  # a client waits this long for a slot, then 0x05 and close 1013
     max_session_s: float = 0.0  # a conversation's longest length; 0: no limit
     idle_timeout_s: float = 10.0  # a client that sends nothing this long is gone

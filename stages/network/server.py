@@ -32,6 +32,7 @@ log = logging.getLogger("rtpipe.network")
 CLOSE_TRY_AGAIN_LATER = 1013  # no free slot within the queue timeout
 CLOSE_POLICY_VIOLATION = 1008  # too many bad messages
 CLOSE_GOING_AWAY = 1001  # the server is stopping
+BUILT_IN_PAGE = Path(__file__).resolve().parent / "web"
 AIOHTTP_MAX_MESSAGE = 1 << 22  # aiohttp itself closes above this; our own limit (params) answers first
 
 
@@ -130,14 +131,14 @@ class ChatServer:
         app.router.add_get("/api/chat", self._chat)
         app.router.add_get("/api/ready", self._ready)
         app.router.add_get("/healthz", self._health)
-        if self.params.static_dir:
-            static = Path(self.params.static_dir).expanduser()
+        # the page at / : --static DIR, else the built-in one (web/: talk to the model, watch the latency)
+        static = Path(self.params.static_dir).expanduser() if self.params.static_dir else BUILT_IN_PAGE
 
-            async def index(request: web.Request) -> web.FileResponse:
-                return web.FileResponse(static / "index.html")
+        async def index(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(static / "index.html")
 
-            app.router.add_get("/", index)
-            app.router.add_static("/", static, show_index=False)
+        app.router.add_get("/", index)
+        app.router.add_static("/", static, show_index=False)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.params.host, self.params.port, ssl_context=self._ssl_context())
