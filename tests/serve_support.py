@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -85,9 +86,9 @@ class ServeProcess:
     """`rtpipe serve` in a process of its own (its stderr in `log_path`), on a free port, writing session
     reports to `report_dir`; tests/ is on the stages' import path (`serve_support:SettingsSayer`)."""
 
-    def __init__(self, tmp: Path, *args: str, sets: tuple[str, ...] = STAND_INS, sessions: int = 2):
+    def __init__(self, tmp: Path, *args: str, sets: tuple[str, ...] = STAND_INS, sessions: int = 2, port: int = -1):
         self.tmp = tmp
-        self.port = free_port()
+        self.port = free_port() if port < 0 else port  # 0: the server chooses, and says which
         self.report_dir = tmp / "reports"
         self.log_path = tmp / "serve.log"
         self.args = [
@@ -117,6 +118,13 @@ class ServeProcess:
                 env=env,
                 cwd=self.tmp,
             )
+        if self.port == 0:
+            said = wait_until(
+                lambda: re.search(r"rtpipe: serving wss?://[^:]+:(\d+)/", self.log()) or self._gone(), 60, "a port"
+            )
+            assert not isinstance(said, bool), f"rtpipe serve exited:\n{self.log()}"
+            self.port = int(said.group(1))
+            assert self.port != 0, self.log()
         wait_until(lambda: self._healthy() or self._gone(), timeout_s, f"rtpipe serve on port {self.port}")
         assert self.process.poll() is None, f"rtpipe serve exited:\n{self.log()}"
         wait_until(lambda: "rtpipe: running " in self.log(), timeout_s, "the chain to run")

@@ -18,7 +18,8 @@ from serve_support import ChatClient, ServeProcess, run, speech, until, websocke
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with ServeProcess(tmp_path_factory.mktemp("serve"), sessions=2) as serve:
+    # --port 0: the port it chose is the one a restarted network edge listens on again
+    with ServeProcess(tmp_path_factory.mktemp("serve"), sessions=2, port=0) as serve:
         yield serve
 
 
