@@ -57,8 +57,8 @@ class LayerScale(nn.Module):
         self.scale = nn.Parameter(torch.full((channels,), init))
 
 
-# attend(q, k, v), each [sessions, heads, T, head_dim] -> [sessions, heads, T, head_dim]: attention over
-# what it holds, storing k and v as it needs
+# attend(q, k, v), each [sessions * T, heads, head_dim] session after session -> [sessions * T, d_model]:
+# attention over what it holds, storing k and v as it needs
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -115,15 +115,15 @@ class TransformerLayer(nn.Module):
         head_dim = cfg.d_model // heads
 
         def product(linear: Linear, h: torch.Tensor) -> torch.Tensor:
+            if sessions == 1:
+                return linear(h)
             return linear.per_session(h.view(sessions, rows // sessions, -1)).view(rows, -1)
 
         h = F.layer_norm(x, (cfg.d_model,), *self._n1, eps=1e-5)
         qkv = product(self._in, h).view(rows, 3, heads, head_dim)
         q = _rotate(qkv[:, 0], cos, sin)
         k = _rotate(qkv[:, 1], cos, sin)
-        v = qkv[:, 2]
-        attn = attend(*(t.view(sessions, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v)))
-        x = x + product(self._out, attn.transpose(1, 2).reshape(rows, cfg.d_model))
+        x = x + product(self._out, attend(q, k, qkv[:, 2]))
         h = F.layer_norm(x, (cfg.d_model,), *self._n2, eps=1e-5)
         return x + product(self._ff2, F.gelu(product(self._ff1, h)))
 
@@ -217,19 +217,26 @@ class ProjectedTransformer(nn.Module):
         delta = positions.view(sessions, rows, 1) - held.view(sessions, 1, -1)
         allowed = (held.view(sessions, 1, -1) >= 0) & (delta >= 0) & (delta < cfg.context)
         bias = _mask_bias(allowed, x.dtype)  # [sessions, T, context]
-        heads, head_dim = cfg.num_heads, cfg.d_model // cfg.num_heads
-        # per stretch of neighbouring slots (see slots.py): its rows of the batch, its slots' rings, the
-        # ring index of each key it writes and the mask of each of its heads. A slot alone attends exactly
-        # as a lone session does (the mask broadcast over its heads).
-        runs = []
+        heads, head_dim, d_model = cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.d_model
+        # per stretch of neighbouring slots (see slots.py): its rows of the batch and its slots, the ring
+        # index of each key it writes, the mask of each of its heads. A slot alone attends exactly as a
+        # lone session does: its ring a plain view, its mask broadcast over its heads.
+        alone, together = [], []
         for run in live.runs:
-            rows_of = slice(run.row, run.row + run.count)
-            run_ring = ring[rows_of].view(run.count, 1, rows, 1).expand(run.count, heads, rows, head_dim)
+            rows_of = slice(run.row * rows, (run.row + run.count) * rows)
             if run.count == 1:
-                run_bias = bias[run.row]
+                alone.append((rows_of, run.slot, ring[run.row], bias[run.row]))
             else:
-                run_bias = bias[rows_of, None].expand(-1, heads, -1, -1).reshape(run.count * heads, rows, -1)
-            runs.append((rows_of, slice(run.slot, run.slot + run.count), run_ring, run_bias))
+                run_ring = ring[run.row : run.row + run.count].view(run.count, 1, rows, 1)
+                run_bias = bias[run.row : run.row + run.count, None].expand(-1, heads, -1, -1)
+                together.append(
+                    (
+                        rows_of,
+                        slice(run.slot, run.slot + run.count),
+                        run_ring.expand(run.count, heads, rows, head_dim),
+                        run_bias.reshape(run.count * heads, rows, -1),
+                    )
+                )
         cos, sin = self._angles(positions.view(-1))
         h = x.reshape(sessions * rows, cfg.d_model)
         for i, layer in enumerate(self._layers):
@@ -242,20 +249,34 @@ class ProjectedTransformer(nn.Module):
                 keys: torch.Tensor = keys,
                 values: torch.Tensor = values,
             ) -> torch.Tensor:
-                outs = []
-                for rows_of, slots_of, run_ring, run_bias in runs:
-                    run_keys, run_values = keys[slots_of], values[slots_of]
-                    run_keys.scatter_(2, run_ring, k[rows_of])
-                    run_values.scatter_(2, run_ring, v[rows_of])
+                outs = []  # stretch by stretch, in row order
+                for rows_of, slot, one_ring, one_bias in alone:
+                    slot_keys, slot_values = keys[slot], values[slot]  # [heads, context, head_dim]
+                    slot_keys.index_copy_(1, one_ring, k[rows_of].transpose(0, 1))
+                    slot_values.index_copy_(1, one_ring, v[rows_of].transpose(0, 1))
+                    attn = _attention(q[rows_of].transpose(0, 1), slot_keys, slot_values, one_bias)
+                    outs.append((rows_of.start, attn.transpose(0, 1).reshape(-1, d_model)))
+                for rows_of, slots_of, run_ring, run_bias in together:
+                    run_keys, run_values = keys[slots_of], values[slots_of]  # [count, heads, context, head_dim]
                     count = run_keys.shape[0]
-                    if count == 1:
-                        outs.append(_attention(q[rows_of][0], run_keys[0], run_values[0], run_bias)[None])
-                    else:
-                        # the stretch's heads side by side: [count * heads, ...]
-                        run_q = q[rows_of].flatten(0, 1)
-                        attn = _attention(run_q, run_keys.flatten(0, 1), run_values.flatten(0, 1), run_bias)
-                        outs.append(attn.view(count, heads, rows, head_dim))
-                return outs[0] if len(outs) == 1 else torch.cat(outs)
+                    run_q, run_k, run_v = (
+                        t[rows_of].view(count, rows, heads, head_dim).transpose(1, 2) for t in (q, k, v)
+                    )
+                    run_keys.scatter_(2, run_ring, run_k)
+                    run_values.scatter_(2, run_ring, run_v)
+                    # the stretch's heads side by side: [count * heads, ...]
+                    attn = _attention(
+                        run_q.reshape(count * heads, rows, head_dim),
+                        run_keys.flatten(0, 1),
+                        run_values.flatten(0, 1),
+                        run_bias,
+                    )
+                    outs.append(
+                        (rows_of.start, attn.view(count, heads, rows, head_dim).transpose(1, 2).reshape(-1, d_model))
+                    )
+                if len(outs) == 1:
+                    return outs[0][1]
+                return torch.cat([out for _, out in sorted(outs, key=lambda o: o[0])])
 
             h = layer.forward_step(h, sessions, cos, sin, attend)
         for k in live.slots:
@@ -272,7 +293,8 @@ class ProjectedTransformer(nn.Module):
         cos, sin = self._angles(positions)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return _attention(q[0], k[0], v[0], bias)[None]
+            attn = _attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bias)
+            return attn.transpose(0, 1).reshape(rows, -1)
 
         for layer in self._layers:
             x = layer.forward_step(x, 1, cos, sin, attend)
