@@ -545,8 +545,11 @@ def measure_separate(sessions: int, seconds: float, overrides: Sequence[str]) ->
 MEASURE = {"batched": measure_batched, "separate": measure_separate}
 
 
-def measure_mode(mode: str, counts: list[int], seconds: float, overrides: Sequence[str]) -> Mode:
-    """Each N of `counts` in turn, stopping after the first that does not hold."""
+def measure_mode(
+    mode: str, counts: list[int], seconds: float, overrides: Sequence[str], keep_going: bool = False
+) -> Mode:
+    """Each N of `counts` in turn, stopping after the first that does not hold (unless `keep_going`:
+    on a busy machine the cost per session is still worth seeing)."""
     by_sessions: dict[str, Configuration] = {}
     for n in counts:
         print(f"{PROG}: {mode}, {n} session(s), {seconds:g} s of speech ...", file=sys.stderr, flush=True)
@@ -554,7 +557,8 @@ def measure_mode(mode: str, counts: list[int], seconds: float, overrides: Sequen
         by_sessions[str(n)] = entry
         if not entry["holds"]:
             print(f"{PROG}: {mode}, {n} session(s) does not hold: {'; '.join(entry['why_not'])}", file=sys.stderr)
-            break
+            if not keep_going:
+                break
     return Mode(max_realtime_sessions=max_realtime_sessions(by_sessions), by_sessions=by_sessions)
 
 
@@ -682,6 +686,11 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="codec.pcm and echo instead of Mimi and Moshi (the machinery alone, no models)",
     )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="try every N up to --max, also past one that does not hold (the maximum still counts up to it)",
+    )
     parser.add_argument("--json", action="store_true", help='print JSON: {"batched": {...}, "separate": {...}, ...}')
     args = parser.parse_args(argv)
     check_range("--max", args.max, 1, MAX_SESSIONS)
@@ -689,7 +698,7 @@ def main(argv: list[str]) -> int:
     overrides = [*(STANDIN_OVERRIDES if args.standins else ()), *args.overrides]
     first = pipeline_config.validate(bench_config(1, args.seconds, overrides))  # a bad --set: one line, now
     counts = session_counts(args.max)
-    batched, separate = (measure_mode(mode, counts, args.seconds, overrides) for mode in MODES)
+    batched, separate = (measure_mode(mode, counts, args.seconds, overrides, args.all) for mode in MODES)
     result: dict[str, Any] = {
         "batched": batched,
         "separate": separate,
@@ -698,6 +707,7 @@ def main(argv: list[str]) -> int:
         "seconds": args.seconds,
         "warmup_s": WARMUP_S,
         "tried": counts,
+        "past_failures": args.all,
         "kinds": [stage.kind for stage in first.stages],
         "torch_threads": {s.name: s.threads for s in first.stages if s.threads},
         "machine": machine_line(),

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from rtpipe.bench import cli
+from rtpipe.bench import cli, sessions
 from rtpipe.bench.sessions import (
     STANDIN_OVERRIDES,
     e2e_growth_ms,
@@ -18,6 +18,7 @@ from rtpipe.bench.sessions import (
     main,
     max_realtime_sessions,
     measure_batched,
+    measure_mode,
     session_counts,
     summarize,
 )
@@ -126,6 +127,17 @@ def test_a_pipeline_refusing_n_sessions_does_not_hold_and_says_why_without_runni
     entry = measure_batched(2, 3.0, speaker)
     assert not entry["holds"] and entry["frames"] == 0 and entry["stages"] == {}
     assert entry["why_not"][0].startswith("refused: config error: stages.playback")
+
+
+def test_a_mode_stops_after_the_first_n_that_fails_unless_told_to_go_on(monkeypatch):
+    def fake_measure(n, seconds, overrides):  # N = 4 fails, every other holds
+        return summarize(n, [fake_report(sessions=n)], ["too slow"] if n == 4 else [], cpu_pct=None)
+
+    monkeypatch.setitem(sessions.MEASURE, "batched", fake_measure)
+    stopped = measure_mode("batched", [1, 2, 4, 8], 3.0, [])
+    assert list(stopped["by_sessions"]) == ["1", "2", "4"] and stopped["max_realtime_sessions"] == 2
+    went_on = measure_mode("batched", [1, 2, 4, 8], 3.0, [], keep_going=True)
+    assert list(went_on["by_sessions"]) == ["1", "2", "4", "8"] and went_on["max_realtime_sessions"] == 2
 
 
 def test_bench_cli_lists_sessions():
