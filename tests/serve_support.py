@@ -108,7 +108,17 @@ class ServeProcess:
         self.run_id = ""
 
     def start(self, timeout_s: float = 90.0) -> ServeProcess:
-        """Starts it and waits until /healthz answers and the chain runs (its first status line)."""
+        """Starts it and waits until /healthz answers and the chain runs (its first status line); a
+        server that does not come up is stopped, not left behind."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(30)
+            raise
+
+    def _start(self, timeout_s: float) -> ServeProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
