@@ -237,6 +237,8 @@ def summarize(
     share = pipelines / sessions  # pipelines per session: 1/N batched, 1 separate
     for name in names:
         values = np.concatenate(stage_ms[name]) if stage_ms[name] else np.zeros(0)
+        if values.size == 0:
+            continue  # no frame judged: nothing to say about the stage
         summary = summarize_ms(values)
         entry["stages"][name] = StageCompute(
             p50=summary["p50"],
@@ -379,12 +381,15 @@ def bench_config(sessions: int, seconds: float, overrides: Sequence[str]) -> dic
 def held_back(raw: dict) -> dict:
     """`raw` for one of the separate pipelines, whose supervisor waits in the start barrier for up to
     BARRIER_TIMEOUT_S without pinging: its stages must not take that silence for a dead supervisor
-    (they give up after heartbeat x liveness x 2)."""
+    (they give up after heartbeat x liveness x 2), nor their supervisor take N pipelines' loading on
+    shared cores for a stage that cannot open (start_timeout_s: 120 s was too little for 8 here)."""
     raw = copy.deepcopy(raw)
     table = raw.setdefault("supervisor", {})
     heartbeat_ms = int(table.get("heartbeat_ms", 1000))
     needed = math.ceil(BARRIER_TIMEOUT_S * 1000 / (2 * heartbeat_ms)) + 1
     table["liveness"] = max(int(table.get("liveness", 3)), needed)
+    # N pipelines load their models at once on the same cores: give them the barrier's time to open
+    table["start_timeout_s"] = max(float(table.get("start_timeout_s", 0)), BARRIER_TIMEOUT_S)
     return raw
 
 

@@ -104,6 +104,11 @@ def test_separate_pipelines_are_judged_by_the_worst_one():
     assert entry["compute_ms_per_session"] == pytest.approx(4 * 10.0)  # one pipeline per session
 
 
+def test_a_pipeline_that_delivered_no_frame_has_no_stage_numbers():
+    entry = summarize(1, [fake_report(frames=0)], ["stages.encode: could not start"], cpu_pct=None)
+    assert entry["stages"] == {} and entry["end_to_end_ms"] is None and not entry["holds"]
+
+
 def test_a_failed_pipeline_never_holds():
     entry = summarize(1, [fake_report()], ["the run failed: stages.lm: died"], cpu_pct=None)
     assert not entry["holds"] and "died" in entry["why_not"][0]
