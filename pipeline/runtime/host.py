@@ -33,6 +33,7 @@ from rtpipe.shm.frame import (
     FLAG_END_OF_STREAM,
     FRAME_RECORD_DTYPE,
     HEADER_DTYPE,
+    MAX_SESSIONS,
     bit_slots,
     slot_bits,
 )
@@ -213,9 +214,13 @@ class StageHost:
         # Sessions: the slots this stage has carried a conversation in since it (or the slot) was last
         # reset; a fresh slot is reset only when it is here (a just-opened stage has nothing to drop).
         self.used_slots = 0
+        self.events_out: list[dict] = []  # a processor's events since the last send, stamped per frame
         self.live_rows: dict[int, np.ndarray] = {}  # live bitmask -> its slot indices, made once each
-        # a one-slot source's conversation starts with its first frame (not again after a restart)
-        self.source_fresh = 0 if spec.incarnation > 0 else 1
+        # the source: slot -> the settings of a conversation that starts with the next frame it publishes
+        # (a one-slot source's starts with its first frame, not again after a restart)
+        self.starting: dict[int, SessionSettings | None] = {} if spec.incarnation > 0 else {0: None}
+        # a later stage: the conversation (the session table's generation) it last started in each slot
+        self.started = np.zeros(MAX_SESSIONS, dtype=np.uint64)
         if spec.incarnation > 0:
             self.pending_flags = FLAG_DISCONTINUITY
 
@@ -294,8 +299,20 @@ class StageHost:
         self.send("heartbeat", frames=self.frames, paused=self.paused)
         self.next_heartbeat_ns = now + self.heartbeat_ns
 
+    def take_events(self, stage: Stage, capture_ns: int) -> None:
+        """A processor, right after a frame: the stage's events, each stamped with that frame's capture
+        time unless it says otherwise (so that whoever hears them, a network edge answering clients,
+        knows which conversation of a slot they belong to)."""
+        events = stage.events()
+        if events:
+            for event in events:
+                event.setdefault("capture_ns", capture_ns)
+            self.events_out.extend(events)
+
     def send_events(self) -> None:
-        events = self.stage.events() if self.stage is not None else []
+        events, self.events_out = self.events_out, []
+        if self.stage is not None:
+            events += self.stage.events()
         if events:
             try:
                 self.send("events", events=[dict(e) for e in events])
@@ -485,7 +502,12 @@ class StageHost:
         except EndOfStream:
             self.source_end()
             return True
-        if frame is None or self.paused:
+        if frame is None:
+            return False
+        if frame.live is not None:  # conversations that start: kept until a frame of theirs goes out
+            for k in frame.fresh:
+                self.starting[k] = frame.settings.get(k)
+        if self.paused:
             return False
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         slot = self.claim()
@@ -493,17 +515,26 @@ class StageHost:
             return False
         flags, self.pending_flags = self.pending_flags, 0
         if frame.live is None:  # a one-slot source: its payload is the frame's only row
-            payload, sessions = frame.payload[None], (1, self.source_fresh)
-            self.source_fresh = 0
+            payload, live = frame.payload[None], 1
         else:
-            payload, sessions = frame.payload, (slot_bits(frame.live), slot_bits(frame.fresh))
-            if self.session_settings is not None:  # before the publish that makes the slots fresh
-                for k in frame.fresh:
-                    settings = frame.settings.get(k)
-                    self.session_settings.write(k, dataclasses.asdict(settings) if settings else {})
-        self.publish(slot, seq, frame.capture_ns, flags, payload, None, frame.capture_ns, sessions)
+            payload, live = frame.payload, slot_bits(frame.live)
+        self.publish(slot, seq, frame.capture_ns, flags, payload, None, frame.capture_ns, (live, self.start(seq, live)))
         self.frames += 1
         return False
+
+    def start(self, seq: int, live: int) -> int:
+        """The source, before it publishes frame `seq`: the conversations waiting to start in slots live
+        in it start with it, in the session table (what every later stage goes by); their fresh bits."""
+        fresh = 0
+        table = self.session_settings
+        for k, settings in list(self.starting.items()):
+            del self.starting[k]
+            if not live >> k & 1:
+                continue  # it left before any frame of its own went out
+            fresh |= 1 << k
+            if table is not None:
+                table.start(k, seq, dataclasses.asdict(settings) if settings else {})
+        return fresh
 
     def source_end(self) -> None:
         now = time.monotonic_ns()
@@ -568,13 +599,15 @@ class StageHost:
             self.last_seq = seq
             self.pending_flags = 0
             live = words[_LIVE_W]
-            fresh = words[_FRESH_W]
-            if fresh:
-                self.start_sessions(stage, fresh)
-            self.used_slots |= live
             rows = self.live_rows.get(live)
             if rows is None:
                 rows = self.live_rows[live] = np.array(bit_slots(live), dtype=np.int64)
+            table = self.session_settings
+            if table is not None and len(rows):
+                starts = rows[table.generations[rows] != self.started[rows]]
+                if starts.size:  # a conversation starts in these slots at (or, frames lost, before) this frame
+                    self.start_sessions(stage, [k for k in starts.tolist() if seq >= table.start_seqs[k]])
+            self.used_slots |= live
             if self.role is Role.SINK:
                 self.sink_frame(stage, slot.payload, rows, seq, capture_ns, flags, upstream, enter)
             else:
@@ -585,6 +618,8 @@ class StageHost:
                         out = stage.process_sessions(slot.payload, rows)
                 else:
                     out = stage.process_sessions(slot.payload, rows)
+                if live:
+                    self.take_events(stage, capture_ns)
                 if out is not None or not live:
                     out_slot = self.claim()
                     if out_slot is not None:
@@ -594,16 +629,18 @@ class StageHost:
         finally:
             slot.release()
 
-    def start_sessions(self, stage: Stage, slots: int) -> None:
-        """Each slot in the `slots` bitmask starts a conversation with this frame: its state is reset
-        (if it was used since the last reset) and the stage is told what the conversation asks."""
+    def start_sessions(self, stage: Stage, slots: list[int]) -> None:
+        """A new conversation is in each of `slots` from this frame on: the slot's state is reset (if it
+        was used since the last reset) and the stage is told what the conversation asks."""
+        table = self.session_settings
+        assert table is not None
         with self.device_ctx if self.on_device else contextlib.nullcontext():
-            for k in bit_slots(slots):
+            for k in slots:
+                self.started[k] = table.generations[k]
                 if self.used_slots >> k & 1:
                     stage.reset_session(k)
-                if self.session_settings is not None:
-                    stage.configure_session(k, SessionSettings(**self.session_settings.read(k)))
-        self.used_slots &= ~slots
+                    self.used_slots &= ~(1 << k)
+                stage.configure_session(k, SessionSettings(**table.read(k)))
 
     def sink_frame(
         self,
