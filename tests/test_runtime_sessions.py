@@ -265,3 +265,40 @@ def test_settings_reach_every_stage_with_the_first_frame_and_the_output_comes_ba
     assert told[0]["text_temperature"] == 0.25 and told[0]["audio_seed"] == 0
     assert told[1]["text_temperature"] == 0.5 and told[1]["audio_seed"] == 1
     assert told[2] == {field: None for field in told[2]}  # no settings: the stages' own
+
+
+def test_with_mimi_and_moshi_in_greedy_mode_each_session_is_its_single_session_run(tmp_path):
+    """The real model stages, batched: each session's audio and text tokens are those of a single-session
+    run of its input (seeded random weights; greedy, so nothing is left to chance)."""
+    for i, seconds in enumerate((1.0, 0.6)):
+        noise_wav(tmp_path / f"in{i}.wav", seconds, seed=30 + i)
+    models = ["--set", "stages.lm.params.greedy=true", "--no-pace"]
+    run = run_cli(
+        [
+            "--sessions",
+            "2",
+            "--input",
+            "in0.wav",
+            "--input",
+            "in1.wav",
+            "--output-dir",
+            "out",
+            "--report",
+            "r.json",
+            *models,
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    sessions = json.loads((tmp_path / "r.json").read_text())["sessions"]
+    for k in range(2):
+        single = run_cli(
+            ["--input", f"in{k}.wav", "--output", f"single{k}.wav", "--report", f"single{k}.json", *models],
+            tmp_path,
+            timeout=300,
+        )
+        assert single.returncode == 0, single.stderr
+        assert np.array_equal(read(tmp_path / "out" / f"session-{k}.wav"), read(tmp_path / f"single{k}.wav"))
+        alone = json.loads((tmp_path / f"single{k}.json").read_text())
+        assert sessions[str(k)]["text_tokens"] == alone["text_tokens"] and alone["text_tokens"]
