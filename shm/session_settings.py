@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from rtpipe.shm.frame import MAX_SESSIONS
-from rtpipe.shm.segment import Segment
+from rtpipe.shm.segment import Segment, SegmentError
 
 # The settings fields, in `given` bit order; temperatures are float64, the rest int64.
 FIELDS = ("text_temperature", "text_top_k", "audio_temperature", "audio_top_k", "text_seed", "audio_seed")
@@ -44,7 +44,11 @@ class SessionSettingsTable:
 
     @classmethod
     def attach(cls, name: str) -> SessionSettingsTable:
-        return cls(Segment.attach(name), owner=False)
+        segment = Segment.attach(name)
+        if segment.size != MAX_SESSIONS * SETTINGS_DTYPE.itemsize:
+            segment.close()
+            raise SegmentError(f"segment {name}: {segment.size} bytes, not a session table of this rtpipe's layout")
+        return cls(segment, owner=False)
 
     def start(self, slot: int, seq: int, values: dict[str, Any]) -> None:
         """The source: slot `slot`'s next conversation starts at frame `seq` and asks `values` (field ->
