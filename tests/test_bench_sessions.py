@@ -13,6 +13,7 @@ import pytest
 from rtpipe.bench import cli, sessions
 from rtpipe.bench.sessions import (
     STANDIN_OVERRIDES,
+    cost_ratio,
     e2e_growth_ms,
     format_table,
     main,
@@ -143,6 +144,15 @@ def test_a_mode_stops_after_the_first_n_that_fails_unless_told_to_go_on(monkeypa
     assert list(stopped["by_sessions"]) == ["1", "2", "4"] and stopped["max_realtime_sessions"] == 2
     went_on = measure_mode("batched", [1, 2, 4, 8], 3.0, [], keep_going=True)
     assert list(went_on["by_sessions"]) == ["1", "2", "4", "8"] and went_on["max_realtime_sessions"] == 2
+
+
+def test_cost_ratio_is_a_sessions_cost_at_8_over_its_cost_at_1():
+    one = summarize(1, [fake_report()], [], cpu_pct=80.0)
+    eight = summarize(8, [fake_report(stage_ms=20.0, sessions=8)], [], cpu_pct=160.0)
+    mode = {"max_realtime_sessions": 8, "by_sessions": {"1": one, "8": eight}}
+    assert cost_ratio(mode) == pytest.approx(0.25)  # 2x the compute per tick for 8x the sessions
+    assert cost_ratio(mode, cost="cpu_pct_per_session") == pytest.approx(0.25)
+    assert cost_ratio({"max_realtime_sessions": 1, "by_sessions": {"1": one}}) is None  # N = 8 not run
 
 
 def test_bench_cli_lists_sessions():
