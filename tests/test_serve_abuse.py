@@ -9,7 +9,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_support import ChatClient, ClientInThread, ServeProcess, run, speech, until
 
@@ -65,6 +65,7 @@ def test_abuse_from_one_client_touches_nobody_else(server):
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(messages=abuse)
+    @example(messages=[(b"\xff", True)] * 12)  # always one that abuses past the limit, whatever is drawn
     def abuser(messages):
         examples.append(run(abuse_once(server.url(), messages), timeout_s=60))
 
