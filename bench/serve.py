@@ -53,7 +53,7 @@ import numpy as np
 
 from rtpipe.bench.arguments import one_line_errors
 from rtpipe.bench.pipeline import machine_line
-from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.pipeline.cli.arguments import add_overrides_argument, check_range
 from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.base import FRAME_MS, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE
 from rtpipe.stages.errors import ConfigError
@@ -580,13 +580,8 @@ def main(argv: list[str]) -> int:
         type=_number("--sessions", int),
         help="slots of the rtpipe serve it starts (default: --clients)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="A.B.C=VALUE",
-        help="override a field of the started server's config, e.g. --set stages.lm.kind=echo (repeatable)",
+    add_overrides_argument(
+        parser, "override a field of the started server's config, e.g. --set stages.lm.kind=echo (repeatable)"
     )
     parser.add_argument(
         "--answer-shift",

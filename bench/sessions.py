@@ -46,7 +46,7 @@ import numpy as np
 
 from rtpipe.bench.arguments import one_line_errors
 from rtpipe.bench.pipeline import CpuSampler, StolenTime, machine_line
-from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.pipeline.cli.arguments import add_overrides_argument, check_range
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
 from rtpipe.pipeline.observe.report import Percentiles, Report, Snapshot, summarize_ms
 from rtpipe.pipeline.runtime import config as pipeline_config
@@ -685,13 +685,8 @@ def main(argv: list[str]) -> int:
         default=DEFAULT_SECONDS,
         help=f"speech per configuration (default {DEFAULT_SECONDS:g}; the first {WARMUP_S:g} s is not judged)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="A.B.C=VALUE",
-        help="override a field of every configuration's config, e.g. --set stages.lm.params.size=tiny",
+    add_overrides_argument(
+        parser, "override a field of every configuration's config, e.g. --set stages.lm.params.size=tiny"
     )
     parser.add_argument(
         "--standins",

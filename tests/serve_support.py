@@ -32,6 +32,8 @@ import soundfile as sf
 from rtpipe.shm.cleanup import segment_owner
 from rtpipe.stages.base import FRAME_SAMPLES, Role, Stage
 
+from runtime_support import wait_until
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 SPEECH_WAV = REPO / "stages" / "data" / "speech.wav"
@@ -53,18 +55,6 @@ def speech() -> np.ndarray:
     samples, rate = sf.read(str(SPEECH_WAV), dtype="float32")
     assert rate == 24_000
     return samples.reshape(-1)
-
-
-def wait_until(predicate, timeout_s: float, what: str, every_s: float = 0.05):
-    """Polls `predicate` until it is truthy (returns its value) or fails the test after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
 
 
 async def until(predicate, timeout_s: float, what: str, every_s: float = 0.05):

@@ -103,7 +103,7 @@ def test_metrics_flags_parse_and_reject_a_bad_port(capsys):
 
     with pytest.raises(SystemExit):
         _args("--metrics-port", "70000")
-    assert "--metrics-port 70000" in capsys.readouterr().err
+    assert "argument --metrics-port: 70000: a port is 0-65535" in capsys.readouterr().err
 
 
 def test_wrong_trace_path_or_taken_port_fails_before_the_run(tmp_path):

@@ -16,14 +16,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     args.overrides): how every command that takes a pipeline config is told which one."""
     parser.add_argument("config", nargs="?", help="a TOML config (default: the built-in one)")
     add_sessions_argument(parser)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="A.B.C=VALUE",
-        help="override one config field, e.g. --set stages.lm.kind=echo (repeatable)",
-    )
+    add_overrides_argument(parser, "override one config field, e.g. --set stages.lm.kind=echo (repeatable)")
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set A.B.C=VALUE, repeatable, into args.overrides (pipeline/runtime/config.py applies them)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE", help=help)
 
 
 def add_sessions_argument(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +39,28 @@ def with_sessions(raw: dict, sessions: int | None) -> dict:
     if sessions is not None:
         raw["sessions"] = sessions
     return raw
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (argparse names the flag in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a port is 0-65535 (0: any free port)")
+    return port
 
 
 def check_range(flag: str, value: float, low: float, high: float | None = None) -> None:

@@ -7,21 +7,10 @@ from __future__ import annotations
 import argparse
 import socket
 
-from rtpipe.pipeline.cli.arguments import check_output_path
+from rtpipe.pipeline.cli.arguments import check_output_path, port_number
 from rtpipe.pipeline.observe.observers import ObserverChoices
 from rtpipe.pipeline.observe.prometheus import DEFAULT_HOST
 from rtpipe.stages.errors import ConfigError
-
-
-def _port(text: str) -> int:
-    """--metrics-port's value: a TCP port number, 0 to 65535; argparse prints the error and exits 2."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--metrics-port {text!r}: not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"--metrics-port {port}: a port is 0-65535 (0: any free port)")
-    return port
 
 
 def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +22,7 @@ def add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--metrics-port",
         metavar="N",
-        type=_port,
+        type=port_number,
         default=None,
         help="serve Prometheus /metrics on this port (0: any free port, printed)",
     )

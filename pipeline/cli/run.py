@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -19,7 +18,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtpipe.pipeline.cli.arguments import add_config_arguments, check_output_path, file_identity, with_sessions
+from rtpipe.pipeline.cli.arguments import (
+    add_config_arguments,
+    check_output_path,
+    file_identity,
+    positive_seconds,
+    with_sessions,
+)
 from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
 from rtpipe.pipeline.observe import observers
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
@@ -33,16 +38,6 @@ if TYPE_CHECKING:
 
 DEFAULT_OUTPUT = "rtpipe-out.wav"
 DEFAULT_OUTPUT_DIR = "rtpipe-out"  # with more than one session: one WAV each, session-<k>.wav
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-pace", action="store_true", help="read --input as fast as the pipeline takes it, not at real time"
     )
-    parser.add_argument("--seconds", type=_seconds, metavar="N", help="stop after N seconds")
+    parser.add_argument("--seconds", type=positive_seconds, metavar="N", help="stop after N seconds")
     parser.add_argument("--report", metavar="FILE.json", help="write the run report (JSON) here")
     add_observer_arguments(parser)
     return parser

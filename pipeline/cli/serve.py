@@ -13,14 +13,13 @@ import argparse
 import contextlib
 import ipaddress
 import logging
-import math
 import socket
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtpipe.pipeline.cli.arguments import add_config_arguments, with_sessions
+from rtpipe.pipeline.cli.arguments import add_config_arguments, port_number, positive_seconds, with_sessions
 from rtpipe.pipeline.cli.observer_arguments import add_observer_arguments, check_observer_arguments, observer_choices
 from rtpipe.pipeline.observe import observers
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
@@ -34,29 +33,6 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8998  # Kyutai's server's
 
 
-def _positive_seconds(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a positive number of seconds")
-        return value
-
-    return parse
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--port {text!r}: not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"--port {port}: a port is 0-65535 (0: any free port)")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtpipe serve",
@@ -67,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
     parser.add_argument("--ssl", metavar="DIR", help="serve wss/https with DIR/cert.pem and DIR/key.pem")
     auth = parser.add_mutually_exclusive_group()
     auth.add_argument(
@@ -81,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--queue-timeout",
-        type=_positive_seconds("--queue-timeout"),
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="how long a client waits for a free slot before 0x05 and close 1013 (default 30)",
     )
     parser.add_argument(
         "--max-session-s",
-        type=_positive_seconds("--max-session-s"),
+        type=positive_seconds,
         default=None,
         metavar="S",
         help="end a conversation after S seconds (default: no limit)",
