@@ -300,7 +300,7 @@ class StageHost:
         self.next_heartbeat_ns = now + self.heartbeat_ns
 
     def take_events(self, stage: Stage, capture_ns: int) -> None:
-        """A processor, right after a frame: the stage's events, each stamped with that frame's capture
+        """A processor or the sink, right after a frame: the stage's events, each stamped with that frame's capture
         time unless it says otherwise (so that whoever hears them, a network edge answering clients,
         knows which conversation of a slot they belong to)."""
         events = stage.events()
@@ -610,6 +610,8 @@ class StageHost:
             self.used_slots |= live
             if self.role is Role.SINK:
                 self.sink_frame(stage, slot.payload, rows, seq, capture_ns, flags, upstream, enter)
+                if live:
+                    self.take_events(stage, capture_ns)
             else:
                 if not live:  # no conversation in this frame: nothing to compute, the frame goes on
                     out = None

@@ -41,7 +41,6 @@ STATUS_EVERY_NS = 1_000_000_000
 # a stage's events reach the edge up to two control intervals (the stage's sending, the edge's reading:
 # 100 ms each) plus the supervisor's relay after the frame that made them, more on a loaded machine: text
 # without its frame's time is held back this long after a slot changes hands (400 ms was seen to leak)
-TEXT_HANDOVER_NS = 1_000_000_000
 
 
 class NetworkEdge(Stage):
@@ -65,7 +64,6 @@ class NetworkEdge(Stage):
         self.events_lock = threading.Lock()
         self.next_status_ns = 0
         self.errors = 0
-        self.used_slots: set[int] = set()  # slots that have carried a conversation
 
     def output_spec(self, input_spec: PayloadSpec | None) -> PayloadSpec:
         return AUDIO_FRAME
@@ -135,9 +133,6 @@ class NetworkEdge(Stage):
             assert session is not None
             session.first_capture_ns = tick_ns
             session.live_ns = time.monotonic_ns()
-            # the slot's earlier conversation (or one of an edge before a restart) may still be in flight
-            session.handed_over = k in self.used_slots or self.restarted
-            self.used_slots.add(k)
             session.latency = LatencyWindow(self.chain or ["source", "sink"])
             settings[k] = session.settings
             assert self.server is not None
@@ -169,7 +164,6 @@ class NetworkEdge(Stage):
                         if session is None or not live >> k & 1 or capture_ns < session.first_capture_ns:
                             continue  # not live in this frame, or an answer to the slot's previous client
                         self._send_audio(server, session, slot.payload[k], now)
-                        session.first_answer_ns = session.first_answer_ns or now
                         session.counts.lag_ms.append((now - capture_ns) / 1e6)
                         self._note_latency(server, session, slot.header, now)
                 finally:
@@ -209,29 +203,14 @@ class NetworkEdge(Stage):
         changed hands (events travel apart from the audio, batched), and must not reach the next person."""
         if self.board is None or self.server is None:
             return
-        now = time.monotonic_ns()
         for event in events:
             slot, piece = event.get("session"), event.get("text")
             if not isinstance(slot, int) or not isinstance(piece, str) or not piece:
                 continue
             if 0 <= slot < len(self.board.holders):
                 session = self.board.holders[slot]
-                if session is not None and self._of_its_conversation(session, event, now):
+                if session is not None and _of_its_conversation(session, event):
                     self.server.send(session, text_message(piece))
-
-    @staticmethod
-    def _of_its_conversation(session: ClientSession, event: dict, now_ns: int) -> bool:
-        """Whether a text event for the slot `session` holds is of its conversation. An event stamped with
-        its frame's capture time says so exactly. An unstamped one is trusted only once the conversation's
-        first answer came back (so the model has stepped past the previous client's frames) and
-        TEXT_HANDOVER_NS more have passed (so the events the model made before are delivered), unless the
-        slot had no previous client."""
-        capture_ns = event.get("capture_ns")
-        if isinstance(capture_ns, int) and not isinstance(capture_ns, bool):
-            return capture_ns >= session.first_capture_ns
-        if not session.handed_over:
-            return True
-        return bool(session.first_answer_ns) and now_ns - session.first_answer_ns >= TEXT_HANDOVER_NS
 
     # --- what the supervisor hears: sessions that ended, and the clients' state about once a second ---
     def events(self) -> list[dict]:
@@ -274,3 +253,11 @@ class NetworkEdge(Stage):
         }
         with self.events_lock:
             self.pending_events.append(status)
+
+
+def _of_its_conversation(session: ClientSession, event: dict) -> bool:
+    """Whether a text event for the slot `session` holds is of its conversation: the stage hosts stamp
+    every event with its frame's capture time, and the conversation's frames are those from its first
+    tick on (an event without the stamp belongs to no known frame, and is not sent)."""
+    capture_ns = event.get("capture_ns")
+    return isinstance(capture_ns, int) and not isinstance(capture_ns, bool) and capture_ns >= session.first_capture_ns

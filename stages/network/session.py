@@ -54,8 +54,6 @@ class ClientSession:
         self.last_capture_ns = 0
         self.last_heard_ns = self.connected_ns  # the client's last message
         self.last_sent_ns = 0  # our last audio message
-        self.first_answer_ns = 0  # when the first answer of its conversation came back
-        self.handed_over = False  # its slot carried another conversation before (set when it goes live)
         self.counts = SessionCounts()
         self.latency: LatencyWindow | None = None  # made by the edge when the session goes live
         self.next_latency_ns = 0
