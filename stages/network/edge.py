@@ -2,7 +2,9 @@
 
 It holds the clients' sockets and Opus codecs (server.py, session.py) and never runs model code. It is
 the sessions' clock: every 80 ms its tick hands the pipeline one frame per live slot (the client's audio,
-or silence where it has not come: that session's underrun), marking a slot fresh, with its client's
+or silence where it has not come: that session's underrun); the tick's phase follows the clients' frames,
+coming just after they complete, and a session's backlog the phase cannot take away is trimmed
+(tick_phase.py). It marks a slot fresh, with its client's
 sampling settings, on the tick after the client took it, and sending that client the handshake. The
 sink hands every frame back (the reply ring, `Stage.hears_output`): an answers thread encodes each live
 slot's row and sends it to the client holding the slot, as soon as it comes. Text pieces come as the
@@ -34,8 +36,13 @@ from rtpipe.stages.network.params import NetworkEdgeParams, read_token
 from rtpipe.stages.network.protocol import HANDSHAKE_MESSAGE, audio_message, text_message
 from rtpipe.stages.network.server import ChatServer, SlotBoard
 from rtpipe.stages.network.session import ClientSession
+from rtpipe.stages.network.tick_phase import TickPhase
 
 log = logging.getLogger("rtpipe.network")
+# a tick waits at most this long for the frame of a client that sent its last one on time: a frame a
+# little late then costs its own lag, not an 80 ms gap of silence in the conversation (tick_phase.py
+# moves the tick later for it); a client that missed a tick is not waited for until it is back on pace
+GRACE_NS = 20_000_000
 KEEP_ALIVE_AFTER_NS = 4 * FRAME_NS  # no answer for this long: silence goes out, one frame per frame
 STATUS_EVERY_NS = 1_000_000_000
 # a stage's events reach the edge up to two control intervals (the stage's sending, the edge's reading:
@@ -59,6 +66,7 @@ class NetworkEdge(Stage):
         self.answers: threading.Thread | None = None
         self.running = False
         self.next_tick_ns = 0
+        self.phase = TickPhase()
         self.rows = np.zeros((1, FRAME_SAMPLES), np.float32)
         self.pending_events: list[dict] = []
         self.events_lock = threading.Lock()
@@ -121,28 +129,27 @@ class NetworkEdge(Stage):
             self.next_tick_ns = time.monotonic_ns()
         self._report_status(tick_ns)
         with board.lock:
-            live = [k for k, holder in enumerate(board.holders) if holder is not None]
-            fresh = sorted(board.joined)
+            sessions = {k: holder for k, holder in enumerate(board.holders) if holder is not None}
+            fresh = sorted(k for k in board.joined if k in sessions)
             board.joined.clear()
-            holders = list(board.holders)
-        if not live:
+        if not sessions:
             return None
+        deadline_ns = tick_ns + GRACE_NS
+        while any(s.on_pace and not s.frame_ready() for s in sessions.values()) and time.monotonic_ns() < deadline_ns:
+            time.sleep(0.0005)
         settings = {}
         for k in fresh:
-            session = holders[k]
-            assert session is not None
+            session = sessions[k]
             session.first_capture_ns = tick_ns
             session.live_ns = time.monotonic_ns()
             session.latency = LatencyWindow(self.chain or ["source", "sink"])
             settings[k] = session.settings
             assert self.server is not None
             self.server.send(session, HANDSHAKE_MESSAGE)
-        for k in live:
-            session = holders[k]
-            assert session is not None
-            session.take_frame(self.rows[k])
+        self.next_tick_ns += take_tick(self.phase, tick_ns, sessions, fresh, self.rows)
+        for session in sessions.values():
             session.last_capture_ns = tick_ns
-        return SourceFrame(self.rows, tick_ns, live=live, fresh=fresh, settings=settings)
+        return SourceFrame(self.rows, tick_ns, live=list(sessions), fresh=fresh, settings=settings)
 
     # --- the way back out ---
     def _answer(self) -> None:
@@ -253,6 +260,25 @@ class NetworkEdge(Stage):
         }
         with self.events_lock:
             self.pending_events.append(status)
+
+
+def take_tick(
+    phase: TickPhase, tick_ns: int, sessions: dict[int, ClientSession], fresh: list[int], rows: np.ndarray
+) -> int:
+    """One tick's takes: each live slot's frame into its row of `rows`, what each take says into the
+    tick's phase (`fresh` slots start a phase of their own); returns how far to move the next tick."""
+    for k in [k for k in phase.slots if k not in sessions] + fresh:
+        phase.forget(k)
+    for k, session in sessions.items():
+        take = session.take_frame(rows[k], tick_ns, phase.trim_samples(k))
+        if take.trimmed_samples:
+            phase.trimmed(k)
+        if take.complete_ns is not None:
+            phase.taken(k, tick_ns - take.complete_ns, take.spare_samples)
+        late_ns = session.pop_late_ns()
+        if late_ns:
+            phase.late(k, late_ns)
+    return phase.decide()
 
 
 def _of_its_conversation(session: ClientSession, event: dict) -> bool:
