@@ -2,7 +2,10 @@
 It starts `rtpipe serve` (a subprocess on a free loopback port, --sessions slots, --no-live; the default
 stages unless --set says otherwise) or measures the server at --url (e.g. Kyutai's own `moshi.server`),
 then runs N clients (asyncio + aiohttp + sphn, in this process) that stream the built-in speech sample,
-looped to --seconds, at real-time pace, Opus both ways, for N = 1, 2, 4, 8 ... up to --clients.
+looped to --seconds, at real-time pace, Opus both ways, for N = 1, 2, 4, 8 ... up to --clients. With
+--kyutai it first writes the models its default stages run (seeded random weights) in Kyutai's layouts, runs
+that rtpipe serve on them (LM in bfloat16, as Kyutai's), then starts Kyutai's moshi.server on the same files
+(bench/kyutai_server.py) and runs one session against it; --kyutai-url measures one the user started.
 
 What a client does and measures: it connects, waits for the handshake (0x00; `handshake_wait_ms` is from
 the connect call to it), then sends one 1920-sample frame (80 ms) as b"\\x01" + Ogg/Opus every 80 ms on a
@@ -22,20 +25,21 @@ delay inside the returned audio, both ways together; frames are paired by count,
 N is held in real time when every client got its handshake, >= 98 % of its audio back, lag P99 <= 250 ms
 and lag growth under one frame (80 ms); the ladder stops at the first N that is not. Issue targets on the
 2-core machine, printed as met or missed, never failed on: one session's lag P50 at most 0.8x that of
-Kyutai's Python server (measured in the same run with --kyutai-url, same weights), and 8 concurrent
-sessions held in real time.
+Kyutai's Python server (measured in the same run with --kyutai, or --kyutai-url: same weights), and 8
+concurrent sessions held in real time.
 
 --json prints {"server": {...}, "runs": [{"clients": N, "holds", "why_not", "lag_ms", "per_client": [
 {"client", "handshake_wait_ms", "frames_sent", "frames_returned", "frames_answered", "audio_back",
 "answer_shift", "lag_ms": {p50, p99, max}, "lag_growth_ms", "send_late_ms_p99", "text_messages",
-"errors"}, ...]}, ...], "max_realtime_clients", "kyutai": {the same per-client dict} or null, "targets",
-"seconds", "machine", "cores"}.
+"errors"}, ...]}, ...], "max_realtime_clients", "kyutai": {the same per-client dict} or null, "kyutai_url",
+"kyutai_started" (true: --kyutai), "targets", "seconds", "machine", "cores"}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -51,7 +55,9 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from rtpipe.bench import kyutai_server
 from rtpipe.bench.arguments import one_line_errors
+from rtpipe.bench.kyutai_server import KyutaiServer, KyutaiServerError, SharedWeights
 from rtpipe.bench.pipeline import machine_line
 from rtpipe.pipeline.cli.arguments import add_overrides_argument, check_range
 from rtpipe.shm.frame import MAX_SESSIONS
@@ -437,6 +443,19 @@ class ServerProcess:
         self.process.wait()
 
 
+def measure_started_kyutai(files: SharedWeights, frames: np.ndarray, shift: int | None) -> tuple[ClientResult, str]:
+    """One session against Kyutai's server started on `files` (once rtpipe serve is gone: each server has
+    the machine to itself), and its URL; stopped afterwards whatever happens."""
+    server = KyutaiServer(files, free_port())
+    try:
+        server.wait_ready()
+        result = measure(server.url, 1, frames, shift, None)["per_client"][0]
+        server.check_alive()
+    finally:
+        server.stop()
+    return result, server.url
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 
@@ -498,8 +517,9 @@ def format_table(result: dict[str, Any]) -> str:
     kyutai = result["kyutai"]
     if kyutai is not None:
         lag = kyutai["lag_ms"]
+        where = "started here on the same files" if result["kyutai_started"] else "at"
         lines.append(
-            f"Kyutai's server at {result['kyutai_url']}, one session: "
+            f"Kyutai's server {where} {result['kyutai_url']}, one session: "
             f"handshake {_num(kyutai['handshake_wait_ms'])} ms, {100 * kyutai['audio_back']:.1f} % back, "
             f"lag p50 {_num(lag['p50'])} / p99 {_num(lag['p99'])} ms, growth {_num(kyutai['lag_growth_ms'])} ms, "
             f"shift {kyutai['answer_shift']}"
@@ -517,7 +537,7 @@ def format_table(result: dict[str, Any]) -> str:
         met = target["met"]
         state = "not measured" if met is None else ("met" if met else "MISSED")
         if key == "lag_p50_vs_kyutai" and met is None:
-            state += " (give --kyutai-url: Kyutai's moshi.server with the same weights)"
+            state += " (give --kyutai, or --kyutai-url: Kyutai's moshi.server with the same weights)"
         lines.append(f"  {labels[key]:<36} {target['want']:<8} {target['value']!s:>8}  {state}")
     return "\n".join(lines)
 
@@ -576,6 +596,12 @@ def main(argv: list[str]) -> int:
         help="also run one session against Kyutai's moshi.server here (same weights): the baseline of the P50 target",
     )
     parser.add_argument(
+        "--kyutai",
+        action="store_true",
+        help="write the default stages' models to a temporary folder, run rtpipe serve on them and start Kyutai's "
+        f"moshi.server ({kyutai_server.MOSHI_VERSION}) on the same files for one session: the P50 target's baseline",
+    )
+    parser.add_argument(
         "--sessions",
         type=_number("--sessions", int),
         help="slots of the rtpipe serve it starts (default: --clients)",
@@ -597,36 +623,49 @@ def main(argv: list[str]) -> int:
     check_range("--seconds", args.seconds, MIN_SECONDS, MAX_SECONDS)
     if args.url and (args.sessions is not None or args.overrides):
         raise ConfigError("--sessions and --set configure the server this benchmark starts, not the one at --url")
+    if args.kyutai and (args.url or args.kyutai_url):
+        raise ConfigError("--kyutai starts Kyutai's server itself, on the files of the rtpipe serve it starts: "
+                          "not with --url or --kyutai-url")  # fmt: skip
     sessions = args.clients if args.sessions is None else args.sessions
     check_range("--sessions", sessions, 1, MAX_SESSIONS)
+    if args.kyutai:
+        kyutai_server.check_moshi_installed()
+        kyutai_server.check_overrides(sessions, args.overrides)
     kinds = [] if args.url else check_serve_config(sessions, args.overrides)  # a bad --set: one line, now
     frames = speech_frames(args.seconds)
     server: ServerProcess | None = None
+    kyutai: ClientResult | None = None
+    kyutai_url = args.kyutai_url
     try:
-        if args.url:
-            url, shift = args.url, args.answer_shift
-        else:
-            server = ServerProcess(sessions, args.overrides)
-            server.wait_ready()
-            url, shift = server.url, 1 if args.answer_shift is None else args.answer_shift
-        runs: list[Run] = []
-        for n in client_ladder(args.clients):
-            runs.append(measure(url, n, frames, shift, server))
-            if not runs[-1]["holds"]:
-                break
-    except ServeBenchError as e:
+        with kyutai_server.shared_weights() if args.kyutai else contextlib.nullcontext() as files:
+            overrides = [*args.overrides, *(files.overrides() if files else [])]
+            try:
+                if args.url:
+                    url, shift = args.url, args.answer_shift
+                else:
+                    server = ServerProcess(sessions, overrides)
+                    server.wait_ready()
+                    url, shift = server.url, 1 if args.answer_shift is None else args.answer_shift
+                runs: list[Run] = []
+                for n in client_ladder(args.clients):
+                    runs.append(measure(url, n, frames, shift, server))
+                    if not runs[-1]["holds"]:
+                        break
+            finally:
+                if server is not None:
+                    server.stop()
+            if files is not None:
+                kyutai, kyutai_url = measure_started_kyutai(files, frames, args.answer_shift)
+    except (ServeBenchError, KyutaiServerError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
-    finally:
-        if server is not None:
-            server.stop()
-    kyutai = None
     if args.kyutai_url:
         kyutai = measure(args.kyutai_url, 1, frames, args.answer_shift, None)["per_client"][0]
     held = [r["clients"] for r in runs if r["holds"]]
+    shared = f", on the files Kyutai's server ran too (LM in {kyutai_server.LM_DTYPE})" if args.kyutai else ""
     result: dict[str, Any] = {
         "server": {
-            "what": f"the server at {args.url}" if args.url else f"rtpipe serve, {sessions} slots",
+            "what": f"the server at {args.url}" if args.url else f"rtpipe serve, {sessions} slots{shared}",
             "url": url,
             "sessions": None if args.url else sessions,
             "kinds": kinds,
@@ -635,7 +674,8 @@ def main(argv: list[str]) -> int:
         "runs": runs,
         "max_realtime_clients": max(held, default=0),
         "kyutai": kyutai,
-        "kyutai_url": args.kyutai_url,
+        "kyutai_url": kyutai_url,
+        "kyutai_started": args.kyutai,
         "targets": target_results(runs, kyutai),
         "seconds": args.seconds,
         "frames_per_client": len(frames),
