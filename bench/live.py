@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from rtpipe.bench.arguments import one_line_errors
 from rtpipe.bench.pipeline import StolenTime, machine_line
 from rtpipe.bench.pulse import NullSinks, check_installed, live_audio
-from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.pipeline.cli.arguments import add_overrides_argument, check_range
 from rtpipe.pipeline.observe.observer import Observer, RunInfo
 from rtpipe.pipeline.observe.report import Report
 from rtpipe.pipeline.runtime import config as pipeline_config
@@ -245,9 +245,10 @@ class LmFreeze(Observer):
             self._thread.join()
 
 
-def playout_config(playout: str, with_param: bool) -> dict[str, Any]:
-    """The default pipeline's raw config, its speaker's playout set to `playout` where it has the param."""
-    raw = pipeline_config.load_raw(None)
+def playout_config(playout: str, with_param: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The default pipeline's raw config with `overrides` (--set) applied, its speaker's playout set to
+    `playout` where it has the param."""
+    raw = pipeline_config.apply_overrides(pipeline_config.load_raw(None), list(overrides))
     if with_param:
         sink = list(raw["stages"])[-1]
         raw["stages"][sink].setdefault("params", {})["playout"] = playout
@@ -286,7 +287,7 @@ def run_live(raw: dict[str, Any], seconds: float, sinks: NullSinks) -> tuple[Rep
     return result.report, freeze.freeze_s
 
 
-def measure(seconds: float) -> dict[str, Any]:
+def measure(seconds: float, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Both runs, adaptive then fixed, with the speech player running throughout; their summaries."""
     with_param = playout_param_exists()
     with live_audio() as (sinks, pulse_started):
@@ -306,7 +307,7 @@ def measure(seconds: float) -> dict[str, Any]:
             for playout in PLAYOUTS:
                 load_average = round(os.getloadavg()[0], 2)  # the machine is shared: say how busy it was
                 stolen = StolenTime()
-                report, freeze_s = run_live(playout_config(playout, with_param), seconds, sinks)
+                report, freeze_s = run_live(playout_config(playout, with_param, overrides), seconds, sinks)
                 runs[playout] = summarize_run(report, freeze_s)
                 runs[playout]["load_average"] = load_average
                 runs[playout]["steal_pct"] = stolen.percent()
@@ -321,7 +322,7 @@ def measure(seconds: float) -> dict[str, Any]:
             if player.is_alive():
                 player.kill()
                 player.join()
-    return {"runs": runs, "playout_param": with_param, "pulse_started": pulse_started}
+    return {"runs": runs, "playout_param": with_param, "pulse_started": pulse_started, "overrides": list(overrides)}
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -362,6 +363,8 @@ def format_table(measured: dict[str, Any], seconds: float) -> str:
         + f"; frames: adaptive {adaptive['frames']}, fixed {fixed['frames']}"
         + ("" if measured["pulse_started"] else "; on the PulseAudio that was already running"),
     ]
+    if measured.get("overrides"):
+        lines.append("both runs with --set " + " --set ".join(measured["overrides"]))
     if not measured["playout_param"]:
         lines.append("NOTE: this speaker has no `playout` param yet: both runs used its default (the fixed buffer)")
     if not adaptive["capture_split_from_report"]:
@@ -416,10 +419,14 @@ def main(argv: list[str]) -> int:
         help=f"length of each of the two runs (default {DEFAULT_SECONDS:g}; the freeze is halfway)",
     )
     parser.add_argument("--json", action="store_true", help='print JSON: {"adaptive", "fixed", "targets"}')
+    add_overrides_argument(
+        parser, "override a field of the default config in both runs, e.g. --set stages.encode.threads=2 (repeatable)"
+    )
     args = parser.parse_args(argv)
     check_seconds(args.seconds)
+    pipeline_config.validate(playout_config("adaptive", playout_param_exists(), args.overrides))  # one line, now
     check_installed()  # before anything starts: a missing PulseAudio is one line too
-    measured = measure(args.seconds)
+    measured = measure(args.seconds, args.overrides)
     runs = measured["runs"]
     if args.json:
         print(
@@ -431,6 +438,7 @@ def main(argv: list[str]) -> int:
                     "machine": machine_line(),
                     "seconds": args.seconds,
                     "playout_param": measured["playout_param"],
+                    "overrides": list(args.overrides),
                 }
             )
         )

@@ -51,6 +51,25 @@ def test_seconds_that_are_not_a_number_are_refused_by_the_parser(capsys, nothing
     assert "--seconds: invalid float value: 'soon'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.encode.threads=0", "stages.encode.threads = 0: expected an integer of 1 or more"),
+        ("stages.lm.kind=no.such", "no.such"),
+        ("no-equals-sign", "no-equals-sign"),
+    ],
+)
+def test_a_bad_set_is_one_line_before_anything_starts(capsys, nothing_is_measured, override, message):
+    assert live.main(["--seconds", "4", "--set", override]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_a_set_reaches_both_runs_configs():
+    raw = live.playout_config("fixed", True, ["stages.encode.threads=2"])
+    assert raw["stages"]["encode"]["threads"] == 2
+    assert raw["stages"]["playback"]["params"]["playout"] == "fixed"
+
+
 def test_a_missing_pulseaudio_is_one_line_naming_what_to_install(monkeypatch, capsys, nothing_is_measured):
     monkeypatch.setattr(pulse.shutil, "which", lambda tool: None)
     assert live.main(["--seconds", "4"]) == 2
