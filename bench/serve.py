@@ -446,6 +446,10 @@ class ServerProcess:
 def measure_started_kyutai(files: SharedWeights, frames: np.ndarray, shift: int | None) -> tuple[ClientResult, str]:
     """One session against Kyutai's server started on `files` (once rtpipe serve is gone: each server has
     the machine to itself), and its URL; stopped afterwards whatever happens."""
+    if shift is None:  # its model's delay is known: LMGen answers nothing for its first max_delay steps
+        from rtpipe.stages.moshi.stage import MoshiStepParams, lm_config
+
+        shift = -lm_config(MoshiStepParams()).max_delay
     server = KyutaiServer(files, free_port())
     try:
         server.wait_ready()
@@ -459,9 +463,13 @@ def measure_started_kyutai(files: SharedWeights, frames: np.ndarray, shift: int 
 # --- the command -------------------------------------------------------------------------------------
 
 
-def _ratio_target(ratio: float | None) -> dict[str, dict[str, Any]]:
+def _ratio_target(ratio: float | None, kyutai: ClientResult | None) -> dict[str, dict[str, Any]]:
     met = None if ratio is None else ratio <= TARGET_RATIO_TO_KYUTAI
-    return {"lag_p50_vs_kyutai": {"want": f"<= {TARGET_RATIO_TO_KYUTAI}x", "value": ratio, "met": met}}
+    target: dict[str, Any] = {"want": f"<= {TARGET_RATIO_TO_KYUTAI}x", "value": ratio, "met": met}
+    behind = reasons_not_holding([kyutai]) if kyutai is not None else []
+    if behind:  # its lag then grows with the run: the ratio says that, not how the two compare in real time
+        target["note"] = "Kyutai's server did not keep real time: " + "; ".join(behind)
+    return {"lag_p50_vs_kyutai": target}
 
 
 def target_results(runs: Sequence[Run], kyutai: ClientResult | None) -> dict[str, dict[str, Any]]:
@@ -473,11 +481,11 @@ def target_results(runs: Sequence[Run], kyutai: ClientResult | None) -> dict[str
     stopped = runs[-1]["clients"] if runs and not runs[-1]["holds"] else None
     if eight is None and stopped is not None and stopped < TARGET_CLIENTS:  # fewer were not held: nor are 8
         return {
-            **_ratio_target(ratio),
+            **_ratio_target(ratio, kyutai),
             "8_sessions_realtime": {"want": "held", "value": f"N={stopped} not held", "met": False},
         }
     return {
-        **_ratio_target(ratio),
+        **_ratio_target(ratio, kyutai),
         "8_sessions_realtime": {
             "want": "held",
             "value": None if eight is None else eight["holds"],
@@ -539,6 +547,8 @@ def format_table(result: dict[str, Any]) -> str:
         if key == "lag_p50_vs_kyutai" and met is None:
             state += " (give --kyutai, or --kyutai-url: Kyutai's moshi.server with the same weights)"
         lines.append(f"  {labels[key]:<36} {target['want']:<8} {target['value']!s:>8}  {state}")
+        if target.get("note"):
+            lines.append(f"    ({target['note']})")
     return "\n".join(lines)
 
 

@@ -196,3 +196,31 @@ def test_eight_sessions_count_as_missed_when_fewer_were_not_held():
     targets = target_results([failed], None)
     assert targets["8_sessions_realtime"]["met"] is False
     assert targets["lag_p50_vs_kyutai"]["met"] is None  # no Kyutai server measured
+
+
+def _client(p50: float, audio_back: float = 1.0, growth: float = 0.0) -> dict:
+    return {
+        "client": 0,
+        "handshake_wait_ms": 10.0,
+        "audio_back": audio_back,
+        "lag_ms": {"p50": p50, "p99": p50 + 10, "max": p50 + 20},
+        "lag_growth_ms": growth,
+    }
+
+
+def test_the_ratio_to_kyutai_says_when_kyutai_fell_behind():
+    from rtpipe.bench.serve import target_results
+
+    ours = {
+        "clients": 1,
+        "holds": True,
+        "why_not": [],
+        "lag_ms": {},
+        "server_cpu_pct": None,
+        "per_client": [_client(60.0)],
+    }
+    kept_up = target_results([ours], _client(100.0))["lag_p50_vs_kyutai"]
+    assert kept_up["value"] == 0.6 and kept_up["met"] is True and "note" not in kept_up
+    behind = target_results([ours], _client(5000.0, audio_back=0.55, growth=7000.0))["lag_p50_vs_kyutai"]
+    assert behind["met"] is True
+    assert "did not keep real time" in behind["note"] and "55.0 % of its audio back" in behind["note"]
