@@ -598,7 +598,7 @@ NO_PLAYBACK_COUNTERS: dict[str, int | float] = {name: kind() for name, kind in P
 @dataclass
 class SpeakerParams:
     device: str = ""  # PortAudio device name (or part of it, or its index); "" = default output
-    block_samples: int = 240  # device block; the device path costs about two of these
+    block_samples: int = 120  # device block; the device path costs about two of these (240 measured 20 ms)
     # "adaptive": the queue's target follows the lateness of arriving frames and excess audio is trimmed
     # (stages/playout.py); "fixed": target_latency_ms always (the behaviour before adaptive playout)
     playout: Literal["adaptive", "fixed"] = "adaptive"
@@ -613,6 +613,7 @@ class SpeakerParams:
     margin_ms: float = PlayoutConfig.margin_ms  # ... plus this
     underrun_raise_ms: float = PlayoutConfig.underrun_raise_ms  # an underrun raises the floor this (a window)
     speech_cut_ms: float = PlayoutConfig.speech_cut_ms  # the most a frame of speech loses to a trim
+    hysteresis_ms: float = PlayoutConfig.hysteresis_ms  # trim only when the queue stands this much above target
 
     def validate(self, where: str) -> None:
         _check_block(where, self.block_samples)
@@ -637,7 +638,7 @@ class SpeakerParams:
             raise ConfigError(f"{where}.lateness_window_ms = {self.lateness_window_ms}: expected a positive number")
         if not 0 <= self.lateness_percentile <= 100:
             raise ConfigError(f"{where}.lateness_percentile = {self.lateness_percentile}: expected 0..100")
-        for name in ("margin_ms", "underrun_raise_ms"):
+        for name in ("margin_ms", "underrun_raise_ms", "hysteresis_ms"):
             value = getattr(self, name)
             if not 0 <= value < math.inf:
                 raise ConfigError(f"{where}.{name} = {value}: expected a number of ms, 0 or more")
@@ -657,6 +658,7 @@ class SpeakerParams:
             margin_ms=self.margin_ms,
             underrun_raise_ms=self.underrun_raise_ms,
             speech_cut_ms=self.speech_cut_ms,
+            hysteresis_ms=self.hysteresis_ms,
         )
 
 

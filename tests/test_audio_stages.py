@@ -460,7 +460,14 @@ def test_the_speaker_plays_written_frames_after_the_target_and_logs_handoffs(mon
     )
     # the fixed playout: a steady 160 ms target (tests/test_playout_speaker.py has the adaptive one)
     speaker = opened(
-        SpeakerPlayback, {"playout": "fixed", "target_latency_ms": 160.0, "max_latency_ms": 400.0, "watchdog_s": 60.0}
+        SpeakerPlayback,
+        {
+            "playout": "fixed",
+            "target_latency_ms": 160.0,
+            "max_latency_ms": 400.0,
+            "watchdog_s": 60.0,
+            "block_samples": 240,
+        },
     )
     stream = streams[0]
     assert speaker.device_latency_ns == 20_000_000

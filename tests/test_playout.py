@@ -85,7 +85,8 @@ def test_after_any_disturbance_the_queue_returns_to_a_target_set_by_the_on_time_
     frames = tone_frames(len(times))
     sim.run(times, frames, times[-1] + 10)
     # the tail: on time for seconds; the early lateness has left the target, the excess has been trimmed
-    expected_target = round((80 + CONFIG.margin_ms) * MS)  # no lateness left: one frame plus the margin
+    # no lateness left: one frame plus the margin, or the floor
+    expected_target = round(max(80 + CONFIG.margin_ms, CONFIG.min_target_ms) * MS)
     for queued, target in sim.at_push[-20:]:
         assert target == expected_target
         assert queued <= target + CONFIG.samples(CONFIG.hysteresis_ms) + BLOCK
