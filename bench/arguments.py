@@ -1,4 +1,4 @@
-"""Argument checks the benchmarks share (frame counts, torch thread counts), and one-line errors: a
+"""Argument checks the benchmarks share (frame, torch thread and session counts), and one-line errors: a
 benchmark's main() decorated with `one_line_errors` prints a bad argument in one line and returns 2, also
 when it is called directly (tests) rather than through `rtpipe bench`."""
 
@@ -9,6 +9,7 @@ import os
 import sys
 
 from rtpipe.pipeline.cli.arguments import check_range
+from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.errors import ConfigError, RtpipeError
 
 MAX_FRAMES = 10_000  # timed frames per case: 13 minutes of 80 ms frames, hours for a big model
@@ -58,3 +59,18 @@ def parse_thread_counts(text: str) -> list[int]:
         raise ConfigError(f"--threads {text!r}: expected counts like 1,2") from None
     check_thread_counts(counts)
     return counts
+
+
+def parse_session_counts(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]: conversations live per frame, each 1 to MAX_SESSIONS; ascending, without
+    repeats, and with 1 added when missing (the baseline a conversation's cost at N is divided by).
+    ConfigError naming --sessions otherwise."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--sessions {text!r}: expected counts like 1,2,4,8") from None
+    if not counts:
+        raise ConfigError("--sessions: expected at least one count, e.g. 1,2,4,8")
+    for count in counts:
+        check_range("--sessions", count, 1, MAX_SESSIONS)
+    return sorted({1, *counts})
