@@ -8,6 +8,7 @@ import os
 import pytest
 
 from rtpipe.bench import inline, lm, mimi, pipeline, ring
+from rtpipe.shm.frame import MAX_SESSIONS
 
 MEASURING = {ring: "measure", mimi: "run_config", lm: "run_case", inline: "measure", pipeline: "run_rtpipe"}
 
@@ -40,6 +41,10 @@ def _one_line_error(capsys) -> str:
         (mimi, ["--codebooks", "99"], "--codebooks 99: expected 1 to 32"),
         (mimi, ["--threads", "99999999999"], f"--threads 99999999999: expected 1 to {os.cpu_count()}"),
         (mimi, ["--threads", "1,x"], "--threads '1,x': expected counts like 1,2"),
+        (mimi, ["--sessions", "0"], f"--sessions 0: expected 1 to {MAX_SESSIONS}"),
+        (mimi, ["--sessions", "1,65"], f"--sessions 65: expected 1 to {MAX_SESSIONS}"),
+        (mimi, ["--sessions", "x"], "--sessions 'x': expected counts like 1,2,4,8"),
+        (mimi, ["--sessions", ","], "--sessions: expected at least one count"),
         (lm, ["--device", "cuda:99"], "--device = 'cuda:99': this machine has"),
         (lm, ["--device", "gpu"], "--device 'gpu': expected cpu or cuda:N"),
         (lm, ["--cores", "9999"], "--cores 9999: this process may run on cores"),
