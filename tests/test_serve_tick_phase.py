@@ -35,6 +35,7 @@ class Client:
 
     start_ns: int
     block: int = FRAME_SAMPLES
+    speed: float = 1.0  # how much faster than real time it sends
     jitter_ns: int = 0
     backlog: int = 0
     seed: int = 0
@@ -46,7 +47,7 @@ class Client:
         if self.backlog:
             yield self.start_ns, np.arange(0, self.backlog * FRAME_SAMPLES, dtype=np.float32)
             sent = self.backlog * FRAME_SAMPLES
-        period_ns = round(self.block * NS_PER_SAMPLE)
+        period_ns = round(self.block * NS_PER_SAMPLE / self.speed)
         k = 0
         while True:
             due = self.start_ns + k * period_ns
@@ -68,11 +69,14 @@ class Seen:
     trimmed_samples: int = 0
 
 
-def simulate(clients: list[Client], seconds: float, first_tick_ns: int = 0) -> list[Seen]:
-    """Runs the edge's tick against the clients for `seconds`; what each slot's takes carried."""
+def simulate(
+    clients: list[Client], seconds: float, input_bound_ms: float = 2000.0, ticks: list[int] | None = None
+) -> list[Seen]:
+    """Runs the edge's tick against the clients for `seconds`; what each slot's takes carried (and each
+    tick's time into `ticks`)."""
     until_ns = int(seconds * 1e9)
     phase = TickPhase()
-    sessions = {k: ClientSession("sim", SessionSettings(), input_bound_ms=2000.0) for k in range(len(clients))}
+    sessions = {k: ClientSession("sim", SessionSettings(), input_bound_ms) for k in range(len(clients))}
     rows = np.zeros((len(clients), FRAME_SAMPLES), np.float32)
     arrival_of: list[list[tuple[int, int]]] = [[] for _ in clients]  # (first index, arrival) per piece
     events: list[tuple[int, int, int, np.ndarray]] = []  # (time, order, client, samples)
@@ -82,7 +86,7 @@ def simulate(clients: list[Client], seconds: float, first_tick_ns: int = 0) -> l
             heapq.heappush(events, (t, order, k, pcm))
             order += 1
     seen = [Seen() for _ in clients]
-    tick_ns, fresh = first_tick_ns, list(range(len(clients)))
+    tick_ns, fresh = 0, list(range(len(clients)))
 
     def arrive_until(when_ns: int) -> None:
         while events and events[0][0] <= when_ns:
@@ -91,6 +95,8 @@ def simulate(clients: list[Client], seconds: float, first_tick_ns: int = 0) -> l
             sessions[k].push_pcm(pcm, t)
 
     while tick_ns < until_ns:
+        if ticks is not None:
+            ticks.append(tick_ns)
         arrive_until(tick_ns)
         # the edge's grace: a client on pace is waited for, up to GRACE_NS
         while (
@@ -167,6 +173,26 @@ def test_a_client_sending_small_pieces_is_trimmed_to_its_phase():
     a, b = simulate([Client(start_ns=10 * MS, block=480), Client(start_ns=50 * MS)], seconds=10)
     assert b.trims == 0 and a.underruns == b.underruns == 0
     assert settled_waits_ms(a, 7).max() <= 20 + MARGIN_NS / MS + 1, settled_waits_ms(a, 7).max()
+
+
+def test_a_client_faster_than_real_time_does_not_speed_the_pipeline_up():
+    ticks: list[int] = []
+    (seen,) = simulate([Client(start_ns=7 * MS, speed=1.5)], seconds=20, input_bound_ms=400.0, ticks=ticks)
+    periods_ms = np.diff(ticks) / MS
+    assert periods_ms[-100:].mean() >= 80 / 1.07, periods_ms[-100:].mean()  # 7 % faster at most
+    assert seen.trims > 0  # what it sends too fast is cut at the input bound
+    assert settled_waits_ms(seen, after_s=10).max() <= 400 + 80, "its backlog is bounded"
+
+
+def test_a_client_slower_than_real_time_does_not_slow_the_others_down():
+    ticks: list[int] = []
+    slow, steady = simulate(
+        [Client(start_ns=7 * MS, speed=0.85), Client(start_ns=40 * MS)], seconds=20, input_bound_ms=400.0, ticks=ticks
+    )
+    periods_ms = np.diff(ticks) / MS
+    assert periods_ms[-100:].mean() <= 80 * 1.006, periods_ms[-100:].mean()  # 0.5 % slower at most
+    assert slow.underruns > 0  # its frames come too late: silence in its own conversation
+    assert settled_waits_ms(steady, after_s=10).max() <= 80 + MARGIN_NS / MS + 10, "the steady one waits no longer"
 
 
 @settings(max_examples=25, deadline=None)

@@ -15,6 +15,10 @@ How it decides:
   it is below 0, some session's frames come closer to the tick than its margin, and it moves later). With
   one client the tick locks just after its frames, and a backlog (audio queued from a slow start, or the
   frame an underrun pushed back) drains by ticking a little early, losing no audio.
+- The tick strays from a steady 80 ms clock by at most two frames, and beyond that by 7 % faster or
+  0.5 % slower: a client streaming faster or slower than real time cannot make the pipeline do so (its
+  audio past the edge's input bound is trimmed, or its frames come late and it underruns; the other
+  sessions keep real time), while a jitter's move later and the move back cancel out.
 - A session whose frame was not complete (an underrun: silence went in) says how late it came once it
   completes. The tick moves later by that plus the margin at once, and for the next `late_window` ticks
   that session's margin grows by the lateness: jitter seen once is covered for a while. Lateness of half
@@ -23,9 +27,9 @@ How it decides:
   longer than that, with samples it never used in the window (its queue after the take never went below
   them), has a backlog the tick cannot take away: `trim_samples` says how much to cut from its audio
   (the edge cuts silence first, short crossfaded cuts otherwise, counted as that session's trims).
-A move earlier is carried into the history (the same frames would each have waited that much less), so
-the tick can keep moving every tick; a move later, or a trim, drops the history it was based on, and the
-next decision waits for fresh ticks.
+A move is carried into the history (the same frames would each have waited that much more or less), so
+the tick can keep moving every tick; a trim drops the trimmed session's history, and its next trim waits
+for fresh ticks.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class TickPhaseConfig:
     max_step_ns: int = FRAME_NS // 2  # the most the tick moves earlier at once (the pipeline's pace)
     gap_ns: int = FRAME_NS // 2  # lateness at or past this is a gap in the client's audio, not a phase
     late_window: int = 60  # ticks (about 5 s) a session's lateness stays in its margin
+    # how far the tick may stray from a steady 80 ms clock: this much at once, then by earlier_per_tick /
+    # later_per_tick a tick on average (7 % faster to drain a backlog; 0.5 % slower, so a client whose
+    # clock runs slow cannot drag the others' conversations along)
+    stray_ns: int = 2 * FRAME_NS
+    earlier_per_tick_ns: int = FRAME_NS // 16
+    later_per_tick_ns: int = FRAME_NS // 200
     min_trim_samples: int = 240  # 10 ms: a smaller backlog is left alone
 
 
@@ -63,6 +73,7 @@ class TickPhase:
         self.config = config or TickPhaseConfig()
         self.slots: dict[int, _Slot] = {}
         self.tick = 0
+        self.stray_ns = 0  # how far the tick has strayed from a steady clock, not yet forgiven (+ later)
 
     # --- what each tick saw ---
     def taken(self, slot: int, slack_ns: int, spare_samples: int) -> None:
@@ -89,6 +100,10 @@ class TickPhase:
         """Ends the tick; returns how far to move the next one: positive later, negative earlier."""
         c = self.config
         self.tick += 1
+        if self.stray_ns > 0:
+            self.stray_ns = max(0, self.stray_ns - c.later_per_tick_ns)
+        else:
+            self.stray_ns = min(0, self.stray_ns + c.earlier_per_tick_ns)
         for s in self.slots.values():
             _drop_before(s.taken, self.tick - c.window)
             _drop_before(s.late, self.tick - c.late_window)
@@ -98,13 +113,12 @@ class TickPhase:
         else:
             room = self._room_ns()  # below 0: some session's frames come closer to the tick than its margin
             shift = 0 if room is None else -min(room, c.max_step_ns)
-        for s in self.slots.values():
-            if shift < 0:  # the same frames, taken earlier: each waited that much less, with fewer behind it
-                less = int(-shift / NS_PER_SAMPLE)
-                s.taken = collections.deque((t, slack + shift, spare - less) for t, slack, spare in s.taken)
-            elif shift > 0:  # lateness: what the window said about this phase no longer holds
-                s.taken.clear()
-                s.new_late_ns = 0
+        shift = max(-c.stray_ns - self.stray_ns, min(shift, c.stray_ns - self.stray_ns))
+        self.stray_ns += shift
+        less = int(max(-shift, 0) / NS_PER_SAMPLE)  # moved earlier: fewer samples behind each frame
+        for s in self.slots.values():  # the same frames, taken `shift` later: each waited that much more
+            s.taken = collections.deque((t, slack + shift, spare - less) for t, slack, spare in s.taken)
+            s.new_late_ns = 0
         return shift
 
     def trim_samples(self, slot: int) -> int:
