@@ -47,7 +47,9 @@ class TickPhaseConfig:
     margin_ns: int = 3_000_000  # the slack kept after the last frame: thread wake-ups, Opus decode
     window: int = 12  # ticks of history a decision looks at (about a second)
     min_samples: int = 2  # a session's frames in the window before the tick moves earlier for it
-    max_step_ns: int = FRAME_NS // 2  # the most the tick moves earlier at once (the pipeline's pace)
+    # the most the tick moves earlier at once: a tick 40 ms early gave a loaded pipeline (2 sessions on 2
+    # cores) two frames at once, and a 500 ms lag that took seconds to drain
+    max_step_ns: int = FRAME_NS // 8
     gap_ns: int = FRAME_NS // 2  # lateness at or past this is a gap in the client's audio, not a phase
     late_window: int = 60  # ticks (about 5 s) a session's lateness stays in its margin
     # how far the tick may stray from a steady 80 ms clock: this much at once, then by earlier_per_tick /
