@@ -155,8 +155,10 @@ class ServeProcess:
         assert self.run_id, "the run id was never found"
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"rtpipe-{self.run_id}-"))
 
-    def url(self, query: str = "") -> str:
+    def url(self, query: str = "", latency: bool = True) -> str:
+        """/api/chat with `query`; asking for the 0x04 latency reports (the client's id) unless told not to."""
         scheme = "wss" if self.scheme == "https" else "ws"
+        query = "&".join(q for q in ("latency=1" if latency else "", query) if q)
         return f"{scheme}://127.0.0.1:{self.port}/api/chat" + (f"?{query}" if query else "")
 
     def log(self) -> str:

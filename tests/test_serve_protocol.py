@@ -47,6 +47,22 @@ def test_handshake_comes_once_before_any_audio_and_no_kind_is_above_7(server):
     assert not client.non_binary
 
 
+def test_latency_reports_go_only_to_a_client_that_asks(server):
+    # Kyutai's Python client warns on every kind it does not know: it must not hear 0x04 once a second
+    async def talk(url):
+        client = await ChatClient.connect(url)
+        client.stream(speech())
+        await client.wait_handshake()
+        await until(lambda: client.count(0x01) >= 20, 30, "twenty audio messages (1.6 s)")
+        await client.close()
+        return client
+
+    quiet = run(talk(server.url(latency=False)))
+    asked = run(talk(server.url()))
+    assert 0x04 not in quiet.kinds() and quiet.count(0x01) >= 20
+    assert asked.client_id() is not None
+
+
 def test_text_pieces_go_to_the_client_whose_slot_said_them(server):
     async def talk():
         a = await ChatClient.connect(server.url())

@@ -185,12 +185,12 @@ class NetworkEdge(Stage):
 
     def _note_latency(self, server: ChatServer, session: ClientSession, header: np.ndarray, sent_ns: int) -> None:
         """The answer's path into the client's latency window; once a second, the window to the client
-        (a 0x04 metadata message, latency.py)."""
+        if it asked for it (a 0x04 metadata message, latency.py)."""
         window = session.latency
         if window is None or len(self.chain) < 2:
             return
         window.add(int(header["capture_ns"]), header["enter_ns"], header["exit_ns"], sent_ns)
-        if sent_ns >= session.next_latency_ns:
+        if session.wants_latency and sent_ns >= session.next_latency_ns:
             session.next_latency_ns = sent_ns + STATUS_EVERY_NS
             c = session.counts
             content = {**window.summary(), "underruns": c.underruns, "trims": c.trims, "client": session.id}

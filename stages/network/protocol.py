@@ -71,6 +71,16 @@ def client_audio(data: bytes, max_bytes: int) -> bytes | None:
     return bytes(data[1:])
 
 
+# 0x04 latency reports go only to a client that asks with ?latency=1 (rtpipe's page does): Kyutai's
+# Python client logs a warning for every message kind it does not know, once a second otherwise
+LATENCY_QUERY = "latency"
+
+
+def wants_latency(query: Mapping[str, str]) -> bool:
+    """Whether the client asked for the once-a-second 0x04 latency report."""
+    return query.get(LATENCY_QUERY, "").lower() in ("1", "true", "yes")
+
+
 def settings_from_query(query: Mapping[str, str]) -> SessionSettings:
     """The session's sampling from the web client's query parameters (others are ignored, as the
     protocol allows); ClientError naming a parameter whose value is not a number in range."""

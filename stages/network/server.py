@@ -20,7 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtpipe.stages.network.protocol import ClientError, client_audio, error_message, settings_from_query
+from rtpipe.stages.network.protocol import (
+    ClientError,
+    client_audio,
+    error_message,
+    settings_from_query,
+    wants_latency,
+)
 from rtpipe.stages.network.session import ClientSession
 
 if TYPE_CHECKING:
@@ -223,6 +229,7 @@ class ChatServer:
         ws = web.WebSocketResponse(max_msg_size=AIOHTTP_MAX_MESSAGE, heartbeat=None)
         await ws.prepare(request)
         session = ClientSession(request.remote or "?", settings, self.params.input_bound_ms)
+        session.wants_latency = wants_latency(request.query)
         outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.sockets[session], self.outboxes[session] = ws, outbox
         sender = asyncio.ensure_future(self._send_loop(ws, outbox))

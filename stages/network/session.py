@@ -69,6 +69,7 @@ class ClientSession:
         self.last_sent_ns = 0  # our last audio message
         self.counts = SessionCounts()
         self.latency: LatencyWindow | None = None  # made by the edge when the session goes live
+        self.wants_latency = False  # asked for the 0x04 latency report (protocol.wants_latency)
         self.next_latency_ns = 0
         self.lock = threading.Lock()
         self._pending: collections.deque[tuple[np.ndarray, int]] = collections.deque()  # (samples, arrival_ns)

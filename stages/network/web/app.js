@@ -125,7 +125,9 @@ async function start() {
   await context.resume();
   status.contextRate = context.sampleRate;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/api/chat${location.search}`); // sampling settings ride along
+  const query = new URLSearchParams(location.search); // sampling settings ride along
+  query.set("latency", "1"); // the once-a-second 0x04 report the panel draws
+  const ws = new WebSocket(`${scheme}//${location.host}/api/chat?${query}`);
   ws.binaryType = "arraybuffer";
   const current = { ws, context, mic: null, player: null, opened: false };
   session = current;
