@@ -1,5 +1,6 @@
 """Faults under `rtpipe serve`: a model stage SIGKILLed mid-conversation is restarted while the client's
-connection stays open (it hears a gap, then audio again); a SIGKILLed network edge is restarted and
+connection stays open (it hears a gap, then audio again; its session report counts the restart and the
+frames it lost); a SIGKILLed network edge is restarted and
 clients connect again; SIGTERM closes every client's socket (one that never answers a close holds up
 nobody) and leaves no shared memory behind. The tests run in order on one server; the last one stops it.
 """
@@ -37,10 +38,18 @@ def test_a_model_stage_killed_mid_conversation_is_restarted_and_the_client_stays
         restarted_at = time.monotonic()
         await until(lambda: client.count(0x01, since_s=restarted_at) >= 15 or client.closed, 60, "audio after")
         closed = client.closed
+        await until(lambda: client.client_id() is not None, 30, "a 0x04 report naming the client")
         await client.close()
-        return closed
+        return closed, client.client_id()
 
-    assert run(talk()) is False, server.log()
+    closed, client_id = run(talk())
+    assert closed is False, server.log()
+    # its report says what it lost (the rings keep waiting frames across a restart: often none, at most
+    # the frame the killed stage held) and that the stage restarted
+    report = server.report(client_id)
+    (row,) = report["sessions"].values()
+    assert report["frames_lost"] == row["frames_lost"] <= 2, (report["frames_lost"], row)
+    assert report["stages"]["lm"]["restarts"] == 1
 
 
 def test_a_killed_network_edge_is_restarted_and_clients_connect_again(server):

@@ -104,6 +104,7 @@ class FrameRecords:
             restarts=counters.restarts,
             edges=counters.edges,
             live_source=counters.live_source,
+            frames_lost=_gaps(mine["seq"]),  # missing between its frames: lost to this conversation
         )
         return build_report(
             mine,
@@ -118,3 +119,9 @@ class FrameRecords:
     def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close()
+
+
+def _gaps(seqs: np.ndarray) -> int:
+    """Sequence numbers missing between the first and the last of `seqs` (sorted or not)."""
+    unique = np.unique(seqs.astype(np.int64))
+    return int(unique[-1] - unique[0] + 1 - unique.size) if unique.size else 0
