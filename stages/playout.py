@@ -48,16 +48,16 @@ class PlayoutConfig:
     max_target_ms: float = 240.0  # the target never aims higher
     window_ms: float = 3000.0  # how much recent audio the lateness statistics cover
     percentile: float = 95.0  # the lateness covered: this percentile over the window
-    # added on top of that lateness: a device block and scheduler noise (20 ms measured 60 ms of buffer
-    # live where 5 gave 33, the underruns no more frequent: bench live, 2026-12-08)
-    margin_ms: float = 5.0
+    # added on top of that lateness: device blocks and scheduler noise (live, 20 ms left a 60 ms speaker
+    # buffer; 5 ms, 33-44 ms but 2-7 underruns a run where 20 had 1; bench live, 2026-12-08)
+    margin_ms: float = 10.0
     underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this, for a window
     speech_cut_ms: float = 10.0  # the most audio a frame may lose when it is not silent
     crossfade_ms: float = 2.5  # length of the crossfade across a cut in speech
     silence_level: float = 1e-3  # peak |sample| at or below this is silence (-60 dBFS)
-    # trim only when the queue stands this much above the target: every frame lands at most this much
-    # above it once settled, so it is in every sample's wait (10 ms was; a cut is at most speech_cut_ms)
-    hysteresis_ms: float = 2.5
+    # trim only when the queue stands this much above the target: the earliest frames settle this far
+    # above it, so it is in every sample's wait (it was 10 ms; a cut is at most speech_cut_ms)
+    hysteresis_ms: float = 5.0
 
     def samples(self, ms: float) -> int:
         return round(ms * self.sample_rate / 1000.0)

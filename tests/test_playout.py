@@ -241,3 +241,19 @@ def test_frames_that_never_come_on_pace_are_still_measured():
         playout.on_arrival(t_ns, FRAME)
     assert playout.state.anchored
     assert playout.target_samples >= CONFIG.samples(80 + 80)  # one frame plus the 80 ms it is late every other time
+
+
+@settings(max_examples=20, deadline=None)
+@given(jitter_ms=st.floats(10, 40), seed=st.integers(0, 1000))
+def test_steady_jitter_is_kept_in_the_queue_not_trimmed_away(jitter_ms, seed):
+    # frames late by up to jitter_ms at random for 20 s: once the target covers the jitter, the queue
+    # keeps it (cutting it, the next late frame would run dry): after 5 s, under 1 % of the audio is
+    # trimmed (a new earliest frame in the window moves the reference a little) and at most one underrun
+    rng = np.random.default_rng(seed)
+    times = [80 * k + float(rng.uniform(0, jitter_ms)) for k in range(250)]
+    whole, first_5_s = Simulation(), Simulation()
+    whole.run(times, tone_frames(len(times)), times[-1] + 10)
+    first_5_s.run(times[:62], tone_frames(62), times[61] + 10)
+    trimmed_ms = (whole.buffer.counters.samples_trimmed - first_5_s.buffer.counters.samples_trimmed) / MS
+    assert trimmed_ms <= 0.01 * (times[-1] - times[61]), trimmed_ms
+    assert whole.buffer.counters.underruns <= 1, whole.buffer.counters.underruns
