@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rtpipe.bench.processes import stop_process_group
 from rtpipe.stages.errors import ConfigError
 
 MOSHI_VERSION = "0.2.13"  # the reference release whose server.py and loaders.py this drives
@@ -45,7 +45,6 @@ _FIXED = {
 }
 FIXED_FIELDS = frozenset(f"stages.{stage}.params.{field}" for stage, fields in _FIXED.items() for field in fields)
 READY_TIMEOUT_S = 300.0  # Kyutai's server loads both models and warms up before it listens
-STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL to its whole process group
 POLL_S = 0.2
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # its log's terminal colours
 # Kyutai's server unchanged but for one stand-in: its warm-up ends with torch.cuda.synchronize(), which
@@ -299,14 +298,4 @@ class KyutaiServer:
         return " | ".join(words[-3:]) or "(no output)"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever of its group is left
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.wait()
+        stop_process_group(self.process)

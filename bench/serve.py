@@ -43,7 +43,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from rtpipe.bench import kyutai_server
 from rtpipe.bench.arguments import one_line_errors
 from rtpipe.bench.kyutai_server import KyutaiServer, KyutaiServerError, SharedWeights
 from rtpipe.bench.pipeline import machine_line
+from rtpipe.bench.processes import stop_process_group
 from rtpipe.pipeline.cli.arguments import add_overrides_argument, check_range
 from rtpipe.shm.frame import MAX_SESSIONS
 from rtpipe.stages.base import FRAME_MS, FRAME_NS, FRAME_SAMPLES, SAMPLE_RATE
@@ -71,7 +71,6 @@ MIN_SECONDS = 1.0  # thirds of at least 4 frames each
 MAX_SECONDS = 600.0
 DRAIN_S = 2.0  # after its last frame a client waits at most this long for the answers still due
 READY_TIMEOUT_S = 300.0  # model loading of the server it starts
-STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL to the server's whole process group
 HANDSHAKE_EXTRA_S = 15.0  # a client waits --seconds plus this for its handshake
 # the real-time rule and the targets
 AUDIO_BACK_MIN = 0.98
@@ -430,17 +429,7 @@ class ServerProcess:
         return CpuSampler(pids)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever of its group is left (a stage its supervisor could not stop)
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.process.wait()
+        stop_process_group(self.process)
 
 
 def measure_started_kyutai(files: SharedWeights, frames: np.ndarray, shift: int | None) -> tuple[ClientResult, str]:
