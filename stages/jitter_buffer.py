@@ -182,7 +182,7 @@ class JitterBuffer:
                     self.counters.underruns += 1
                     self.counters.samples_silence += want - take
                     if self.playout is not None:
-                        self.target_samples = min(self.playout.on_underrun(), self.max_samples)
+                        self.target_samples = min(self.playout.on_underrun(self._clock_ns()), self.max_samples)
             self.last_pull_offset = silent
             return take
 

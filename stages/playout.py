@@ -13,10 +13,12 @@ lateness over the window plus `margin_ms`, kept within [`min_target_ms`, `max_ta
 buffer runs dry (an underrun) the history is cleared, so the frame that ends the gap sets the new
 reference and the gap itself is not counted as lateness to be covered for seconds afterwards; instead
 the target's floor becomes the current target plus `underrun_raise_ms` (adding up over repeated
-underruns) until `window_ms` of audio has arrived without another underrun. Whenever the queue stands
-above the target (by more than one device block) as a frame lands, that frame is shortened before it is
-queued: silent stretches go first (any amount, unheard); only when a frame has less than `speech_cut_ms`
-of silence does it lose one crossfaded cut of at most `speech_cut_ms` in its quietest stretch. So a slow
+underruns) until `window_ms` of audio has arrived without another underrun; but a gap longer than
+`stall_ms` (a frozen or restarting stage, not jitter a larger target would have covered) raises
+nothing. Whenever the queue stands above the target (by more than the hysteresis) as a frame lands,
+that frame is shortened before it is queued: silent stretches go first (any amount, unheard); only when
+a frame has less than `speech_cut_ms` of silence does it lose one crossfaded cut of at most
+`speech_cut_ms` in its quietest stretch. So a slow
 start, a restart or a frozen process first costs one gap, then the excess queue is trimmed away within
 (excess / speech_cut_ms) frames, and the early lateness leaves the target after `window_ms`. Compared
 with a classic adaptive jitter buffer (which moves its delay only between talk spurts) it also sheds
@@ -52,6 +54,9 @@ class PlayoutConfig:
     # buffer; 5 ms, 33-44 ms but 2-7 underruns a run where 20 had 1; bench live, 2026-12-08)
     margin_ms: float = 10.0
     underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this, for a window
+    # running dry longer than this is a stall (a frozen or restarting stage), not jitter a bigger target
+    # would have covered: it raises nothing (its frames' burst is trimmed away as any excess)
+    stall_ms: float = 40.0
     speech_cut_ms: float = 10.0  # the most audio a frame may lose when it is not silent
     crossfade_ms: float = 2.5  # length of the crossfade across a cut in speech
     silence_level: float = 1e-3  # peak |sample| at or below this is silence (-60 dBFS)
@@ -78,6 +83,8 @@ class PlayoutState:
     floor_ms: float = 0.0  # the target's floor after underrun(s), until floor_until_samples have arrived
     floor_until_samples: int = 0
     target_samples: int = 0
+    # an underrun's raise waits for the audio that ends it: (when it ran dry, the floor it would set)
+    pending_raise: tuple[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,11 @@ class AdaptivePlayout:
         """Records a frame of `n_samples` arriving at `arrival_ns` (any monotonic clock, ns); returns the
         new target queue length in samples."""
         c, s = self.config, self.state
+        if s.pending_raise is not None:
+            dry_since_ns, floor_ms = s.pending_raise
+            s.pending_raise = None
+            if arrival_ns - dry_since_ns <= c.stall_ms * 1e6:  # a short gap: jitter to cover from now on
+                s.floor_ms, s.floor_until_samples = floor_ms, c.samples(c.window_ms)
         if not s.anchored and not self._anchors(arrival_ns):
             # a start or the burst after a gap: these frames are late or early because of the gap,
             # which the underrun already paid for; their lateness is no jitter to cover from now on
@@ -143,11 +155,13 @@ class AdaptivePlayout:
         s.samples_seen = 0
         return True
 
-    def on_underrun(self) -> int:
+    def on_underrun(self, now_ns: int | None = None) -> int:
         """The player ran dry: clears the lateness history and raises the floor; returns the new target.
 
         An underrun before frames came on pace (a slow start, or still the burst after a gap) raises
-        nothing: those frames are late because of one stall, not because of jitter to cover."""
+        nothing: those frames are late because of one stall, not because of jitter to cover. Given the
+        time it ran dry (`now_ns`, on the arrival clock), the raise waits for the audio that ends the
+        gap, and does not happen if the gap was a stall (longer than `stall_ms`)."""
         c, s = self.config, self.state
         s.history.clear()
         was_anchored = s.anchored
@@ -156,8 +170,11 @@ class AdaptivePlayout:
         s.arrivals_unanchored = 0
         if was_anchored:
             target_ms = 1000.0 * s.target_samples / c.sample_rate
-            s.floor_ms = min(max(s.floor_ms, target_ms) + c.underrun_raise_ms, c.max_target_ms)
-            s.floor_until_samples = c.samples(c.window_ms)
+            floor_ms = min(max(s.floor_ms, target_ms) + c.underrun_raise_ms, c.max_target_ms)
+            if now_ns is None:
+                s.floor_ms, s.floor_until_samples = floor_ms, c.samples(c.window_ms)
+            else:
+                s.pending_raise = (now_ns, floor_ms)
         s.target_samples = self._target()
         return s.target_samples
 

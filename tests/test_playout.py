@@ -49,6 +49,7 @@ class Simulation:
                 assert b.fill_samples <= MAX_SAMPLES  # never grows without bound
                 k += 1
             block = np.empty(BLOCK, np.float32)
+            self.now_ns = int(self.t_ms * 1e6)  # the device's pull happens now (an underrun's time)
             self.played += self.buffer.pull(block)
             self.out.append(block)
             self.t_ms += 10
@@ -136,13 +137,25 @@ def test_an_underrun_raises_the_target_and_the_raise_expires_after_a_window():
     assert playout.target_samples == before
 
 
-def test_an_underrun_in_the_buffer_is_counted_and_raises_its_target():
+def test_an_underrun_in_the_buffer_is_counted_and_a_short_gap_raises_its_target():
     sim = Simulation()
-    times = [80.0 * k for k in range(60)] + [80.0 * k + 500 for k in range(60, 70)]  # a 500 ms gap
+    # on time, then one frame 20 ms later than any before: the queue runs dry for a few ms
+    times = [80.0 * k for k in range(60)] + [80.0 * 60 + 20 + CONFIG.margin_ms] + [80.0 * k for k in range(61, 75)]
     sim.run(times, tone_frames(len(times)), times[-1] + 10)
-    assert sim.buffer.counters.underruns >= 1
+    assert sim.buffer.counters.underruns == 1
     target_before_gap = sim.at_push[59][1]
-    assert sim.at_push[60][1] >= target_before_gap + CONFIG.samples(CONFIG.underrun_raise_ms)
+    assert sim.at_push[63][1] >= target_before_gap + CONFIG.samples(CONFIG.underrun_raise_ms)
+
+
+def test_a_stall_is_counted_but_raises_nothing_and_its_delay_goes():
+    # a stage frozen for 500 ms: one gap, then its frames in a burst and on pace again
+    sim = Simulation()
+    times = [80.0 * k for k in range(60)] + [80.0 * k + 500 for k in range(60, 100)]
+    sim.run(times, tone_frames(len(times)), times[-1] + 10)
+    assert sim.buffer.counters.underruns == 1
+    target_before_gap = sim.at_push[59][1]
+    assert [target for _, target in sim.at_push[62:]] == [target_before_gap] * 38  # no floor for 3 s
+    assert sim.at_push[-1][0] <= target_before_gap + CONFIG.samples(CONFIG.hysteresis_ms) + BLOCK
 
 
 def test_late_frames_raise_the_target_to_cover_their_lateness():
