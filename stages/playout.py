@@ -53,7 +53,9 @@ class PlayoutConfig:
     # added on top of that lateness: device blocks and scheduler noise (live, 20 ms left a 60 ms speaker
     # buffer; 5 ms, 33-44 ms but 2-7 underruns a run where 20 had 1; bench live, 2026-12-08)
     margin_ms: float = 10.0
-    underrun_raise_ms: float = 20.0  # each underrun raises the target's floor by this, for a window
+    # each underrun raises the target's floor by this, for a window (20 ms lifted the buffer 25 ms for 3 s
+    # after every jitter underrun: bench live settled after its freeze in 1 run of 3; 10 ms, 1.6 s)
+    underrun_raise_ms: float = 10.0
     # running dry longer than this is a stall (a frozen or restarting stage), not jitter a bigger target
     # would have covered: it raises nothing (its frames' burst is trimmed away as any excess)
     stall_ms: float = 40.0
