@@ -75,7 +75,7 @@ class TickPhase:
         self.config = config or TickPhaseConfig()
         self.slots: dict[int, _Slot] = {}
         self.tick = 0
-        self.stray_ns = 0  # how far the tick has strayed from a steady clock, not yet forgiven (+ later)
+        self.strayed_ns = 0  # how far the tick has strayed from a steady clock, not yet forgiven (+ later)
 
     # --- what each tick saw ---
     def taken(self, slot: int, slack_ns: int, spare_samples: int) -> None:
@@ -102,10 +102,10 @@ class TickPhase:
         """Ends the tick; returns how far to move the next one: positive later, negative earlier."""
         c = self.config
         self.tick += 1
-        if self.stray_ns > 0:
-            self.stray_ns = max(0, self.stray_ns - c.later_per_tick_ns)
+        if self.strayed_ns > 0:
+            self.strayed_ns = max(0, self.strayed_ns - c.later_per_tick_ns)
         else:
-            self.stray_ns = min(0, self.stray_ns + c.earlier_per_tick_ns)
+            self.strayed_ns = min(0, self.strayed_ns + c.earlier_per_tick_ns)
         for s in self.slots.values():
             _drop_before(s.taken, self.tick - c.window)
             _drop_before(s.late, self.tick - c.late_window)
@@ -115,8 +115,8 @@ class TickPhase:
         else:
             room = self._room_ns()  # below 0: some session's frames come closer to the tick than its margin
             shift = 0 if room is None else -min(room, c.max_step_ns)
-        shift = max(-c.stray_ns - self.stray_ns, min(shift, c.stray_ns - self.stray_ns))
-        self.stray_ns += shift
+        shift = max(-c.stray_ns - self.strayed_ns, min(shift, c.stray_ns - self.strayed_ns))
+        self.strayed_ns += shift
         less = int(max(-shift, 0) / NS_PER_SAMPLE)  # moved earlier: fewer samples behind each frame
         for s in self.slots.values():  # the same frames, taken `shift` later: each waited that much more
             s.taken = collections.deque((t, slack + shift, spare - less) for t, slack, spare in s.taken)
