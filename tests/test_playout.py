@@ -260,8 +260,9 @@ def test_frames_that_never_come_on_pace_are_still_measured():
 @given(jitter_ms=st.floats(10, 40), seed=st.integers(0, 1000))
 def test_steady_jitter_is_kept_in_the_queue_not_trimmed_away(jitter_ms, seed):
     # frames late by up to jitter_ms at random for 20 s: once the target covers the jitter, the queue
-    # keeps it (cutting it, the next late frame would run dry): after 5 s, under 1 % of the audio is
-    # trimmed (a new earliest frame in the window moves the reference a little) and at most one underrun
+    # keeps it (cutting it, the next late frame would run dry): after the first 5 s (while the window
+    # fills, its percentile can still fall short), under 1 % of the audio is trimmed (a new earliest frame
+    # in the window moves the reference a little) and at most one underrun happens
     rng = np.random.default_rng(seed)
     times = [80 * k + float(rng.uniform(0, jitter_ms)) for k in range(250)]
     whole, first_5_s = Simulation(), Simulation()
@@ -269,4 +270,5 @@ def test_steady_jitter_is_kept_in_the_queue_not_trimmed_away(jitter_ms, seed):
     first_5_s.run(times[:62], tone_frames(62), times[61] + 10)
     trimmed_ms = (whole.buffer.counters.samples_trimmed - first_5_s.buffer.counters.samples_trimmed) / MS
     assert trimmed_ms <= 0.01 * (times[-1] - times[61]), trimmed_ms
-    assert whole.buffer.counters.underruns <= 1, whole.buffer.counters.underruns
+    underruns = whole.buffer.counters.underruns - first_5_s.buffer.counters.underruns
+    assert underruns <= 1, underruns
