@@ -112,12 +112,9 @@ class ClientSession:
                 self._missed_tick_ns = 0
             excess = self._pending_samples - self._bound_samples
             if excess > 0:  # faster than real time: the oldest audio goes, the latest is what matters
-                self._drop_oldest(excess)
+                self._pop(excess)
                 self.counts.trims += 1
                 self.counts.trimmed_ms += 1000.0 * excess / SAMPLE_RATE
-
-    def _drop_oldest(self, samples: int) -> None:
-        self._pop(samples)
 
     def _pop(self, samples: int) -> tuple[list[np.ndarray], int]:
         """Takes `samples` from the front of the queue (there must be that many): the pieces, and the
