@@ -45,9 +45,6 @@ log = logging.getLogger("rtpipe.network")
 GRACE_NS = 20_000_000
 KEEP_ALIVE_AFTER_NS = 4 * FRAME_NS  # no answer for this long: silence goes out, one frame per frame
 STATUS_EVERY_NS = 1_000_000_000
-# a stage's events reach the edge up to two control intervals (the stage's sending, the edge's reading:
-# 100 ms each) plus the supervisor's relay after the frame that made them, more on a loaded machine: text
-# without its frame's time is held back this long after a slot changes hands (400 ms was seen to leak)
 
 
 class NetworkEdge(Stage):
@@ -269,8 +266,9 @@ def take_tick(
     tick's phase (`fresh` slots start a phase of their own); returns how far to move the next tick."""
     for k in [k for k in phase.slots if k not in sessions] + fresh:
         phase.forget(k)
+    trims = phase.trims()  # one reading of the history for every slot (not one per slot: N slots, N^2)
     for k, session in sessions.items():
-        take = session.take_frame(rows[k], tick_ns, phase.trim_samples(k))
+        take = session.take_frame(rows[k], tick_ns, trims.get(k, 0))
         if take.trimmed_samples:
             phase.trimmed(k)
         if take.complete_ns is not None:

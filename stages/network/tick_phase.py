@@ -25,7 +25,7 @@ How it decides:
   a frame or more is a gap in the client's audio, not a phase, and moves nothing.
 - With several clients the tick follows the one whose frames come last. A session whose frames wait
   longer than that, with samples it never used in the window (its queue after the take never went below
-  them), has a backlog the tick cannot take away: `trim_samples` says how much to cut from its audio
+  them), has a backlog the tick cannot take away: `trims` says how much to cut from its audio
   (the edge cuts silence first, short crossfaded cuts otherwise, counted as that session's trims).
 A move is carried into the history (the same frames would each have waited that much more or less), so
 the tick can keep moving every tick; a trim drops the trimmed session's history, and its next trim waits
@@ -69,7 +69,7 @@ class _Slot:
 
 
 class TickPhase:
-    """Per-slot history and the decisions: `decide()` once a tick, then `trim_samples(slot)` per slot."""
+    """Per-slot history and the decisions: `trims()` before a tick's takes, `decide()` after."""
 
     def __init__(self, config: TickPhaseConfig | None = None):
         self.config = config or TickPhaseConfig()
@@ -123,16 +123,22 @@ class TickPhase:
             s.new_late_ns = 0
         return shift
 
-    def trim_samples(self, slot: int) -> int:
-        """Samples to cut from slot's audio at its next take (0: none); see the module docstring."""
+    def trims(self) -> dict[int, int]:
+        """Samples to cut from each slot's audio at its next take (slots with none left out), from one
+        reading of the history before the tick's takes; see the module docstring."""
         c = self.config
         room = self._room_ns()
-        s = self.slots.get(slot)
-        if room is None or s is None or len(s.taken) < c.min_samples:
-            return 0
-        extra_ns = self._own_room_ns(s) - max(room, 0)
-        trim = min(int(extra_ns / NS_PER_SAMPLE), min(spare for _, _, spare in s.taken))
-        return trim if trim >= c.min_trim_samples else 0
+        if room is None:
+            return {}
+        out = {}
+        for slot, s in self.slots.items():
+            if len(s.taken) < c.min_samples:
+                continue
+            extra_ns = self._own_room_ns(s) - max(room, 0)
+            trim = min(int(extra_ns / NS_PER_SAMPLE), min(spare for _, _, spare in s.taken))
+            if trim >= c.min_trim_samples:
+                out[slot] = trim
+        return out
 
     def trimmed(self, slot: int) -> None:
         """Slot's audio was cut: its history no longer says how its frames wait."""
