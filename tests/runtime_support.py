@@ -377,17 +377,22 @@ class ReplyListener(Stage):
 
     def open(self, device: str = "cpu") -> None:
         self.sent = 0
+        self.done_by: float | None = None
         self.answers: list[dict] = []
         self.heard: list[dict] = []
 
     def read(self, timeout_s: float) -> SourceFrame | None:
         self._take_answers()
         if self.sent == self.params.frames:
-            deadline = time.monotonic() + 5
-            while len(self.answers) < self.params.frames and time.monotonic() < deadline:
-                time.sleep(0.01)
-                self._take_answers()
-            time.sleep(0.3)  # the last events come over the control channel
+            # the answers come on the reply ring, the events over the control channel, which the host
+            # reads between reads: so no frame (None) until both are in, for at most 5 s
+            if self.done_by is None:
+                self.done_by = time.monotonic() + 5
+            told = {e.get("session") for e in self.heard if "settings" in e}
+            all_told = told >= set(range(len(self.params.slots_settings)))
+            if (len(self.answers) < self.params.frames or not all_told) and time.monotonic() < self.done_by:
+                time.sleep(min(max(timeout_s, 0.0), 0.01))
+                return None
             with open(self.params.out, "w") as f:
                 json.dump({"answers": self.answers, "heard": self.heard}, f)
             raise EndOfStream()
